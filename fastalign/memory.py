@@ -1,0 +1,64 @@
+"""Peak-memory measurement on CUDA and on CPU, shared by tests and benchmarks.
+
+CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+CPU: the process's resident high-water mark (``VmHWM`` in ``/proc/self/status``), reset by
+writing ``5`` to ``/proc/self/clear_refs`` (Linux). Large CPU tensors are ``mmap``-ed and returned
+to the OS when freed, so the high-water mark above the resident size at the start is the peak of
+what the measured function held at once.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+from typing import Callable
+
+import torch
+
+_STATUS = "/proc/self/status"
+
+
+def _status_kib(field: str) -> int:
+    with open(_STATUS) as status:
+        match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"{field} not found in {_STATUS}")
+    return int(match.group(1))
+
+
+def cpu_peak_supported() -> bool:
+    """Whether this system lets us reset and read the resident high-water mark."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        _status_kib("VmHWM")
+        return True
+    except OSError:
+        return False
+    except RuntimeError:
+        return False
+
+
+def measure_peak_memory(fn: Callable[[], object], device: torch.device | str) -> tuple[object, int]:
+    """Run ``fn()`` and return ``(its result, peak bytes it added above the memory in use before)``.
+
+    The result is kept alive until the measurement ends, so returned tensors (for example
+    gradients) count towards the peak, as they would in a training step.
+    """
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, max(0, torch.cuda.max_memory_allocated(device) - before)
+    if device.type != "cpu":
+        raise ValueError(f"peak memory is measured on cuda or cpu devices, got {device}")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current resident size
+    before = _status_kib("VmRSS")
+    result = fn()
+    peak = _status_kib("VmHWM")
+    return result, max(0, peak - before) * 1024
