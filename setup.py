@@ -54,7 +54,8 @@ def _extension_modules():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    build_ext = BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    return [ext], {"build_ext": build_ext}
 
 
 ext_modules, cmdclass = _extension_modules()

@@ -104,7 +104,8 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl == "auto":
-        if device.type == "cuda" and dtype != torch.float64 and triton_unavailable_reason(device) is None:
+        triton_ok = triton_unavailable_reason(device) is None
+        if device.type == "cuda" and dtype != torch.float64 and triton_ok:
             return "triton"
         if cpp_unavailable_reason(device) is None:
             return "cpp"

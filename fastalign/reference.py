@@ -31,7 +31,7 @@ def linear_logprobs_reference(
             positions that contribute nothing.
         bias: optional [V] head bias.
         temperature: logits are divided by this (after the softcap).
-        softcap: if given, logits become ``softcap * tanh(logits / softcap)`` before the temperature.
+        softcap: if given, logits become ``softcap * tanh(logits / softcap)`` (before temperature).
         ignore_index: target value marking ignored positions (log-prob 0, entropy 0, no gradient).
         return_entropy: also return the entropy of the full distribution per token.
         compute_dtype: dtype of the materialised logits; float32 by default, float64 for float64

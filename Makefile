@@ -1,0 +1,42 @@
+# fastalign: two commands, each complete on a fresh machine.
+#   make demo   set up, then benchmark the fused op against its peers on this machine's default shapes
+#   make test   set up, then run the whole test suite
+#
+# Set-up makes a virtual environment in .venv with the CPU build of torch (never the CUDA wheels),
+# builds the C++ extension once against it (no pip build isolation, so torch is never downloaded
+# into a build environment) and is skipped when nothing it depends on has changed.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fastalign-installed
+BENCH_OUT ?= benchmarks/results/latest
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch would pull several GB of CUDA wheels.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q setuptools wheel pybind11 ninja
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	$(BIN)/python -c "import fastalign; print('fastalign', fastalign.__version__, 'ready:', fastalign.available_implementations('cpu'))"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/fastalign bench --output $(BENCH_OUT)
+
+bench: demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf build *.egg-info fastalign/_C*.so $(STAMP)

@@ -1,0 +1,168 @@
+"""Shared helpers for the linear_logprobs tests: inputs, runs and dtype-aware comparisons."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+import fastalign
+from fastalign import linear_logprobs, linear_logprobs_reference
+
+FUSED_IMPLS = ("triton", "cpp")
+
+
+def impl_device(impl: str) -> torch.device:
+    """Where an implementation is tested: Triton on CUDA if present, else the CPU interpreter."""
+    if impl == "cpp":
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def impl_is_available(impl: str) -> bool:
+    return impl in fastalign.available_implementations(impl_device(impl))
+
+
+@dataclass
+class Inputs:
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    targets: torch.Tensor
+    bias: torch.Tensor | None
+    grad_logp: torch.Tensor
+    grad_entropy: torch.Tensor
+    options: dict = field(default_factory=dict)
+
+
+def make_inputs(
+    lead_shape, hidden_size, vocab_size, *, dtype=torch.float32, device="cpu", bias=False,
+    ignore_fraction=0.25, logit_scale=3.0, options=None, non_contiguous=False, seed=0,
+) -> Inputs:
+    """Random inputs with logits of standard deviation about ``logit_scale``.
+
+    Targets include 0 and V − 1 whenever there are at least two tokens, a fraction are ignored, and
+    the upstream gradients are random (never zero, never all ones).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    lead_shape = tuple(lead_shape)
+    n_tokens = math.prod(lead_shape)
+    if non_contiguous:  # a strided view: every other column of a wider, transposed buffer
+        buffer = torch.randn(hidden_size * 2, *lead_shape[::-1], generator=gen)
+        hidden = buffer.permute(*range(buffer.dim() - 1, 0, -1), 0)[..., ::2]
+    else:
+        hidden = torch.randn(*lead_shape, hidden_size, generator=gen)
+    weight = torch.randn(vocab_size, hidden_size, generator=gen)
+    weight = weight * (logit_scale / math.sqrt(hidden_size))
+    bias_tensor = torch.randn(vocab_size, generator=gen) if bias else None
+    targets = torch.randint(0, vocab_size, (n_tokens,), generator=gen)
+    if n_tokens >= 2:
+        targets[0], targets[-1] = 0, vocab_size - 1
+    ignored = torch.rand(n_tokens, generator=gen) < ignore_fraction
+    if n_tokens >= 3:
+        ignored[:2] = False
+    targets[ignored] = -100
+    targets = targets.view(lead_shape)
+    if non_contiguous:  # every other element of a wider buffer
+        targets = torch.stack([targets, torch.zeros_like(targets)], dim=-1)[..., 0]
+    grad_logp = torch.randn(lead_shape, generator=gen)
+    grad_entropy = torch.randn(lead_shape, generator=gen)
+    to = dict(device=device)
+    return Inputs(
+        hidden=hidden.to(dtype=dtype, **to),
+        weight=weight.to(dtype=dtype, **to),
+        targets=targets.to(**to),
+        bias=None if bias_tensor is None else bias_tensor.to(dtype=dtype, **to),
+        grad_logp=grad_logp.to(**to),
+        grad_entropy=grad_entropy.to(**to),
+        options=dict(options or {}),
+    )
+
+
+@dataclass
+class Result:
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    grads: dict
+
+
+def run(inputs: Inputs, *, impl=None, upcast=None, entropy_only=False) -> Result:
+    """Forward + backward under the random upstream gradients; ``impl=None`` runs the reference.
+
+    ``upcast`` (a dtype) runs the reference on inputs converted to that dtype: the ground truth.
+    """
+    leaves = {"hidden": inputs.hidden, "weight": inputs.weight}
+    if inputs.bias is not None:
+        leaves["bias"] = inputs.bias
+    leaves = {
+        name: (t.detach().to(upcast) if upcast else t.detach()).requires_grad_()
+        for name, t in leaves.items()
+    }
+    kwargs = dict(bias=leaves.get("bias"), return_entropy=True, **inputs.options)
+    if impl is None:
+        logp, entropy = linear_logprobs_reference(
+            leaves["hidden"], leaves["weight"], inputs.targets, **kwargs,
+            compute_dtype=upcast or torch.float32,
+        )
+    else:
+        logp, entropy = linear_logprobs(
+            leaves["hidden"], leaves["weight"], inputs.targets, impl=impl, **kwargs
+        )
+    grad_logp = torch.zeros_like(inputs.grad_logp) if entropy_only else inputs.grad_logp
+    grad_entropy = inputs.grad_entropy.to(logp.dtype)
+    loss = (logp * grad_logp.to(logp.dtype)).sum() + (entropy * grad_entropy).sum()
+    loss.backward()
+    return Result(logp.detach(), entropy.detach(), {k: v.grad for k, v in leaves.items()})
+
+
+def eager_same_dtype(inputs: Inputs, entropy_only=False) -> Result:
+    """What a PyTorch user gets at the inputs' own dtype: the head matmul in that dtype, then the
+    softmax in float32. Its error against the float64 truth sets the bar for low precision."""
+    leaves = {"hidden": inputs.hidden, "weight": inputs.weight}
+    if inputs.bias is not None:
+        leaves["bias"] = inputs.bias
+    leaves = {k: t.detach().clone().requires_grad_() for k, t in leaves.items()}
+    logits = leaves["hidden"] @ leaves["weight"].T
+    if "bias" in leaves:
+        logits = logits + leaves["bias"]
+    logits = logits.float()
+    softcap = inputs.options.get("softcap")
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits / inputs.options.get("temperature", 1.0)
+    log_probs = torch.log_softmax(logits, -1)
+    ignore_index = inputs.options.get("ignore_index", -100)
+    valid = inputs.targets != ignore_index
+    safe = torch.where(valid, inputs.targets, 0)
+    logp = torch.where(valid, log_probs.gather(-1, safe[..., None]).squeeze(-1), 0.0)
+    entropy = torch.where(valid, -(log_probs.exp() * log_probs).sum(-1), 0.0)
+    grad_logp = torch.zeros_like(inputs.grad_logp) if entropy_only else inputs.grad_logp
+    ((logp * grad_logp).sum() + (entropy * inputs.grad_entropy).sum()).backward()
+    return Result(logp.detach(), entropy.detach(), {k: v.grad for k, v in leaves.items()})
+
+
+def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    if actual.numel() == 0:
+        return 0.0
+    return (actual.double().cpu() - expected.double().cpu()).abs().max().item()
+
+
+def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, name: str, rtol=1e-5) -> None:
+    """Within ``rtol`` relative to the tensor's scale (elementwise relative error is meaningless
+    for entries that are zero in the truth)."""
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    scale = max(expected.double().abs().max().item() if expected.numel() else 0.0, 1e-6)
+    error = max_abs_error(actual, expected)
+    assert error <= rtol * scale, f"{name}: max abs error {error:.3g} > {rtol} x scale {scale:.3g}"
+
+
+def assert_low_precision_ok(actual, torch_same_dtype, truth, name, factor=2.0) -> None:
+    """|truth − ours| ≤ factor·|truth − torch at the same dtype| + a small absolute slack."""
+    assert actual.shape == truth.shape, f"{name}: shape {actual.shape} != {truth.shape}"
+    ours = max_abs_error(actual, truth)
+    theirs = max_abs_error(torch_same_dtype, truth)
+    scale = truth.double().abs().max().item() if truth.numel() else 0.0
+    slack = 1e-4 * scale + 1e-6
+    assert ours <= factor * theirs + slack, (
+        f"{name}: error {ours:.3g} vs PyTorch's own {theirs:.3g} at this dtype (scale {scale:.3g})"
+    )
