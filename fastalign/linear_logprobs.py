@@ -8,14 +8,19 @@ Both kernel families implement the same contract on flattened, contiguous inputs
 
     forward(hidden[N, H], weight[V, H], bias[V] | None, targets[N] int64,
             temperature: float, softcap: float (0 = none), ignore_index: int)
-        -> (logp[N], entropy[N], lse[N], sum_pz[N])          # float32 (float64 for float64 input)
+        -> (logp[N], entropy[N], lse[N], sum_pz[N])
+           # logp, entropy: float32 (float64 for float64 input); lse, sum_pz: float64 always
 
     backward(grad_logp[N], grad_entropy[N] | None, hidden, weight, bias, targets, lse, sum_pz,
              temperature, softcap, ignore_index, compute_dhidden, compute_dweight, compute_dbias)
         -> (dhidden | None, dweight | None, dbias | None)       # in the dtype of each input
 
 ``lse`` is the log-sum-exp of the scaled logits and ``sum_pz`` is Σ_v p_v z_v; together they let
-backward recompute the probabilities tile by tile without storing any [N, V] tensor.
+backward recompute the probabilities tile by tile without storing any [N, V] tensor. They are kept
+in float64 (16 bytes a token) because backward forms z − lse and z − Σ p z, differences of
+numbers that nearly cancel for a dominant token: with |z| ≈ 100, one float32 rounding of lse is
+already an absolute error of 1e-5 in every probability and gradient. Kernels can split each into
+a float32 pair (hi, lo) so that the per-logit arithmetic stays float32.
 """
 
 from __future__ import annotations
@@ -147,6 +152,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         ctx.params = params
         ctx.impl = impl
         ctx.set_materialize_grads(False)
+        ctx.output_dtype = logp.dtype
         return logp, entropy
 
     @staticmethod
@@ -155,12 +161,13 @@ class LinearLogprobsFunction(torch.autograd.Function):
         needs_dhidden, needs_dweight, needs_dbias = ctx.needs_input_grad[:3]
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None
+        dtype = ctx.output_dtype
         if grad_logp is None:
-            grad_logp = torch.zeros_like(lse)
+            grad_logp = torch.zeros(lse.shape, dtype=dtype, device=lse.device)
         params: LogprobParams = ctx.params
         dhidden, dweight, dbias = _kernel_module(ctx.impl).linear_logprobs_backward(
-            grad_logp.to(lse.dtype).contiguous(),
-            None if grad_entropy is None else grad_entropy.to(lse.dtype).contiguous(),
+            grad_logp.to(dtype).contiguous(),
+            None if grad_entropy is None else grad_entropy.to(dtype).contiguous(),
             hidden, weight, bias, targets, lse, sum_pz,
             params.temperature, params.softcap_or_zero, params.ignore_index,
             needs_dhidden, needs_dweight, needs_dbias and bias is not None,

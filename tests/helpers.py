@@ -61,7 +61,7 @@ def make_inputs(
     ignored = torch.rand(n_tokens, generator=gen) < ignore_fraction
     if n_tokens >= 3:
         ignored[:2] = False
-    targets[ignored] = -100
+    targets[ignored] = (options or {}).get("ignore_index", -100)
     targets = targets.view(lead_shape)
     if non_contiguous:  # every other element of a wider buffer
         targets = torch.stack([targets, torch.zeros_like(targets)], dim=-1)[..., 0]

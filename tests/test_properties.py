@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close_fp32, impl_device, impl_is_available, make_inputs, run
+from helpers import impl_device, impl_is_available, make_inputs, max_abs_error, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,13 +32,24 @@ def check_against_reference(impl, case):
                          device=impl_device(impl))
     ours = run(inputs, impl=impl)
     truth = run(inputs, upcast=torch.float64)
+    pytorch_fp32 = run(inputs)  # the materialising reference in float32
     assert torch.all(ours.logp <= 0)
     assert torch.all(ours.entropy >= -1e-5)
     assert torch.all(ours.entropy <= math.log(case["vocab_size"]) + 1e-4)
-    assert_close_fp32(ours.logp, truth.logp, "logp")
-    assert_close_fp32(ours.entropy, truth.entropy, "entropy")
+    assert_within_float32_error(ours.logp, pytorch_fp32.logp, truth.logp, "logp")
+    assert_within_float32_error(ours.entropy, pytorch_fp32.entropy, truth.entropy, "entropy")
     for name, grad in truth.grads.items():
-        assert_close_fp32(ours.grads[name], grad, f"d{name}")
+        assert_within_float32_error(ours.grads[name], pytorch_fp32.grads[name], grad, f"d{name}")
+
+
+def assert_within_float32_error(actual, pytorch_fp32, truth, name):
+    """1e-5 relative to the tensor's scale, or twice PyTorch's own float32 error where that is
+    larger: random cases include results that nearly cancel (a dW entry made of ±0.4 terms, an
+    entropy of 1e-6), which no float32 computation gets to 1e-5 of the scale."""
+    scale = max(truth.double().abs().max().item() if truth.numel() else 0.0, 1e-6)
+    error = max_abs_error(actual, truth)
+    allowed = max(1e-5 * scale, 2 * max_abs_error(pytorch_fp32, truth))
+    assert error <= allowed, f"{name}: error {error:.3g} > {allowed:.3g} (scale {scale:.3g})"
 
 
 @pytest.mark.skipif(not impl_is_available("cpp"), reason="C++ extension not built")
