@@ -16,8 +16,9 @@ import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 # `make test` runs the "ci" profile; HYPOTHESIS_PROFILE=thorough explores more examples locally.
-settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
-settings.register_profile("thorough", deadline=None, print_blob=True)
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True,
+                          print_blob=True)
+settings.register_profile("thorough", max_examples=1000, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

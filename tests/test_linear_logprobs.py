@@ -179,3 +179,43 @@ def test_only_requested_gradients_are_computed():
                                              inputs.targets)
         (expected * inputs.grad_logp.double()).sum().backward()
         assert_close_fp32(hidden.grad, reference_hidden.grad, f"{impl} dhidden")
+
+
+CPU_PATHS = [
+    pytest.param({"FASTALIGN_CPU_ISA": isa, "FASTALIGN_CPU_SCHEDULE": schedule, **blocks},
+                 id=f"{isa}-{schedule}{'-odd-blocks' if blocks else ''}")
+    for isa in ("avx512", "avx2", "baseline")
+    for schedule in ("owned", "shared")
+    for blocks in ({}, {"FASTALIGN_CPU_BLOCK_N": "7", "FASTALIGN_CPU_BLOCK_V": "13"})
+]
+
+
+@pytest.mark.parametrize("env", CPU_PATHS)
+def test_cpp_every_code_path(env, monkeypatch):
+    """Each instruction set, threading schedule and tile shape of the C++ kernel gives the same
+    answer (the CPU picks the widest instruction set by default; the others are forced here)."""
+    _require("cpp")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    inputs = make_inputs((3, 11), 20, 301, bias=True, options={"softcap": 30.0,
+                                                               "temperature": 0.7},
+                         logit_scale=40.0)
+    try:
+        ours = run(inputs, impl="cpp")
+    except ValueError as exc:
+        if "not supported by this CPU" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    truth = run(inputs, upcast=torch.float64)
+    assert_close_fp32(ours.logp, truth.logp, "logp")
+    assert_close_fp32(ours.entropy, truth.entropy, "entropy")
+    for name, grad in truth.grads.items():
+        assert_close_fp32(ours.grads[name], grad, f"d{name}")
+
+
+def test_cpp_rejects_bad_tuning_variables(monkeypatch):
+    _require("cpp")
+    monkeypatch.setenv("FASTALIGN_CPU_SCHEDULE", "fastest")
+    inputs = make_inputs((4,), 8, 30)
+    with pytest.raises(ValueError, match="FASTALIGN_CPU_SCHEDULE"):
+        run(inputs, impl="cpp")

@@ -53,14 +53,14 @@ def assert_within_float32_error(actual, pytorch_fp32, truth, name):
 
 
 @pytest.mark.skipif(not impl_is_available("cpp"), reason="C++ extension not built")
-@settings(max_examples=150)
+@settings(max_examples=6 * settings.default.max_examples)
 @given(case=cases)
 def test_cpp_property(case):
     check_against_reference("cpp", case)
 
 
 @pytest.mark.skipif(not impl_is_available("triton"), reason="triton not available")
-@settings(max_examples=40)  # the CPU interpreter runs about a second per example
+@settings(max_examples=3 * settings.default.max_examples // 2)  # interpreter: ~0.1 s each
 @given(case=cases)
 def test_triton_property(case):
     check_against_reference("triton", case)
