@@ -2,13 +2,18 @@
 
 CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
 CPU: the process's resident high-water mark (``VmHWM`` in ``/proc/self/status``), reset by
-writing ``5`` to ``/proc/self/clear_refs`` (Linux). Large CPU tensors are ``mmap``-ed and returned
-to the OS when freed, so the high-water mark above the resident size at the start is the peak of
+writing ``5`` to ``/proc/self/clear_refs`` (Linux). Freed memory must not stay resident, or a
+function that reuses it would look free: glibc keeps freed blocks below its mmap threshold (which
+grows up to 32 MiB as large blocks are freed) in its heaps, resident. So, before measuring,
+``malloc_trim(0)`` hands every free heap page back to the OS (glibc ≥ 2.8 releases the interior of
+free blocks too); the high-water mark above the resident size at the start is then the peak of
 what the measured function held at once.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import re
 from typing import Callable
@@ -16,6 +21,23 @@ from typing import Callable
 import torch
 
 _STATUS = "/proc/self/status"
+
+
+def _load_glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018  (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_GLIBC = _load_glibc()
+
+
+def _release_free_heap_memory() -> None:
+    if _GLIBC is not None:
+        _GLIBC.malloc_trim(0)
 
 
 def _status_kib(field: str) -> int:
@@ -56,6 +78,7 @@ def measure_peak_memory(fn: Callable[[], object], device: torch.device | str) ->
         return result, max(0, torch.cuda.max_memory_allocated(device) - before)
     if device.type != "cpu":
         raise ValueError(f"peak memory is measured on cuda or cpu devices, got {device}")
+    _release_free_heap_memory()
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # resets VmHWM to the current resident size
     before = _status_kib("VmRSS")

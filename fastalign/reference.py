@@ -1,6 +1,6 @@
 """Plain-PyTorch references that materialise the logits.
 
-These are the ground truth for tests and the baseline in benchmarks (`../shared/ALGORITHMS.md` §1).
+These are the ground truth for tests and the baseline in benchmarks (`docs/ALGORITHMS.md` §1).
 They are written for clarity, not memory: the full [N, V] logits are held, in float32 by default or
 in float64 when asked (or when the inputs are float64), and autograd differentiates them.
 """

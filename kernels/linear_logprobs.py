@@ -1,6 +1,6 @@
 """Triton kernels for ``linear_logprobs``: per-token log-probs and entropies from (hidden, LM head).
 
-Math in ``shared/ALGORITHMS.md`` §1; the contract in ``fastalign/linear_logprobs.py``. Nothing here
+Math in ``docs/ALGORITHMS.md`` §1; the contract in ``fastalign/linear_logprobs.py``. Nothing here
 holds an [N, V] tensor: the logits exist only as one [BLOCK_N, BLOCK_V] tile in registers.
 
 Forward (2·N·H·V FLOPs), two launches:
