@@ -228,12 +228,13 @@ def _compiled_eager() -> Callable:
 
 
 def _fastalign_provider(impl: str, device: torch.device, dtype: torch.dtype) -> Provider:
-    reason = triton_unavailable_reason(device) if impl == "triton" else cpp_unavailable_reason(
-        device)
-    if reason is None and impl not in fastalign.available_implementations(device):
-        reason = f"fastalign.available_implementations({device.type!r}) does not list {impl!r}"
-    if reason is not None:
-        raise ProviderUnavailable(reason)
+    # available_implementations is the one source of truth; the reason functions explain it.
+    if impl not in fastalign.available_implementations(device):
+        unavailable_reason = (triton_unavailable_reason if impl == "triton"
+                              else cpp_unavailable_reason)
+        raise ProviderUnavailable(
+            unavailable_reason(device)
+            or f"fastalign.available_implementations({device.type!r}) does not list {impl!r}")
 
     def fn(hidden, weight, targets, softcap):
         return fastalign.linear_logprobs(hidden, weight, targets, softcap=softcap, impl=impl)
