@@ -25,18 +25,23 @@ a float32 pair (hi, lo) so that the per-logit arithmetic stays float32.
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
-from fastalign._extension import EXTENSION, EXTENSION_ERROR
+from fastalign._dispatch import (  # noqa: F401  (re-exported: the dispatcher's public names)
+    IMPLEMENTATIONS,
+    available_implementations,
+    check_head,
+    check_positive_float,
+    check_same_device,
+    check_tensor,
+    cpp_unavailable_reason,
+    kernel_module,
+    resolve_impl,
+    triton_unavailable_reason,
+)
 from fastalign.reference import linear_logprobs_reference
-
-IMPLEMENTATIONS = ("auto", "triton", "cpp", "reference")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -53,86 +58,6 @@ class LogprobParams:
 
 
 # ----------------------------------------------------------------------------------------------
-# Implementations
-# ----------------------------------------------------------------------------------------------
-
-
-def _triton_module() -> ModuleType:
-    # Imported lazily: TRITON_INTERPRET is read when the kernels are decorated, and CPU users who
-    # never touch the Triton path should not pay for importing triton.
-    from fastalign.kernels import linear_logprobs as triton_linear_logprobs
-
-    return triton_linear_logprobs
-
-
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    """Why the Triton kernels cannot run on ``device``, or None if they can."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not importable ({exc})"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return None
-    return (
-        f"Triton kernels need CUDA tensors (got device {device}); on CPU they run only through the "
-        "Triton interpreter, enabled by TRITON_INTERPRET=1 before fastalign.kernels is imported"
-    )
-
-
-def cpp_unavailable_reason(device: torch.device) -> str | None:
-    """Why the C++ extension cannot run on ``device``, or None if it can."""
-    if EXTENSION is None:
-        return f"the C++ extension fastalign._C is not built ({EXTENSION_ERROR})"
-    if device.type != "cpu":
-        return f"the C++ extension runs on CPU tensors only (got device {device})"
-    return None
-
-
-def available_implementations(device: torch.device | str = "cpu") -> list[str]:
-    """The implementations that can run on ``device``, fastest first."""
-    device = torch.device(device)
-    found = []
-    if device.type == "cuda" and triton_unavailable_reason(device) is None:
-        found.append("triton")
-    if cpp_unavailable_reason(device) is None:
-        found.append("cpp")
-    if device.type == "cpu" and triton_unavailable_reason(device) is None:
-        found.append("triton")  # the interpreter: correct but slow, for tests
-    found.append("reference")
-    return found
-
-
-def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Map ``impl`` ("auto" or a name) to the implementation that will run, or raise."""
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
-    if impl == "auto":
-        triton_ok = triton_unavailable_reason(device) is None
-        if device.type == "cuda" and dtype != torch.float64 and triton_ok:
-            return "triton"
-        if cpp_unavailable_reason(device) is None:
-            return "cpp"
-        return "reference"
-    if impl == "triton":
-        reason = triton_unavailable_reason(device)
-        if reason is None and dtype == torch.float64:
-            reason = "the Triton kernels support float32, bfloat16 and float16, not float64"
-        if reason is not None:
-            raise ValueError(f"impl='triton' cannot run here: {reason}")
-    if impl == "cpp":
-        reason = cpp_unavailable_reason(device)
-        if reason is not None:
-            raise ValueError(f"impl='cpp' cannot run here: {reason}")
-    return impl
-
-
-def _kernel_module(impl: str):
-    return _triton_module() if impl == "triton" else EXTENSION
-
-
-# ----------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------
 
@@ -142,7 +67,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, params: LogprobParams, impl: str):
-        kernels = _kernel_module(impl)
+        kernels = kernel_module(impl, "linear_logprobs")
         logp, entropy, lse, sum_pz = kernels.linear_logprobs_forward(
             hidden, weight, bias, targets,
             params.temperature, params.softcap_or_zero, params.ignore_index,
@@ -165,7 +90,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
         if grad_logp is None:
             grad_logp = torch.zeros(lse.shape, dtype=dtype, device=lse.device)
         params: LogprobParams = ctx.params
-        dhidden, dweight, dbias = _kernel_module(ctx.impl).linear_logprobs_backward(
+        kernels = kernel_module(ctx.impl, "linear_logprobs")
+        dhidden, dweight, dbias = kernels.linear_logprobs_backward(
             grad_logp.to(dtype).contiguous(),
             None if grad_entropy is None else grad_entropy.to(dtype).contiguous(),
             hidden, weight, bias, targets, lse, sum_pz,
@@ -180,32 +106,9 @@ class LinearLogprobsFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_tensor(name: str, value, *, floating: bool) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if floating and value.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be float32, bfloat16, float16 or float64, got {value.dtype}"
-        )
-
-
 def _check_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index) -> None:
-    _check_tensor("hidden", hidden, floating=True)
-    _check_tensor("weight", weight, floating=True)
-    _check_tensor("targets", targets, floating=False)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one row (V >= 1), got shape [0, H]")
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have at least one dimension [..., H], got a 0-d tensor")
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden's last dimension ({hidden.shape[-1]}) must equal weight.shape[1] "
-            f"({weight.shape[1]}): hidden is [..., H] and weight is [V, H]"
-        )
-    if hidden.shape[-1] == 0:
-        raise ValueError("hidden size H must be at least 1")
+    check_head("", hidden, weight, bias)
+    check_tensor("targets", targets, floating=False)
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"targets must have the leading shape of hidden {tuple(hidden.shape[:-1])}, "
@@ -213,33 +116,9 @@ def _check_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_in
         )
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor (int64 or int32), got {targets.dtype}")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(
-            f"hidden and weight must have the same dtype, got {hidden.dtype} and {weight.dtype}"
-        )
-    if bias is not None:
-        _check_tensor("bias", bias, floating=True)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(
-                f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}"
-            )
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
-    devices = {("hidden", hidden.device), ("weight", weight.device), ("targets", targets.device)}
-    if bias is not None:
-        devices.add(("bias", bias.device))
-    if len({device for _, device in devices}) > 1:
-        listed = ", ".join(f"{name} on {device}" for name, device in sorted(devices, key=str))
-        raise ValueError(f"all tensors must be on the same device, got {listed}")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if softcap is not None:
-        if not isinstance(softcap, (int, float)) or isinstance(softcap, bool):
-            raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
-        if not (math.isfinite(softcap) and softcap > 0):
-            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+    check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    check_positive_float("temperature", temperature)
+    check_positive_float("softcap", softcap, optional=True)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 

@@ -1,0 +1,78 @@
+"""``gae``: generalised advantage estimation as a batched reverse scan (`docs/ALGORITHMS.md` §8).
+
+Layer 2: checks and the dispatcher. The scan runs in ``fastalign.kernels.gae`` (Triton, one
+program per block of rows), ``fastalign._C.gae_forward`` (C++, rows in parallel) or
+``fastalign.reference.gae_reference`` (a Python loop, the ground truth). Advantages and returns are
+training targets, not functions to differentiate: all three return detached tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastalign._dispatch import check_same_device, check_tensor, kernel_module, resolve_impl
+from fastalign.reference import gae_reference
+
+
+def _check_unit_interval(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages and returns of each response token by GAE(γ, λ).
+
+    Per row, only the tokens where ``mask`` is true take part, scanned from the last to the first:
+    ``δ_t = r_t + γ·V_next − V_t`` with ``V_next`` the value of the next masked token of the row
+    (0 after the last one), ``A_t = δ_t + γλ·A_next`` and ``R_t = A_t + V_t``. Tokens outside the
+    mask (prompt, padding, holes) get advantage 0 and return 0 and do not break the chain.
+
+    Args:
+        rewards: [B, T] per-token rewards (e.g. ``kl_shaped_rewards``), floating point.
+        values: [B, T] value estimates, floating point.
+        mask: [B, T] bool (or 0/1 integer): the response tokens.
+        gamma: discount in [0, 1]. lam: GAE λ in [0, 1].
+        impl: "auto" (Triton on CUDA, the C++ kernel on CPU), "triton", "cpp" or "reference".
+
+    Returns:
+        ``(advantages, returns)``, [B, T], float32 (float64 for float64 rewards), detached.
+    """
+    check_tensor("rewards", rewards, floating=True)
+    check_tensor("values", values, floating=True)
+    check_tensor("mask", mask, floating=False)
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be 2-D [B, T], got shape {tuple(rewards.shape)}")
+    if values.shape != rewards.shape or mask.shape != rewards.shape:
+        raise ValueError(
+            f"rewards, values and mask must have the same shape [B, T], got "
+            f"{tuple(rewards.shape)}, {tuple(values.shape)} and {tuple(mask.shape)}"
+        )
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"mask must be a bool (or 0/1 integer) tensor, got {mask.dtype}")
+    check_same_device(rewards=rewards, values=values, mask=mask)
+    _check_unit_interval("gamma", gamma)
+    _check_unit_interval("lam", lam)
+
+    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    rewards = rewards.detach().to(dtype).contiguous()
+    values = values.detach().to(dtype).contiguous()
+    mask = mask.to(torch.bool).contiguous()
+    chosen = resolve_impl(impl, rewards.device, dtype)
+    if chosen == "reference" or rewards.numel() == 0:
+        return gae_reference(rewards, values, mask, gamma=float(gamma), lam=float(lam))
+    advantages, returns = kernel_module(chosen, "gae").gae_forward(
+        rewards, values, mask, float(gamma), float(lam)
+    )
+    return advantages, returns

@@ -1,0 +1,197 @@
+"""``linear_kl``: the exact per-token KL between a policy head and a reference head.
+
+Layer 2 of fastalign, built like ``linear_logprobs``: argument checks, the dispatcher and a thin
+autograd Function around the kernels (``fastalign.kernels.linear_kl`` in Triton,
+``fastalign._C.linear_kl_*`` in C++); the materialising reference is
+``fastalign.reference.linear_kl_reference``. Math in ``docs/ALGORITHMS.md`` §2.
+
+The kernels compute KL(p‖q) of a "first" head against a "second" head on flattened, contiguous
+rows; the reverse direction KL(q‖p) is the same computation with the two heads swapped, and rows
+outside ``mask`` are dropped before the kernels see them::
+
+    forward(hidden[N, H], weight[V, H], bias[V] | None,
+            ref_hidden[N, H2], ref_weight[V, H2], ref_bias[V] | None,
+            temperature: float, softcap: float (0 = none))
+        -> (kl[N], lse[N], ref_lse[N])                          # float64, all three
+
+    backward(grad_kl[N], hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl, lse, ref_lse,
+             temperature, softcap, compute_dhidden, compute_dweight, compute_dbias,
+             compute_dref_hidden, compute_dref_weight, compute_dref_bias)
+        -> (dhidden, dweight, dbias, dref_hidden, dref_weight, dref_bias)   # None where not asked
+
+KL and both log-sum-exps are kept in float64 for backward, which forms
+``z − lse − r + ref_lse − KL`` for every logit: a difference of numbers much larger than itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastalign._dispatch import (
+    check_head,
+    check_positive_float,
+    check_same_device,
+    check_tensor,
+    kernel_module,
+    resolve_impl,
+)
+from fastalign.reference import linear_kl_reference
+
+
+@dataclass(frozen=True)
+class KLParams:
+    """The non-tensor options of the op, passed to the kernels as one object."""
+
+    temperature: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def softcap_or_zero(self) -> float:
+        return 0.0 if self.softcap is None else float(self.softcap)
+
+
+class LinearKLFunction(torch.autograd.Function):
+    """Thin autograd wrapper around KL(first head ‖ second head); keeps 3 numbers per token."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, params: KLParams,
+                impl: str):
+        kl, lse, ref_lse = kernel_module(impl, "linear_kl").linear_kl_forward(
+            hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+            params.temperature, params.softcap_or_zero,
+        )
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                              kl, lse, ref_lse)
+        ctx.params = params
+        ctx.impl = impl
+        ctx.output_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        ctx.set_materialize_grads(False)
+        return kl.to(ctx.output_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        if grad_kl is None:
+            return (None,) * 8
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl, lse, ref_lse = (
+            ctx.saved_tensors
+        )
+        needs = ctx.needs_input_grad[:6]
+        params: KLParams = ctx.params
+        grads = kernel_module(ctx.impl, "linear_kl").linear_kl_backward(
+            grad_kl.to(ctx.output_dtype).contiguous(),
+            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl, lse, ref_lse,
+            params.temperature, params.softcap_or_zero,
+            needs[0], needs[1], needs[2] and bias is not None,
+            needs[3], needs[4], needs[5] and ref_bias is not None,
+        )
+        return (*grads, None, None)
+
+
+def _check_inputs(hidden, weight, ref_hidden, ref_weight, mask, bias, ref_bias, temperature,
+                  softcap, reverse) -> None:
+    check_head("", hidden, weight, bias)
+    check_head("ref_", ref_hidden, ref_weight, ref_bias)
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"weight and ref_weight must cover the same vocabulary, got V = {weight.shape[0]} "
+            f"and {ref_weight.shape[0]}"
+        )
+    if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"ref_hidden must have the leading shape of hidden {tuple(hidden.shape[:-1])} (one "
+            f"reference state per token), got {tuple(ref_hidden.shape[:-1])}"
+        )
+    if ref_hidden.dtype != hidden.dtype:
+        raise TypeError(
+            f"ref_hidden and ref_weight must have hidden's dtype {hidden.dtype}, got "
+            f"{ref_hidden.dtype}; cast the reference head to the policy's dtype"
+        )
+    if mask is not None:
+        check_tensor("mask", mask, floating=False)
+        if mask.dtype.is_floating_point or mask.dtype.is_complex:
+            raise TypeError(f"mask must be a bool (or 0/1 integer) tensor, got {mask.dtype}")
+        if tuple(mask.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(
+                f"mask must have the leading shape of hidden {tuple(hidden.shape[:-1])}, got "
+                f"{tuple(mask.shape)}"
+            )
+    check_same_device(hidden=hidden, weight=weight, bias=bias, ref_hidden=ref_hidden,
+                      ref_weight=ref_weight, ref_bias=ref_bias, mask=mask)
+    check_positive_float("temperature", temperature)
+    check_positive_float("softcap", softcap, optional=True)
+    if not isinstance(reverse, bool):
+        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+
+
+def linear_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    reverse: bool = False,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Exact KL(π‖π_ref) over the whole vocabulary for each token, without materialising logits.
+
+    With ``z = softcap·tanh((h·Wᵀ + b)/softcap)/T`` for the policy and ``r`` likewise from the
+    reference head (same temperature and softcap), ``p = softmax(z)`` and ``q = softmax(r)``,
+    returns ``Σ_v p_v (log p_v − log q_v)`` per token, or KL(q‖p) with ``reverse=True``.
+
+    Args:
+        hidden: [..., H] policy hidden states, float32 / bfloat16 / float16 (float64 on CPU).
+        weight: [V, H] policy LM head, hidden's dtype.
+        ref_hidden: [..., H_ref] reference hidden states for the same tokens, hidden's dtype.
+        ref_weight: [V, H_ref] reference LM head (same vocabulary; H_ref may differ from H).
+        mask: optional bool (or 0/1 integer) [...]: tokens where it is false give 0 and no
+            gradient, and cost nothing.
+        bias, ref_bias: optional [V] head biases.
+        temperature: divides both sides' (softcapped) logits; > 0.
+        softcap: optional final-logit softcap applied to both sides (Gemma 2 uses 30.0); > 0.
+        reverse: compute KL(π_ref‖π) instead.
+        impl: "auto" (Triton on CUDA, the C++ kernel on CPU), "triton", "cpp" or "reference".
+
+    Returns:
+        float32 [...] (float64 for float64 inputs). Gradients flow to the policy side, and to the
+        reference side too for whichever of its tensors require grad.
+    """
+    _check_inputs(hidden, weight, ref_hidden, ref_weight, mask, bias, ref_bias, temperature,
+                  softcap, reverse)
+    chosen = resolve_impl(impl, hidden.device, hidden.dtype)
+    options = dict(temperature=float(temperature),
+                   softcap=None if softcap is None else float(softcap))
+    lead_shape = hidden.shape[:-1]
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+    ref_hidden_2d = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+    n_tokens = hidden_2d.shape[0]
+    kept = None
+    if mask is not None:
+        kept = mask.reshape(-1).nonzero().squeeze(1)
+        hidden_2d = hidden_2d.index_select(0, kept)
+        ref_hidden_2d = ref_hidden_2d.index_select(0, kept)
+
+    # Nothing to compute (or asked for the reference): the reference handles empty inputs exactly
+    # and keeps the result attached to the graph, so an all-masked batch still back-propagates.
+    if chosen == "reference" or hidden_2d.shape[0] == 0:
+        kl_kept = linear_kl_reference(hidden_2d, weight, ref_hidden_2d, ref_weight, bias=bias,
+                                      ref_bias=ref_bias, reverse=reverse, **options)
+    else:
+        first = (hidden_2d.contiguous(), weight.contiguous(),
+                 None if bias is None else bias.contiguous())
+        second = (ref_hidden_2d.contiguous(), ref_weight.contiguous(),
+                  None if ref_bias is None else ref_bias.contiguous())
+        if reverse:  # KL(q‖p) is the same kernel with the two heads' roles exchanged
+            first, second = second, first
+        kl_kept = LinearKLFunction.apply(*first, *second, KLParams(**options), chosen)
+
+    if kept is None:
+        return kl_kept.view(lead_shape)
+    kl = kl_kept.new_zeros(n_tokens).index_copy(0, kept, kl_kept)
+    return kl.view(lead_shape)

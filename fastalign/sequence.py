@@ -1,0 +1,210 @@
+"""Sequence log-probabilities of a causal LM, from its final hidden states and head (§3).
+
+A causal LM's hidden state at position t predicts token t + 1. These helpers do that shift and the
+prompt/padding masking once, in one place, for the two batch layouts users have:
+
+* padded: ``hidden [B, T, H]``, ``input_ids [B, T]``, ``response_mask [B, T]`` (1 on response
+  tokens, 0 on prompt and padding), giving per-token results ``[B, T − 1]`` for tokens 1..T−1;
+* packed (padding-free): ``hidden [total, H]``, ``input_ids [total]`` and ``cu_seqlens [S + 1]``,
+  the cumulative sequence lengths; the shift never crosses a sequence boundary, and per-token
+  results are ``[total]`` where entry i is the log-prob of token i + 1 (0 at each sequence's end).
+
+Everything heavy goes through ``fastalign.linear_logprobs``: the logits are never materialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastalign._dispatch import check_tensor
+from fastalign.linear_logprobs import linear_logprobs
+
+
+@dataclass
+class SequenceLogprobs:
+    """Per-token and per-sequence log-probabilities of the response tokens.
+
+    Attributes:
+        token_logps: float32 per-token log-probs, 0 outside ``token_mask``; [B, T − 1] (padded)
+            or [total] (packed, entry i scoring token i + 1).
+        token_mask: bool, same shape: the positions whose next token is a response token.
+        sum_logps: [B] (or [S]) float32, Σ over the response tokens of each sequence.
+        mean_logps: [B] (or [S]) float32, the sum divided by the number of response tokens (0 for a
+            sequence without any).
+        lengths: [B] (or [S]) int64, the number of response tokens of each sequence.
+        token_entropy: like ``token_logps``, or None unless asked for.
+    """
+
+    token_logps: torch.Tensor
+    token_mask: torch.Tensor
+    sum_logps: torch.Tensor
+    mean_logps: torch.Tensor
+    lengths: torch.Tensor
+    token_entropy: torch.Tensor | None = None
+
+
+def _check_mask_like(name: str, value: torch.Tensor, shape) -> None:
+    check_tensor(name, value, floating=False)
+    if value.dtype.is_floating_point or value.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool (or 0/1 integer) tensor, got {value.dtype}")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have input_ids' shape {tuple(shape)}, got "
+                         f"{tuple(value.shape)}")
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    check_tensor("cu_seqlens", cu_seqlens, floating=False)
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+        raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D [S + 1] with S >= 1, got shape {tuple(cu_seqlens.shape)}"
+        )
+    steps = cu_seqlens[1:] - cu_seqlens[:-1]
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total or bool((steps < 0).any()):
+        raise ValueError(
+            f"cu_seqlens must start at 0, never decrease and end at the number of packed tokens "
+            f"({total}), got {cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}"
+        )
+
+
+def next_token_targets(
+    labels: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """The target of each hidden position: the next label of the same sequence.
+
+    ``labels`` are aligned with ``input_ids`` (``ignore_index`` on prompt and padding, as in Hugging
+    Face). Padded [B, T] gives [B, T] targets whose last column is ``ignore_index``; packed [total]
+    with ``cu_seqlens`` gives [total] targets with ``ignore_index`` at the end of every sequence.
+    """
+    targets = torch.full_like(labels, ignore_index)
+    targets[..., :-1] = labels[..., 1:]
+    if cu_seqlens is not None:
+        ends = cu_seqlens[1:].to(labels.device) - 1
+        ends = ends[ends >= 0]
+        targets[ends] = ignore_index
+    return targets
+
+
+def sequence_logprobs_from_labels(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    impl: str = "auto",
+) -> SequenceLogprobs:
+    """Like :func:`sequence_logprobs`, with Hugging Face style ``labels`` (ignore_index = masked).
+
+    Args:
+        hidden: [B, T, H] final hidden states (or [total, H] / [1, total, H] with cu_seqlens).
+        weight: [V, H] LM head. labels: [B, T] (or [total] / [1, total]) token ids aligned with
+            the input, ``ignore_index`` where a token is not scored.
+    """
+    check_tensor("labels", labels, floating=False)
+    packed = cu_seqlens is not None
+    if packed:
+        if hidden.dim() == 3 and hidden.shape[0] == 1:
+            hidden = hidden[0]
+        if labels.dim() == 2 and labels.shape[0] == 1:
+            labels = labels[0]
+        if hidden.dim() != 2 or labels.dim() != 1:
+            raise ValueError(
+                "with cu_seqlens, hidden must be [total, H] (or [1, total, H]) and labels [total] "
+                f"(or [1, total]); got {tuple(hidden.shape)} and {tuple(labels.shape)}"
+            )
+        _check_cu_seqlens(cu_seqlens, labels.shape[0])
+    elif hidden.dim() != 3 or labels.dim() != 2:
+        raise ValueError(
+            f"hidden must be [B, T, H] and labels (or input_ids) [B, T], got {tuple(hidden.shape)} "
+            f"and {tuple(labels.shape)}; pass cu_seqlens for packed sequences"
+        )
+    if tuple(hidden.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(
+            f"hidden's leading shape {tuple(hidden.shape[:-1])} must equal the labels' (or "
+            f"input_ids') shape {tuple(labels.shape)}"
+        )
+
+    targets = next_token_targets(labels, cu_seqlens=cu_seqlens, ignore_index=ignore_index)
+    result = linear_logprobs(
+        hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
+        ignore_index=ignore_index, return_entropy=return_entropy, impl=impl,
+    )
+    token_logps, token_entropy = result if return_entropy else (result, None)
+    token_mask = targets != ignore_index
+
+    if packed:
+        lengths_of_sequences = (cu_seqlens[1:] - cu_seqlens[:-1]).to(labels.device)
+        segment = torch.repeat_interleave(
+            torch.arange(lengths_of_sequences.numel(), device=labels.device), lengths_of_sequences
+        )
+        n_sequences = lengths_of_sequences.numel()
+        sum_logps = token_logps.new_zeros(n_sequences).index_add(0, segment, token_logps)
+        lengths = torch.zeros(n_sequences, dtype=torch.int64, device=labels.device).index_add(
+            0, segment, token_mask.long()
+        )
+    else:
+        # Position T − 1 predicts nothing: drop it so that entry t scores token t + 1.
+        token_logps, token_mask = token_logps[:, :-1], token_mask[:, :-1]
+        if token_entropy is not None:
+            token_entropy = token_entropy[:, :-1]
+        sum_logps = token_logps.sum(-1)
+        lengths = token_mask.sum(-1)
+    mean_logps = sum_logps / lengths.clamp(min=1).to(sum_logps.dtype)
+    return SequenceLogprobs(token_logps, token_mask, sum_logps, mean_logps, lengths,
+                            token_entropy)
+
+
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor | None = None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    return_entropy: bool = False,
+    impl: str = "auto",
+) -> SequenceLogprobs:
+    """Summed and length-averaged log π(response | prompt) of each sequence, logits never formed.
+
+    Args:
+        hidden: [B, T, H] final hidden states of a causal LM (before its head), or [total, H]
+            (also [1, total, H]) for packed sequences described by ``cu_seqlens``.
+        weight: [V, H] LM-head weight (hidden's dtype).
+        input_ids: [B, T] (or [total] / [1, total]) the token ids the hidden states were computed
+            from.
+        response_mask: like ``input_ids``, bool or 0/1: which tokens are scored (1 on the
+            response, 0 on prompt and padding). None scores every token but the first.
+        cu_seqlens: [S + 1] cumulative lengths of packed sequences (0, len_0, len_0 + len_1, ...).
+        bias, temperature, softcap, return_entropy, impl: as in ``fastalign.linear_logprobs``.
+
+    Returns:
+        A :class:`SequenceLogprobs` with per-token ``[B, T − 1]`` (or ``[total]``) and
+        per-sequence ``[B]`` (or ``[S]``) float32 results, differentiable w.r.t. hidden and head.
+    """
+    check_tensor("input_ids", input_ids, floating=False)
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    ignore_index = -100
+    labels = input_ids
+    if response_mask is not None:
+        _check_mask_like("response_mask", response_mask, input_ids.shape)
+        labels = torch.where(response_mask.bool(), input_ids,
+                             torch.full_like(input_ids, ignore_index))
+    return sequence_logprobs_from_labels(
+        hidden, weight, labels, cu_seqlens=cu_seqlens, bias=bias, temperature=temperature,
+        softcap=softcap, ignore_index=ignore_index, return_entropy=return_entropy, impl=impl,
+    )
