@@ -66,7 +66,7 @@ ext_modules, cmdclass = _extension_modules()
 setup(
     # kernels/ lives at the top of the repository but is installed as fastalign.kernels:
     # a top-level module named `kernels` would clash with other projects.
-    packages=["fastalign", "fastalign.kernels"],
+    packages=["fastalign", "fastalign.kernels", "fastalign.losses"],
     package_dir={"fastalign": "fastalign", "fastalign.kernels": "kernels"},
     package_data={"fastalign": ["py.typed"]},
     ext_modules=ext_modules,

@@ -1,12 +1,35 @@
 """fastalign: fused kernels for LLM alignment losses that never materialise the logits."""
 
 from fastalign._extension import EXTENSION as _EXTENSION  # noqa: F401  (warns once if missing)
+from fastalign.fused import FusedDPOLoss, FusedKTOLoss, FusedPPOLoss
 from fastalign.gae import gae
 from fastalign.linear_kl import linear_kl
 from fastalign.linear_logprobs import (
     IMPLEMENTATIONS,
     available_implementations,
     linear_logprobs,
+)
+from fastalign.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    aggregate_token_loss,
+    cpo_loss,
+    dpo_loss,
+    grpo_advantages,
+    grpo_loss,
+    kl_line_search,
+    kl_penalty,
+    kl_shaped_rewards,
+    kto_loss,
+    masked_whiten,
+    orpo_loss,
+    ppo_policy_loss,
+    ppo_total_loss,
+    ppo_value_loss,
+    reward_loss,
+    rloo_advantages,
+    simpo_loss,
+    votes_to_score,
 )
 from fastalign.reference import gae_reference, linear_kl_reference, linear_logprobs_reference
 from fastalign.sequence import (
@@ -19,8 +42,8 @@ from fastalign.sequence import (
 __version__ = "0.2.0"
 
 __all__ = [
+    # fused ops and their references
     "IMPLEMENTATIONS",
-    "SequenceLogprobs",
     "available_implementations",
     "gae",
     "gae_reference",
@@ -28,8 +51,35 @@ __all__ = [
     "linear_kl_reference",
     "linear_logprobs",
     "linear_logprobs_reference",
+    # sequence reductions
+    "SequenceLogprobs",
     "next_token_targets",
     "sequence_logprobs",
     "sequence_logprobs_from_labels",
+    # losses (fastalign.losses has them all)
+    "AdaptiveKLController",
+    "FixedKLController",
+    "aggregate_token_loss",
+    "cpo_loss",
+    "dpo_loss",
+    "grpo_advantages",
+    "grpo_loss",
+    "kl_line_search",
+    "kl_penalty",
+    "kl_shaped_rewards",
+    "kto_loss",
+    "masked_whiten",
+    "orpo_loss",
+    "ppo_policy_loss",
+    "ppo_total_loss",
+    "ppo_value_loss",
+    "reward_loss",
+    "rloo_advantages",
+    "simpo_loss",
+    "votes_to_score",
+    # fused loss modules: hidden states and head straight to the loss
+    "FusedDPOLoss",
+    "FusedKTOLoss",
+    "FusedPPOLoss",
     "__version__",
 ]

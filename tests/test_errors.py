@@ -102,3 +102,43 @@ def test_cpp_kernel_checks_its_own_arguments():
     with pytest.raises((ValueError, TypeError, RuntimeError), match="(?i)targets|int64|long"):
         EXTENSION.linear_logprobs_forward(args["hidden"], args["weight"], None,
                                           args["targets"].int(), 1.0, 0.0, -100)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_kl
+# ---------------------------------------------------------------------------------------------
+
+
+def _kl_call(**overrides):
+    from fastalign import linear_kl
+
+    args = dict(hidden=torch.randn(N, H), weight=torch.randn(V, H), ref_hidden=torch.randn(N, H),
+                ref_weight=torch.randn(V, H))
+    positional = [overrides.pop(k) if k in overrides else args[k] for k in args]
+    return linear_kl(*positional, **overrides)
+
+
+KL_BAD_INPUTS = [
+    ("ref-vocab", dict(ref_weight=torch.randn(V + 1, H)), ValueError, "same vocabulary"),
+    ("ref-tokens", dict(ref_hidden=torch.randn(N + 1, H)), ValueError,
+     "ref_hidden must have the leading shape"),
+    ("ref-H", dict(ref_hidden=torch.randn(N, H + 2)), ValueError, "ref_hidden's last dimension"),
+    ("ref-dtype", dict(ref_hidden=torch.randn(N, H, dtype=torch.float64),
+                       ref_weight=torch.randn(V, H, dtype=torch.float64)), TypeError,
+     "must have hidden's dtype"),
+    ("mask-shape", dict(mask=torch.ones(N + 1, dtype=torch.bool)), ValueError,
+     "mask must have the leading shape"),
+    ("mask-float", dict(mask=torch.ones(N)), TypeError, "mask must be a bool"),
+    ("ref-bias-shape", dict(ref_bias=torch.randn(V - 1)), ValueError, "ref_bias must have shape"),
+    ("temperature", dict(temperature=-1.0), ValueError, "temperature must be a finite"),
+    ("softcap", dict(softcap=0.0), ValueError, "softcap must be None or"),
+    ("reverse", dict(reverse="yes"), TypeError, "reverse must be a bool"),
+    ("impl", dict(impl="fast"), ValueError, "impl must be one of"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,match", [c[1:] for c in KL_BAD_INPUTS],
+                         ids=[c[0] for c in KL_BAD_INPUTS])
+def test_linear_kl_bad_input_is_named(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _kl_call(**overrides)

@@ -1,0 +1,247 @@
+"""Fused loss modules: from final hidden states and the LM head straight to an alignment loss.
+
+Each module runs the fused per-token op (``fastalign.linear_logprobs``, never materialising the
+[tokens × vocab] logits), reduces per sequence with the causal shift and masking done once
+(``fastalign.sequence``), and hands the result to the plain-PyTorch loss of ``fastalign.losses``.
+Their values and gradients equal those of the materialised-logits computation (tests say so).
+
+Layout conventions, shared by all three modules:
+
+* ``hidden`` is ``[B, T, H]``: the final hidden states of a causal LM *before* its head.
+* ``labels`` is ``[B, T]``, aligned with ``input_ids`` as in Hugging Face: the token id where a
+  token is scored (the response) and ``ignore_index`` (-100) on prompt and padding. The modules
+  shift internally: the hidden state at position t is scored on ``labels[:, t + 1]``.
+* Per-token inputs (old log-probs, advantages, values, ...) are ``[B, T − 1]``: entry t belongs to
+  token t + 1, the layout of ``SequenceLogprobs.token_logps``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastalign.losses.dpo import dpo_loss
+from fastalign.losses.kto import kto_loss
+from fastalign.losses.ppo import (
+    aggregate_token_loss,
+    kl_penalty,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from fastalign.sequence import SequenceLogprobs, sequence_logprobs_from_labels
+
+Metrics = dict[str, torch.Tensor]
+
+
+class _FusedSequenceLoss(nn.Module):
+    """The fused op's options, and (hidden, head, labels) → sequence log-probs."""
+
+    def __init__(self, *, temperature: float = 1.0, softcap: float | None = None,
+                 ignore_index: int = -100, impl: str = "auto") -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.softcap = softcap
+        self.ignore_index = ignore_index
+        self.impl = impl
+
+    def sequence_logprobs(self, hidden, weight, labels, bias=None, *,
+                          return_entropy=False) -> SequenceLogprobs:
+        return sequence_logprobs_from_labels(
+            hidden, weight, labels, bias=bias, temperature=self.temperature,
+            softcap=self.softcap, ignore_index=self.ignore_index, return_entropy=return_entropy,
+            impl=self.impl,
+        )
+
+    def reference_logprobs(self, ref_hidden, ref_weight, labels, ref_bias=None) -> SequenceLogprobs:
+        """The reference model's log-probs: a frozen model, so no graph is recorded."""
+        with torch.no_grad():
+            return self.sequence_logprobs(ref_hidden.detach(), ref_weight.detach(), labels,
+                                          None if ref_bias is None else ref_bias.detach())
+
+
+def _check_reference(ref_hidden, ref_weight, precomputed: dict, module: str) -> bool:
+    """True to compute the reference log-probs from a head, False to use precomputed ones."""
+    head_given = ref_hidden is not None or ref_weight is not None
+    given = [name for name, value in precomputed.items() if value is not None]
+    if head_given and given:
+        raise ValueError(f"{module}: pass either ref_hidden and ref_weight or "
+                         f"{' and '.join(precomputed)}, not both")
+    if head_given:
+        if ref_hidden is None or ref_weight is None:
+            raise ValueError(f"{module}: ref_hidden and ref_weight must be given together")
+        return True
+    if len(given) != len(precomputed):
+        raise ValueError(
+            f"{module} needs reference log-probs: pass ref_hidden and ref_weight (a reference head "
+            f"computed in the same call) or {' and '.join(precomputed)} (precomputed)"
+        )
+    return False
+
+
+def _split_pairs(name: str, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if values.shape[0] % 2:
+        raise ValueError(
+            f"{name} must stack the chosen answers then the rejected ones along dim 0 ([2B, ...]), "
+            f"got an odd batch of {values.shape[0]}"
+        )
+    return values.chunk(2)
+
+
+class FusedDPOLoss(_FusedSequenceLoss):
+    """DPO-family loss (any ``loss_type`` of :func:`fastalign.losses.dpo_loss`) from hidden states.
+
+    ``hidden`` and ``labels`` stack the B chosen sequences first and the B rejected ones after, as
+    TRL's concatenated forward does: ``[2B, T, H]`` and ``[2B, T]``. The reference log-probs come
+    either from a reference head in the same call (``ref_hidden`` [2B, T, H_ref], ``ref_weight``)
+    or precomputed (``ref_chosen_logps``, ``ref_rejected_logps``, [B] summed log-probs).
+
+    Example::
+
+        loss_fn = FusedDPOLoss(beta=0.1, loss_type="sigmoid")
+        loss, metrics = loss_fn(policy_hidden, model.lm_head.weight, labels,
+                                ref_hidden=ref_hidden, ref_weight=ref_model.lm_head.weight)
+    """
+
+    def __init__(self, *, beta: float = 0.1, loss_type="sigmoid", label_smoothing: float = 0.0,
+                 loss_weights=None, temperature: float = 1.0, softcap: float | None = None,
+                 ignore_index: int = -100, impl: str = "auto", **loss_options) -> None:
+        super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+                         impl=impl)
+        self.loss_options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                                 loss_weights=loss_weights, **loss_options)
+
+    def forward(self, hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None,
+                ref_bias=None, ref_chosen_logps=None,
+                ref_rejected_logps=None) -> tuple[torch.Tensor, Metrics]:
+        from_head = _check_reference(
+            ref_hidden, ref_weight,
+            {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps},
+            "FusedDPOLoss",
+        )
+        policy = self.sequence_logprobs(hidden, weight, labels, bias)
+        chosen_logps, rejected_logps = _split_pairs("hidden", policy.sum_logps)
+        # A sequence without response tokens has log-prob 0 and averages to 0, not 0/0.
+        chosen_lengths, rejected_lengths = policy.lengths.clamp(min=1).chunk(2)
+        if from_head:
+            reference = self.reference_logprobs(ref_hidden, ref_weight, labels, ref_bias)
+            ref_chosen_logps, ref_rejected_logps = reference.sum_logps.chunk(2)
+        return dpo_loss(
+            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **self.loss_options,
+        )
+
+
+class FusedKTOLoss(_FusedSequenceLoss):
+    """KTO loss from hidden states: unpaired examples, each desirable or not.
+
+    ``hidden`` [B, T, H] and ``labels`` [B, T] hold the (prompt, completion) examples;
+    ``desirable`` [B] bool says which are good. KTO's reference point is the KL of mismatched pairs
+    (prompt i with the completion of another example, see ``kto_mismatched_indices``):
+    ``kl_hidden`` / ``kl_labels`` are that batch run through the policy (and ``ref_kl_hidden``
+    through the reference). Without them the reference point is 0. Reference log-probs come from
+    a reference head in the same call or precomputed (``ref_logps``, ``ref_kl_logps``).
+    """
+
+    def __init__(self, *, beta: float = 0.1, desirable_weight: float = 1.0,
+                 undesirable_weight: float = 1.0, temperature: float = 1.0,
+                 softcap: float | None = None, ignore_index: int = -100,
+                 impl: str = "auto") -> None:
+        super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+                         impl=impl)
+        self.loss_options = dict(beta=beta, desirable_weight=desirable_weight,
+                                 undesirable_weight=undesirable_weight)
+
+    def forward(self, hidden, weight, labels, desirable, *, kl_hidden=None, kl_labels=None,
+                bias=None, ref_hidden=None, ref_weight=None, ref_bias=None, ref_kl_hidden=None,
+                ref_logps=None, ref_kl_logps=None) -> tuple[torch.Tensor, Metrics]:
+        with_kl = kl_hidden is not None
+        if with_kl != (kl_labels is not None):
+            raise ValueError("FusedKTOLoss: kl_hidden and kl_labels must be given together")
+        precomputed = {"ref_logps": ref_logps}
+        if with_kl:
+            precomputed["ref_kl_logps"] = ref_kl_logps
+        from_head = _check_reference(ref_hidden, ref_weight, precomputed, "FusedKTOLoss")
+        if from_head and with_kl and ref_kl_hidden is None:
+            raise ValueError("FusedKTOLoss: with kl_hidden and a reference head, pass "
+                             "ref_kl_hidden (the mismatched batch through the reference model)")
+
+        policy_logps = self.sequence_logprobs(hidden, weight, labels, bias).sum_logps
+        policy_kl_logps = None
+        if with_kl:  # the reference point is detached: its log-probs need no graph
+            with torch.no_grad():
+                policy_kl_logps = self.sequence_logprobs(kl_hidden, weight, kl_labels,
+                                                         bias).sum_logps
+        if from_head:
+            ref_logps = self.reference_logprobs(ref_hidden, ref_weight, labels, ref_bias).sum_logps
+            if with_kl:
+                ref_kl_logps = self.reference_logprobs(ref_kl_hidden, ref_weight, kl_labels,
+                                                       ref_bias).sum_logps
+        return kto_loss(policy_logps, ref_logps, policy_kl_logps,
+                        ref_kl_logps if with_kl else None, desirable, **self.loss_options)
+
+
+class FusedPPOLoss(_FusedSequenceLoss):
+    """PPO / GRPO optimisation loss from hidden states (ALGORITHMS.md §8).
+
+    ``L = L_clip + kl_coef·agg(k(π, π_ref)) + vf_coef·L_value − ent_coef·mean entropy``, where the
+    clipped surrogate and the KL term are aggregated over tokens by ``loss_agg`` ("token_mean",
+    or "grpo", "dapo", "dr_grpo"). GRPO is ``loss_agg="grpo", kl_coef=0.04, kl_estimator="k3"``
+    with one advantage per sequence. The value loss is added when ``values`` are given (from a
+    value head; they carry its gradient).
+
+    Inputs: ``hidden`` [B, T, H], ``labels`` [B, T] (response token ids, ``ignore_index``
+    elsewhere), ``old_logps`` [B, T − 1] (rollout log-probs), ``advantages`` [B, T − 1] or [B];
+    optionally ``ref_logps``, ``values``, ``old_values``, ``returns`` [B, T − 1].
+    """
+
+    def __init__(self, *, clip: float = 0.2, clip_high: float | None = None,
+                 dual_clip: float | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+                 vf_coef: float = 0.1, vf_clip: float | None = 0.2, ent_coef: float = 0.0,
+                 loss_agg: str = "token_mean", temperature: float = 1.0,
+                 softcap: float | None = None, ignore_index: int = -100,
+                 impl: str = "auto") -> None:
+        super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+                         impl=impl)
+        for name, value in (("kl_coef", kl_coef), ("vf_coef", vf_coef), ("ent_coef", ent_coef)):
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"FusedPPOLoss: {name} must be a number >= 0, got {value!r}")
+        self.clip, self.clip_high, self.dual_clip = clip, clip_high, dual_clip
+        self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
+        self.vf_coef, self.vf_clip, self.ent_coef = vf_coef, vf_clip, ent_coef
+        self.loss_agg = loss_agg
+
+    def forward(self, hidden, weight, labels, old_logps, advantages, *, bias=None, ref_logps=None,
+                values=None, old_values=None, returns=None) -> tuple[torch.Tensor, Metrics]:
+        policy = self.sequence_logprobs(hidden, weight, labels, bias,
+                                        return_entropy=self.ent_coef > 0)
+        logps, mask = policy.token_logps, policy.token_mask
+        if isinstance(advantages, torch.Tensor) and advantages.dim() == 1:
+            advantages = advantages[:, None].expand_as(logps)  # one advantage per sequence (GRPO)
+        loss, metrics = ppo_policy_loss(
+            logps, old_logps, advantages, mask, clip=self.clip, clip_high=self.clip_high,
+            dual_clip=self.dual_clip, loss_agg=self.loss_agg,
+        )
+        metrics["loss/policy"] = loss.detach()
+        if ref_logps is not None:
+            kl = kl_penalty(logps, ref_logps, estimator=self.kl_estimator)
+            kl_loss = aggregate_token_loss(kl, mask, mode=self.loss_agg)
+            metrics["kl"] = masked_mean(kl.detach(), mask)
+            if self.kl_coef > 0:
+                loss = loss + self.kl_coef * kl_loss
+        elif self.kl_coef > 0:
+            raise ValueError("FusedPPOLoss: kl_coef > 0 needs ref_logps [B, T − 1]")
+        if values is not None:
+            if old_values is None or returns is None:
+                raise ValueError("FusedPPOLoss: values need old_values and returns as well")
+            value_loss, value_metrics = ppo_value_loss(values, old_values, returns, mask,
+                                                       clip=self.vf_clip)
+            metrics.update(value_metrics)
+            metrics["loss/value"] = value_loss.detach()
+            loss = loss + self.vf_coef * value_loss
+        if policy.token_entropy is not None:
+            entropy = masked_mean(policy.token_entropy, mask)
+            metrics["entropy"] = entropy.detach()
+            loss = loss - self.ent_coef * entropy
+        metrics["loss/total"] = loss.detach()
+        return loss, metrics

@@ -1,0 +1,60 @@
+"""Alignment losses on per-sequence (and per-token) log-probabilities: layer 3 of fastalign.
+
+Each loss is plain, documented PyTorch that returns ``(loss, metrics)`` with TRL's metric names.
+"""
+
+from fastalign.losses.dpo import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from fastalign.losses.grpo import REWARD_SCALINGS, grpo_advantages, grpo_loss, rloo_advantages
+from fastalign.losses.kto import kto_loss, kto_mismatched_indices
+from fastalign.losses.ppo import (
+    AGGREGATION_MODES,
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    KLController,
+    ShapedRewards,
+    aggregate_token_loss,
+    kl_penalty,
+    kl_shaped_rewards,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_total_loss,
+    ppo_value_loss,
+)
+from fastalign.losses.reward import reward_loss, votes_to_score
+from fastalign.losses.trpo import LineSearchResult, kl_line_search
+
+__all__ = [
+    "AGGREGATION_MODES",
+    "AdaptiveKLController",
+    "DPO_LOSS_TYPES",
+    "FixedKLController",
+    "KLController",
+    "KL_ESTIMATORS",
+    "LineSearchResult",
+    "REWARD_SCALINGS",
+    "ShapedRewards",
+    "aggregate_token_loss",
+    "cpo_loss",
+    "dpo_loss",
+    "grpo_advantages",
+    "grpo_loss",
+    "kl_line_search",
+    "kl_penalty",
+    "kl_shaped_rewards",
+    "kto_loss",
+    "kto_mismatched_indices",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "orpo_loss",
+    "ppo_policy_loss",
+    "ppo_total_loss",
+    "ppo_value_loss",
+    "reward_loss",
+    "rloo_advantages",
+    "simpo_loss",
+    "votes_to_score",
+]

@@ -1,0 +1,472 @@
+"""Paired preference losses on per-sequence log-probabilities: DPO and variants (ALGORITHMS.md §5).
+
+Inputs are one number per sequence, ``[B]``: the summed (or, where stated, length-averaged)
+log-probability of the chosen answer y_w and of the rejected answer y_l under the policy and, for
+the reference-based losses, under the frozen reference model. They come from ``linear_logprobs``
+plus a sequence reduction (§3); nothing here touches logits.
+
+Every loss returns ``(loss, metrics)``: ``loss`` is a 0-d tensor, the mean over the batch, in
+float32 (float64 when any input is float64), differentiable with respect to every floating input
+(the reference log-probs normally carry no gradient: compute them under ``torch.no_grad()``);
+``metrics`` maps TRL's metric names to detached 0-d float32 tensors.
+
+Numerics: every log σ(x) is ``F.logsigmoid`` and every 1 − σ(x) is σ(−x), so margins of ±1e3 and
+beyond give finite losses and gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastalign.losses._common import (
+    Metrics,
+    check_finite,
+    check_in_range,
+    check_lengths,
+    check_non_negative,
+    check_per_sequence,
+    check_positive,
+    compute_dtype,
+    log1mexp,
+    metric,
+    normalize_names,
+)
+
+__all__ = ["DPO_LOSS_TYPES", "dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss"]
+
+DPO_LOSS_TYPES = (
+    "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+    "apo_zero", "apo_down", "discopop", "sft",
+)
+# The loss types whose formula contains the label smoothing ε (TRL's list); the others ignore it.
+_SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "exo_pair")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def _smoothed_logistic(u: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """−(1−ε)·log σ(u) − ε·log σ(−u): the logistic loss for a label flipped with probability ε."""
+    loss = -F.logsigmoid(u)
+    if label_smoothing > 0:
+        loss = (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-u)
+    return loss
+
+
+def _pair_metrics(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_wins: torch.Tensor,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+) -> Metrics:
+    """TRL's DPO/CPO/ORPO metrics: batch means of the rewards, their margin and the policy logps."""
+    return {
+        "rewards/chosen": metric(chosen_rewards.mean()),
+        "rewards/rejected": metric(rejected_rewards.mean()),
+        "rewards/accuracies": metric(chosen_wins.to(chosen_rewards.dtype).mean()),
+        "rewards/margins": metric((chosen_rewards - rejected_rewards).mean()),
+        "logps/chosen": metric(policy_chosen_logps.mean()),
+        "logps/rejected": metric(policy_rejected_logps.mean()),
+    }
+
+
+def _check_optional_nll(chosen_nll, batch_size: int) -> None:
+    if chosen_nll is None:
+        return
+    if not isinstance(chosen_nll, torch.Tensor):
+        raise TypeError(
+            f"chosen_nll must be a torch.Tensor or None, got {type(chosen_nll).__name__}"
+        )
+    if not chosen_nll.dtype.is_floating_point:
+        raise TypeError(f"chosen_nll must be a floating-point tensor, got {chosen_nll.dtype}")
+    if tuple(chosen_nll.shape) not in ((), (batch_size,)):
+        raise ValueError(
+            f"chosen_nll must be 0-d or [B] = [{batch_size}], got shape {tuple(chosen_nll.shape)}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# DPO family (with a reference model)
+# ----------------------------------------------------------------------------------------------
+
+
+def _dpo_per_example(
+    loss_type: str,
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    policy_chosen_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor | None,
+    rejected_lengths: torch.Tensor | None,
+    *,
+    beta: float,
+    label_smoothing: float,
+    discopop_tau: float,
+    bco_delta: float,
+) -> torch.Tensor:
+    """The [B] per-example loss of one loss type; ρ_w, ρ_l are the chosen/rejected log-ratios."""
+    rho_w, rho_l = chosen_logratios, rejected_logratios
+    eps = label_smoothing
+    u = beta * (rho_w - rho_l)  # β·Δ, the DPO logit
+    if loss_type == "sigmoid":
+        return _smoothed_logistic(u, eps)
+    if loss_type == "robust":
+        # Unbiased under label noise ε: the smoothing term enters with a + sign and 1/(1 − 2ε).
+        return (-(1 - eps) * F.logsigmoid(u) + eps * F.logsigmoid(-u)) / (1 - 2 * eps)
+    if loss_type == "hinge":
+        return torch.relu(1 - u)
+    if loss_type == "ipo":
+        if chosen_lengths is not None:  # (policy − ref)/n = policy/n − ref/n: the averaged ratio
+            rho_w, rho_l = rho_w / chosen_lengths, rho_l / rejected_lengths
+        return (rho_w - rho_l - 1 / (2 * beta)) ** 2
+    if loss_type == "exo_pair":
+        # Reverse KL between the model's pair distribution σ(±u) and the smoothed labels (1−ε, ε).
+        return (torch.sigmoid(u) * (F.logsigmoid(u) - math.log(1 - eps))
+                + torch.sigmoid(-u) * (F.logsigmoid(-u) - math.log(eps)))
+    if loss_type == "nca_pair":
+        return (-F.logsigmoid(beta * rho_w) - 0.5 * F.logsigmoid(-beta * rho_w)
+                - 0.5 * F.logsigmoid(-beta * rho_l))
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(beta * rho_w - bco_delta) - F.logsigmoid(-(beta * rho_l - bco_delta))
+    if loss_type == "sppo_hard":
+        return (rho_w - 1 / (2 * beta)) ** 2 + (rho_l + 1 / (2 * beta)) ** 2
+    if loss_type == "apo_zero":  # push chosen up, rejected down: (1 − σ(βρ_w)) + σ(βρ_l)
+        return torch.sigmoid(-beta * rho_w) + torch.sigmoid(beta * rho_l)
+    if loss_type == "apo_down":  # push chosen down, rejected further down: σ(βρ_w) + (1 − σ(u))
+        return torch.sigmoid(beta * rho_w) + torch.sigmoid(-u)
+    if loss_type == "discopop":
+        # (1 − m)·(−log σ(u)) + m·e^{−u}, m = σ(u/τ). m·e^{−u} is formed as exp(log σ(u/τ) − u):
+        # for u ≪ 0, e^{−u} alone overflows and 0·inf would give NaN; the product itself is tiny.
+        modulation_log = F.logsigmoid(u / discopop_tau)
+        return torch.sigmoid(-u / discopop_tau) * -F.logsigmoid(u) + torch.exp(modulation_log - u)
+    if loss_type == "sft":
+        return -policy_chosen_logps / chosen_lengths
+    raise AssertionError(f"unhandled loss type {loss_type!r}")  # normalize_names refused it
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    label_smoothing: float = 0.0,
+    loss_weights: Sequence[float] | None = None,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    discopop_tau: float = 0.05,
+    bco_delta: float = 0.0,
+) -> tuple[torch.Tensor, Metrics]:
+    """Direct Preference Optimization and its variants, as in TRL's ``DPOTrainer``.
+
+    DPO: Rafailov et al., 2023, "Direct Preference Optimization: Your Language Model is Secretly a
+    Reward Model". With ρ_w = log π_θ(y_w|x) − log π_ref(y_w|x), ρ_l likewise, Δ = ρ_w − ρ_l and
+    u = β·Δ, the per-pair losses (ALGORITHMS.md §5) are:
+
+    - sigmoid: −(1−ε)·log σ(u) − ε·log σ(−u). DPO; with ε > 0, cDPO (Mitchell, 2023, "A note on
+      DPO with noisy preferences & relationship to IPO").
+    - robust: [−(1−ε)·log σ(u) + ε·log σ(−u)] / (1 − 2ε). Chowdhury et al., 2024, "Provably
+      Robust DPO: Aligning Language Models with Noisy Feedback".
+    - hinge: relu(1 − u). SLiC, Zhao et al., 2023, "SLiC-HF: Sequence Likelihood Calibration with
+      Human Feedback"; Liu et al., 2024, "Statistical Rejection Sampling Improves Preference
+      Optimization".
+    - ipo: (Δ − 1/(2β))² on length-averaged log-probs. Azar et al., 2023, "A General Theoretical
+      Paradigm to Understand Learning from Human Preferences".
+    - exo_pair: σ(u)·[log σ(u) − log(1−ε)] + σ(−u)·[log σ(−u) − log ε]. Ji et al., 2024, "Towards
+      Efficient Exact Optimization of Language Model Alignment".
+    - nca_pair: −log σ(βρ_w) − ½·log σ(−βρ_w) − ½·log σ(−βρ_l). Chen et al., 2024, "Noise
+      Contrastive Alignment of Language Models with Explicit Rewards".
+    - bco_pair: −log σ(βρ_w − δ) − log σ(−(βρ_l − δ)). Jung et al., 2024, "Binary Classifier
+      Optimization for Large Language Model Alignment".
+    - sppo_hard: (ρ_w − 1/(2β))² + (ρ_l + 1/(2β))². Wu et al., 2024, "Self-Play Preference
+      Optimization for Language Model Alignment".
+    - apo_zero: (1 − σ(βρ_w)) + σ(βρ_l); apo_down: σ(βρ_w) + (1 − σ(u)). D'Oosterlinck et al.,
+      2024, "Anchored Preference Optimization and Contrastive Revisions".
+    - discopop: (1 − m)·(−log σ(u)) + m·e^{−u} with m = σ(u/τ). Chris Lu et al., 2024,
+      "Discovering Preference Optimization Algorithms with and for Large Language Models".
+    - sft: −log π_θ(y_w|x) / |y_w|, the length-averaged NLL of the chosen answer; combined with
+      sigmoid it is RPO (Pang et al., 2024, "Iterative Reasoning Preference Optimization").
+
+    Args:
+        policy_chosen_logps: [B] float, log π_θ(y_w|x) summed over the answer's tokens.
+        policy_rejected_logps: [B] float, log π_θ(y_l|x).
+        ref_chosen_logps: [B] float, log π_ref(y_w|x).
+        ref_rejected_logps: [B] float, log π_ref(y_l|x).
+        beta: β > 0, the inverse temperature of the implicit reward β·ρ.
+        loss_type: one of ``DPO_LOSS_TYPES``, or a list of distinct ones to combine.
+        label_smoothing: ε in [0, 0.5), the assumed probability that a label is flipped. Used by
+            sigmoid, robust and exo_pair; exo_pair needs ε > 0 (1e-3 is usual). ε > 0 when none of
+            the requested loss types uses it raises a ValueError (TRL only warns) rather than
+            being silently ignored; in a combination, the types that do not use it ignore it.
+        loss_weights: one finite weight per entry of ``loss_type`` (default all 1.0): the loss is
+            the mean over the batch of Σ_k w_k·loss_k.
+        chosen_lengths: optional [B] number of answer tokens in y_w (integer or float, each > 0).
+            Required by sft. ipo divides the policy and reference log-probs by the lengths when
+            both ``chosen_lengths`` and ``rejected_lengths`` are given; without lengths it takes
+            the inputs as already length-averaged (as TRL, which averages them before the loss).
+            Zero lengths raise rather than being clamped (a sequence with no answer tokens is a
+            data bug); the check costs one device sync.
+        rejected_lengths: optional [B] number of answer tokens in y_l (used by ipo only).
+        discopop_tau: τ > 0, the temperature of DiscoPOP's modulation σ(u/τ).
+        bco_delta: δ, the reward shift of bco_pair. TRL passes a running mean of the rewards
+            β·ρ (kept by the trainer across steps); the default 0 is ALGORITHMS.md's formula.
+
+    Returns:
+        ``(loss, metrics)``: loss is 0-d float32 (float64 for float64 inputs). Metrics, detached
+        0-d float32: "rewards/chosen" = mean β·ρ_w, "rewards/rejected" = mean β·ρ_l,
+        "rewards/accuracies" = mean 1[ρ_w > ρ_l], "rewards/margins" = mean β·(ρ_w − ρ_l),
+        "logps/chosen" and "logps/rejected" = batch means of the policy log-probs, all from the
+        inputs as given (never length-averaged); with several loss types, also "loss/<type>",
+        the batch mean of each unweighted term. (TRL scales its logged rewards by Σ_k w_k when
+        combining; here they stay β·ρ.)
+    """
+    batch_size = check_per_sequence(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+    loss_types = normalize_names("loss_type", loss_type, DPO_LOSS_TYPES)
+    beta = check_positive("beta", beta)
+    label_smoothing = check_in_range(
+        "label_smoothing", label_smoothing, 0.0, 0.5, high_inclusive=False
+    )
+    discopop_tau = check_positive("discopop_tau", discopop_tau)
+    bco_delta = check_finite("bco_delta", bco_delta)
+    if label_smoothing > 0 and not any(t in _SMOOTHED_LOSS_TYPES for t in loss_types):
+        raise ValueError(
+            f"label_smoothing={label_smoothing} has no effect with loss_type={loss_types}: only "
+            f"{', '.join(_SMOOTHED_LOSS_TYPES)} use it; set label_smoothing=0.0"
+        )
+    if "exo_pair" in loss_types and label_smoothing == 0:
+        raise ValueError(
+            "loss_type 'exo_pair' needs label_smoothing > 0 (its loss contains log ε); "
+            "1e-3 is the usual value"
+        )
+    if loss_weights is None:
+        weights = [1.0] * len(loss_types)
+    else:
+        if isinstance(loss_weights, (str, bytes)) or not isinstance(loss_weights, Sequence):
+            raise TypeError(
+                "loss_weights must be a sequence of floats or None, got "
+                f"{type(loss_weights).__name__}"
+            )
+        if len(loss_weights) != len(loss_types):
+            raise ValueError(
+                f"loss_weights must have one weight per loss type: got {len(loss_weights)} "
+                f"weights for {len(loss_types)} loss types {loss_types}"
+            )
+        weights = [check_finite(f"loss_weights[{i}]", w) for i, w in enumerate(loss_weights)]
+    if "sft" in loss_types and chosen_lengths is None:
+        raise ValueError(
+            "loss_type 'sft' needs chosen_lengths ([B] answer token counts) to average the NLL"
+        )
+    if (chosen_lengths is None) != (rejected_lengths is None) and "ipo" in loss_types:
+        raise ValueError(
+            "loss_type 'ipo' needs both chosen_lengths and rejected_lengths (to length-average "
+            "the log-probs) or neither (inputs already averaged)"
+        )
+    if chosen_lengths is not None:
+        check_lengths("chosen_lengths", chosen_lengths, batch_size)
+    if rejected_lengths is not None:
+        check_lengths("rejected_lengths", rejected_lengths, batch_size)
+
+    dtype = compute_dtype(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                          ref_rejected_logps)
+    policy_chosen = policy_chosen_logps.to(dtype)
+    policy_rejected = policy_rejected_logps.to(dtype)
+    chosen_logratios = policy_chosen - ref_chosen_logps.to(dtype)
+    rejected_logratios = policy_rejected - ref_rejected_logps.to(dtype)
+    n_w = None if chosen_lengths is None else chosen_lengths.to(dtype)
+    n_l = None if rejected_lengths is None else rejected_lengths.to(dtype)
+
+    total = None
+    terms = {}
+    for name, weight in zip(loss_types, weights):
+        term = _dpo_per_example(
+            name, chosen_logratios, rejected_logratios, policy_chosen, n_w, n_l,
+            beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau,
+            bco_delta=bco_delta,
+        )
+        terms[name] = term
+        total = weight * term if total is None else total + weight * term
+    loss = total.mean()
+
+    metrics = _pair_metrics(
+        beta * chosen_logratios, beta * rejected_logratios, chosen_logratios > rejected_logratios,
+        policy_chosen, policy_rejected,
+    )
+    if len(loss_types) > 1:
+        metrics.update({f"loss/{name}": metric(term.mean()) for name, term in terms.items()})
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference-free losses
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference_free_inputs(policy_chosen_logps, policy_rejected_logps, chosen_nll):
+    batch_size = check_per_sequence(
+        policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps
+    )
+    _check_optional_nll(chosen_nll, batch_size)
+    dtype = compute_dtype(policy_chosen_logps, policy_rejected_logps, chosen_nll)
+    chosen, rejected = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    nll = -chosen if chosen_nll is None else chosen_nll.to(dtype)
+    return chosen, rejected, nll
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+    alpha: float = 0.0,
+    chosen_nll: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """SimPO: Meng, Xia & Chen, 2024, "SimPO: Simple Preference Optimization with a Reference-Free
+    Reward".
+
+    With u = β·(mean_logp_w − mean_logp_l) − γ, the per-pair loss is the smoothed logistic loss
+    −(1−ε)·log σ(u) − ε·log σ(−u), as TRL's ``CPOTrainer`` with ``loss_type="simpo"`` (which
+    writes u = β·(Δ − γ/β)). ``alpha > 0`` adds α·NLL(y_w), TRL's CPO-SimPO.
+
+    Args:
+        policy_chosen_logps: [B] float, log π_θ(y_w|x) averaged over the answer's tokens.
+        policy_rejected_logps: [B] float, the same for y_l.
+        beta: β > 0, the reward scale.
+        gamma: γ, the target reward margin (finite; 0.5 to 1.6 in the paper's sweeps).
+        label_smoothing: ε in [0, 0.5).
+        alpha: α >= 0, the weight of the NLL term (0: pure SimPO).
+        chosen_nll: optional NLL of y_w, [B] per-sequence or 0-d; default −policy_chosen_logps,
+            the per-sequence mean NLL since the inputs are averages.
+
+    Returns:
+        ``(loss, metrics)``: loss 0-d; metrics "rewards/chosen" = mean β·mean_logp_w,
+        "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+        "logps/rejected" (as TRL's CPOTrainer) and "nll_loss" (mean NLL, logged even if α = 0).
+    """
+    chosen, rejected, nll = _reference_free_inputs(
+        policy_chosen_logps, policy_rejected_logps, chosen_nll
+    )
+    beta = check_positive("beta", beta)
+    gamma = check_finite("gamma", gamma)
+    label_smoothing = check_in_range(
+        "label_smoothing", label_smoothing, 0.0, 0.5, high_inclusive=False
+    )
+    alpha = check_non_negative("alpha", alpha)
+
+    losses = _smoothed_logistic(beta * (chosen - rejected) - gamma, label_smoothing)
+    loss = losses.mean()
+    if alpha > 0:
+        loss = loss + alpha * nll.mean()
+    metrics = _pair_metrics(beta * chosen, beta * rejected, chosen > rejected, chosen, rejected)
+    metrics["nll_loss"] = metric(nll.mean())
+    return loss, metrics
+
+
+def cpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    chosen_nll: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    alpha: float = 1.0,
+) -> tuple[torch.Tensor, Metrics]:
+    """CPO: Xu et al., 2024, "Contrastive Preference Optimization: Pushing the Boundaries of LLM
+    Performance in Machine Translation".
+
+    loss = mean_B[−(1−ε)·log σ(u) − ε·log σ(−u)] + α·mean_B NLL(y_w), u = β·(logp_w − logp_l):
+    DPO with the reference dropped, plus a behaviour-cloning term on the chosen answer. This is
+    TRL's ``CPOTrainer`` with ``loss_type="sigmoid"``.
+
+    Args:
+        policy_chosen_logps: [B] float, log π_θ(y_w|x) summed over the answer's tokens.
+        policy_rejected_logps: [B] float, log π_θ(y_l|x).
+        beta: β > 0.
+        chosen_nll: the NLL term, [B] per-sequence (e.g. the per-token mean NLL of each y_w) or
+            0-d (e.g. TRL's token mean over the whole batch). Default: −policy_chosen_logps,
+            which with summed inputs is the *summed* NLL per sequence; pass the per-token mean
+            explicitly to match TRL's scale.
+        label_smoothing: ε in [0, 0.5).
+        alpha: α >= 0, the weight of the NLL term (TRL's ``cpo_alpha``).
+
+    Returns:
+        ``(loss, metrics)``: loss 0-d; metrics "rewards/chosen" = mean β·logp_w,
+        "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+        "logps/rejected" and "nll_loss" (as TRL's CPOTrainer).
+    """
+    chosen, rejected, nll = _reference_free_inputs(
+        policy_chosen_logps, policy_rejected_logps, chosen_nll
+    )
+    beta = check_positive("beta", beta)
+    label_smoothing = check_in_range(
+        "label_smoothing", label_smoothing, 0.0, 0.5, high_inclusive=False
+    )
+    alpha = check_non_negative("alpha", alpha)
+
+    loss = _smoothed_logistic(beta * (chosen - rejected), label_smoothing).mean()
+    if alpha > 0:
+        loss = loss + alpha * nll.mean()
+    metrics = _pair_metrics(beta * chosen, beta * rejected, chosen > rejected, chosen, rejected)
+    metrics["nll_loss"] = metric(nll.mean())
+    return loss, metrics
+
+
+def orpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    chosen_nll: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """ORPO: Hong, Lee & Thorne, 2024, "ORPO: Monolithic Preference Optimization without Reference
+    Model".
+
+    With p = exp(mean_logp), log odds(y) = log(p / (1 − p)) = mean_logp − log(1 − exp(mean_logp)),
+    computed with a stable log1mexp, and L = log odds(y_w) − log odds(y_l):
+    loss = mean_B NLL(y_w) − β·mean_B log σ(L)  (β is the paper's λ), as TRL's ``ORPOTrainer``.
+
+    Args:
+        policy_chosen_logps: [B] float, log π_θ(y_w|x) averaged over the answer's tokens (≤ 0).
+            A value of exactly 0 (p = 1, infinite odds) is clamped to −tiny, so the odds term is
+            finite there and passes no gradient to that input.
+        policy_rejected_logps: [B] float, the same for y_l.
+        beta: β > 0 (λ in the paper), the weight of the odds-ratio term.
+        chosen_nll: optional NLL of y_w, [B] or 0-d (TRL uses the token mean over the batch);
+            default −policy_chosen_logps, the per-sequence mean NLL.
+
+    Returns:
+        ``(loss, metrics)``: loss 0-d; metrics "rewards/chosen" = mean β·mean_logp_w,
+        "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+        "logps/rejected", "nll_loss", "log_odds_ratio" = mean log σ(L) and
+        "log_odds_chosen" = mean L (TRL's names).
+    """
+    chosen, rejected, nll = _reference_free_inputs(
+        policy_chosen_logps, policy_rejected_logps, chosen_nll
+    )
+    beta = check_positive("beta", beta)
+
+    below_zero = -torch.finfo(chosen.dtype).tiny
+    chosen_c, rejected_c = chosen.clamp(max=below_zero), rejected.clamp(max=below_zero)
+    log_odds = (chosen_c - log1mexp(chosen_c)) - (rejected_c - log1mexp(rejected_c))
+    log_odds_ratio = F.logsigmoid(log_odds)
+    loss = nll.mean() - beta * log_odds_ratio.mean()
+
+    metrics = _pair_metrics(beta * chosen, beta * rejected, chosen > rejected, chosen, rejected)
+    metrics["nll_loss"] = metric(nll.mean())
+    metrics["log_odds_ratio"] = metric(log_odds_ratio.mean())
+    metrics["log_odds_chosen"] = metric(log_odds.mean())
+    return loss, metrics
