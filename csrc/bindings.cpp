@@ -1,10 +1,14 @@
 // The one Python module of fastalign's C++ kernels: fastalign._C.
 #include <torch/extension.h>
 
+#include "gae_cpu.h"
+#include "linear_kl_cpu.h"
 #include "linear_logprobs_cpu.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastalign C++ kernels (CPU). Called through fastalign.linear_logprobs(impl='cpp').";
+  m.doc() =
+      "fastalign C++ kernels (CPU). Called through fastalign.linear_logprobs, fastalign.linear_kl "
+      "and fastalign.gae (impl='cpp').";
 
   m.def("linear_logprobs_forward", &fastalign::linear_logprobs_forward,
         R"doc(Per-token log-probabilities and entropies from (hidden, LM head), streamed over
@@ -42,4 +46,72 @@ Returns:
         py::arg("bias"), py::arg("targets"), py::arg("lse"), py::arg("sum_pz"),
         py::arg("temperature"), py::arg("softcap"), py::arg("ignore_index"),
         py::arg("compute_dhidden"), py::arg("compute_dweight"), py::arg("compute_dbias"));
+
+  m.def("linear_kl_forward", &fastalign::linear_kl_forward,
+        R"doc(Exact per-token KL(p || q) between the softmax of two LM heads, streamed over vocabulary
+blocks without materialising either [N, V] logit tensor.
+
+p = softmax(z) with z from (hidden, weight, bias), q = softmax(r) with r from (ref_hidden,
+ref_weight, ref_bias); each head's logits are a = h @ W.T + b, then softcap * tanh(a / softcap)
+when softcap > 0, then divided by temperature. For KL(q || p), swap the two heads.
+
+Args:
+    hidden: [N, H] contiguous CPU tensor, float32 / bfloat16 / float16 / float64.
+    weight: [V, H] contiguous, hidden's dtype.
+    bias: [V] contiguous, hidden's dtype, or None.
+    ref_hidden: [N, H_ref] contiguous, hidden's dtype (H_ref may differ from H).
+    ref_weight: [V, H_ref] contiguous, hidden's dtype (the same V as weight).
+    ref_bias: [V] contiguous, hidden's dtype, or None.
+    temperature: > 0; both heads' logits are divided by it (after the softcap).
+    softcap: 0 for none, else a -> softcap * tanh(a / softcap) on both heads.
+
+Returns:
+    [kl, lse, ref_lse], each [N] float64: KL(p || q) >= 0 per row, and the log-sum-exp of z and
+    of r (what backward needs besides kl).)doc",
+        py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("ref_hidden"),
+        py::arg("ref_weight"), py::arg("ref_bias"), py::arg("temperature"), py::arg("softcap"));
+
+  m.def("linear_kl_backward", &fastalign::linear_kl_backward,
+        R"doc(Gradients of linear_kl_forward, recomputing both heads' logits tile by tile.
+
+dL/dz_v = g * p_v * (log p_v - log q_v - KL) and dL/dr_v = g * (q_v - p_v), then through the
+temperature and softcap to each head's hidden, weight and bias. Rows whose grad_kl is 0 are
+skipped; a head none of whose gradients is asked for costs only the recomputation of its logits.
+
+Args:
+    grad_kl: [N] upstream gradient of kl, float32 (float64 for float64 inputs).
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, softcap: as in forward.
+    kl, lse, ref_lse: [N] float64, as returned by forward.
+    compute_dhidden, compute_dweight, compute_dbias: which policy-head gradients to compute.
+    compute_dref_hidden, compute_dref_weight, compute_dref_bias: which reference-head gradients.
+
+Returns:
+    [dhidden, dweight, dbias, dref_hidden, dref_weight, dref_bias], each in the dtype of its
+    input, or None where not asked for.)doc",
+        py::arg("grad_kl"), py::arg("hidden"), py::arg("weight"), py::arg("bias"),
+        py::arg("ref_hidden"), py::arg("ref_weight"), py::arg("ref_bias"), py::arg("kl"),
+        py::arg("lse"), py::arg("ref_lse"), py::arg("temperature"), py::arg("softcap"),
+        py::arg("compute_dhidden"), py::arg("compute_dweight"), py::arg("compute_dbias"),
+        py::arg("compute_dref_hidden"), py::arg("compute_dref_weight"),
+        py::arg("compute_dref_bias"));
+
+  m.def("gae_forward", &fastalign::gae_forward,
+        R"doc(Generalised advantage estimation: one reverse scan per row over the masked positions.
+
+Per row, only positions where mask is true take part, walked from the last to the first; the next
+value of a position is the value at the next masked position of its row (0 after the last):
+delta_t = r_t + gamma * V_next - V_t, A_t = delta_t + gamma * lam * A_next, returns R_t = A_t + V_t.
+Positions outside the mask get A = R = 0. Agrees exactly with fastalign.reference.gae_reference.
+
+Args:
+    rewards: [B, T] contiguous CPU tensor, float32 or float64.
+    values: [B, T] contiguous, rewards' dtype.
+    mask: [B, T] contiguous bool.
+    gamma: discount factor.
+    lam: GAE lambda.
+
+Returns:
+    [advantages, returns], each [B, T] in rewards' dtype.)doc",
+        py::arg("rewards"), py::arg("values"), py::arg("mask"), py::arg("gamma"),
+        py::arg("lam"));
 }

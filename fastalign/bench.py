@@ -730,6 +730,11 @@ class BenchResult:
     matmul_tflops: float
     device: str
     date: str
+    # What the writers below print; the defaults are linear_logprobs'. Other harnesses
+    # (fastalign.bench_alignment) reuse format_table, plot, write_csv and write_outputs with theirs.
+    op: str = OP
+    flops_note: str = "FLOPs credited: forward 2·N·H·V, backward 6·N·H·V, full 8·N·H·V."
+    csv_columns: tuple[str, ...] = CSV_COLUMNS
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -897,9 +902,9 @@ _CSV_FORMATS = {"ms_median": "{:.4f}", "ms_p20": "{:.4f}", "ms_p80": "{:.4f}", "
 
 
 def write_csv(result: BenchResult, path: str | Path) -> None:
-    """One row per (shape, provider, mode), columns ``CSV_COLUMNS``."""
+    """One row per (shape, provider, mode), columns ``result.csv_columns``."""
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=result.csv_columns, extrasaction="ignore")
         writer.writeheader()
         for row in result.rows:
             writer.writerow({key: _CSV_FORMATS[key].format(value) if key in _CSV_FORMATS else value
@@ -923,11 +928,11 @@ def format_table(result: BenchResult) -> str:
     """A markdown table (one block per shape) with time and memory ratios against eager."""
     cfg = result.config
     lines = [
-        f"## `{OP}` on {result.device}, {dtype_name(cfg.dtype)} "
+        f"## `{result.op}` on {result.device}, {dtype_name(cfg.dtype)} "
         f"(torch {torch.__version__}, triton {versions()['triton']}, {result.date})",
         "",
         f"Matmul rate (`torch.mm`, {dtype_name(cfg.dtype)}): {result.matmul_tflops:.2f} TFLOP/s. "
-        "FLOPs credited: forward 2·N·H·V, backward 6·N·H·V, full 8·N·H·V. "
+        f"{result.flops_note} "
         "Ratios are provider ÷ eager (lower is better).",
     ]
     for shape in _shapes_in_order(result):
@@ -1010,7 +1015,7 @@ def plot(result: BenchResult, path: str | Path) -> None:
             ax.grid(axis="y", alpha=0.3)
             ax.set_ylim(bottom=0)
     axes[0, 1].legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"{OP} on {result.device} — torch {torch.__version__}, "
+    fig.suptitle(f"{result.op} on {result.device} — torch {torch.__version__}, "
                  f"triton {versions()['triton']}, {result.date}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -1018,10 +1023,10 @@ def plot(result: BenchResult, path: str | Path) -> None:
 
 
 def write_outputs(result: BenchResult, output_dir: str | Path) -> dict[str, Path]:
-    """Write ``<dir>/linear_logprobs_<device-slug>_<date>.{csv,png,md}``; returns the paths."""
+    """Write ``<dir>/<op>_<device-slug>_<date>.{csv,png,md}``; returns the paths."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{OP}_{device_slug(result.config.device)}_{result.date}"
+    stem = f"{result.op}_{device_slug(result.config.device)}_{result.date}"
     paths = {ext: output_dir / f"{stem}.{ext}" for ext in ("csv", "png", "md")}
     write_csv(result, paths["csv"])
     paths["md"].write_text(format_table(result) + "\n")

@@ -147,6 +147,21 @@ def _merge_stats(m1, r1, t1, m2, r2, t2):
 
 
 @triton.jit
+def _tile_stats(z):
+    """Per-row statistics of one logit tile [BLOCK_N, BLOCK_V] with at least one finite column:
+    m = max z, z − m, e = e^{z−m}, and r = Σ e^{z−m} − 1 (see _merge_stats)."""
+    m = tl.max(z, axis=1)
+    z_rel = z - m[:, None]
+    e = tl.exp(z_rel)
+    # Compare z itself, not z_rel: fp fusion may compute z_rel with an FMA from the unrounded
+    # product, while the max is always one of the z values.
+    is_max = z == m[:, None]
+    # r = Σ e^{z−m} − 1 without the cancellation: the maxima contribute exactly 1 each.
+    r = tl.sum(tl.where(is_max, 0.0, e), axis=1) + (tl.sum(is_max.to(tl.float32), axis=1) - 1.0)
+    return m, z_rel, e, r
+
+
+@triton.jit
 def _log1p(r):
     """log(1 + r) for r ≥ 0, accurate to float32 rounding as r → 0, where log s of a peaked
     distribution lives. tl has no log1p, and log(1 + r) would lose r's digits in the rounding of
@@ -169,6 +184,79 @@ def _split_f64(ptr, mask, other: tl.constexpr):
     hi = x.to(tl.float32)
     lo = (x - hi.to(tl.float64)).to(tl.float32)
     return tl.where(mask, hi, other), tl.where(mask, lo, 0.0)
+
+
+@triton.jit
+def _accumulate_head_grads(
+    da,                                # ∂L/∂a, float32 [BLOCK_N, BLOCK_V], 0 outside the tile
+    h_ptr, w_ptr,                      # hidden [N, H], weight [V, H]
+    dh_ptr, dw_ptr, db_ptr,            # float32 accumulators [N, H], [V, H], [V] (compact)
+    offs_n, offs_v, n_mask, row_mask, v_mask,  # row_mask: the rows that receive dh
+    H, stride_hn, stride_wv,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    EVEN_H: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+):
+    """dh += da·W[tile], dW[tile] += daᵀ·h and db[tile] += Σ_n da, with float32 atomics."""
+    if COMPUTE_DB:
+        tl.atomic_add(db_ptr + offs_v, tl.sum(da, axis=0), mask=v_mask, sem="relaxed")
+    # The matmuls below take ∂L/∂a in the input dtype (bf16 MMA on GPU), accumulating in fp32.
+    da_op = da.to(h_ptr.dtype.element_ty)
+    offs_k = tl.arange(0, BLOCK_H)
+    rows_n = offs_n[:, None].to(tl.int64)
+    rows_v = offs_v[:, None].to(tl.int64)
+    if COMPUTE_DH:  # dh[n, :] += Σ_v da[n, v]·W[v, :]
+        w_ptrs = w_ptr + rows_v * stride_wv + offs_k[None, :]
+        dh_ptrs = dh_ptr + rows_n * H + offs_k[None, :]
+        for k0 in range(0, H, BLOCK_H):
+            # Masks constant along H when H is even, so that loads and atomics vectorise.
+            if EVEN_H:
+                w_mask = v_mask[:, None]
+                dh_mask = row_mask[:, None]
+            else:
+                k_mask = (k0 + offs_k) < H
+                w_mask = v_mask[:, None] & k_mask[None, :]
+                dh_mask = row_mask[:, None] & k_mask[None, :]
+            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            dh = _dot(da_op, w, tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32), DOT_IN_FP32)
+            tl.atomic_add(dh_ptrs, dh, mask=dh_mask, sem="relaxed")
+            w_ptrs += BLOCK_H
+            dh_ptrs += BLOCK_H
+    if COMPUTE_DW:  # dW[v, :] += Σ_n da[n, v]·h[n, :]
+        da_t = tl.trans(da_op)
+        h_ptrs = h_ptr + rows_n * stride_hn + offs_k[None, :]
+        dw_ptrs = dw_ptr + rows_v * H + offs_k[None, :]
+        for k0 in range(0, H, BLOCK_H):
+            if EVEN_H:
+                h_mask = n_mask[:, None]
+                dw_mask = v_mask[:, None]
+            else:
+                k_mask = (k0 + offs_k) < H
+                h_mask = n_mask[:, None] & k_mask[None, :]
+                dw_mask = v_mask[:, None] & k_mask[None, :]
+            h = tl.load(h_ptrs, mask=h_mask, other=0.0)
+            dw = _dot(da_t, h, tl.zeros([BLOCK_V, BLOCK_H], dtype=tl.float32), DOT_IN_FP32)
+            tl.atomic_add(dw_ptrs, dw, mask=dw_mask, sem="relaxed")
+            h_ptrs += BLOCK_H
+            dw_ptrs += BLOCK_H
+
+
+@triton.jit
+def _grouped_tile(pid, N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                  GROUP_V: tl.constexpr):
+    """(token tile, vocabulary tile) of program ``pid`` of a (token × vocabulary)-tile grid.
+
+    Grouped order (Triton tutorial 03): GROUP_V vocabulary tiles sweep all token tiles together,
+    so the programs in flight share a few W tiles and a band of h in L2.
+    """
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    num_v_tiles = tl.cdiv(V, BLOCK_V)
+    programs_per_group = GROUP_V * num_n_tiles
+    first_v_tile = (pid // programs_per_group) * GROUP_V
+    group_size = tl.minimum(num_v_tiles - first_v_tile, GROUP_V)
+    pid_v = first_v_tile + (pid % programs_per_group) % group_size
+    pid_n = (pid % programs_per_group) // group_size
+    return pid_n, pid_v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,15 +326,7 @@ def _forward_kernel(
             z_target += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
 
             # The tile's own statistics (every tile has a real column, so m_tile is finite).
-            m_tile = tl.max(z, axis=1)
-            z_rel = z - m_tile[:, None]
-            e = tl.exp(z_rel)
-            # Compare z itself, not z_rel: fp fusion may compute z_rel with an FMA from the
-            # unrounded product, while the max is always one of the z values.
-            is_max = z == m_tile[:, None]
-            # r = Σ e^{z−m} − 1 without the cancellation: the maxima contribute exactly 1 each.
-            r_tile = (tl.sum(tl.where(is_max, 0.0, e), axis=1)
-                      + (tl.sum(is_max.to(tl.float32), axis=1) - 1.0))
+            m_tile, z_rel, e, r_tile = _tile_stats(z)
             if EVEN_V:
                 t_tile = tl.sum(e * z_rel, axis=1)
             else:
@@ -348,17 +428,7 @@ def _backward_kernel(
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     EVEN_H: tl.constexpr, EVEN_V: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
-    # Grouped order (Triton tutorial 03): GROUP_V vocabulary tiles sweep all token tiles together,
-    # so the programs in flight share a few W tiles and a band of h in L2.
-    pid = tl.program_id(0)
-    num_n_tiles = tl.cdiv(N, BLOCK_N)
-    num_v_tiles = tl.cdiv(V, BLOCK_V)
-    programs_per_group = GROUP_V * num_n_tiles
-    first_v_tile = (pid // programs_per_group) * GROUP_V
-    group_size = tl.minimum(num_v_tiles - first_v_tile, GROUP_V)
-    pid_v = first_v_tile + (pid % programs_per_group) % group_size
-    pid_n = (pid % programs_per_group) // group_size
-
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_V)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     n_mask = offs_n < N
@@ -400,47 +470,10 @@ def _backward_kernel(
         else:
             da = tl.where(valid[:, None] & v_mask[None, :], da, 0.0)
 
-        if COMPUTE_DB:
-            tl.atomic_add(db_ptr + offs_v, tl.sum(da, axis=0), mask=v_mask, sem="relaxed")
-        # The matmuls below take ∂L/∂a in the input dtype (bf16 MMA on GPU), accumulating in fp32.
-        da_op = da.to(h_ptr.dtype.element_ty)
-        offs_k = tl.arange(0, BLOCK_H)
-        rows_n = offs_n[:, None].to(tl.int64)
-        rows_v = offs_v[:, None].to(tl.int64)
-        if COMPUTE_DH:  # dh[n, :] += Σ_v da[n, v]·W[v, :]
-            w_ptrs = w_ptr + rows_v * stride_wv + offs_k[None, :]
-            dh_ptrs = dh_ptr + rows_n * H + offs_k[None, :]
-            for k0 in range(0, H, BLOCK_H):
-                # Masks constant along H when H is even, so that loads and atomics vectorise.
-                if EVEN_H:
-                    w_mask = v_mask[:, None]
-                    dh_mask = valid[:, None]
-                else:
-                    k_mask = (k0 + offs_k) < H
-                    w_mask = v_mask[:, None] & k_mask[None, :]
-                    dh_mask = valid[:, None] & k_mask[None, :]
-                w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-                dh = _dot(da_op, w, tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32), DOT_IN_FP32)
-                tl.atomic_add(dh_ptrs, dh, mask=dh_mask, sem="relaxed")
-                w_ptrs += BLOCK_H
-                dh_ptrs += BLOCK_H
-        if COMPUTE_DW:  # dW[v, :] += Σ_n da[n, v]·h[n, :]
-            da_t = tl.trans(da_op)
-            h_ptrs = h_ptr + rows_n * stride_hn + offs_k[None, :]
-            dw_ptrs = dw_ptr + rows_v * H + offs_k[None, :]
-            for k0 in range(0, H, BLOCK_H):
-                if EVEN_H:
-                    h_mask = n_mask[:, None]
-                    dw_mask = v_mask[:, None]
-                else:
-                    k_mask = (k0 + offs_k) < H
-                    h_mask = n_mask[:, None] & k_mask[None, :]
-                    dw_mask = v_mask[:, None] & k_mask[None, :]
-                h = tl.load(h_ptrs, mask=h_mask, other=0.0)
-                dw = _dot(da_t, h, tl.zeros([BLOCK_V, BLOCK_H], dtype=tl.float32), DOT_IN_FP32)
-                tl.atomic_add(dw_ptrs, dw, mask=dw_mask, sem="relaxed")
-                h_ptrs += BLOCK_H
-                dw_ptrs += BLOCK_H
+        _accumulate_head_grads(da, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr,
+                               offs_n, offs_v, n_mask, valid, v_mask, H, stride_hn, stride_wv,
+                               BLOCK_N, BLOCK_V, BLOCK_H, COMPUTE_DH, COMPUTE_DW, COMPUTE_DB,
+                               EVEN_H, DOT_IN_FP32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,11 +554,12 @@ _backward_kernel_tuned = triton.autotune(
 )(_backward_kernel)
 
 
-def _launch(kind: str, kernel, tuned_kernel, grid, args: tuple, dtype: torch.dtype, n_tokens: int):
+def _launch(kind: str, kernel, tuned_kernel, grid, args: tuple, dtype: torch.dtype, n_tokens: int,
+            default_config=_default_config):
     if _autotune_enabled():
         tuned_kernel[grid](*args)
     else:
-        config = _default_config(kind, dtype, n_tokens)
+        config = default_config(kind, dtype, n_tokens)
         kernel[grid(config.kwargs)](*args, **config.kwargs, num_warps=config.num_warps,
                                     num_stages=config.num_stages)
 
@@ -547,8 +581,10 @@ def _device_guard(device: torch.device):
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_inputs(hidden, weight, bias, targets) -> None:
-    for name, x in (("hidden", hidden), ("weight", weight)):
+def _check_head(hidden, weight, bias, names=("hidden", "weight", "bias")) -> None:
+    """hidden [N, H], weight [V, H] and bias [V] | None: contiguous, one supported dtype."""
+    h_name, w_name, b_name = names
+    for name, x in ((h_name, hidden), (w_name, weight)):
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor")
         if x.dtype not in _DTYPES:
@@ -556,18 +592,28 @@ def _check_inputs(hidden, weight, bias, targets) -> None:
         if not x.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) dtypes differ")
-    n_tokens, hidden_size = hidden.shape
+        raise TypeError(f"{h_name} ({hidden.dtype}) and {w_name} ({weight.dtype}) dtypes differ")
+    hidden_size = hidden.shape[1]
     vocab_size = weight.shape[0]
     if weight.shape[1] != hidden_size:
-        raise ValueError(f"weight must be [V, {hidden_size}], got {tuple(weight.shape)}")
+        raise ValueError(f"{w_name} must be [V, {hidden_size}], got {tuple(weight.shape)}")
     if vocab_size < 1 or hidden_size < 1:
-        raise ValueError(f"need V >= 1 and H >= 1, got V={vocab_size}, H={hidden_size}")
+        raise ValueError(f"need V >= 1 and H >= 1, got V={vocab_size}, H={hidden_size} "
+                         f"({w_name} {tuple(weight.shape)})")
     if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{b_name} must be a tensor or None, got {type(bias).__name__}")
         if bias.dtype != weight.dtype:
-            raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+            raise TypeError(f"{b_name} must have {w_name}'s dtype {weight.dtype}, "
+                            f"got {bias.dtype}")
         if bias.shape != (vocab_size,) or not bias.is_contiguous():
-            raise ValueError(f"bias must be contiguous [{vocab_size}], got {tuple(bias.shape)}")
+            raise ValueError(f"{b_name} must be contiguous [{vocab_size}], "
+                             f"got {tuple(bias.shape)}")
+
+
+def _check_inputs(hidden, weight, bias, targets) -> None:
+    _check_head(hidden, weight, bias)
+    n_tokens = hidden.shape[0]
     if targets.dtype != torch.int64:
         raise TypeError(f"targets must be int64, got {targets.dtype}")
     if targets.shape != (n_tokens,) or not targets.is_contiguous():
@@ -595,6 +641,18 @@ def _n_bucket(n_tokens: int) -> int:
     return max(16, triton.next_power_of_2(n_tokens))
 
 
+def _vocab_splits(vocab_size: int, n_tiles: int, device: torch.device) -> tuple[int, int]:
+    """(columns per split, number of splits) for a forward over ``n_tiles`` token tiles.
+
+    Enough vocabulary splits for about two waves of programs, each split a whole number of
+    granules (so every split holds at least one real column).
+    """
+    num_granules = triton.cdiv(vocab_size, _SPLIT_GRANULE)
+    wanted = min(num_granules, max(1, triton.cdiv(2 * _num_sms(device), n_tiles)))
+    v_per_split = triton.cdiv(num_granules, wanted) * _SPLIT_GRANULE
+    return v_per_split, triton.cdiv(vocab_size, v_per_split)
+
+
 def linear_logprobs_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
     temperature: float, softcap: float, ignore_index: int,
@@ -617,14 +675,9 @@ def linear_logprobs_forward(
     if n_tokens == 0:
         return logp, entropy, lse, sum_pz
 
-    # Enough vocabulary splits for about two waves of programs, each split a whole number of
-    # granules (so every split holds at least one real column).
     nominal_n_tiles = triton.cdiv(n_tokens, _default_config("forward", hidden.dtype,
                                                             n_tokens).kwargs["BLOCK_N"])
-    num_granules = triton.cdiv(vocab_size, _SPLIT_GRANULE)
-    wanted = min(num_granules, max(1, triton.cdiv(2 * _num_sms(device), nominal_n_tiles)))
-    v_per_split = triton.cdiv(num_granules, wanted) * _SPLIT_GRANULE
-    num_splits = triton.cdiv(vocab_size, v_per_split)
+    v_per_split, num_splits = _vocab_splits(vocab_size, nominal_n_tiles, device)
     partials = torch.empty((4, num_splits, n_tokens), dtype=torch.float32, device=device)
 
     args = (hidden, weight, bias, targets, partials,

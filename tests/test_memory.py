@@ -50,3 +50,29 @@ def test_the_measurement_sees_reused_heap_memory():
         del chunks
     _, peak = measure_peak_memory(lambda: [torch.ones(2 * 2**20) for _ in range(8)], "cpu")
     assert peak > 60 * 2**20
+
+
+@pytest.mark.skipif(not cpu_peak_supported(), reason="needs /proc/self/clear_refs (Linux)")
+@pytest.mark.skipif(not impl_is_available("cpp"), reason="C++ extension not built")
+def test_linear_kl_forward_backward_at_128k_vocab_stays_far_below_the_logits():
+    """Two heads: eager would hold policy and reference logits and their softmaxes (8 GiB)."""
+    from fastalign import linear_kl
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, H, generator=gen).requires_grad_()
+    weight = (torch.randn(V, H, generator=gen) / H**0.5).requires_grad_()
+    ref_hidden = hidden.detach() + 0.1 * torch.randn(N, H, generator=gen)
+    ref_weight = weight.detach() + 0.01 * torch.randn(V, H, generator=gen)
+    upstream = torch.randn(N, generator=gen)
+
+    def step():
+        kl = linear_kl(hidden, weight, ref_hidden, ref_weight)
+        (kl * upstream).sum().backward()
+        return kl.detach()
+
+    kl, peak = measure_peak_memory(step, "cpu")
+    assert torch.isfinite(kl).all() and (kl >= 0).all() and weight.grad is not None
+    assert peak < FULL_LOGITS_BYTES / 8, (
+        f"peak rose by {peak / 2**20:.0f} MiB; one head's fp32 logits would be "
+        f"{FULL_LOGITS_BYTES / 2**20:.0f} MiB"
+    )

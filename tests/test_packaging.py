@@ -63,6 +63,8 @@ def test_wheel_layout(tmp_path):
     assert result.returncode == 0, result.stderr
     (wheel,) = tmp_path.glob("fastalign-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "fastalign/kernels/linear_logprobs.py" in names
+    for module in ("kernels/linear_logprobs.py", "kernels/linear_kl.py", "kernels/gae.py",
+                   "losses/dpo.py", "losses/ppo.py", "fused.py"):
+        assert f"fastalign/{module}" in names, module
     assert "fastalign/linear_logprobs.py" in names
     assert not [n for n in names if n.startswith("kernels/")]

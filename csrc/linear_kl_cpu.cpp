@@ -1,0 +1,1009 @@
+// linear_kl on CPU: KL(p‖q) per token, p = softmax(z) from the policy head (h, W, b) and
+// q = softmax(r) from the reference head (h_ref, W_ref, b_ref), streamed over vocabulary blocks
+// (ALGORITHMS.md §2). No [N, V] tensor is ever allocated.
+//
+//   forward : per vocabulary block and token block: z_tile = h @ W_blkᵀ, r_tile = h_ref @ W_ref_blkᵀ
+//             (ATen → MKL), then one fused pass per row that applies bias/softcap/temperature to
+//             both and updates the online statistics of both softmaxes and of Σ p (z − r).
+//   backward: per block: recompute both tiles, turn them into dL/da in place (one fused pass:
+//             the policy tile into dL/da_z, the reference tile into dL/da_r when that head needs
+//             gradients), then per head that needs them dh += da @ W_blk, dW_blk = daᵀ @ h,
+//             db_blk = Σ_n da.
+//
+// Work: forward 2·N·V·(H + H_ref) FLOPs; backward 2·N·V·(H + H_ref) to recompute plus 4·N·V·H per
+// head that needs gradients. The schedules (owned / shared) and block sizes are linear_logprobs'
+// (cpu_common.h); a thread's scratch is two logit tiles and, for bf16/fp16 heads, float32 copies of
+// the two weight blocks (and of the dW blocks being accumulated).
+
+#include "linear_kl_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
+
+#include "cpu_common.h"
+#include "cpu_vec_math.h"
+
+namespace fastalign {
+namespace {
+
+using namespace cpu;  // NOLINT(build/namespaces): cpu_vec_math.h and cpu_common.h
+
+constexpr int kPolicy = 0;
+constexpr int kRef = 1;
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels (one pair of tiles, a range of their rows)
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct KlTile {
+  T* z;               // [rows, cols] policy: raw logits h·W_v on entry, overwritten
+  T* r;               // [rows, cols] reference: raw logits h_ref·W_ref_v on entry, overwritten
+  const T* bias;      // [cols] biases of this vocabulary block: both set when either head has
+  const T* ref_bias;  //   one (zeros stand in for the other), else both nullptr
+  int64_t cols;
+  // z = cap_over_t · tanh(a · inv_cap) with a softcap, else z = a · inv_t
+  T inv_t;
+  T inv_cap;
+  T cap_over_t;
+};
+
+// Online state per row, in float64 whatever the compute dtype (it is merged once per block and
+// row, so the cost is nothing next to the tile). With z̃ = z − m_z and r̃ = r − m_r relative to the
+// running maxima:
+//   rest_z = Σ e^{z̃} − 1          (s_z − 1: the maximum's own 1 kept apart, so that log s_z =
+//   rest_r = Σ e^{r̃} − 1           log1p(rest_z) keeps its digits when one token dominates)
+//   cross  = Σ e^{z̃}·(z̃ − r̃)
+//   diff   = Σ (e^{r̃} − e^{z̃})   (s_r − s_z, summed term by term)
+// Then lse_z = m_z + log1p(rest_z), lse_r likewise, and
+//   KL = cross / s_z + log(s_r / s_z),   log(s_r / s_z) = log1p(diff / s_z).
+// Both terms are small when the distributions are close, and diff, a sum of small differences, is
+// accurate relative to itself, where log1p(rest_r) − log1p(rest_z) would carry the independent
+// float32 rounding of the two sums (~1e-7 absolute, for a KL that may be 1e-6). When the two sums
+// are far apart (|diff| ≥ s_z/2, no cancellation to fear, while diff itself may cancel), the
+// rests give the ratio instead. Identical heads give exactly KL = 0: every z̃ − r̃ and every
+// e^{r̃} − e^{z̃} is then 0. An empty row has m = −inf, rest = −1, cross = diff = 0.
+struct KlState {
+  double* max_z;
+  double* rest_z;
+  double* max_r;
+  double* rest_r;
+  double* cross;
+  double* diff;
+};
+
+constexpr int64_t kStateArrays = 6;
+
+KlState shifted(const KlState& s, int64_t n0) {
+  return {s.max_z + n0, s.rest_z + n0, s.max_r + n0, s.rest_r + n0, s.cross + n0, s.diff + n0};
+}
+
+// State row i ← state row i merged with the statistics (m_z, rest_z, m_r, rest_r, cross, diff) of
+// one more set of logits. With M the merged maxima, α = e^{m_z − M_z} and β = e^{m_r − M_r} per
+// set, a set's s_z rescales to α·s_z, its s_r to β·s_r, its cross to
+// α·(cross + ((m_z − M_z) − (m_r − M_r))·s_z) and its diff = s_r − s_z to β·diff + (β − α)·s_z.
+inline void merge_row(const KlState& st, int64_t i, double max_z, double rest_z, double max_r,
+                      double rest_r, double cross, double diff) {
+  constexpr double kEmpty = -std::numeric_limits<double>::infinity();
+  if (max_z == kEmpty && max_r == kEmpty) {
+    // An empty set (all logits −inf, or all NaN: the running max skips NaN); keep a NaN visible.
+    if (std::isnan(rest_z) || std::isnan(rest_r) || std::isnan(cross) || std::isnan(diff)) {
+      st.cross[i] = std::numeric_limits<double>::quiet_NaN();
+    }
+    return;
+  }
+  double& m_z = st.max_z[i];
+  double& m_r = st.max_r[i];
+  if (m_z == kEmpty && m_r == kEmpty) {
+    const double old_cross = st.cross[i];  // 0, or NaN from an earlier all-NaN set
+    m_z = max_z;
+    st.rest_z[i] = rest_z;
+    m_r = max_r;
+    st.rest_r[i] = rest_r;
+    st.cross[i] = cross + old_cross;
+    st.diff[i] = diff;
+    return;
+  }
+  const double new_max_z = std::max(m_z, max_z), new_max_r = std::max(m_r, max_r);
+  const double shift_z = m_z - new_max_z, other_shift_z = max_z - new_max_z;  // both ≤ 0
+  const double shift_r = m_r - new_max_r, other_shift_r = max_r - new_max_r;
+  const double s_z = 1.0 + st.rest_z[i], other_s_z = 1.0 + rest_z;
+  const double s_r = 1.0 + st.rest_r[i], other_s_r = 1.0 + rest_r;
+  const double scale_z = std::exp(shift_z), other_scale_z = std::exp(other_shift_z);
+  const double scale_r = std::exp(shift_r), other_scale_r = std::exp(other_shift_r);
+  st.cross[i] = scale_z * (st.cross[i] + (shift_z - shift_r) * s_z) +
+                other_scale_z * (cross + (other_shift_z - other_shift_r) * other_s_z);
+  st.diff[i] = (scale_r * st.diff[i] + (scale_r - scale_z) * s_z) +
+               (other_scale_r * diff + (other_scale_r - other_scale_z) * other_s_z);
+  // The rest of the set holding the maximum stays as it is (its scale is 1); the other set joins
+  // it whole, its own maximum included.
+  st.rest_z[i] = m_z >= max_z ? st.rest_z[i] + other_scale_z * other_s_z
+                              : rest_z + scale_z * s_z;
+  st.rest_r[i] = m_r >= max_r ? st.rest_r[i] + other_scale_r * other_s_r
+                              : rest_r + scale_r * s_r;
+  m_z = new_max_z;
+  m_r = new_max_r;
+}
+
+// Each pass below runs over columns [begin, end) in steps of U's lanes: once with the vector
+// type over the bulk of the row, once with the scalar type over the last (cols mod lanes). The
+// forward and backward passes compute z from a with the same expression (logit_of), so that with
+// -ffp-contract=off backward recomputes forward's logits bit for bit.
+
+template <typename U, bool HAS_SOFTCAP>
+FASTALIGN_INLINE U logit_of(const U& a, const U& inv_t, const U& inv_cap, const U& cap_over_t) {
+  if constexpr (HAS_SOFTCAP) {
+    return cap_over_t * vtanh(a * inv_cap);
+  } else {
+    (void)inv_cap;
+    (void)cap_over_t;
+    return a * inv_t;
+  }
+}
+
+// a → z and a_ref → r in place, keeping the running maxima.
+template <typename U, bool HAS_BIAS, bool HAS_SOFTCAP>
+FASTALIGN_INLINE void to_logits(const KlTile<ScalarOf<U>>& tile, ScalarOf<U>* __restrict__ z,
+                                ScalarOf<U>* __restrict__ r, int64_t begin, int64_t end,
+                                U& z_max, U& r_max) {
+  constexpr int64_t kStep = Lanes<U>::kCount;
+  const ScalarOf<U>* __restrict__ bias = tile.bias;
+  const ScalarOf<U>* __restrict__ ref_bias = tile.ref_bias;
+  const U inv_t = splat<U>(tile.inv_t), inv_cap = splat<U>(tile.inv_cap);
+  const U cap_over_t = splat<U>(tile.cap_over_t);
+  for (int64_t v = begin; v < end; v += kStep) {
+    U a = load<U>(z + v), a_ref = load<U>(r + v);
+    if constexpr (HAS_BIAS) {
+      a += load<U>(bias + v);
+      a_ref += load<U>(ref_bias + v);
+    }
+    const U zv = logit_of<U, HAS_SOFTCAP>(a, inv_t, inv_cap, cap_over_t);
+    const U rv = logit_of<U, HAS_SOFTCAP>(a_ref, inv_t, inv_cap, cap_over_t);
+    store(z + v, zv);
+    store(r + v, rv);
+    z_max = zv > z_max ? zv : z_max;
+    r_max = rv > r_max ? rv : r_max;
+  }
+}
+
+// The block's (rest, ties) per head, cross and diff, relative to the block maxima: ties counts
+// the logits equal to the maximum (each contributes exactly e^0 = 1), rest sums e^{z−m} over the
+// others, so that the maximum's 1 never enters a float32 sum.
+template <typename U>
+FASTALIGN_INLINE void block_sums(const ScalarOf<U>* __restrict__ z,
+                                 const ScalarOf<U>* __restrict__ r, int64_t begin, int64_t end,
+                                 ScalarOf<U> max_z, ScalarOf<U> max_r, U& rest_z, U& ties_z,
+                                 U& rest_r, U& ties_r, U& cross, U& diff) {
+  constexpr int64_t kStep = Lanes<U>::kCount;
+  const U m_z = splat<U>(max_z), m_r = splat<U>(max_r);
+  const U zero = splat<U>(0), one = splat<U>(1);
+  for (int64_t v = begin; v < end; v += kStep) {
+    const U dz = load<U>(z + v) - m_z;
+    const U dr = load<U>(r + v) - m_r;
+    const U ez = vexp(dz), er = vexp(dr);
+    cross += ez * (dz - dr);
+    diff += er - ez;
+    rest_z += dz == zero ? zero : ez;
+    ties_z += dz == zero ? one : zero;
+    rest_r += dr == zero ? zero : er;
+    ties_r += dr == zero ? one : zero;
+  }
+}
+
+// Backward per-row constants, float64 row statistics split into hi + lo in the compute dtype (see
+// split_hi_lo): p = e^{(z − lse_hi) − lse_lo}, and with c = lse_z − lse_r + KL = Σ p (z − r)
+//   u = ((z − r) − c_hi) − c_lo = log p − log q − KL,     dL/dz = g·p·u,
+//   dL/dr = g·(q − p) = g·p·expm1(−u − KL)  while |u + KL| < 1/4, else g·(q − p) with
+//   q = e^{(r − ref_lse_hi) − ref_lse_lo}.
+// u is formed without either log: z − r is exact where it is small (Sterbenz), and c carries
+// float64 accuracy (see forward's ref_lse), so identical heads give exact zeros. The expm1 form
+// keeps q − p accurate relative to itself for close heads, where two rounded probabilities would
+// leave only their rounding.
+template <typename T>
+struct KlRows {
+  const T* grad;
+  const T* lse_hi;
+  const T* lse_lo;
+  const T* c_hi;
+  const T* c_lo;
+  const T* kl;          // KL rounded to T
+  const T* ref_lse_hi;  // nullptr unless the reference head needs gradients
+  const T* ref_lse_lo;
+};
+
+template <typename T>
+KlRows<T> shifted(const KlRows<T>& in, int64_t n0) {
+  const bool ref = in.ref_lse_hi != nullptr;
+  return {in.grad + n0,
+          in.lse_hi + n0,
+          in.lse_lo + n0,
+          in.c_hi + n0,
+          in.c_lo + n0,
+          in.kl + n0,
+          ref ? in.ref_lse_hi + n0 : nullptr,
+          ref ? in.ref_lse_lo + n0 : nullptr};
+}
+
+// e^x − 1 for |x| ≤ 1/4: float32, the Taylor series to x⁷ (truncation < x⁸/40320, 4e-10 relative
+// at 1/4, below float32 rounding); float64, libm's expm1.
+template <typename U>
+FASTALIGN_INLINE U expm1_small(const U& x) {
+  if constexpr (std::is_same_v<U, double>) {
+    return std::expm1(x);
+  }
+  using S = ScalarOf<U>;
+  U p = x * S(1.0 / 5040.0) + S(1.0 / 720.0);
+  p = p * x + S(1.0 / 120.0);
+  p = p * x + S(1.0 / 24.0);
+  p = p * x + S(1.0 / 6.0);
+  p = p * x + S(0.5);
+  p = p * x + S(1.0);
+  return p * x;
+}
+
+// Both tiles → dL/da · T in place (the 1/T becomes the alpha of the gradient products):
+//   dL/da_z = dL/dz · (1 − tanh²(a_z/c)),  dL/da_r = dL/dr · (1 − tanh²(a_r/c))   (no tanh factor
+// without softcap). A tile whose head needs no gradient is left holding its logits.
+template <typename U, bool HAS_BIAS, bool HAS_SOFTCAP, bool GRAD_Z, bool GRAD_R>
+FASTALIGN_INLINE void to_grads(const KlTile<ScalarOf<U>>& tile, ScalarOf<U>* __restrict__ zp,
+                               ScalarOf<U>* __restrict__ rp, int64_t begin, int64_t end,
+                               ScalarOf<U> grad, ScalarOf<U> lse_hi, ScalarOf<U> lse_lo,
+                               ScalarOf<U> c_hi, ScalarOf<U> c_lo, ScalarOf<U> kl,
+                               ScalarOf<U> ref_lse_hi, ScalarOf<U> ref_lse_lo) {
+  constexpr int64_t kStep = Lanes<U>::kCount;
+  const ScalarOf<U>* __restrict__ bias = tile.bias;
+  const ScalarOf<U>* __restrict__ ref_bias = tile.ref_bias;
+  const U inv_t = splat<U>(tile.inv_t), inv_cap = splat<U>(tile.inv_cap);
+  const U cap_over_t = splat<U>(tile.cap_over_t);
+  const U g = splat<U>(grad);
+  const U row_lse_hi = splat<U>(lse_hi), row_lse_lo = splat<U>(lse_lo);
+  const U row_c_hi = splat<U>(c_hi), row_c_lo = splat<U>(c_lo);
+  const U row_ref_lse_hi = splat<U>(ref_lse_hi), row_ref_lse_lo = splat<U>(ref_lse_lo);
+  const U row_kl = splat<U>(kl);
+  const U small = splat<U>(ScalarOf<U>(0.0625));  // (1/4)²
+  for (int64_t v = begin; v < end; v += kStep) {
+    U a = load<U>(zp + v), a_ref = load<U>(rp + v);
+    if constexpr (HAS_BIAS) {
+      a += load<U>(bias + v);
+      a_ref += load<U>(ref_bias + v);
+    }
+    const U z = logit_of<U, HAS_SOFTCAP>(a, inv_t, inv_cap, cap_over_t);
+    const U r = logit_of<U, HAS_SOFTCAP>(a_ref, inv_t, inv_cap, cap_over_t);
+    const U p = vexp((z - row_lse_hi) - row_lse_lo);
+    const U u = ((z - r) - row_c_hi) - row_c_lo;
+    if constexpr (GRAD_Z) {
+      U d = g * p * u;
+      if constexpr (HAS_SOFTCAP) d *= vsech2(a * inv_cap);
+      store(zp + v, d);
+    }
+    if constexpr (GRAD_R) {
+      const U x = -u - row_kl;  // log q − log p
+      const U q = vexp((r - row_ref_lse_hi) - row_ref_lse_lo);
+      U d = g * (x * x < small ? p * expm1_small(x) : q - p);
+      if constexpr (HAS_SOFTCAP) d *= vsech2(a_ref * inv_cap);
+      store(rp + v, d);
+    }
+  }
+}
+
+template <typename V, bool HAS_BIAS, bool HAS_SOFTCAP>
+FASTALIGN_INLINE void forward_rows_impl(const KlTile<ScalarOf<V>>& tile, const KlState& state,
+                                        int64_t r0, int64_t r1) {
+  using T = ScalarOf<V>;
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const int64_t cols = tile.cols;
+  const int64_t bulk = cols - cols % Lanes<V>::kCount;
+  for (int64_t row = r0; row < r1; ++row) {
+    T* z = tile.z + row * cols;
+    T* r = tile.r + row * cols;
+    V bulk_max_z = splat<V>(kNegInf), bulk_max_r = splat<V>(kNegInf);
+    to_logits<V, HAS_BIAS, HAS_SOFTCAP>(tile, z, r, 0, bulk, bulk_max_z, bulk_max_r);
+    T max_z = lane_max(bulk_max_z), max_r = lane_max(bulk_max_r);
+    to_logits<T, HAS_BIAS, HAS_SOFTCAP>(tile, z, r, bulk, cols, max_z, max_r);
+
+    V v_rest_z{}, v_ties_z{}, v_rest_r{}, v_ties_r{}, v_cross{}, v_diff{};
+    block_sums<V>(z, r, 0, bulk, max_z, max_r, v_rest_z, v_ties_z, v_rest_r, v_ties_r, v_cross,
+                  v_diff);
+    T rest_z = lane_sum(v_rest_z), ties_z = lane_sum(v_ties_z);
+    T rest_r = lane_sum(v_rest_r), ties_r = lane_sum(v_ties_r);
+    T cross = lane_sum(v_cross), diff = lane_sum(v_diff);
+    block_sums<T>(z, r, bulk, cols, max_z, max_r, rest_z, ties_z, rest_r, ties_r, cross, diff);
+    // rest = (ties − 1) + Σ_others: the ties are small integers, exact in any dtype.
+    merge_row(state, row, static_cast<double>(max_z),
+              static_cast<double>(rest_z) + (static_cast<double>(ties_z) - 1.0),
+              static_cast<double>(max_r),
+              static_cast<double>(rest_r) + (static_cast<double>(ties_r) - 1.0),
+              static_cast<double>(cross), static_cast<double>(diff));
+  }
+}
+
+template <typename V, bool HAS_BIAS, bool HAS_SOFTCAP, bool GRAD_Z, bool GRAD_R>
+FASTALIGN_INLINE void backward_rows_impl(const KlTile<ScalarOf<V>>& tile,
+                                         const KlRows<ScalarOf<V>>& in, int64_t r0, int64_t r1) {
+  using T = ScalarOf<V>;
+  const int64_t cols = tile.cols;
+  const int64_t bulk = cols - cols % Lanes<V>::kCount;
+  for (int64_t row = r0; row < r1; ++row) {
+    T* z = tile.z + row * cols;
+    T* r = tile.r + row * cols;
+    const T g = in.grad[row];
+    const T lse_hi = in.lse_hi[row], lse_lo = in.lse_lo[row];
+    const T c_hi = in.c_hi[row], c_lo = in.c_lo[row], kl = in.kl[row];
+    const T ref_lse_hi = GRAD_R ? in.ref_lse_hi[row] : T(0);
+    const T ref_lse_lo = GRAD_R ? in.ref_lse_lo[row] : T(0);
+    to_grads<V, HAS_BIAS, HAS_SOFTCAP, GRAD_Z, GRAD_R>(tile, z, r, 0, bulk, g, lse_hi, lse_lo,
+                                                       c_hi, c_lo, kl, ref_lse_hi, ref_lse_lo);
+    to_grads<T, HAS_BIAS, HAS_SOFTCAP, GRAD_Z, GRAD_R>(tile, z, r, bulk, cols, g, lse_hi, lse_lo,
+                                                       c_hi, c_lo, kl, ref_lse_hi, ref_lse_lo);
+  }
+}
+
+template <typename V>
+FASTALIGN_INLINE void forward_rows_dispatch(const KlTile<ScalarOf<V>>& tile, const KlState& state,
+                                            int64_t r0, int64_t r1, bool has_softcap) {
+  const bool has_bias = tile.bias != nullptr;
+  if (has_bias && has_softcap) {
+    forward_rows_impl<V, true, true>(tile, state, r0, r1);
+  } else if (has_bias) {
+    forward_rows_impl<V, true, false>(tile, state, r0, r1);
+  } else if (has_softcap) {
+    forward_rows_impl<V, false, true>(tile, state, r0, r1);
+  } else {
+    forward_rows_impl<V, false, false>(tile, state, r0, r1);
+  }
+}
+
+template <typename V, bool GRAD_Z, bool GRAD_R>
+FASTALIGN_INLINE void backward_rows_sides(const KlTile<ScalarOf<V>>& tile,
+                                          const KlRows<ScalarOf<V>>& in, int64_t r0, int64_t r1,
+                                          bool has_softcap) {
+  const bool has_bias = tile.bias != nullptr;
+  if (has_bias && has_softcap) {
+    backward_rows_impl<V, true, true, GRAD_Z, GRAD_R>(tile, in, r0, r1);
+  } else if (has_bias) {
+    backward_rows_impl<V, true, false, GRAD_Z, GRAD_R>(tile, in, r0, r1);
+  } else if (has_softcap) {
+    backward_rows_impl<V, false, true, GRAD_Z, GRAD_R>(tile, in, r0, r1);
+  } else {
+    backward_rows_impl<V, false, false, GRAD_Z, GRAD_R>(tile, in, r0, r1);
+  }
+}
+
+// At least one of grad_z, grad_r is true (the caller returns early otherwise).
+template <typename V>
+FASTALIGN_INLINE void backward_rows_dispatch(const KlTile<ScalarOf<V>>& tile,
+                                             const KlRows<ScalarOf<V>>& in, int64_t r0, int64_t r1,
+                                             bool has_softcap, bool grad_z, bool grad_r) {
+  if (grad_z && grad_r) {
+    backward_rows_sides<V, true, true>(tile, in, r0, r1, has_softcap);
+  } else if (grad_z) {
+    backward_rows_sides<V, true, false>(tile, in, r0, r1, has_softcap);
+  } else {
+    backward_rows_sides<V, false, true>(tile, in, r0, r1, has_softcap);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Instruction sets: the float32 row kernels once per ISA (see cpu_vec_math.h)
+// ---------------------------------------------------------------------------------------------
+
+void forward_rows_baseline(const KlTile<float>& tile, const KlState& state, int64_t r0,
+                           int64_t r1, bool has_softcap) {
+  forward_rows_dispatch<BaselineF32>(tile, state, r0, r1, has_softcap);
+}
+
+void backward_rows_baseline(const KlTile<float>& tile, const KlRows<float>& in, int64_t r0,
+                            int64_t r1, bool has_softcap, bool grad_z, bool grad_r) {
+  backward_rows_dispatch<BaselineF32>(tile, in, r0, r1, has_softcap, grad_z, grad_r);
+}
+
+#ifdef FASTALIGN_X86_ISAS
+FASTALIGN_AVX2 void forward_rows_avx2(const KlTile<float>& tile, const KlState& state, int64_t r0,
+                                      int64_t r1, bool has_softcap) {
+  forward_rows_dispatch<f32x8>(tile, state, r0, r1, has_softcap);
+}
+
+FASTALIGN_AVX2 void backward_rows_avx2(const KlTile<float>& tile, const KlRows<float>& in,
+                                       int64_t r0, int64_t r1, bool has_softcap, bool grad_z,
+                                       bool grad_r) {
+  backward_rows_dispatch<f32x8>(tile, in, r0, r1, has_softcap, grad_z, grad_r);
+}
+
+FASTALIGN_AVX512 void forward_rows_avx512(const KlTile<float>& tile, const KlState& state,
+                                          int64_t r0, int64_t r1, bool has_softcap) {
+  forward_rows_dispatch<f32x16>(tile, state, r0, r1, has_softcap);
+}
+
+FASTALIGN_AVX512 void backward_rows_avx512(const KlTile<float>& tile, const KlRows<float>& in,
+                                           int64_t r0, int64_t r1, bool has_softcap, bool grad_z,
+                                           bool grad_r) {
+  backward_rows_dispatch<f32x16>(tile, in, r0, r1, has_softcap, grad_z, grad_r);
+}
+#endif
+
+template <typename T>
+void forward_rows(const KlTile<T>& tile, const KlState& state, int64_t r0, int64_t r1,
+                  bool has_softcap, Isa isa) {
+  if constexpr (std::is_same_v<T, float>) {
+#ifdef FASTALIGN_X86_ISAS
+    if (isa == Isa::kAvx512) return forward_rows_avx512(tile, state, r0, r1, has_softcap);
+    if (isa == Isa::kAvx2) return forward_rows_avx2(tile, state, r0, r1, has_softcap);
+#endif
+    (void)isa;
+    forward_rows_baseline(tile, state, r0, r1, has_softcap);
+  } else {
+    (void)isa;
+    forward_rows_dispatch<T>(tile, state, r0, r1, has_softcap);
+  }
+}
+
+template <typename T>
+void backward_rows(const KlTile<T>& tile, const KlRows<T>& in, int64_t r0, int64_t r1,
+                   bool has_softcap, bool grad_z, bool grad_r, Isa isa) {
+  if constexpr (std::is_same_v<T, float>) {
+#ifdef FASTALIGN_X86_ISAS
+    if (isa == Isa::kAvx512) {
+      return backward_rows_avx512(tile, in, r0, r1, has_softcap, grad_z, grad_r);
+    }
+    if (isa == Isa::kAvx2) {
+      return backward_rows_avx2(tile, in, r0, r1, has_softcap, grad_z, grad_r);
+    }
+#endif
+    (void)isa;
+    backward_rows_baseline(tile, in, r0, r1, has_softcap, grad_z, grad_r);
+  } else {
+    (void)isa;
+    backward_rows_dispatch<T>(tile, in, r0, r1, has_softcap, grad_z, grad_r);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks
+// ---------------------------------------------------------------------------------------------
+
+void check_head(const char* fn, const char* hidden_name, const char* weight_name,
+                const char* bias_name, const at::Tensor& hidden, const at::Tensor& weight,
+                const c10::optional<at::Tensor>& bias, at::ScalarType dtype) {
+  check_cpu_contiguous(fn, hidden_name, hidden, 2);
+  check_cpu_contiguous(fn, weight_name, weight, 2);
+  TORCH_CHECK_TYPE(hidden.scalar_type() == dtype, fn, ": ", hidden_name, " must have hidden's dtype ",
+                   dtype, ", got ", hidden.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == dtype, fn, ": ", weight_name,
+                   " must have hidden's dtype ", dtype, ", got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), fn, ": ", hidden_name, " has H = ",
+                    hidden.size(1), " but ", weight_name, " has H = ", weight.size(1));
+  if (bias.has_value() && bias->defined()) {
+    check_cpu_contiguous(fn, bias_name, *bias, 1);
+    TORCH_CHECK_TYPE(bias->scalar_type() == dtype, fn, ": ", bias_name,
+                     " must have hidden's dtype ", dtype, ", got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->size(0) == weight.size(0), fn, ": ", bias_name, " must have shape [",
+                      weight.size(0), "], got ", bias->sizes());
+  }
+}
+
+void check_inputs(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& bias, const at::Tensor& ref_hidden,
+                  const at::Tensor& ref_weight, const c10::optional<at::Tensor>& ref_bias,
+                  double temperature, double softcap) {
+  check_cpu_contiguous(fn, "hidden [N, H]", hidden, 2);
+  const auto dtype = hidden.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf ||
+                       dtype == at::kDouble,
+                   fn, ": hidden must be float32, bfloat16, float16 or float64, got ", dtype);
+  check_head(fn, "hidden [N, H]", "weight [V, H]", "bias [V]", hidden, weight, bias, dtype);
+  check_head(fn, "ref_hidden [N, H_ref]", "ref_weight [V, H_ref]", "ref_bias [V]", ref_hidden,
+             ref_weight, ref_bias, dtype);
+  TORCH_CHECK_VALUE(weight.size(0) >= 1, fn, ": weight must have at least one row (V >= 1)");
+  TORCH_CHECK_VALUE(ref_weight.size(0) == weight.size(0), fn,
+                    ": weight and ref_weight must have the same vocabulary size V, got ",
+                    weight.size(0), " and ", ref_weight.size(0));
+  TORCH_CHECK_VALUE(ref_hidden.size(0) == hidden.size(0), fn,
+                    ": hidden and ref_hidden must have the same number of rows N, got ",
+                    hidden.size(0), " and ", ref_hidden.size(0));
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, fn,
+                    ": temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, fn,
+                    ": softcap must be finite and >= 0 (0 = no softcap), got ", softcap);
+}
+
+bool has_tensor(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// ---------------------------------------------------------------------------------------------
+// Problem and scratch
+// ---------------------------------------------------------------------------------------------
+
+struct Head {
+  at::Tensor h;       // [n, H] rows of hidden taking part, in the compute dtype
+  at::Tensor weight;  // [V, H] in the input dtype
+  at::Tensor bias;    // [V] in the compute dtype (zeros when only the other head has a bias), or
+                      // undefined
+  int64_t hidden;
+  bool convert_weight;  // bf16/fp16 weight: each block is converted to the compute dtype first
+};
+
+Head make_head(const at::Tensor& h, const at::Tensor& weight,
+               const c10::optional<at::Tensor>& bias, bool any_bias) {
+  Head head;
+  head.h = h;
+  head.weight = weight.detach();
+  const auto dtype = h.scalar_type();
+  if (has_tensor(bias)) {
+    head.bias = bias->detach().to(dtype).contiguous();
+  } else if (any_bias) {
+    head.bias = at::zeros({weight.size(0)}, h.options());
+  }
+  head.hidden = h.size(1);
+  head.convert_weight = weight.scalar_type() != dtype;
+  return head;
+}
+
+template <typename T>
+struct Problem {
+  Head head[2];  // kPolicy, kRef
+  int64_t n, vocab;
+  T inv_t, inv_cap, cap_over_t;
+  double alpha;  // 1/T as the alpha of the gradient products
+  bool has_softcap;
+  Isa isa;
+
+  Problem(Head policy, Head ref, double temperature, double softcap)
+      : head{std::move(policy), std::move(ref)},
+        n(head[kPolicy].h.size(0)),
+        vocab(head[kPolicy].weight.size(0)),
+        inv_t(static_cast<T>(1.0 / temperature)),
+        inv_cap(static_cast<T>(softcap > 0 ? 1.0 / softcap : 0.0)),
+        cap_over_t(static_cast<T>(softcap / temperature)),
+        alpha(1.0 / temperature),
+        has_softcap(softcap > 0),
+        isa(chosen_isa()) {}
+
+  KlTile<T> tile(T* z, T* r, int64_t v0, int64_t cols) const {
+    const bool has_bias = head[kPolicy].bias.defined();
+    return {z,
+            r,
+            has_bias ? head[kPolicy].bias.template data_ptr<T>() + v0 : nullptr,
+            has_bias ? head[kRef].bias.template data_ptr<T>() + v0 : nullptr,
+            cols,
+            inv_t,
+            inv_cap,
+            cap_over_t};
+  }
+
+  // Weight elements per vocabulary entry of a block (both heads), for make_plan.
+  int64_t block_width() const { return head[kPolicy].hidden + head[kRef].hidden; }
+};
+
+// The buffers one thread streams through: never larger than one block.
+template <typename T>
+struct Scratch {
+  at::Tensor tile[2];     // [rows · cols] logits, then gradients
+  at::Tensor weight[2];   // [cols, H] the weight block in T (bf16/fp16 weights only)
+  at::Tensor dweight[2];  // [cols, H] the dW block in T, cast into the output when complete
+
+  Scratch(const Problem<T>& p, const Plan& plan, const bool need_dweight[2]) {
+    const auto opts = p.head[kPolicy].h.options();
+    for (int side = 0; side < 2; ++side) {
+      tile[side] = at::empty({plan.rows * plan.cols}, opts);
+      if (p.head[side].convert_weight) {
+        weight[side] = at::empty({plan.cols, p.head[side].hidden}, opts);
+        if (need_dweight[side]) dweight[side] = at::empty({plan.cols, p.head[side].hidden}, opts);
+      }
+    }
+  }
+
+  at::Tensor weight_block(const Head& head, int side, int64_t v0, int64_t cols) {
+    const at::Tensor block = head.weight.narrow(0, v0, cols);
+    return head.convert_weight ? weight[side].narrow(0, 0, cols).copy_(block) : block;
+  }
+
+  // h[n0 : n0 + rows] @ w_blkᵀ of one head into its tile buffer.
+  at::Tensor logits(const Head& head, int side, const at::Tensor& w_blk, int64_t n0,
+                    int64_t rows) {
+    at::Tensor out = tile[side].narrow(0, 0, rows * w_blk.size(0)).view({rows, w_blk.size(0)});
+    return at::mm_out(out, head.h.narrow(0, n0, rows), w_blk.t());
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+// One vocabulary block through the state of every row; split_rows spreads the fused pass over
+// threads (shared schedule).
+template <typename T>
+void forward_block(const Problem<T>& p, const Plan& plan, Scratch<T>& scratch, int64_t block,
+                   const KlState& state, bool split_rows) {
+  const int64_t v0 = block * plan.cols, cols = std::min(plan.cols, p.vocab - v0);
+  const at::Tensor w_blk = scratch.weight_block(p.head[kPolicy], kPolicy, v0, cols);
+  const at::Tensor w_ref_blk = scratch.weight_block(p.head[kRef], kRef, v0, cols);
+  for (int64_t n0 = 0; n0 < p.n; n0 += plan.rows) {
+    const int64_t rows = std::min(plan.rows, p.n - n0);
+    at::Tensor z = scratch.logits(p.head[kPolicy], kPolicy, w_blk, n0, rows);
+    at::Tensor r = scratch.logits(p.head[kRef], kRef, w_ref_blk, n0, rows);
+    const KlTile<T> desc = p.tile(z.data_ptr<T>(), r.data_ptr<T>(), v0, cols);
+    const KlState rows_state = shifted(state, n0);
+    if (split_rows) {
+      at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / (2 * cols)),
+                       [&](int64_t r0, int64_t r1) {
+                         forward_rows<T>(desc, rows_state, r0, r1, p.has_softcap, p.isa);
+                       });
+    } else {
+      forward_rows<T>(desc, rows_state, 0, rows, p.has_softcap, p.isa);
+    }
+  }
+}
+
+// n rows of empty state in `storage` (kStateArrays·n doubles).
+KlState empty_state(double* storage, int64_t n) {
+  KlState st{storage,         storage + n,     storage + 2 * n,
+             storage + 3 * n, storage + 4 * n, storage + 5 * n};
+  std::fill(st.max_z, st.max_z + n, -std::numeric_limits<double>::infinity());
+  std::fill(st.rest_z, st.rest_z + n, -1.0);
+  std::fill(st.max_r, st.max_r + n, -std::numeric_limits<double>::infinity());
+  std::fill(st.rest_r, st.rest_r + n, -1.0);
+  std::fill(st.cross, st.cross + n, 0.0);
+  std::fill(st.diff, st.diff + n, 0.0);
+  return st;
+}
+
+template <typename T>
+void forward_all(const Problem<T>& p, const KlState& state) {
+  const Plan plan = make_plan(p.n, p.vocab, p.block_width(), 0);
+  const bool no_dweight[2] = {false, false};
+  if (plan.schedule == Schedule::kShared) {
+    Scratch<T> scratch(p, plan, no_dweight);
+    for (int64_t block = 0; block < plan.blocks; ++block) {
+      forward_block(p, plan, scratch, block, state, /*split_rows=*/true);
+    }
+    return;
+  }
+  // Slot 0 streams into `state`, the others into private states merged at the end in slot order.
+  const int64_t n = p.n;
+  std::vector<double> extra(static_cast<size_t>((plan.slots - 1) * kStateArrays * n));
+  std::vector<KlState> slot_state(static_cast<size_t>(plan.slots));
+  slot_state[0] = state;
+  for (int64_t slot = 1; slot < plan.slots; ++slot) {
+    slot_state[slot] = empty_state(extra.data() + (slot - 1) * kStateArrays * n, n);
+  }
+  at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
+    at::NoGradGuard no_grad;
+    for (int64_t slot = s0; slot < s1; ++slot) {
+      Scratch<T> scratch(p, plan, no_dweight);
+      for (int64_t block = slot; block < plan.blocks; block += plan.slots) {
+        forward_block(p, plan, scratch, block, slot_state[slot], /*split_rows=*/false);
+      }
+    }
+  });
+  if (plan.slots > 1) {
+    at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t slot = 1; slot < plan.slots; ++slot) {
+        const KlState& st = slot_state[slot];
+        for (int64_t i = i0; i < i1; ++i) {
+          merge_row(state, i, st.max_z[i], st.rest_z[i], st.max_r[i], st.rest_r[i], st.cross[i],
+                    st.diff[i]);
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> linear_kl_forward(const at::Tensor& hidden, const at::Tensor& weight,
+                                          const c10::optional<at::Tensor>& bias,
+                                          const at::Tensor& ref_hidden,
+                                          const at::Tensor& ref_weight,
+                                          const c10::optional<at::Tensor>& ref_bias,
+                                          double temperature, double softcap) {
+  constexpr const char* fn = "linear_kl_forward";
+  check_inputs(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, softcap);
+  at::NoGradGuard no_grad;
+  const int64_t n = hidden.size(0);
+  const auto stat_opts = hidden.options().dtype(at::kDouble);
+  at::Tensor kl = at::zeros({n}, stat_opts), lse = at::zeros({n}, stat_opts),
+             ref_lse = at::zeros({n}, stat_opts);
+  if (n == 0) {
+    return {kl, lse, ref_lse};
+  }
+  const at::ScalarType dtype = compute_dtype(hidden.scalar_type());
+  // detach: worker threads run with autograd on (grad mode is thread-local), and out= products
+  // refuse inputs that require grad.
+  const at::Tensor h = hidden.detach().to(dtype).contiguous();
+  const at::Tensor h_ref = ref_hidden.detach().to(dtype).contiguous();
+  const bool any_bias = has_tensor(bias) || has_tensor(ref_bias);
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, fn, [&] {
+    using T = scalar_t;
+    std::vector<double> storage(static_cast<size_t>(kStateArrays * n));
+    const KlState state = empty_state(storage.data(), n);
+    const Problem<T> problem(make_head(h, weight, bias, any_bias),
+                             make_head(h_ref, ref_weight, ref_bias, any_bias), temperature,
+                             softcap);
+    forward_all<T>(problem, state);
+
+    double* kl_out = kl.data_ptr<double>();
+    double* lse_out = lse.data_ptr<double>();
+    double* ref_lse_out = ref_lse.data_ptr<double>();
+    at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const double s_z = 1.0 + state.rest_z[i];
+        const double log_s_z = std::log1p(state.rest_z[i]);
+        const double ratio = state.diff[i] / s_z;  // s_r / s_z − 1
+        const double log_ratio = std::fabs(ratio) < 0.5
+                                     ? std::log1p(ratio)
+                                     : std::log1p(state.rest_r[i]) - log_s_z;
+        const double mean_dz = state.cross[i] / s_z;  // Σ p (z̃ − r̃)
+        // KL ≥ 0; rounding may leave a tiny negative (NaN passes through std::max unchanged).
+        const double value = std::max(mean_dz + log_ratio, 0.0);
+        const double lse_z = state.max_z[i] + log_s_z;
+        kl_out[i] = value;
+        lse_out[i] = lse_z;
+        // lse_r = m_r + log s_z + log(s_r / s_z), written so that backward's lse − ref_lse + KL
+        // gives back Σ p (z − r) = (m_z − m_r) + Σ p (z̃ − r̃) to float64 rounding: a difference of
+        // two independently rounded lse would be off by ~1e-7 and bias every gradient of a close
+        // pair of heads.
+        ref_lse_out[i] = (lse_z + value) - ((state.max_z[i] - state.max_r[i]) + mean_dz);
+      }
+    });
+  });
+  return {kl, lse, ref_lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+struct Grads {
+  bool needed[2];        // the head needs any gradient: its tile is turned into dL/da
+  at::Tensor dh[2];      // [n, H] accumulator in T (this thread's, see backward_all), or undefined
+  at::Tensor dweight[2]; // [V, H] output in weight's dtype, or undefined
+  at::Tensor db[2];      // [V] accumulator in T (zeros), or undefined
+};
+
+// Recomputes block `block` tile by tile and adds its share to every gradient. dh holds this
+// thread's accumulators; dh_fresh says they hold nothing yet (beta = 0 ignores their
+// uninitialised memory, NaN included, as documented for addmm).
+template <typename T>
+void backward_block(const Problem<T>& p, const Plan& plan, Scratch<T>& scratch, int64_t block,
+                    const KlRows<T>& in, const at::Tensor (&dh)[2], bool dh_fresh,
+                    const Grads& grads, bool split_rows) {
+  const int64_t v0 = block * plan.cols, cols = std::min(plan.cols, p.vocab - v0);
+  const at::Tensor w_blk[2] = {scratch.weight_block(p.head[kPolicy], kPolicy, v0, cols),
+                               scratch.weight_block(p.head[kRef], kRef, v0, cols)};
+  at::Tensor dw_blk[2];
+  for (int side = 0; side < 2; ++side) {
+    if (grads.dweight[side].defined()) {
+      dw_blk[side] = p.head[side].convert_weight ? scratch.dweight[side].narrow(0, 0, cols)
+                                                 : grads.dweight[side].narrow(0, v0, cols);
+    }
+  }
+  for (int64_t n0 = 0; n0 < p.n; n0 += plan.rows) {
+    const int64_t rows = std::min(plan.rows, p.n - n0);
+    const at::Tensor tile[2] = {
+        scratch.logits(p.head[kPolicy], kPolicy, w_blk[kPolicy], n0, rows),
+        scratch.logits(p.head[kRef], kRef, w_blk[kRef], n0, rows)};
+    const KlTile<T> desc =
+        p.tile(tile[kPolicy].data_ptr<T>(), tile[kRef].data_ptr<T>(), v0, cols);
+    const KlRows<T> rows_in = shifted(in, n0);
+    const bool grad_z = grads.needed[kPolicy], grad_r = grads.needed[kRef];
+    if (split_rows) {
+      at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / (2 * cols)),
+                       [&](int64_t r0, int64_t r1) {
+                         backward_rows<T>(desc, rows_in, r0, r1, p.has_softcap, grad_z, grad_r,
+                                          p.isa);
+                       });
+    } else {
+      backward_rows<T>(desc, rows_in, 0, rows, p.has_softcap, grad_z, grad_r, p.isa);
+    }
+    // A tile holds T·dL/da; the 1/T rides on alpha.
+    for (int side = 0; side < 2; ++side) {
+      if (!grads.needed[side]) continue;
+      if (dh[side].defined()) {
+        dh[side].narrow(0, n0, rows).addmm_(tile[side], w_blk[side], dh_fresh ? 0.0 : 1.0,
+                                             p.alpha);
+      }
+      if (dw_blk[side].defined()) {
+        dw_blk[side].addmm_(tile[side].t(), p.head[side].h.narrow(0, n0, rows),
+                            n0 == 0 ? 0.0 : 1.0, p.alpha);
+      }
+      if (grads.db[side].defined()) {
+        grads.db[side].narrow(0, v0, cols).add_(tile[side].sum(0), p.alpha);
+      }
+    }
+  }
+  for (int side = 0; side < 2; ++side) {
+    if (dw_blk[side].defined() && p.head[side].convert_weight) {
+      grads.dweight[side].narrow(0, v0, cols).copy_(dw_blk[side]);
+    }
+  }
+}
+
+template <typename T>
+void backward_all(const Problem<T>& p, const KlRows<T>& in, const Grads& grads) {
+  int64_t private_bytes = 0;
+  for (int side = 0; side < 2; ++side) {
+    if (grads.dh[side].defined()) {
+      private_bytes += p.n * p.head[side].hidden * static_cast<int64_t>(sizeof(T));
+    }
+  }
+  const Plan plan = make_plan(p.n, p.vocab, p.block_width(), private_bytes);
+  const bool need_dweight[2] = {grads.dweight[kPolicy].defined(), grads.dweight[kRef].defined()};
+  if (plan.schedule == Schedule::kShared) {
+    Scratch<T> scratch(p, plan, need_dweight);
+    for (int64_t block = 0; block < plan.blocks; ++block) {
+      backward_block(p, plan, scratch, block, in, grads.dh, block == 0, grads,
+                     /*split_rows=*/true);
+    }
+    return;
+  }
+  // Slot s owns blocks s, s + S, ...; slot 0 (which always owns block 0) accumulates dh into the
+  // output accumulators, the others into private copies added to them in slot order.
+  struct SlotDh {
+    at::Tensor dh[2];
+  };
+  std::vector<SlotDh> slot_dh(static_cast<size_t>(plan.slots));
+  slot_dh[0].dh[kPolicy] = grads.dh[kPolicy];
+  slot_dh[0].dh[kRef] = grads.dh[kRef];
+  at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
+    at::NoGradGuard no_grad;
+    for (int64_t slot = s0; slot < s1; ++slot) {
+      Scratch<T> scratch(p, plan, need_dweight);
+      for (int side = 0; side < 2; ++side) {
+        if (slot > 0 && grads.dh[side].defined()) {
+          slot_dh[slot].dh[side] = at::empty({p.n, p.head[side].hidden}, p.head[side].h.options());
+        }
+      }
+      for (int64_t block = slot; block < plan.blocks; block += plan.slots) {
+        backward_block(p, plan, scratch, block, in, slot_dh[slot].dh, block == slot, grads,
+                       /*split_rows=*/false);
+      }
+    }
+  });
+  for (int side = 0; side < 2; ++side) {
+    if (!grads.dh[side].defined()) continue;
+    for (int64_t slot = 1; slot < plan.slots; ++slot) {
+      grads.dh[side].add_(slot_dh[slot].dh[side]);
+    }
+  }
+}
+
+// Rows whose upstream gradient is not 0 (NaN counts as not 0, so that it propagates).
+struct RowSelection {
+  int64_t count = 0;
+  bool compact = false;  // true when some rows were dropped
+  at::Tensor index;      // [count] int64: original row of each kept row (compact only)
+};
+
+template <typename T>
+RowSelection select_rows(const at::Tensor& grad) {
+  const int64_t n = grad.size(0);
+  const T* g = grad.data_ptr<T>();
+  RowSelection sel;
+  for (int64_t i = 0; i < n; ++i) {
+    sel.count += g[i] != T(0) ? 1 : 0;
+  }
+  sel.compact = sel.count < n;
+  if (sel.compact) {
+    sel.index = at::empty({sel.count}, grad.options().dtype(at::kLong));
+    int64_t* index = sel.index.data_ptr<int64_t>();
+    for (int64_t i = 0, j = 0; i < n; ++i) {
+      if (g[i] != T(0)) index[j++] = i;
+    }
+  }
+  return sel;
+}
+
+// The kept rows of a per-row tensor, detached, in `dtype`; no copy when every row is kept and
+// the dtype already matches.
+at::Tensor kept_rows(const at::Tensor& t, const RowSelection& sel, at::ScalarType dtype) {
+  const at::Tensor rows = sel.compact ? t.index_select(0, sel.index) : t;
+  return rows.detach().to(dtype).contiguous();
+}
+
+// The full [N, H] gradient of a hidden input from the [count, H] one of the kept rows.
+at::Tensor scatter_rows(const at::Tensor& dh, const at::Tensor& like, const RowSelection& sel) {
+  if (!sel.compact) return dh.to(like.scalar_type());
+  at::Tensor out = at::zeros_like(like);
+  out.index_copy_(0, sel.index, dh.to(like.scalar_type()));
+  return out;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> linear_kl_backward(
+    const at::Tensor& grad_kl, const at::Tensor& hidden, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& ref_hidden,
+    const at::Tensor& ref_weight, const c10::optional<at::Tensor>& ref_bias, const at::Tensor& kl,
+    const at::Tensor& lse, const at::Tensor& ref_lse, double temperature, double softcap,
+    bool compute_dhidden, bool compute_dweight, bool compute_dbias, bool compute_dref_hidden,
+    bool compute_dref_weight, bool compute_dref_bias) {
+  constexpr const char* fn = "linear_kl_backward";
+  check_inputs(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, softcap);
+  const int64_t n = hidden.size(0), vocab = weight.size(0);
+  const at::ScalarType dtype = compute_dtype(hidden.scalar_type());
+  check_row_stat(fn, "grad_kl", grad_kl, n, dtype);
+  check_row_stat(fn, "kl", kl, n, at::kDouble);
+  check_row_stat(fn, "lse", lse, n, at::kDouble);
+  check_row_stat(fn, "ref_lse", ref_lse, n, at::kDouble);
+  TORCH_CHECK_VALUE(!compute_dbias || has_tensor(bias), fn, ": compute_dbias needs a bias");
+  TORCH_CHECK_VALUE(!compute_dref_bias || has_tensor(ref_bias), fn,
+                    ": compute_dref_bias needs a ref_bias");
+  at::NoGradGuard no_grad;
+
+  const bool need_policy = compute_dhidden || compute_dweight || compute_dbias;
+  const bool need_ref = compute_dref_hidden || compute_dref_weight || compute_dref_bias;
+  RowSelection sel;
+  AT_DISPATCH_FLOATING_TYPES(dtype, fn, [&] { sel = select_rows<scalar_t>(grad_kl); });
+  if (sel.count == 0 || !(need_policy || need_ref)) {
+    return {compute_dhidden ? at::zeros_like(hidden) : at::Tensor(),
+            compute_dweight ? at::zeros_like(weight) : at::Tensor(),
+            compute_dbias ? at::zeros_like(*bias) : at::Tensor(),
+            compute_dref_hidden ? at::zeros_like(ref_hidden) : at::Tensor(),
+            compute_dref_weight ? at::zeros_like(ref_weight) : at::Tensor(),
+            compute_dref_bias ? at::zeros_like(*ref_bias) : at::Tensor()};
+  }
+
+  const at::Tensor h = kept_rows(hidden, sel, dtype);
+  const at::Tensor h_ref = kept_rows(ref_hidden, sel, dtype);
+  const at::Tensor g = kept_rows(grad_kl, sel, dtype);
+  const at::Tensor lse_kept = kept_rows(lse, sel, at::kDouble);
+  const at::Tensor ref_lse_kept = kept_rows(ref_lse, sel, at::kDouble);
+  const auto [lse_hi, lse_lo] = split_hi_lo(lse_kept, dtype);
+  // c = lse_z − lse_r + KL = Σ p (z − r): identical heads give lse_z = lse_r and KL = 0, hence
+  // c = 0 exactly.
+  const at::Tensor kl_kept = kept_rows(kl, sel, at::kDouble);
+  const auto [c_hi, c_lo] = split_hi_lo((lse_kept - ref_lse_kept) + kl_kept, dtype);
+  const at::Tensor kl_t = kl_kept.to(dtype).contiguous();
+  at::Tensor ref_lse_hi, ref_lse_lo;
+  if (need_ref) std::tie(ref_lse_hi, ref_lse_lo) = split_hi_lo(ref_lse_kept, dtype);
+
+  const auto opts = h.options();
+  Grads grads;
+  grads.needed[kPolicy] = need_policy;
+  grads.needed[kRef] = need_ref;
+  // dh accumulates in the compute dtype; dW goes block by block straight into the output.
+  if (compute_dhidden) grads.dh[kPolicy] = at::empty({sel.count, hidden.size(1)}, opts);
+  if (compute_dref_hidden) grads.dh[kRef] = at::empty({sel.count, ref_hidden.size(1)}, opts);
+  if (compute_dweight) grads.dweight[kPolicy] = at::empty(weight.sizes(), weight.options());
+  if (compute_dref_weight) grads.dweight[kRef] = at::empty(ref_weight.sizes(), ref_weight.options());
+  if (compute_dbias) grads.db[kPolicy] = at::zeros({vocab}, opts);
+  if (compute_dref_bias) grads.db[kRef] = at::zeros({vocab}, opts);
+  const bool any_bias = has_tensor(bias) || has_tensor(ref_bias);
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, fn, [&] {
+    using T = scalar_t;
+    const KlRows<T> in{g.data_ptr<T>(),
+                       lse_hi.data_ptr<T>(),
+                       lse_lo.data_ptr<T>(),
+                       c_hi.data_ptr<T>(),
+                       c_lo.data_ptr<T>(),
+                       kl_t.data_ptr<T>(),
+                       need_ref ? ref_lse_hi.data_ptr<T>() : nullptr,
+                       need_ref ? ref_lse_lo.data_ptr<T>() : nullptr};
+    const Problem<T> problem(make_head(h, weight, bias, any_bias),
+                             make_head(h_ref, ref_weight, ref_bias, any_bias), temperature,
+                             softcap);
+    backward_all<T>(problem, in, grads);
+  });
+
+  return {compute_dhidden ? scatter_rows(grads.dh[kPolicy], hidden, sel) : at::Tensor(),
+          grads.dweight[kPolicy],
+          compute_dbias ? grads.db[kPolicy].to(bias->scalar_type()) : at::Tensor(),
+          compute_dref_hidden ? scatter_rows(grads.dh[kRef], ref_hidden, sel) : at::Tensor(),
+          grads.dweight[kRef],
+          compute_dref_bias ? grads.db[kRef].to(ref_bias->scalar_type()) : at::Tensor()};
+}
+
+}  // namespace fastalign

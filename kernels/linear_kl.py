@@ -1,0 +1,591 @@
+"""Triton kernels for ``linear_kl``: the exact per-token KL between two LM heads.
+
+Math in ``docs/ALGORITHMS.md`` §2. The policy logits z come from (hidden [N, H], weight [V, H],
+bias), the reference logits z' from (ref_hidden [N, H'], ref_weight [V, H'], ref_bias), both as
+z = s(h·Wᵀ + b)/T with s the optional softcap c·tanh(·/c); p = softmax(z), q = softmax(z'). The
+kernels compute KL(p‖q) per token (the caller swaps the two heads for KL(q‖p)):
+
+    KL = Σ_v p_v (z_v − z'_v) − lse(z) + lse(z')
+
+Nothing here holds an [N, V] tensor: each logit tile exists only in registers. The building blocks
+(logit tiles, softcap, tile statistics, head gradients, float64 splits, configs) are the ones of
+``linear_logprobs``; this file holds what is specific to two heads.
+
+Forward (2·N·V·(H + H') FLOPs), two launches, as in ``linear_logprobs``:
+  1. ``_forward_kernel``, grid (token tiles × vocabulary splits). Each program streams the
+     vocabulary tiles of its split, computes the tiles z and z' (one H-loop of ``tl.dot`` per
+     head) and merges them into running statistics per token: (m', r') for the reference and
+     (m, r, y, t) for the policy, where m is the max, r = Σ e^{z−m} − 1 (the maximum's own 1 kept
+     apart, so that log s = log1p(r) is exact for peaked rows), y is z' at the maximum of z and
+     t = Σ e^{z−m}·((z − m) − (z' − y)): Σ p·(z − z') = (m − y) + t/s, with its large part held
+     exactly by the anchors (m, y) and t/s small for a peaked p (see _merge_kl_stats).
+  2. ``_forward_merge_kernel`` merges the splits and writes, per token, in float64:
+        lse  = m + log1p(r),   lse' = m' + log1p(r'),
+        KL   = t/(1 + r) + (m' − y) + (log1p(r') − log1p(r)),   clamped at 0 (rounding).
+     The terms are float32 and summed in float64, where m' − y (two float32 logits) is exact:
+     identical heads and V = 1 give exactly 0 (t = 0, m' = y, r = r'). The remaining error is
+     that of the float32 statistics, about 1e-7·(|log s| + |log s'| + |t/s|) absolute.
+
+Backward (2·N·V·(H + H') for the recompute, + 4·N·V·H for the policy gradients, + 4·N·V·H' for
+the reference's), one launch: ``_backward_kernel``, grid (token tiles × vocabulary tiles). Each
+program recomputes both logit tiles and, from the saved float64 KL, lse and lse' (split into
+float32 pairs hi + lo as in ``linear_logprobs``: z − lse nearly cancels for a dominant token),
+
+    ∂L/∂z_v  = g·p_v·(x_v − c),  x = z − z',  c = Σ_u p_u·x_u = KL + lse − lse'
+    ∂L/∂z'_v = g·(q_v − p_v)
+
+(derivation next to the code; x − c is formed from float32 pairs), then
+∂L/∂a = ∂L/∂z·(1/T)·(1 − tanh²(a/c)) per head and the head gradients dh, dW, db with float32
+atomics. The sweeps of a head whose gradients are not requested are compiled out (the reference
+head normally has none); its logits are still needed for p or q.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastalign.kernels.linear_logprobs import (
+    _INTERPRET,
+    _accumulate_head_grads,
+    _check_head,
+    _check_per_token,
+    _device_guard,
+    _grouped_tile,
+    _launch,
+    _log1p,
+    _n_bucket,
+    _prune_configs,
+    _raw_logits,
+    _split_f64,
+    _tanh_sech2,
+    _tile_stats,
+    _vocab_splits,
+    _wall_clock_bench,
+)
+
+__all__ = ["linear_kl_forward", "linear_kl_backward"]
+
+# ----------------------------------------------------------------------------------------------
+# Device functions
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scaled_logits(
+    h_ptr, w_ptr, b_ptr,              # pointers: hidden [N, H], weight [V, H], bias [V] or None
+    offs_n, offs_v, n_mask, v_mask,   # the tile's rows (tokens) and columns (vocabulary)
+    H, stride_hn, stride_wv,
+    inv_temperature, softcap,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_H: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    """z = c·tanh(a/c)/T (or a/T) for one tile of one head, and ∂z/∂a.
+
+    Forward and backward both go through here, so that backward recomputes the very bits of z
+    that forward saw (identical heads must give p = q exactly).
+    """
+    a = _raw_logits(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask,
+                    H, stride_hn, stride_wv, BLOCK_N, BLOCK_V, BLOCK_H,
+                    HAS_BIAS, EVEN_H, DOT_IN_FP32)
+    if HAS_SOFTCAP:
+        th, sech2 = _tanh_sech2(a * (1.0 / softcap))
+        z = th * (softcap * inv_temperature)
+        dz_da = sech2 * inv_temperature
+    else:
+        z = a * inv_temperature
+        dz_da = inv_temperature
+    return z, dz_da
+
+
+@triton.jit
+def _two_diff(a, b):
+    """a − b as an unevaluated float32 pair (s, e): s = fl(a − b) and e = (a − b) − s exactly
+    (Knuth's TwoSum, six additions). On a GPU, FMA contraction may fold the multiplication that
+    produced a (softcap, temperature) into a − b; e is then only good to float32 rounding."""
+    s = a - b
+    a_back = s + b
+    return s, (a - a_back) + ((a_back - s) - b)
+
+
+@triton.jit
+def _tile_kl_stats(z, z_ref, v_mask, EVEN_V: tl.constexpr):
+    """The statistics (m, r, y, t) of one tile (see _merge_kl_stats): z [BLOCK_N, BLOCK_V] is −inf
+    on padding columns, z_ref finite everywhere."""
+    m, z_rel, e, r = _tile_stats(z)
+    # The anchor y: z' at the maximum of z (the largest such z' if several columns tie).
+    y = tl.max(tl.where(z == m[:, None], z_ref, float("-inf")), axis=1)
+    # (z − m) − (z' − y): both differences are exact near the anchor, and 0 at it (up to a
+    # rounding of z or z' where FMA contraction folds their scaling into the subtraction).
+    u = z_rel - (z_ref - y[:, None])
+    if not EVEN_V:
+        u = tl.where(v_mask[None, :], u, 0.0)       # −inf on padding: 0·(−inf) would be nan
+    return m, r, y, tl.sum(e * u, axis=1)
+
+
+@triton.jit
+def _merge_kl_stats(m1, r1, y1, t1, m2, r2, y2, t2):
+    """Merge the statistics of two disjoint sets of columns.
+
+    Each set is (m, r, y, t): m = max z and r = Σ e^{z−m} − 1 as in linear_logprobs'
+    ``_merge_stats``; y = z' at the maximum of z (the anchor) and
+    t = Σ e^{z−m}·((z − m) − (z' − y)).
+    Then Σ p·(z − z') = (m − y) + t/s, and KL = t/s + (m' − y) + log s' − log s: the large part
+    of Σ p·(z − z') is carried exactly by (m, y), as r keeps the maximum's own 1 apart, and t/s is
+    small for a peaked p. V = 1 and identical heads give t = 0 and m' = y, hence KL = 0 exactly.
+
+    With α = e^{m_lo − m}, the lower set rescales as s_lo → α·s_lo and
+    t_lo → α·(t_lo + s_lo·((m_lo − m) − (y_lo − y))). An empty set is (−inf, −1, 0, 0); two
+    empty sets never meet.
+    """
+    first_is_max = m1 >= m2
+    m = tl.maximum(m1, m2)
+    m_shift = tl.minimum(m1, m2) - m                # ≤ 0; −inf against an empty set
+    alpha = tl.exp(m_shift)
+    r_hi = tl.where(first_is_max, r1, r2)
+    y_hi = tl.where(first_is_max, y1, y2)
+    t_hi = tl.where(first_is_max, t1, t2)
+    s_lo = 1.0 + tl.where(first_is_max, r2, r1)
+    y_lo = tl.where(first_is_max, y2, y1)
+    t_lo = tl.where(first_is_max, t2, t1)
+    shift = tl.where(alpha > 0.0, m_shift - (y_lo - y_hi), 0.0)  # an empty set: not 0·0·(−inf)
+    return m, r_hi + alpha * s_lo, y_hi, t_hi + alpha * (t_lo + s_lo * shift)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.heuristics({
+    "HAS_BIAS": lambda args: args["b_ptr"] is not None,
+    "HAS_REF_BIAS": lambda args: args["ref_b_ptr"] is not None,
+    "HAS_SOFTCAP": lambda args: args["softcap"] > 0.0,
+    "EVEN_H": lambda args: args["H"] % args["BLOCK_H"] == 0,
+    "EVEN_H_REF": lambda args: args["H_REF"] % args["BLOCK_H"] == 0,
+    "EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0,
+    "DOT_IN_FP32": lambda args: args["h_ptr"].dtype == torch.float32
+    or (_INTERPRET and args["h_ptr"].dtype == torch.bfloat16),
+})
+@triton.jit
+def _forward_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr,               # policy: hidden [N, H], weight [V, H], bias [V] or None
+    ref_h_ptr, ref_w_ptr, ref_b_ptr,   # reference: [N, H_REF], [V, H_REF], [V] or None
+    part_ptr,                          # float32 [6, NUM_SPLITS, N]: m, r, y, t, m', r' a split
+    # shapes
+    N, V, H, H_REF, V_PER_SPLIT, N_BUCKET,  # N_BUCKET (N rounded to a power of 2) keys autotuning
+    # strides (the last dimension of every hidden and weight is contiguous)
+    stride_hn, stride_wv, stride_ref_hn, stride_ref_wv,
+    # scalars
+    inv_temperature, softcap,
+    # meta-parameters
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    EVEN_H: tl.constexpr, EVEN_H_REF: tl.constexpr, EVEN_V: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    # Token tiles vary fastest, so programs running together read the same slices of W and W'.
+    pid = tl.program_id(0)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % num_n_tiles
+    pid_split = pid // num_n_tiles
+    num_splits = tl.num_programs(0) // num_n_tiles
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    # Running statistics, "nothing yet" = (−inf, −1, 0, 0); see _merge_kl_stats. The reference
+    # side goes through the same merge (so that identical heads give identical bits), without
+    # y and t.
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    r = tl.full([BLOCK_N], -1.0, dtype=tl.float32)
+    y = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t = tl.zeros([BLOCK_N], dtype=tl.float32)
+    m_ref = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    r_ref = tl.full([BLOCK_N], -1.0, dtype=tl.float32)
+    zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+    v_begin = pid_split * V_PER_SPLIT
+    v_end = tl.minimum(v_begin + V_PER_SPLIT, V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < V
+        z, _ = _scaled_logits(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask,
+                              H, stride_hn, stride_wv, inv_temperature, softcap,
+                              BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, EVEN_H,
+                              DOT_IN_FP32)
+        z_ref, _ = _scaled_logits(ref_h_ptr, ref_w_ptr, ref_b_ptr, offs_n, offs_v, n_mask, v_mask,
+                                  H_REF, stride_ref_hn, stride_ref_wv, inv_temperature, softcap,
+                                  BLOCK_N, BLOCK_V, BLOCK_H, HAS_REF_BIAS, HAS_SOFTCAP,
+                                  EVEN_H_REF, DOT_IN_FP32)
+        # Every tile has a real column, so the tile maxima are finite.
+        if EVEN_V:
+            m_tile, r_tile, y_tile, t_tile = _tile_kl_stats(z, z_ref, v_mask, EVEN_V)
+            m_ref_tile, _, _, r_ref_tile = _tile_stats(z_ref)
+        else:  # padding columns are −inf (e^{z−m} = 0), never 0
+            m_tile, r_tile, y_tile, t_tile = _tile_kl_stats(
+                tl.where(v_mask[None, :], z, float("-inf")), z_ref, v_mask, EVEN_V)
+            m_ref_tile, _, _, r_ref_tile = _tile_stats(
+                tl.where(v_mask[None, :], z_ref, float("-inf")))
+        m, r, y, t = _merge_kl_stats(m, r, y, t, m_tile, r_tile, y_tile, t_tile)
+        m_ref, r_ref, _, _ = _merge_kl_stats(m_ref, r_ref, zero, zero, m_ref_tile, r_ref_tile,
+                                             zero, zero)
+
+    out = part_ptr + pid_split * N + offs_n
+    split_stride = num_splits * N
+    tl.store(out, m, mask=n_mask)
+    tl.store(out + split_stride, r, mask=n_mask)
+    tl.store(out + 2 * split_stride, y, mask=n_mask)
+    tl.store(out + 3 * split_stride, t, mask=n_mask)
+    tl.store(out + 4 * split_stride, m_ref, mask=n_mask)
+    tl.store(out + 5 * split_stride, r_ref, mask=n_mask)
+
+
+@triton.jit
+def _forward_merge_kernel(
+    # pointers
+    part_ptr,                          # float32 [6, NUM_SPLITS, N] from _forward_kernel
+    kl_ptr, lse_ptr, ref_lse_ptr,      # outputs, float64 [N]
+    # shapes
+    N, NUM_SPLITS,
+    # meta-parameters
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    r = tl.full([BLOCK], -1.0, dtype=tl.float32)
+    y = tl.zeros([BLOCK], dtype=tl.float32)
+    t = tl.zeros([BLOCK], dtype=tl.float32)
+    m_ref = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    r_ref = tl.full([BLOCK], -1.0, dtype=tl.float32)
+    zero = tl.zeros([BLOCK], dtype=tl.float32)
+    split_stride = NUM_SPLITS * N
+    for i in range(0, NUM_SPLITS):  # every split holds a real column: its statistics are finite
+        ptr = part_ptr + i * N + offs
+        m_i = tl.load(ptr, mask=mask, other=0.0)
+        r_i = tl.load(ptr + split_stride, mask=mask, other=0.0)
+        y_i = tl.load(ptr + 2 * split_stride, mask=mask, other=0.0)
+        t_i = tl.load(ptr + 3 * split_stride, mask=mask, other=0.0)
+        m_ref_i = tl.load(ptr + 4 * split_stride, mask=mask, other=0.0)
+        r_ref_i = tl.load(ptr + 5 * split_stride, mask=mask, other=0.0)
+        m, r, y, t = _merge_kl_stats(m, r, y, t, m_i, r_i, y_i, t_i)
+        m_ref, r_ref, _, _ = _merge_kl_stats(m_ref, r_ref, zero, zero, m_ref_i, r_ref_i,
+                                             zero, zero)
+
+    log_s = _log1p(r).to(tl.float64)
+    log_s_ref = _log1p(r_ref).to(tl.float64)
+    m64 = m.to(tl.float64)
+    m_ref64 = m_ref.to(tl.float64)
+    # KL = t/s + (m' − y) + (log s' − log s), in float64 from float32 pieces: m' − y is exact,
+    # t/s is small for a peaked p. V = 1 and identical heads: 0 + 0 + 0, exactly.
+    kl = (t / (1.0 + r)).to(tl.float64) + ((m_ref64 - y.to(tl.float64)) + (log_s_ref - log_s))
+    # KL ≥ 0; rounding can leave a hair below 0 when p ≈ q.
+    tl.store(kl_ptr + offs, tl.where(kl > 0.0, kl, 0.0), mask=mask)
+    tl.store(lse_ptr + offs, m64 + log_s, mask=mask)
+    tl.store(ref_lse_ptr + offs, m_ref64 + log_s_ref, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.heuristics({
+    "HAS_BIAS": lambda args: args["b_ptr"] is not None,
+    "HAS_REF_BIAS": lambda args: args["ref_b_ptr"] is not None,
+    "HAS_SOFTCAP": lambda args: args["softcap"] > 0.0,
+    "COMPUTE_DH": lambda args: args["dh_ptr"] is not None,
+    "COMPUTE_DW": lambda args: args["dw_ptr"] is not None,
+    "COMPUTE_DB": lambda args: args["db_ptr"] is not None,
+    "COMPUTE_REF_DH": lambda args: args["ref_dh_ptr"] is not None,
+    "COMPUTE_REF_DW": lambda args: args["ref_dw_ptr"] is not None,
+    "COMPUTE_REF_DB": lambda args: args["ref_db_ptr"] is not None,
+    "COMPUTE_GRAD": lambda args: any(args[name] is not None
+                                     for name in ("dh_ptr", "dw_ptr", "db_ptr")),
+    "COMPUTE_REF_GRAD": lambda args: any(args[name] is not None
+                                         for name in ("ref_dh_ptr", "ref_dw_ptr", "ref_db_ptr")),
+    "EVEN_H": lambda args: args["H"] % args["BLOCK_H"] == 0,
+    "EVEN_H_REF": lambda args: args["H_REF"] % args["BLOCK_H"] == 0,
+    "EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0,
+    "DOT_IN_FP32": lambda args: args["h_ptr"].dtype == torch.float32
+    or (_INTERPRET and args["h_ptr"].dtype == torch.bfloat16),
+})
+@triton.jit
+def _backward_kernel(
+    # pointers: inputs
+    h_ptr, w_ptr, b_ptr,               # policy: hidden [N, H], weight [V, H], bias [V] or None
+    ref_h_ptr, ref_w_ptr, ref_b_ptr,   # reference: [N, H_REF], [V, H_REF], [V] or None
+    kl_ptr, lse_ptr, ref_lse_ptr,      # saved by forward, float64 [N]
+    grad_ptr,                          # upstream gradient of KL, float32 [N]
+    # pointers: outputs, float32 accumulators zeroed by the launcher (None when not requested)
+    dh_ptr, dw_ptr, db_ptr,            # policy: [N, H], [V, H], [V]
+    ref_dh_ptr, ref_dw_ptr, ref_db_ptr,  # reference: [N, H_REF], [V, H_REF], [V]
+    # shapes
+    N, V, H, H_REF, N_BUCKET,          # N_BUCKET only keys autotuning
+    # strides (the last dimension of every [*, H] tensor is contiguous; gradients are compact)
+    stride_hn, stride_wv, stride_ref_hn, stride_ref_wv,
+    # scalars
+    inv_temperature, softcap,
+    # meta-parameters
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_V: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    COMPUTE_REF_DH: tl.constexpr, COMPUTE_REF_DW: tl.constexpr, COMPUTE_REF_DB: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, COMPUTE_REF_GRAD: tl.constexpr,
+    EVEN_H: tl.constexpr, EVEN_H_REF: tl.constexpr, EVEN_V: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_V)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    n_mask = offs_n < N
+    v_mask = offs_v < V
+    if EVEN_V:
+        tile_mask = n_mask[:, None]
+    else:
+        tile_mask = n_mask[:, None] & v_mask[None, :]
+
+    z, dz_da = _scaled_logits(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask,
+                              H, stride_hn, stride_wv, inv_temperature, softcap,
+                              BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, EVEN_H,
+                              DOT_IN_FP32)
+    z_ref, dz_ref_da = _scaled_logits(ref_h_ptr, ref_w_ptr, ref_b_ptr, offs_n, offs_v, n_mask,
+                                      v_mask, H_REF, stride_ref_hn, stride_ref_wv,
+                                      inv_temperature, softcap, BLOCK_N, BLOCK_V, BLOCK_H,
+                                      HAS_REF_BIAS, HAS_SOFTCAP, EVEN_H_REF, DOT_IN_FP32)
+    # p (and q) from the float64 lse as a float32 pair hi + lo: z − hi is exact where it matters
+    # (a dominant token, z within a factor of 2 of hi). Rows past N get hi = 1e30, a finite
+    # +inf: p = q = 0 there without inf − inf anywhere.
+    lse_hi, lse_lo = _split_f64(lse_ptr + offs_n, n_mask, 1e30)
+    p = tl.exp((z - lse_hi[:, None]) - lse_lo[:, None])
+    g = tl.load(grad_ptr + offs_n, mask=n_mask, other=0.0)
+
+    # ∂L/∂a of both heads first, then the sweeps: while the policy's sweeps run, only the other
+    # ∂L/∂a tile stays live rather than p, q and the softcap factor (register pressure).
+    # Padding columns (v ≥ V) have a = 0 and rows past N garbage: both are masked out of ∂L/∂a
+    # before they reach the matmuls and atomics.
+    if COMPUTE_GRAD:
+        # With x = z − z', KL = Σ_v p_v·x_v − lse + lse' and ∂p_v/∂z_u = p_v·(1[u = v] − p_u):
+        #   ∂KL/∂z_u = p_u·x_u − p_u·Σ_v p_v·x_v − p_u + p_u = p_u·(x_u − c),
+        #   c = Σ_v p_v·x_v = KL + lse − lse',  so p_u·(x_u − c) = p_u·(log p_u − log q_u − KL).
+        # x − c cancels for the dominant token of a peaked p, where |x| may be 100 or more, so
+        # both sides carry a float32 pair: c formed in float64 and split, x = z − z' with its
+        # rounding error (_two_diff). x_hi − c_hi is then exact and the pairs' low parts make up
+        # the rest, where log p − log q − KL would round three numbers of the size of x. V = 1
+        # and identical heads (c = x exactly) give exactly 0.
+        c = (tl.load(kl_ptr + offs_n, mask=n_mask, other=0.0)
+             + (tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
+                - tl.load(ref_lse_ptr + offs_n, mask=n_mask, other=0.0)))
+        c_hi = c.to(tl.float32)
+        c_lo = (c - c_hi.to(tl.float64)).to(tl.float32)
+        x_hi, x_lo = _two_diff(z, z_ref)
+        dz = g[:, None] * p * ((x_hi - c_hi[:, None]) + (x_lo - c_lo[:, None]))
+        da = tl.where(tile_mask, dz * dz_da, 0.0)   # ∂z/∂a = (1/T)·(1 − tanh²(a/c)) or 1/T
+    if COMPUTE_REF_GRAD:
+        # ∂KL/∂z'_u = −p_u + ∂lse'/∂z'_u = q_u − p_u.
+        ref_lse_hi, ref_lse_lo = _split_f64(ref_lse_ptr + offs_n, n_mask, 1e30)
+        q = tl.exp((z_ref - ref_lse_hi[:, None]) - ref_lse_lo[:, None])
+        da_ref = tl.where(tile_mask, (g[:, None] * (q - p)) * dz_ref_da, 0.0)
+    if COMPUTE_GRAD:
+        _accumulate_head_grads(da, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr,
+                               offs_n, offs_v, n_mask, n_mask, v_mask, H, stride_hn, stride_wv,
+                               BLOCK_N, BLOCK_V, BLOCK_H, COMPUTE_DH, COMPUTE_DW, COMPUTE_DB,
+                               EVEN_H, DOT_IN_FP32)
+    if COMPUTE_REF_GRAD:
+        _accumulate_head_grads(da_ref, ref_h_ptr, ref_w_ptr, ref_dh_ptr, ref_dw_ptr, ref_db_ptr,
+                               offs_n, offs_v, n_mask, n_mask, v_mask,
+                               H_REF, stride_ref_hn, stride_ref_wv,
+                               BLOCK_N, BLOCK_V, BLOCK_H,
+                               COMPUTE_REF_DH, COMPUTE_REF_DW, COMPUTE_REF_DB,
+                               EVEN_H_REF, DOT_IN_FP32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configurations
+# ----------------------------------------------------------------------------------------------
+
+
+def _default_config(kind: str, dtype: torch.dtype, n_tokens: int) -> triton.Config:
+    """The pinned config (H100), chosen for register pressure and Hopper's shared memory; not yet
+    timed.
+
+    Two logit tiles are live at once (z and z', and in backward p, q and ∂L/∂a besides), so the
+    vocabulary tile is half that of linear_logprobs: 16-bit inputs take 128×64 logit tiles, H in
+    chunks of 64, 8 warps, 3 stages ((128 + 64)·64·2 B = 24 KiB a stage); float32 runs exact IEEE
+    dots on 64×64 tiles. Few tokens shrink BLOCK_N to what is there.
+    """
+    block_n = min(128 if dtype != torch.float32 else 64, max(16, triton.next_power_of_2(n_tokens)))
+    if dtype == torch.float32:
+        kwargs = dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_H=32)
+        num_warps, num_stages = 4, 2
+    else:
+        kwargs = dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_H=64)
+        num_warps, num_stages = 8, 3
+    if kind == "backward":
+        kwargs["GROUP_V"] = 8
+    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
+
+
+def _autotune_configs(kind: str) -> list[triton.Config]:
+    """The search space of FASTALIGN_AUTOTUNE=1, keyed on (N_BUCKET, V, H, H_REF) and dtypes."""
+    configs = []
+    for block_n, block_v in ((64, 64), (128, 64), (64, 128), (128, 128), (32, 128), (16, 128)):
+        for block_h in (32, 64):
+            for num_warps, num_stages in ((4, 3), (8, 3), (8, 4)):
+                kwargs = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h)
+                if kind == "backward":
+                    kwargs["GROUP_V"] = 8
+                configs.append(triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages))
+    return configs
+
+
+def _zero_grad_buffers(nargs, reset_only=False):
+    # Autotuning runs the backward once per config; its atomics must start from zero every time.
+    for name in ("dh_ptr", "dw_ptr", "db_ptr", "ref_dh_ptr", "ref_dw_ptr", "ref_db_ptr"):
+        if nargs.get(name) is not None:
+            nargs[name].zero_()
+
+
+_AUTOTUNE_KEY = ["N_BUCKET", "V", "H", "H_REF"]  # plus the dtypes of the tensor arguments
+_forward_kernel_tuned = triton.autotune(
+    configs=_autotune_configs("forward"), key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune_configs},
+    do_bench=_wall_clock_bench if _INTERPRET else None,
+)(_forward_kernel)
+_backward_kernel_tuned = triton.autotune(
+    configs=_autotune_configs("backward"), key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune_configs}, pre_hook=_zero_grad_buffers,
+    do_bench=_wall_clock_bench if _INTERPRET else None,
+)(_backward_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias) -> None:
+    _check_head(hidden, weight, bias)
+    _check_head(ref_hidden, ref_weight, ref_bias, names=("ref_hidden", "ref_weight", "ref_bias"))
+    if ref_hidden.dtype != hidden.dtype:
+        raise TypeError(f"ref_hidden ({ref_hidden.dtype}) and hidden ({hidden.dtype}) dtypes "
+                        "differ; the kernels take one dtype for both heads")
+    if ref_hidden.shape[0] != hidden.shape[0]:
+        raise ValueError(f"ref_hidden must have hidden's {hidden.shape[0]} rows, "
+                         f"got {tuple(ref_hidden.shape)}")
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight must have weight's vocabulary size {weight.shape[0]}, "
+                         f"got {tuple(ref_weight.shape)}")
+    tensors = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    devices = {x.device for x in tensors if x is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_options(temperature: float, softcap: float) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature > 0):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
+    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = none), got {softcap!r}")
+
+
+def linear_kl_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    ref_hidden: torch.Tensor, ref_weight: torch.Tensor, ref_bias: torch.Tensor | None,
+    temperature: float, softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kl, lse, ref_lse), each float64 [N]: KL(p‖q) per token and both log-sum-exps.
+
+    hidden [N, H] and weight [V, H] (with bias [V] or None) are the policy head, ref_hidden
+    [N, H_ref] and ref_weight [V, H_ref] (with ref_bias) the reference head; one dtype among
+    float32 / bfloat16 / float16 for all, contiguous, one device. ``softcap`` 0.0 means none.
+    lse and ref_lse are what ``linear_kl_backward`` needs besides kl (module docstring).
+    """
+    _check_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    _check_options(temperature, softcap)
+    n_tokens, hidden_size = hidden.shape
+    vocab_size, ref_hidden_size = ref_weight.shape
+    device = hidden.device
+    kl, lse, ref_lse = (torch.empty(n_tokens, dtype=torch.float64, device=device)
+                        for _ in range(3))
+    if n_tokens == 0:
+        return kl, lse, ref_lse
+
+    nominal_n_tiles = triton.cdiv(n_tokens, _default_config("forward", hidden.dtype,
+                                                            n_tokens).kwargs["BLOCK_N"])
+    v_per_split, num_splits = _vocab_splits(vocab_size, nominal_n_tiles, device)
+    partials = torch.empty((6, num_splits, n_tokens), dtype=torch.float32, device=device)
+
+    args = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, partials,
+            n_tokens, vocab_size, hidden_size, ref_hidden_size, v_per_split, _n_bucket(n_tokens),
+            hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
+            1.0 / float(temperature), float(softcap))
+    with _device_guard(device):
+        _launch("forward", _forward_kernel, _forward_kernel_tuned,
+                lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * num_splits,),
+                args, hidden.dtype, n_tokens, default_config=_default_config)
+        merge_block = 1024
+        _forward_merge_kernel[(triton.cdiv(n_tokens, merge_block),)](
+            partials, kl, lse, ref_lse, n_tokens, num_splits, BLOCK=merge_block, num_warps=4,
+        )
+    return kl, lse, ref_lse
+
+
+def linear_kl_backward(
+    grad_kl: torch.Tensor,
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    ref_hidden: torch.Tensor, ref_weight: torch.Tensor, ref_bias: torch.Tensor | None,
+    kl: torch.Tensor, lse: torch.Tensor, ref_lse: torch.Tensor,
+    temperature: float, softcap: float,
+    compute_dhidden: bool, compute_dweight: bool, compute_dbias: bool,
+    compute_dref_hidden: bool, compute_dref_weight: bool, compute_dref_bias: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """(dhidden, dweight, dbias, dref_hidden, dref_weight, dref_bias) for grad_kl (float32 [N]).
+
+    kl, lse and ref_lse are float64 [N] as ``linear_kl_forward`` returns them. Each requested
+    gradient comes back in its input's dtype, accumulated in float32; the others (and the bias
+    gradients of absent biases) are None, and a head with none requested costs no gradient work.
+    """
+    _check_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    _check_options(temperature, softcap)
+    n_tokens, hidden_size = hidden.shape
+    vocab_size, ref_hidden_size = ref_weight.shape
+    device = hidden.device
+    upstream = "upstream gradients reach the kernels in float32 for every input dtype"
+    saved = "as linear_kl_forward returns it; float32 loses the digits of z - lse"
+    for name, x, dtype, why in (("grad_kl", grad_kl, torch.float32, upstream),
+                                ("kl", kl, torch.float64, saved),
+                                ("lse", lse, torch.float64, saved),
+                                ("ref_lse", ref_lse, torch.float64, saved)):
+        _check_per_token(name, x, dtype, why, n_tokens, device)
+    compute_dbias = compute_dbias and bias is not None
+    compute_dref_bias = compute_dref_bias and ref_bias is not None
+
+    def buffer(wanted: bool, *shape: int) -> torch.Tensor | None:
+        return torch.zeros(shape, dtype=torch.float32, device=device) if wanted else None
+
+    grads = (buffer(compute_dhidden, n_tokens, hidden_size),
+             buffer(compute_dweight, vocab_size, hidden_size),
+             buffer(compute_dbias, vocab_size),
+             buffer(compute_dref_hidden, n_tokens, ref_hidden_size),
+             buffer(compute_dref_weight, vocab_size, ref_hidden_size),
+             buffer(compute_dref_bias, vocab_size))
+    if n_tokens > 0 and any(x is not None for x in grads):
+        args = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl, lse, ref_lse, grad_kl,
+                *grads,
+                n_tokens, vocab_size, hidden_size, ref_hidden_size, _n_bucket(n_tokens),
+                hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
+                1.0 / float(temperature), float(softcap))
+        with _device_guard(device):
+            _launch("backward", _backward_kernel, _backward_kernel_tuned,
+                    lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"])
+                                  * triton.cdiv(vocab_size, meta["BLOCK_V"]),),
+                    args, hidden.dtype, n_tokens, default_config=_default_config)
+    like = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, like))
