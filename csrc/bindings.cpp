@@ -48,8 +48,8 @@ Returns:
         py::arg("compute_dhidden"), py::arg("compute_dweight"), py::arg("compute_dbias"));
 
   m.def("linear_kl_forward", &fastalign::linear_kl_forward,
-        R"doc(Exact per-token KL(p || q) between the softmax of two LM heads, streamed over vocabulary
-blocks without materialising either [N, V] logit tensor.
+        R"doc(Exact per-token KL(p || q) between the softmax of two LM heads, streamed over
+vocabulary blocks without materialising either [N, V] logit tensor.
 
 p = softmax(z) with z from (hidden, weight, bias), q = softmax(r) with r from (ref_hidden,
 ref_weight, ref_bias); each head's logits are a = h @ W.T + b, then softcap * tanh(a / softcap)

@@ -74,9 +74,9 @@ inline std::pair<at::Tensor, at::Tensor> split_hi_lo(const at::Tensor& x,
 //   forward; in backward each thread keeps its own [N, H] dh accumulator, while dW and db rows
 //   belong to the block's owner. There is no barrier per tile, which matters when the cores are
 //   also busy with other work: every barrier then waits for the slowest thread's time slice. On a
-//   2-core VM with one busy-looping process beside it, this schedule took 1.1-1.2x the time of eager
-//   PyTorch (logits + log_softmax + autograd) and the shared one 2.1x. The assignment is static,
-//   so results are bitwise reproducible for a given thread count.
+//   2-core VM with one busy-looping process beside it, this schedule took 1.1-1.2x the time of
+//   eager PyTorch (logits + log_softmax + autograd) and the shared one 2.1x. The assignment is
+//   static, so results are bitwise reproducible for a given thread count.
 // * shared: blocks in sequence, each product multithreaded by ATen/MKL, the fused pass split by
 //   rows. Used when there are too few vocabulary blocks to share out, and in backward when the
 //   private dh copies would exceed kPrivateBudgetBytes (many threads × large N·H).
@@ -85,11 +85,12 @@ inline std::pair<at::Tensor, at::Tensor> split_hi_lo(const at::Tensor& x,
 // forward+backward, owned schedule; tiles [rows, cols] from [128, 512] to [2048, 512]): all lie
 // within 15% of each other, matrix products take 97% of the time (MKL at ~150 GFLOP/s per core),
 // and [512, 512] was among the fastest there and at H=64, V=131072 and H=4096 (differences close
-// to the noise of a shared VM). Its
-// 1 MiB tile stays in one core's L2 between the product that writes it and the fused pass that
-// reads it, and each product still has K = H and 512 on both other sides. FASTALIGN_CPU_SCHEDULE
-// (owned|shared), FASTALIGN_CPU_BLOCK_N and FASTALIGN_CPU_BLOCK_V override the choices (to tune on
-// other machines).
+// to the noise of a shared VM). Its 1 MiB tile stays in one core's L2 between the product that
+// writes it and the fused pass that reads it, and each product still has K = H and 512 on both
+// other sides. FASTALIGN_CPU_SCHEDULE (owned|shared), FASTALIGN_CPU_BLOCK_N and
+// FASTALIGN_CPU_BLOCK_V override the choices (to tune on other machines). linear_kl uses the same
+// sizes: its two tiles (2 MiB) measured within the noise of [256, 1024] and [512, 1024] at N=1024,
+// H=1024, V=32000.
 
 constexpr int64_t kOwnedBlockN = 512;
 constexpr int64_t kOwnedBlockV = 512;
@@ -145,8 +146,10 @@ inline Plan make_plan(int64_t n, int64_t vocab, int64_t hidden, int64_t private_
     owned = name == "owned";
     forced = true;
   }
-  const int64_t block_n = env_positive("FASTALIGN_CPU_BLOCK_N", owned ? kOwnedBlockN : kSharedBlockN);
-  const int64_t block_v = env_positive("FASTALIGN_CPU_BLOCK_V", owned ? kOwnedBlockV : kSharedBlockV);
+  const int64_t block_n =
+      env_positive("FASTALIGN_CPU_BLOCK_N", owned ? kOwnedBlockN : kSharedBlockN);
+  const int64_t block_v =
+      env_positive("FASTALIGN_CPU_BLOCK_V", owned ? kOwnedBlockV : kSharedBlockV);
   const int64_t rows = std::max<int64_t>(1, std::min(n, block_n));
   int64_t cols = block_v;
   if (rows < block_n) {

@@ -2,9 +2,10 @@
 // q = softmax(r) from the reference head (h_ref, W_ref, b_ref), streamed over vocabulary blocks
 // (ALGORITHMS.md §2). No [N, V] tensor is ever allocated.
 //
-//   forward : per vocabulary block and token block: z_tile = h @ W_blkᵀ, r_tile = h_ref @ W_ref_blkᵀ
-//             (ATen → MKL), then one fused pass per row that applies bias/softcap/temperature to
-//             both and updates the online statistics of both softmaxes and of Σ p (z − r).
+//   forward : per vocabulary block and token block: z_tile = h @ W_blkᵀ and
+//             r_tile = h_ref @ W_ref_blkᵀ (ATen → MKL), then one fused pass per row that applies
+//             bias/softcap/temperature to both and updates the online statistics of both
+//             softmaxes and of Σ p (z − r).
 //   backward: per block: recompute both tiles, turn them into dL/da in place (one fused pass:
 //             the policy tile into dL/da_z, the reference tile into dL/da_r when that head needs
 //             gradients), then per head that needs them dh += da @ W_blk, dW_blk = daᵀ @ h,
@@ -21,7 +22,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -61,76 +61,91 @@ struct KlTile {
 // Online state per row, in float64 whatever the compute dtype (it is merged once per block and
 // row, so the cost is nothing next to the tile). With z̃ = z − m_z and r̃ = r − m_r relative to the
 // running maxima:
-//   rest_z = Σ e^{z̃} − 1          (s_z − 1: the maximum's own 1 kept apart, so that log s_z =
-//   rest_r = Σ e^{r̃} − 1           log1p(rest_z) keeps its digits when one token dominates)
-//   cross  = Σ e^{z̃}·(z̃ − r̃)
-//   diff   = Σ (e^{r̃} − e^{z̃})   (s_r − s_z, summed term by term)
-// Then lse_z = m_z + log1p(rest_z), lse_r likewise, and
-//   KL = cross / s_z + log(s_r / s_z),   log(s_r / s_z) = log1p(diff / s_z).
-// Both terms are small when the distributions are close, and diff, a sum of small differences, is
-// accurate relative to itself, where log1p(rest_r) − log1p(rest_z) would carry the independent
-// float32 rounding of the two sums (~1e-7 absolute, for a KL that may be 1e-6). When the two sums
-// are far apart (|diff| ≥ s_z/2, no cancellation to fear, while diff itself may cancel), the
-// rests give the ratio instead. Identical heads give exactly KL = 0: every z̃ − r̃ and every
-// e^{r̃} − e^{z̃} is then 0. An empty row has m = −inf, rest = −1, cross = diff = 0.
+//   rest_z = Σ e^{z̃} − 1             (s_z − 1: the maximum's own 1 kept apart, so that log s_z =
+//   rest_r = Σ e^{r̃} − 1              log1p(rest_z) keeps its digits when one token dominates)
+//   center = K, a float: z − r at the largest z seen (its rounding, t below, exactly)
+//   csum   = Σ e^{z̃}·((z − r) − K)
+//   diff   = Σ (e^{r̃} − e^{z̃})      (s_r − s_z, summed term by term)
+// Then C = K + csum / s_z = Σ p (z − r), lse_z = m_z + log1p(rest_z), and
+//   KL = Σ p (z − r) − lse_z + lse_r = (C − (m_z − m_r)) + log(s_r / s_z),
+//   log(s_r / s_z) = log1p(diff / s_z).
+// Each term is small when the two distributions are close, whatever their logits' size or the
+// offset between the two heads: csum is centred on the dominant token, and each z − r enters it
+// exactly (t = fl(z − r) plus its rounding error, by TwoSum), so that C keeps float64 accuracy
+// even where log q at the dominant token is −66 and float32 would round it by 4e-6; diff, a sum
+// of small differences, is accurate relative to itself, where log1p(rest_r) − log1p(rest_z) would
+// carry the independent float32 rounding of two sums. When the sums are far apart
+// (|diff| ≥ s_z/2: no cancellation to fear, while diff itself may cancel) the rests give the
+// ratio instead. Identical heads give exactly KL = 0 (every z − r, e^{r̃} − e^{z̃} and K is 0).
+// An empty row has m = −inf, rest = −1, center = csum = diff = 0.
 struct KlState {
   double* max_z;
   double* rest_z;
   double* max_r;
   double* rest_r;
-  double* cross;
+  double* center;
+  double* csum;
   double* diff;
 };
 
-constexpr int64_t kStateArrays = 6;
+constexpr int64_t kStateArrays = 7;
 
 KlState shifted(const KlState& s, int64_t n0) {
-  return {s.max_z + n0, s.rest_z + n0, s.max_r + n0, s.rest_r + n0, s.cross + n0, s.diff + n0};
+  return {s.max_z + n0,  s.rest_z + n0, s.max_r + n0, s.rest_r + n0,
+          s.center + n0, s.csum + n0,   s.diff + n0};
 }
 
-// State row i ← state row i merged with the statistics (m_z, rest_z, m_r, rest_r, cross, diff) of
-// one more set of logits. With M the merged maxima, α = e^{m_z − M_z} and β = e^{m_r − M_r} per
-// set, a set's s_z rescales to α·s_z, its s_r to β·s_r, its cross to
-// α·(cross + ((m_z − M_z) − (m_r − M_r))·s_z) and its diff = s_r − s_z to β·diff + (β − α)·s_z.
-inline void merge_row(const KlState& st, int64_t i, double max_z, double rest_z, double max_r,
-                      double rest_r, double cross, double diff) {
+// One set of logits' statistics (a block of a row), as merge_row takes them.
+struct KlStats {
+  double max_z, rest_z, max_r, rest_r, center, csum, diff;
+};
+
+// State row i ← state row i merged with the statistics of one more set of logits. With M the
+// merged maxima, α = e^{m_z − M_z} and β = e^{m_r − M_r} per set, a set's s_z rescales to α·s_z,
+// its s_r to β·s_r, its csum to α·(csum + (K − K_new)·s_z) (K_new: the center of the set holding
+// the larger z) and its diff = s_r − s_z to β·diff + (β − α)·s_z.
+inline void merge_row(const KlState& st, int64_t i, const KlStats& b) {
   constexpr double kEmpty = -std::numeric_limits<double>::infinity();
-  if (max_z == kEmpty && max_r == kEmpty) {
+  if (b.max_z == kEmpty && b.max_r == kEmpty) {
     // An empty set (all logits −inf, or all NaN: the running max skips NaN); keep a NaN visible.
-    if (std::isnan(rest_z) || std::isnan(rest_r) || std::isnan(cross) || std::isnan(diff)) {
-      st.cross[i] = std::numeric_limits<double>::quiet_NaN();
+    if (std::isnan(b.rest_z) || std::isnan(b.rest_r) || std::isnan(b.csum) ||
+        std::isnan(b.diff)) {
+      st.csum[i] = std::numeric_limits<double>::quiet_NaN();
     }
     return;
   }
   double& m_z = st.max_z[i];
   double& m_r = st.max_r[i];
   if (m_z == kEmpty && m_r == kEmpty) {
-    const double old_cross = st.cross[i];  // 0, or NaN from an earlier all-NaN set
-    m_z = max_z;
-    st.rest_z[i] = rest_z;
-    m_r = max_r;
-    st.rest_r[i] = rest_r;
-    st.cross[i] = cross + old_cross;
-    st.diff[i] = diff;
+    const double old_csum = st.csum[i];  // 0, or NaN from an earlier all-NaN set
+    m_z = b.max_z;
+    st.rest_z[i] = b.rest_z;
+    m_r = b.max_r;
+    st.rest_r[i] = b.rest_r;
+    st.center[i] = b.center;
+    st.csum[i] = b.csum + old_csum;
+    st.diff[i] = b.diff;
     return;
   }
-  const double new_max_z = std::max(m_z, max_z), new_max_r = std::max(m_r, max_r);
-  const double shift_z = m_z - new_max_z, other_shift_z = max_z - new_max_z;  // both ≤ 0
-  const double shift_r = m_r - new_max_r, other_shift_r = max_r - new_max_r;
-  const double s_z = 1.0 + st.rest_z[i], other_s_z = 1.0 + rest_z;
-  const double s_r = 1.0 + st.rest_r[i], other_s_r = 1.0 + rest_r;
+  const double new_max_z = std::max(m_z, b.max_z), new_max_r = std::max(m_r, b.max_r);
+  const double shift_z = m_z - new_max_z, other_shift_z = b.max_z - new_max_z;  // both ≤ 0
+  const double shift_r = m_r - new_max_r, other_shift_r = b.max_r - new_max_r;
+  const double s_z = 1.0 + st.rest_z[i], other_s_z = 1.0 + b.rest_z;
+  const double s_r = 1.0 + st.rest_r[i], other_s_r = 1.0 + b.rest_r;
   const double scale_z = std::exp(shift_z), other_scale_z = std::exp(other_shift_z);
   const double scale_r = std::exp(shift_r), other_scale_r = std::exp(other_shift_r);
-  st.cross[i] = scale_z * (st.cross[i] + (shift_z - shift_r) * s_z) +
-                other_scale_z * (cross + (other_shift_z - other_shift_r) * other_s_z);
+  const double center = m_z >= b.max_z ? st.center[i] : b.center;
+  st.csum[i] = scale_z * (st.csum[i] + (st.center[i] - center) * s_z) +
+               other_scale_z * (b.csum + (b.center - center) * other_s_z);
+  st.center[i] = center;
   st.diff[i] = (scale_r * st.diff[i] + (scale_r - scale_z) * s_z) +
-               (other_scale_r * diff + (other_scale_r - other_scale_z) * other_s_z);
+               (other_scale_r * b.diff + (other_scale_r - other_scale_z) * other_s_z);
   // The rest of the set holding the maximum stays as it is (its scale is 1); the other set joins
   // it whole, its own maximum included.
-  st.rest_z[i] = m_z >= max_z ? st.rest_z[i] + other_scale_z * other_s_z
-                              : rest_z + scale_z * s_z;
-  st.rest_r[i] = m_r >= max_r ? st.rest_r[i] + other_scale_r * other_s_r
-                              : rest_r + scale_r * s_r;
+  st.rest_z[i] = m_z >= b.max_z ? st.rest_z[i] + other_scale_z * other_s_z
+                                : b.rest_z + scale_z * s_z;
+  st.rest_r[i] = m_r >= b.max_r ? st.rest_r[i] + other_scale_r * other_s_r
+                                : b.rest_r + scale_r * s_r;
   m_z = new_max_z;
   m_r = new_max_r;
 }
@@ -151,11 +166,20 @@ FASTALIGN_INLINE U logit_of(const U& a, const U& inv_t, const U& inv_cap, const 
   }
 }
 
-// a → z and a_ref → r in place, keeping the running maxima.
+// t = fl(z − r) and its rounding error e, t + e = z − r exactly (Knuth's TwoSum; the build's
+// -ffp-contract=off and the absence of -ffast-math keep every step as written).
+template <typename U>
+FASTALIGN_INLINE U difference_error(const U& z, const U& r, const U& t) {
+  const U r_part = t - z;         // ≈ −r
+  const U z_part = t - r_part;    // ≈ z
+  return (z - z_part) - (r + r_part);
+}
+
+// a → z and a_ref → r in place, keeping the running maxima, and r where z is largest.
 template <typename U, bool HAS_BIAS, bool HAS_SOFTCAP>
 FASTALIGN_INLINE void to_logits(const KlTile<ScalarOf<U>>& tile, ScalarOf<U>* __restrict__ z,
                                 ScalarOf<U>* __restrict__ r, int64_t begin, int64_t end,
-                                U& z_max, U& r_max) {
+                                U& z_max, U& r_max, U& r_at_z_max) {
   constexpr int64_t kStep = Lanes<U>::kCount;
   const ScalarOf<U>* __restrict__ bias = tile.bias;
   const ScalarOf<U>* __restrict__ ref_bias = tile.ref_bias;
@@ -171,27 +195,31 @@ FASTALIGN_INLINE void to_logits(const KlTile<ScalarOf<U>>& tile, ScalarOf<U>* __
     const U rv = logit_of<U, HAS_SOFTCAP>(a_ref, inv_t, inv_cap, cap_over_t);
     store(z + v, zv);
     store(r + v, rv);
-    z_max = zv > z_max ? zv : z_max;
+    const auto larger = zv > z_max;
+    r_at_z_max = larger ? rv : r_at_z_max;
+    z_max = larger ? zv : z_max;
     r_max = rv > r_max ? rv : r_max;
   }
 }
 
-// The block's (rest, ties) per head, cross and diff, relative to the block maxima: ties counts
-// the logits equal to the maximum (each contributes exactly e^0 = 1), rest sums e^{z−m} over the
-// others, so that the maximum's 1 never enters a float32 sum.
+// The block's (rest, ties) per head, csum and diff, relative to the block maxima and to the
+// center K: ties counts the logits equal to the maximum (each contributes exactly e^0 = 1), rest
+// sums e^{z−m} over the others, so that the maximum's 1 never enters a float32 sum.
 template <typename U>
 FASTALIGN_INLINE void block_sums(const ScalarOf<U>* __restrict__ z,
                                  const ScalarOf<U>* __restrict__ r, int64_t begin, int64_t end,
-                                 ScalarOf<U> max_z, ScalarOf<U> max_r, U& rest_z, U& ties_z,
-                                 U& rest_r, U& ties_r, U& cross, U& diff) {
+                                 ScalarOf<U> max_z, ScalarOf<U> max_r, ScalarOf<U> center,
+                                 U& rest_z, U& ties_z, U& rest_r, U& ties_r, U& csum, U& diff) {
   constexpr int64_t kStep = Lanes<U>::kCount;
-  const U m_z = splat<U>(max_z), m_r = splat<U>(max_r);
+  const U m_z = splat<U>(max_z), m_r = splat<U>(max_r), k = splat<U>(center);
   const U zero = splat<U>(0), one = splat<U>(1);
   for (int64_t v = begin; v < end; v += kStep) {
-    const U dz = load<U>(z + v) - m_z;
-    const U dr = load<U>(r + v) - m_r;
+    const U zv = load<U>(z + v), rv = load<U>(r + v);
+    const U dz = zv - m_z;
+    const U dr = rv - m_r;
     const U ez = vexp(dz), er = vexp(dr);
-    cross += ez * (dz - dr);
+    const U t = zv - rv;
+    csum += ez * ((t - k) + difference_error(zv, rv, t));
     diff += er - ez;
     rest_z += dz == zero ? zero : ez;
     ties_z += dz == zero ? one : zero;
@@ -201,37 +229,32 @@ FASTALIGN_INLINE void block_sums(const ScalarOf<U>* __restrict__ z,
 }
 
 // Backward per-row constants, float64 row statistics split into hi + lo in the compute dtype (see
-// split_hi_lo): p = e^{(z − lse_hi) − lse_lo}, and with c = lse_z − lse_r + KL = Σ p (z − r)
-//   u = ((z − r) − c_hi) − c_lo = log p − log q − KL,     dL/dz = g·p·u,
-//   dL/dr = g·(q − p) = g·p·expm1(−u − KL)  while |u + KL| < 1/4, else g·(q − p) with
-//   q = e^{(r − ref_lse_hi) − ref_lse_lo}.
-// u is formed without either log: z − r is exact where it is small (Sterbenz), and c carries
-// float64 accuracy (see forward's ref_lse), so identical heads give exact zeros. The expm1 form
-// keeps q − p accurate relative to itself for close heads, where two rounded probabilities would
-// leave only their rounding.
+// split_hi_lo). With C = lse_z − lse_r + KL = Σ p (z − r) (forward writes ref_lse so that this
+// holds to float64 rounding) and t + e = z − r exactly (TwoSum):
+//   u = ((t − C_hi) − C_lo) + e = log p − log q − KL,   dL/dz = g·p·u,
+//   dL/dr = g·(q − p) = g·p·expm1(−u − KL)  while |u + KL| < 1/4, else g·(q − p),
+// p = e^{(z − lse_hi) − lse_lo}, q = e^{(r − ref_lse_hi) − ref_lse_lo}. t − C_hi is exact where p
+// is large (Sterbenz), so u is accurate relative to itself whatever the logits' size, the offset
+// between the two heads or the size of log q; and Σ p u = 0 as it should, since C is the
+// forward's Σ p (z − r) of the same logits. Identical heads and a one-token vocabulary give exact
+// zeros. The expm1 form keeps q − p accurate relative to itself for close heads, where two
+// rounded probabilities would leave only their rounding.
 template <typename T>
 struct KlRows {
   const T* grad;
   const T* lse_hi;
   const T* lse_lo;
+  const T* ref_lse_hi;
+  const T* ref_lse_lo;
   const T* c_hi;
   const T* c_lo;
-  const T* kl;          // KL rounded to T
-  const T* ref_lse_hi;  // nullptr unless the reference head needs gradients
-  const T* ref_lse_lo;
+  const T* kl;  // KL rounded to T
 };
 
 template <typename T>
 KlRows<T> shifted(const KlRows<T>& in, int64_t n0) {
-  const bool ref = in.ref_lse_hi != nullptr;
-  return {in.grad + n0,
-          in.lse_hi + n0,
-          in.lse_lo + n0,
-          in.c_hi + n0,
-          in.c_lo + n0,
-          in.kl + n0,
-          ref ? in.ref_lse_hi + n0 : nullptr,
-          ref ? in.ref_lse_lo + n0 : nullptr};
+  return {in.grad + n0,       in.lse_hi + n0, in.lse_lo + n0, in.ref_lse_hi + n0,
+          in.ref_lse_lo + n0, in.c_hi + n0,   in.c_lo + n0,   in.kl + n0};
 }
 
 // e^x − 1 for |x| ≤ 1/4: float32, the Taylor series to x⁷ (truncation < x⁸/40320, 4e-10 relative
@@ -258,8 +281,8 @@ template <typename U, bool HAS_BIAS, bool HAS_SOFTCAP, bool GRAD_Z, bool GRAD_R>
 FASTALIGN_INLINE void to_grads(const KlTile<ScalarOf<U>>& tile, ScalarOf<U>* __restrict__ zp,
                                ScalarOf<U>* __restrict__ rp, int64_t begin, int64_t end,
                                ScalarOf<U> grad, ScalarOf<U> lse_hi, ScalarOf<U> lse_lo,
-                               ScalarOf<U> c_hi, ScalarOf<U> c_lo, ScalarOf<U> kl,
-                               ScalarOf<U> ref_lse_hi, ScalarOf<U> ref_lse_lo) {
+                               ScalarOf<U> ref_lse_hi, ScalarOf<U> ref_lse_lo, ScalarOf<U> c_hi,
+                               ScalarOf<U> c_lo, ScalarOf<U> kl) {
   constexpr int64_t kStep = Lanes<U>::kCount;
   const ScalarOf<U>* __restrict__ bias = tile.bias;
   const ScalarOf<U>* __restrict__ ref_bias = tile.ref_bias;
@@ -267,8 +290,8 @@ FASTALIGN_INLINE void to_grads(const KlTile<ScalarOf<U>>& tile, ScalarOf<U>* __r
   const U cap_over_t = splat<U>(tile.cap_over_t);
   const U g = splat<U>(grad);
   const U row_lse_hi = splat<U>(lse_hi), row_lse_lo = splat<U>(lse_lo);
-  const U row_c_hi = splat<U>(c_hi), row_c_lo = splat<U>(c_lo);
   const U row_ref_lse_hi = splat<U>(ref_lse_hi), row_ref_lse_lo = splat<U>(ref_lse_lo);
+  const U row_c_hi = splat<U>(c_hi), row_c_lo = splat<U>(c_lo);
   const U row_kl = splat<U>(kl);
   const U small = splat<U>(ScalarOf<U>(0.0625));  // (1/4)²
   for (int64_t v = begin; v < end; v += kStep) {
@@ -280,7 +303,8 @@ FASTALIGN_INLINE void to_grads(const KlTile<ScalarOf<U>>& tile, ScalarOf<U>* __r
     const U z = logit_of<U, HAS_SOFTCAP>(a, inv_t, inv_cap, cap_over_t);
     const U r = logit_of<U, HAS_SOFTCAP>(a_ref, inv_t, inv_cap, cap_over_t);
     const U p = vexp((z - row_lse_hi) - row_lse_lo);
-    const U u = ((z - r) - row_c_hi) - row_c_lo;
+    const U t = z - r;
+    const U u = ((t - row_c_hi) - row_c_lo) + difference_error(z, r, t);
     if constexpr (GRAD_Z) {
       U d = g * p * u;
       if constexpr (HAS_SOFTCAP) d *= vsech2(a * inv_cap);
@@ -306,24 +330,41 @@ FASTALIGN_INLINE void forward_rows_impl(const KlTile<ScalarOf<V>>& tile, const K
   for (int64_t row = r0; row < r1; ++row) {
     T* z = tile.z + row * cols;
     T* r = tile.r + row * cols;
-    V bulk_max_z = splat<V>(kNegInf), bulk_max_r = splat<V>(kNegInf);
-    to_logits<V, HAS_BIAS, HAS_SOFTCAP>(tile, z, r, 0, bulk, bulk_max_z, bulk_max_r);
-    T max_z = lane_max(bulk_max_z), max_r = lane_max(bulk_max_r);
-    to_logits<T, HAS_BIAS, HAS_SOFTCAP>(tile, z, r, bulk, cols, max_z, max_r);
+    V bulk_max_z = splat<V>(kNegInf), bulk_max_r = splat<V>(kNegInf), bulk_r_at{};
+    to_logits<V, HAS_BIAS, HAS_SOFTCAP>(tile, z, r, 0, bulk, bulk_max_z, bulk_max_r, bulk_r_at);
+    T max_z = kNegInf, r_at = T(0);
+    if constexpr (Lanes<V>::kCount == 1) {
+      max_z = bulk_max_z;
+      r_at = bulk_r_at;
+    } else {
+      for (int64_t l = 0; l < Lanes<V>::kCount; ++l) {
+        if (bulk_max_z[l] > max_z) {
+          max_z = bulk_max_z[l];
+          r_at = bulk_r_at[l];
+        }
+      }
+    }
+    T max_r = lane_max(bulk_max_r);
+    to_logits<T, HAS_BIAS, HAS_SOFTCAP>(tile, z, r, bulk, cols, max_z, max_r, r_at);
+    // The center: z − r rounded at the largest z, exactly as block_sums rounds it there.
+    const T center = max_z - r_at;
 
-    V v_rest_z{}, v_ties_z{}, v_rest_r{}, v_ties_r{}, v_cross{}, v_diff{};
-    block_sums<V>(z, r, 0, bulk, max_z, max_r, v_rest_z, v_ties_z, v_rest_r, v_ties_r, v_cross,
-                  v_diff);
+    V v_rest_z{}, v_ties_z{}, v_rest_r{}, v_ties_r{}, v_csum{}, v_diff{};
+    block_sums<V>(z, r, 0, bulk, max_z, max_r, center, v_rest_z, v_ties_z, v_rest_r, v_ties_r,
+                  v_csum, v_diff);
     T rest_z = lane_sum(v_rest_z), ties_z = lane_sum(v_ties_z);
     T rest_r = lane_sum(v_rest_r), ties_r = lane_sum(v_ties_r);
-    T cross = lane_sum(v_cross), diff = lane_sum(v_diff);
-    block_sums<T>(z, r, bulk, cols, max_z, max_r, rest_z, ties_z, rest_r, ties_r, cross, diff);
+    T csum = lane_sum(v_csum), diff = lane_sum(v_diff);
+    block_sums<T>(z, r, bulk, cols, max_z, max_r, center, rest_z, ties_z, rest_r, ties_r, csum,
+                  diff);
     // rest = (ties − 1) + Σ_others: the ties are small integers, exact in any dtype.
-    merge_row(state, row, static_cast<double>(max_z),
-              static_cast<double>(rest_z) + (static_cast<double>(ties_z) - 1.0),
-              static_cast<double>(max_r),
-              static_cast<double>(rest_r) + (static_cast<double>(ties_r) - 1.0),
-              static_cast<double>(cross), static_cast<double>(diff));
+    merge_row(state, row,
+              {static_cast<double>(max_z),
+               static_cast<double>(rest_z) + (static_cast<double>(ties_z) - 1.0),
+               static_cast<double>(max_r),
+               static_cast<double>(rest_r) + (static_cast<double>(ties_r) - 1.0),
+               static_cast<double>(center), static_cast<double>(csum),
+               static_cast<double>(diff)});
   }
 }
 
@@ -338,13 +379,12 @@ FASTALIGN_INLINE void backward_rows_impl(const KlTile<ScalarOf<V>>& tile,
     T* r = tile.r + row * cols;
     const T g = in.grad[row];
     const T lse_hi = in.lse_hi[row], lse_lo = in.lse_lo[row];
+    const T ref_lse_hi = in.ref_lse_hi[row], ref_lse_lo = in.ref_lse_lo[row];
     const T c_hi = in.c_hi[row], c_lo = in.c_lo[row], kl = in.kl[row];
-    const T ref_lse_hi = GRAD_R ? in.ref_lse_hi[row] : T(0);
-    const T ref_lse_lo = GRAD_R ? in.ref_lse_lo[row] : T(0);
     to_grads<V, HAS_BIAS, HAS_SOFTCAP, GRAD_Z, GRAD_R>(tile, z, r, 0, bulk, g, lse_hi, lse_lo,
-                                                       c_hi, c_lo, kl, ref_lse_hi, ref_lse_lo);
+                                                       ref_lse_hi, ref_lse_lo, c_hi, c_lo, kl);
     to_grads<T, HAS_BIAS, HAS_SOFTCAP, GRAD_Z, GRAD_R>(tile, z, r, bulk, cols, g, lse_hi, lse_lo,
-                                                       c_hi, c_lo, kl, ref_lse_hi, ref_lse_lo);
+                                                       ref_lse_hi, ref_lse_lo, c_hi, c_lo, kl);
   }
 }
 
@@ -476,8 +516,8 @@ void check_head(const char* fn, const char* hidden_name, const char* weight_name
                 const c10::optional<at::Tensor>& bias, at::ScalarType dtype) {
   check_cpu_contiguous(fn, hidden_name, hidden, 2);
   check_cpu_contiguous(fn, weight_name, weight, 2);
-  TORCH_CHECK_TYPE(hidden.scalar_type() == dtype, fn, ": ", hidden_name, " must have hidden's dtype ",
-                   dtype, ", got ", hidden.scalar_type());
+  TORCH_CHECK_TYPE(hidden.scalar_type() == dtype, fn, ": ", hidden_name,
+                   " must have hidden's dtype ", dtype, ", got ", hidden.scalar_type());
   TORCH_CHECK_TYPE(weight.scalar_type() == dtype, fn, ": ", weight_name,
                    " must have hidden's dtype ", dtype, ", got ", weight.scalar_type());
   TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), fn, ": ", hidden_name, " has H = ",
@@ -645,13 +685,14 @@ void forward_block(const Problem<T>& p, const Plan& plan, Scratch<T>& scratch, i
 
 // n rows of empty state in `storage` (kStateArrays·n doubles).
 KlState empty_state(double* storage, int64_t n) {
-  KlState st{storage,         storage + n,     storage + 2 * n,
-             storage + 3 * n, storage + 4 * n, storage + 5 * n};
+  KlState st{storage,         storage + n,     storage + 2 * n, storage + 3 * n,
+             storage + 4 * n, storage + 5 * n, storage + 6 * n};
   std::fill(st.max_z, st.max_z + n, -std::numeric_limits<double>::infinity());
   std::fill(st.rest_z, st.rest_z + n, -1.0);
   std::fill(st.max_r, st.max_r + n, -std::numeric_limits<double>::infinity());
   std::fill(st.rest_r, st.rest_r + n, -1.0);
-  std::fill(st.cross, st.cross + n, 0.0);
+  std::fill(st.center, st.center + n, 0.0);
+  std::fill(st.csum, st.csum + n, 0.0);
   std::fill(st.diff, st.diff + n, 0.0);
   return st;
 }
@@ -689,8 +730,9 @@ void forward_all(const Problem<T>& p, const KlState& state) {
       for (int64_t slot = 1; slot < plan.slots; ++slot) {
         const KlState& st = slot_state[slot];
         for (int64_t i = i0; i < i1; ++i) {
-          merge_row(state, i, st.max_z[i], st.rest_z[i], st.max_r[i], st.rest_r[i], st.cross[i],
-                    st.diff[i]);
+          merge_row(state, i,
+                    {st.max_z[i], st.rest_z[i], st.max_r[i], st.rest_r[i], st.center[i],
+                     st.csum[i], st.diff[i]});
         }
       }
     });
@@ -742,17 +784,17 @@ std::vector<at::Tensor> linear_kl_forward(const at::Tensor& hidden, const at::Te
         const double log_ratio = std::fabs(ratio) < 0.5
                                      ? std::log1p(ratio)
                                      : std::log1p(state.rest_r[i]) - log_s_z;
-        const double mean_dz = state.cross[i] / s_z;  // Σ p (z̃ − r̃)
+        const double sum_pd = state.center[i] + state.csum[i] / s_z;  // C = Σ p (z − r)
         // KL ≥ 0; rounding may leave a tiny negative (NaN passes through std::max unchanged).
-        const double value = std::max(mean_dz + log_ratio, 0.0);
+        const double value =
+            std::max((sum_pd - (state.max_z[i] - state.max_r[i])) + log_ratio, 0.0);
         const double lse_z = state.max_z[i] + log_s_z;
         kl_out[i] = value;
         lse_out[i] = lse_z;
-        // lse_r = m_r + log s_z + log(s_r / s_z), written so that backward's lse − ref_lse + KL
-        // gives back Σ p (z − r) = (m_z − m_r) + Σ p (z̃ − r̃) to float64 rounding: a difference of
-        // two independently rounded lse would be off by ~1e-7 and bias every gradient of a close
-        // pair of heads.
-        ref_lse_out[i] = (lse_z + value) - ((state.max_z[i] - state.max_r[i]) + mean_dz);
+        // lse_r = m_r + log s_z + log(s_r / s_z), written so that lse − ref_lse + KL gives back C
+        // to float64 rounding (see KlRows): two independently rounded lse would be off by ~1e-7
+        // (far more where log q of the dominant token is large) and bias every gradient.
+        ref_lse_out[i] = (lse_z + value) - sum_pd;
       }
     });
   });
@@ -961,13 +1003,11 @@ std::vector<at::Tensor> linear_kl_backward(
   const at::Tensor lse_kept = kept_rows(lse, sel, at::kDouble);
   const at::Tensor ref_lse_kept = kept_rows(ref_lse, sel, at::kDouble);
   const auto [lse_hi, lse_lo] = split_hi_lo(lse_kept, dtype);
-  // c = lse_z − lse_r + KL = Σ p (z − r): identical heads give lse_z = lse_r and KL = 0, hence
-  // c = 0 exactly.
+  const auto [ref_lse_hi, ref_lse_lo] = split_hi_lo(ref_lse_kept, dtype);
   const at::Tensor kl_kept = kept_rows(kl, sel, at::kDouble);
+  // C = lse_z − lse_r + KL = Σ p (z − r): 0 exactly for identical heads.
   const auto [c_hi, c_lo] = split_hi_lo((lse_kept - ref_lse_kept) + kl_kept, dtype);
   const at::Tensor kl_t = kl_kept.to(dtype).contiguous();
-  at::Tensor ref_lse_hi, ref_lse_lo;
-  if (need_ref) std::tie(ref_lse_hi, ref_lse_lo) = split_hi_lo(ref_lse_kept, dtype);
 
   const auto opts = h.options();
   Grads grads;
@@ -977,21 +1017,19 @@ std::vector<at::Tensor> linear_kl_backward(
   if (compute_dhidden) grads.dh[kPolicy] = at::empty({sel.count, hidden.size(1)}, opts);
   if (compute_dref_hidden) grads.dh[kRef] = at::empty({sel.count, ref_hidden.size(1)}, opts);
   if (compute_dweight) grads.dweight[kPolicy] = at::empty(weight.sizes(), weight.options());
-  if (compute_dref_weight) grads.dweight[kRef] = at::empty(ref_weight.sizes(), ref_weight.options());
+  if (compute_dref_weight) {
+    grads.dweight[kRef] = at::empty(ref_weight.sizes(), ref_weight.options());
+  }
   if (compute_dbias) grads.db[kPolicy] = at::zeros({vocab}, opts);
   if (compute_dref_bias) grads.db[kRef] = at::zeros({vocab}, opts);
   const bool any_bias = has_tensor(bias) || has_tensor(ref_bias);
 
   AT_DISPATCH_FLOATING_TYPES(dtype, fn, [&] {
     using T = scalar_t;
-    const KlRows<T> in{g.data_ptr<T>(),
-                       lse_hi.data_ptr<T>(),
-                       lse_lo.data_ptr<T>(),
-                       c_hi.data_ptr<T>(),
-                       c_lo.data_ptr<T>(),
-                       kl_t.data_ptr<T>(),
-                       need_ref ? ref_lse_hi.data_ptr<T>() : nullptr,
-                       need_ref ? ref_lse_lo.data_ptr<T>() : nullptr};
+    const KlRows<T> in{g.data_ptr<T>(),          lse_hi.data_ptr<T>(),
+                       lse_lo.data_ptr<T>(),     ref_lse_hi.data_ptr<T>(),
+                       ref_lse_lo.data_ptr<T>(), c_hi.data_ptr<T>(),
+                       c_lo.data_ptr<T>(),       kl_t.data_ptr<T>()};
     const Problem<T> problem(make_head(h, weight, bias, any_bias),
                              make_head(h_ref, ref_weight, ref_bias, any_bias), temperature,
                              softcap);

@@ -74,3 +74,65 @@ def test_cpp_property(case):
 @given(case=cases)
 def test_triton_property(case):
     check_against_reference("triton", case)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_kl
+# ---------------------------------------------------------------------------------------------
+
+kl_cases = st.fixed_dictionaries({
+    "lead_shape": st.one_of(st.tuples(st.integers(1, 16)),
+                            st.tuples(st.integers(1, 3), st.integers(1, 5))),
+    "hidden_size": st.integers(1, 32),
+    "ref_hidden_size": st.one_of(st.none(), st.integers(1, 32)),
+    "vocab_size": st.integers(1, 300),
+    "bias": st.booleans(),
+    "ref_bias": st.booleans(),
+    "mask_fraction": st.sampled_from([0.0, 0.3, 1.0]),
+    "logit_scale": st.sampled_from([0.5, 3.0, 20.0]),
+    "ref_shift": st.sampled_from([0.1, 1.0, 3.0]),
+    "temperature": st.sampled_from([1.0, 0.7, 2.5]),
+    "softcap": st.sampled_from([None, 5.0, 30.0]),
+    "reverse": st.booleans(),
+    "seed": st.integers(0, 2**16),
+})
+
+
+def check_kl_against_reference(impl, case):
+    from test_linear_kl import make_kl_inputs, run_kl
+
+    options = {"temperature": case["temperature"], "softcap": case["softcap"],
+               "reverse": case["reverse"]}
+    tensors, mask, upstream = make_kl_inputs(
+        case["lead_shape"], case["hidden_size"], case["vocab_size"],
+        ref_hidden_size=case["ref_hidden_size"], bias=case["bias"], ref_bias=case["ref_bias"],
+        logit_scale=case["logit_scale"], ref_shift=case["ref_shift"],
+        mask_fraction=case["mask_fraction"], seed=case["seed"], device=impl_device(impl))
+    kl, grads = run_kl(tensors, mask, upstream, impl=impl, options=options, grad_ref=True)
+    truth, truth_grads = run_kl(tensors, mask, upstream, upcast=torch.float64, options=options,
+                                grad_ref=True)
+    fp32, fp32_grads = run_kl(tensors, mask, upstream, options=options, grad_ref=True)
+    assert torch.all(kl >= 0)
+    upstream_size = max_magnitude(upstream)
+    assert_within_float32_error(kl, fp32, truth, "kl", 1.0)
+    for name, grad in truth_grads.items():
+        # The terms of dh are (∂L/∂a)·W_v, those of dW are (∂L/∂a)·h_n, with |∂L/∂a| ≲ 2·|g|·T⁻¹
+        # times the logit spread; bound them by the partner tensor's size.
+        partner = {"hidden": "weight", "weight": "hidden", "ref_hidden": "ref_weight",
+                   "ref_weight": "ref_hidden"}.get(name)
+        size = upstream_size * (max_magnitude(tensors[partner]) if partner else 1.0)
+        assert_within_float32_error(grads[name], fp32_grads[name], grad, f"d{name}", size)
+
+
+@pytest.mark.skipif(not impl_is_available("cpp"), reason="C++ extension not built")
+@settings(max_examples=3 * settings.default.max_examples)
+@given(case=kl_cases)
+def test_linear_kl_cpp_property(case):
+    check_kl_against_reference("cpp", case)
+
+
+@pytest.mark.skipif(not impl_is_available("triton"), reason="triton not available")
+@settings(max_examples=settings.default.max_examples)
+@given(case=kl_cases)
+def test_linear_kl_triton_property(case):
+    check_kl_against_reference("triton", case)
