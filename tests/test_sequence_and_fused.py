@@ -332,3 +332,40 @@ def test_fused_ppo_all_masked_batch_is_finite():
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(hidden.grad).all()
     assert all(torch.isfinite(v).all() for v in metrics.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# TRPO step check with the exact fused KL
+# ---------------------------------------------------------------------------------------------
+
+
+def test_trpo_line_search_with_the_exact_fused_kl():
+    """A gradient step on a policy head, kept within a KL trust region measured by linear_kl."""
+    from fastalign import kl_line_search, linear_kl
+
+    hidden, weight, _, _, labels = make_batch(3, 8, 12, 40, dtype=torch.float32)
+    old_weight = weight.clone()
+    mask = next_token_targets(labels) != -100
+    weight.requires_grad_()
+    logps = fastalign.linear_logprobs(hidden, weight, next_token_targets(labels))
+    (-(logps * mask).sum()).backward()
+    step = [-10.0 * weight.grad]  # deliberately too long: the first tries must be rejected
+
+    def mean_kl():  # KL(π_old ‖ π_new) over the response tokens, exact over the vocabulary
+        kl = linear_kl(hidden, old_weight, hidden, weight.detach(), mask=mask)
+        return kl.sum() / mask.sum()
+
+    def surrogate():
+        return fastalign.linear_logprobs(hidden, weight.detach(),
+                                         next_token_targets(labels)).sum()
+
+    result = kl_line_search([weight], step, mean_kl, max_kl=0.01, surrogate_fn=surrogate)
+    assert result.accepted and result.n_backtracks > 0 and result.kl <= 0.01
+    assert mean_kl().item() == pytest.approx(result.kl, rel=1e-6)
+    torch.testing.assert_close(weight.detach(), old_weight + result.step_fraction * step[0])
+    # The exact KL agrees with the materialised one.
+    with torch.no_grad():
+        log_p = torch.log_softmax(hidden @ old_weight.T, -1)
+        log_q = torch.log_softmax(hidden @ weight.T, -1)
+        eager = ((log_p.exp() * (log_p - log_q)).sum(-1) * mask).sum() / mask.sum()
+    assert mean_kl().item() == pytest.approx(eager.item(), rel=1e-4, abs=1e-7)
