@@ -1,7 +1,14 @@
 """fastalign: fused kernels for LLM alignment losses that never materialise the logits."""
 
 from fastalign._extension import EXTENSION as _EXTENSION  # noqa: F401  (warns once if missing)
-from fastalign.fused import FusedDPOLoss, FusedKTOLoss, FusedPPOLoss
+from fastalign.fused import (
+    FusedCPOLoss,
+    FusedDPOLoss,
+    FusedKTOLoss,
+    FusedORPOLoss,
+    FusedPPOLoss,
+    FusedSimPOLoss,
+)
 from fastalign.gae import gae
 from fastalign.linear_kl import linear_kl
 from fastalign.linear_logprobs import (
@@ -78,8 +85,11 @@ __all__ = [
     "simpo_loss",
     "votes_to_score",
     # fused loss modules: hidden states and head straight to the loss
+    "FusedCPOLoss",
     "FusedDPOLoss",
     "FusedKTOLoss",
+    "FusedORPOLoss",
     "FusedPPOLoss",
+    "FusedSimPOLoss",
     "__version__",
 ]

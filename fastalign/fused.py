@@ -1,5 +1,8 @@
 """Fused loss modules: from final hidden states and the LM head straight to an alignment loss.
 
+``FusedDPOLoss`` (every DPO-family loss type), ``FusedSimPOLoss``, ``FusedCPOLoss``,
+``FusedORPOLoss`` (reference-free), ``FusedKTOLoss`` and ``FusedPPOLoss`` (PPO and GRPO).
+
 Each module runs the fused per-token op (``fastalign.linear_logprobs``, never materialising the
 [tokens × vocab] logits), reduces per sequence with the causal shift and masking done once
 (``fastalign.sequence``), and hands the result to the plain-PyTorch loss of ``fastalign.losses``.
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastalign.losses.dpo import dpo_loss
+from fastalign.losses.dpo import cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from fastalign.losses.kto import kto_loss
 from fastalign.losses.ppo import (
     aggregate_token_loss,
@@ -130,6 +133,54 @@ class FusedDPOLoss(_FusedSequenceLoss):
             chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **self.loss_options,
         )
+
+
+class _FusedReferenceFreeLoss(_FusedSequenceLoss):
+    """SimPO / CPO / ORPO from hidden states: no reference model, chosen stacked on rejected.
+
+    As TRL's CPO and ORPO trainers do, the NLL term on the chosen answers is the mean over all
+    chosen response tokens of the batch (a 0-d tensor), and SimPO and ORPO compare
+    length-averaged log-probs while CPO compares summed ones.
+    """
+
+    loss_fn = None  # set by subclasses
+    length_averaged = True
+
+    def __init__(self, *, temperature: float = 1.0, softcap: float | None = None,
+                 ignore_index: int = -100, impl: str = "auto", **loss_options) -> None:
+        super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+                         impl=impl)
+        self.loss_options = loss_options
+
+    def forward(self, hidden, weight, labels, *, bias=None) -> tuple[torch.Tensor, Metrics]:
+        policy = self.sequence_logprobs(hidden, weight, labels, bias)
+        per_sequence = policy.mean_logps if self.length_averaged else policy.sum_logps
+        chosen_logps, rejected_logps = _split_pairs("hidden", per_sequence)
+        chosen_sums, _ = policy.sum_logps.chunk(2)
+        chosen_nll = -chosen_sums.sum() / policy.lengths.chunk(2)[0].sum().clamp(min=1)
+        return type(self).loss_fn(chosen_logps, rejected_logps, chosen_nll=chosen_nll,
+                                  **self.loss_options)
+
+
+class FusedSimPOLoss(_FusedReferenceFreeLoss):
+    """SimPO (Meng et al., 2024) from hidden states: ``FusedSimPOLoss(beta=2.0, gamma=0.5)``.
+
+    ``alpha > 0`` adds the NLL of the chosen answers (CPO-SimPO)."""
+
+    loss_fn = staticmethod(simpo_loss)
+
+
+class FusedCPOLoss(_FusedReferenceFreeLoss):
+    """CPO (Xu et al., 2024) from hidden states: ``FusedCPOLoss(beta=0.1, alpha=1.0)``."""
+
+    loss_fn = staticmethod(cpo_loss)
+    length_averaged = False
+
+
+class FusedORPOLoss(_FusedReferenceFreeLoss):
+    """ORPO (Hong et al., 2024) from hidden states: ``FusedORPOLoss(beta=0.1)``."""
+
+    loss_fn = staticmethod(orpo_loss)
 
 
 class FusedKTOLoss(_FusedSequenceLoss):

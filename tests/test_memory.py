@@ -76,3 +76,33 @@ def test_linear_kl_forward_backward_at_128k_vocab_stays_far_below_the_logits():
         f"peak rose by {peak / 2**20:.0f} MiB; one head's fp32 logits would be "
         f"{FULL_LOGITS_BYTES / 2**20:.0f} MiB"
     )
+
+
+@pytest.mark.skipif(not cpu_peak_supported(), reason="needs /proc/self/clear_refs (Linux)")
+@pytest.mark.skipif(not impl_is_available("cpp"), reason="C++ extension not built")
+def test_fused_dpo_step_at_128k_vocab_stays_far_below_the_logits():
+    """A DPO step (policy and reference head) at 2048 tokens: one head's logits are 1 GiB."""
+    from fastalign import FusedDPOLoss
+
+    pairs, length = 2, 512
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2 * pairs, length, H, generator=gen).requires_grad_()
+    weight = (torch.randn(V, H, generator=gen) / H**0.5).requires_grad_()
+    ref_hidden = hidden.detach() + 0.1 * torch.randn(hidden.shape, generator=gen)
+    ref_weight = weight.detach() + 0.01 * torch.randn(V, H, generator=gen)
+    labels = torch.randint(0, V, (2 * pairs, length), generator=gen)
+    labels[:, :128] = -100
+    loss_fn = FusedDPOLoss(beta=0.1)
+
+    def step():
+        loss, _ = loss_fn(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight)
+        loss.backward()
+        return loss.detach()
+
+    loss, peak = measure_peak_memory(step, "cpu")
+    logits_bytes = 2 * pairs * length * V * 4
+    assert torch.isfinite(loss) and weight.grad is not None
+    assert peak < logits_bytes / 8, (
+        f"peak rose by {peak / 2**20:.0f} MiB; one head's fp32 logits would be "
+        f"{logits_bytes / 2**20:.0f} MiB"
+    )

@@ -11,8 +11,15 @@ from helpers import impl_device, impl_is_available
 
 import fastalign
 from fastalign import next_token_targets, sequence_logprobs
-from fastalign.fused import FusedDPOLoss, FusedKTOLoss, FusedPPOLoss
-from fastalign.losses.dpo import dpo_loss
+from fastalign.fused import (
+    FusedCPOLoss,
+    FusedDPOLoss,
+    FusedKTOLoss,
+    FusedORPOLoss,
+    FusedPPOLoss,
+    FusedSimPOLoss,
+)
+from fastalign.losses.dpo import cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from fastalign.losses.kto import kto_loss
 from fastalign.losses.ppo import kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss
 
@@ -238,6 +245,37 @@ def test_fused_dpo_explains_missing_reference_and_odd_batches():
         FusedDPOLoss()(hidden[:3], weight, labels[:3], ref_hidden=hidden[:3], ref_weight=weight)
     with pytest.raises(ValueError, match="beta"):
         FusedDPOLoss(beta=0.0)(hidden, weight, labels, ref_hidden=hidden, ref_weight=weight)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("module,loss_fn,options,averaged", [
+    (FusedSimPOLoss, simpo_loss, dict(beta=2.0, gamma=0.5, alpha=0.3), True),
+    (FusedCPOLoss, cpo_loss, dict(beta=0.1, alpha=1.0, label_smoothing=0.1), False),
+    (FusedORPOLoss, orpo_loss, dict(beta=0.2), True),
+], ids=["simpo", "cpo", "orpo"])
+def test_fused_reference_free_equals_materialised_logits(impl, module, loss_fn, options,
+                                                         averaged):
+    _require(impl)
+    device, dtype = _device_dtype(impl)
+    hidden, weight, bias, _, labels = make_batch(6, 8, 12, 29, dtype=dtype, device=device)
+    h1, w1, b1 = _leaves(hidden, weight, bias)
+    loss, metrics = module(impl=impl, temperature=0.9, **options)(h1, w1, labels, bias=b1)
+
+    h2, w2, b2 = _leaves(hidden, weight, bias)
+    token, mask = eager_token_logps(h2, w2, labels, bias=b2, temperature=0.9)
+    sums, lengths = token.sum(-1), mask.sum(-1)
+    per_sequence = sums / lengths if averaged else sums
+    chosen_nll = -sums[:3].sum() / lengths[:3].sum()  # token mean over the chosen answers (TRL)
+    expected, expected_metrics = loss_fn(*per_sequence.chunk(2), chosen_nll=chosen_nll, **options)
+    rtol, atol = _tolerances(dtype)
+    torch.testing.assert_close(loss.double(), expected.double(), rtol=rtol, atol=atol)
+    assert set(metrics) == set(expected_metrics)
+    for name in metrics:
+        torch.testing.assert_close(metrics[name].double(), expected_metrics[name].double(),
+                                   rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+    loss.backward()
+    expected.backward()
+    _assert_grads_close([h1, w1, b1], [h2, w2, b2], ["hidden", "weight", "bias"], rtol, atol)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
