@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastalign.linear_kl import linear_kl
 from fastalign.losses.dpo import cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from fastalign.losses.kto import kto_loss
 from fastalign.losses.ppo import (
@@ -235,15 +236,21 @@ class FusedKTOLoss(_FusedSequenceLoss):
 class FusedPPOLoss(_FusedSequenceLoss):
     """PPO / GRPO optimisation loss from hidden states (ALGORITHMS.md §8).
 
-    ``L = L_clip + kl_coef·agg(k(π, π_ref)) + vf_coef·L_value − ent_coef·mean entropy``, where the
-    clipped surrogate and the KL term are aggregated over tokens by ``loss_agg`` ("token_mean",
-    or "grpo", "dapo", "dr_grpo"). GRPO is ``loss_agg="grpo", kl_coef=0.04, kl_estimator="k3"``
+    ``L = L_clip + kl_coef·agg(KL) + vf_coef·L_value − ent_coef·mean entropy``, where the clipped
+    surrogate and the KL term are aggregated over tokens by ``loss_agg`` ("token_mean", or
+    "grpo", "dapo", "dr_grpo"). GRPO is ``loss_agg="grpo", kl_coef=0.04, kl_estimator="k3"``
     with one advantage per sequence. The value loss is added when ``values`` are given (from a
     value head; they carry its gradient).
 
+    The KL to the reference is either a sampled estimate at the taken tokens (``kl_estimator``
+    "k1", "k2", "k3" or "abs", from ``ref_logps``) or, with ``kl_estimator="exact"``, the exact
+    KL(π‖π_ref) over the whole vocabulary at every response position, streamed from
+    ``ref_hidden`` and ``ref_weight`` by ``fastalign.linear_kl`` (no logits of either head).
+
     Inputs: ``hidden`` [B, T, H], ``labels`` [B, T] (response token ids, ``ignore_index``
     elsewhere), ``old_logps`` [B, T − 1] (rollout log-probs), ``advantages`` [B, T − 1] or [B];
-    optionally ``ref_logps``, ``values``, ``old_values``, ``returns`` [B, T − 1].
+    optionally ``ref_logps``, ``values``, ``old_values``, ``returns`` [B, T − 1], or
+    ``ref_hidden`` [B, T, H_ref] and ``ref_weight`` [V, H_ref] for the exact KL.
     """
 
     def __init__(self, *, clip: float = 0.2, clip_high: float | None = None,
@@ -263,7 +270,8 @@ class FusedPPOLoss(_FusedSequenceLoss):
         self.loss_agg = loss_agg
 
     def forward(self, hidden, weight, labels, old_logps, advantages, *, bias=None, ref_logps=None,
-                values=None, old_values=None, returns=None) -> tuple[torch.Tensor, Metrics]:
+                ref_hidden=None, ref_weight=None, ref_bias=None, values=None, old_values=None,
+                returns=None) -> tuple[torch.Tensor, Metrics]:
         policy = self.sequence_logprobs(hidden, weight, labels, bias,
                                         return_entropy=self.ent_coef > 0)
         logps, mask = policy.token_logps, policy.token_mask
@@ -274,14 +282,12 @@ class FusedPPOLoss(_FusedSequenceLoss):
             dual_clip=self.dual_clip, loss_agg=self.loss_agg,
         )
         metrics["loss/policy"] = loss.detach()
-        if ref_logps is not None:
-            kl = kl_penalty(logps, ref_logps, estimator=self.kl_estimator)
-            kl_loss = aggregate_token_loss(kl, mask, mode=self.loss_agg)
+        kl = self._kl(hidden, weight, bias, logps, mask, ref_logps, ref_hidden, ref_weight,
+                      ref_bias)
+        if kl is not None:
             metrics["kl"] = masked_mean(kl.detach(), mask)
             if self.kl_coef > 0:
-                loss = loss + self.kl_coef * kl_loss
-        elif self.kl_coef > 0:
-            raise ValueError("FusedPPOLoss: kl_coef > 0 needs ref_logps [B, T − 1]")
+                loss = loss + self.kl_coef * aggregate_token_loss(kl, mask, mode=self.loss_agg)
         if values is not None:
             if old_values is None or returns is None:
                 raise ValueError("FusedPPOLoss: values need old_values and returns as well")
@@ -296,3 +302,27 @@ class FusedPPOLoss(_FusedSequenceLoss):
             loss = loss - self.ent_coef * entropy
         metrics["loss/total"] = loss.detach()
         return loss, metrics
+
+    def _kl(self, hidden, weight, bias, logps, mask, ref_logps, ref_hidden, ref_weight,
+            ref_bias) -> torch.Tensor | None:
+        """Per-token KL to the reference, [B, T − 1], or None when no reference was given."""
+        if self.kl_estimator == "exact":
+            if ref_hidden is None or ref_weight is None:
+                if self.kl_coef > 0:
+                    raise ValueError("FusedPPOLoss: kl_estimator='exact' needs ref_hidden "
+                                     "[B, T, H_ref] and ref_weight [V, H_ref]")
+                return None
+            # Position t of the hidden states predicts token t + 1: the last one predicts nothing.
+            positions = torch.zeros(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
+            positions[:, :-1] = mask
+            kl = linear_kl(hidden, weight, ref_hidden.detach(), ref_weight.detach(),
+                           mask=positions, bias=bias,
+                           ref_bias=None if ref_bias is None else ref_bias.detach(),
+                           temperature=self.temperature, softcap=self.softcap, impl=self.impl)
+            return kl[:, :-1]
+        if ref_logps is None:
+            if self.kl_coef > 0:
+                raise ValueError("FusedPPOLoss: kl_coef > 0 needs ref_logps [B, T − 1] (or "
+                                 "kl_estimator='exact' with ref_hidden and ref_weight)")
+            return None
+        return kl_penalty(logps, ref_logps, estimator=self.kl_estimator)

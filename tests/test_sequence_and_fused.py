@@ -360,6 +360,55 @@ def test_fused_ppo_equals_materialised_logits(impl, mode):
     _assert_grads_close([h1, w1], [h2, w2], ["hidden", "weight"], rtol, atol)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_ppo_with_the_exact_kl_equals_materialised_logits(impl):
+    _require(impl)
+    device, dtype = _device_dtype(impl)
+    hidden, weight, bias, _, labels = make_batch(4, 9, 10, 27, dtype=dtype, device=device)
+    ref_hidden = hidden + 0.3 * torch.randn_like(hidden)
+    ref_weight = weight + 0.1 * torch.randn_like(weight)
+    with torch.no_grad():
+        token, mask = eager_token_logps(hidden, weight, labels, bias=bias)
+    old_logps = token.to(dtype) + 0.2 * torch.randn_like(token).to(dtype)
+    advantages = torch.randn(4, dtype=dtype, device=device)
+    options = dict(loss_agg="grpo", kl_coef=0.1, kl_estimator="exact", softcap=6.0)
+
+    h1, w1, b1 = _leaves(hidden, weight, bias)
+    loss, metrics = FusedPPOLoss(impl=impl, **options)(
+        h1, w1, labels, old_logps, advantages, bias=b1, ref_hidden=ref_hidden,
+        ref_weight=ref_weight, ref_bias=bias)
+
+    h2, w2, b2 = _leaves(hidden, weight, bias)
+    token, mask = eager_token_logps(h2, w2, labels, bias=b2, softcap=6.0)
+
+    def log_probs(h, w, b):
+        logits = (h.double() @ w.double().T + b.double())[:, :-1]
+        return torch.log_softmax(6.0 * torch.tanh(logits / 6.0), -1)
+
+    log_p, log_q = log_probs(h2, w2, b2), log_probs(ref_hidden, ref_weight, bias)
+    exact_kl = (log_p.exp() * (log_p - log_q)).sum(-1) * mask
+    from fastalign.losses.ppo import aggregate_token_loss
+    expected, _ = ppo_policy_loss(token, old_logps, advantages[:, None].expand(token.shape), mask,
+                                  loss_agg="grpo")
+    expected = expected + 0.1 * aggregate_token_loss(exact_kl, mask, mode="grpo")
+    rtol, atol = _tolerances(dtype)
+    torch.testing.assert_close(loss.double(), expected.double(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(metrics["kl"].double(), masked_mean(exact_kl, mask).detach(),
+                               rtol=rtol, atol=atol)
+    loss.backward()
+    expected.backward()
+    _assert_grads_close([h1, w1, b1], [h2, w2, b2], ["hidden", "weight", "bias"], rtol, atol)
+
+
+def test_fused_ppo_explains_a_missing_reference():
+    hidden, weight, _, _, labels = make_batch(2, 5, 8, 13)
+    zeros = torch.zeros(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="kl_estimator='exact' needs ref_hidden"):
+        FusedPPOLoss(kl_coef=0.1, kl_estimator="exact")(hidden, weight, labels, zeros, zeros)
+    with pytest.raises(ValueError, match="kl_coef > 0 needs ref_logps"):
+        FusedPPOLoss(kl_coef=0.1)(hidden, weight, labels, zeros, zeros)
+
+
 def test_fused_ppo_all_masked_batch_is_finite():
     hidden, weight, _, _, labels = make_batch(2, 5, 8, 13)
     labels[:] = -100
