@@ -210,6 +210,9 @@ class FusedKTOLoss(_FusedSequenceLoss):
         with_kl = kl_hidden is not None
         if with_kl != (kl_labels is not None):
             raise ValueError("FusedKTOLoss: kl_hidden and kl_labels must be given together")
+        if not with_kl and (ref_kl_logps is not None or ref_kl_hidden is not None):
+            raise ValueError("FusedKTOLoss: ref_kl_logps / ref_kl_hidden were given without "
+                             "kl_hidden and kl_labels (the mismatched batch through the policy)")
         precomputed = {"ref_logps": ref_logps}
         if with_kl:
             precomputed["ref_kl_logps"] = ref_kl_logps

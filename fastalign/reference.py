@@ -108,7 +108,7 @@ def linear_kl_reference(
         log_p, log_q = log_q, log_p
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     if mask is not None:
-        kl = torch.where(mask, kl, torch.zeros_like(kl))
+        kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
     return kl
 
 
@@ -133,6 +133,7 @@ def gae_reference(
         ``(advantages, returns)`` [B, T] in float32 (float64 for float64 rewards), detached.
     """
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    mask = mask.bool()
     rewards = rewards.detach().to(dtype)
     values = values.detach().to(dtype)
     advantages = torch.zeros_like(rewards)

@@ -285,7 +285,8 @@ def _forward_merge_kernel(
     # t/s is small for a peaked p. V = 1 and identical heads: 0 + 0 + 0, exactly.
     kl = (t / (1.0 + r)).to(tl.float64) + ((m_ref64 - y.to(tl.float64)) + (log_s_ref - log_s))
     # KL ≥ 0; rounding can leave a hair below 0 when p ≈ q.
-    tl.store(kl_ptr + offs, tl.where(kl > 0.0, kl, 0.0), mask=mask)
+    # Clip rounding below 0, written so that a NaN (bad input) stays NaN rather than becoming 0.
+    tl.store(kl_ptr + offs, tl.where(kl < 0.0, 0.0, kl), mask=mask)
     tl.store(lse_ptr + offs, m64 + log_s, mask=mask)
     tl.store(ref_lse_ptr + offs, m_ref64 + log_s_ref, mask=mask)
 

@@ -238,3 +238,28 @@ def test_empty_batch_gives_empty_result_and_zero_gradient():
     assert kl.shape == (0,)
     kl.sum().backward()
     assert weight.grad is not None and (weight.grad == 0).all()
+
+
+@pytest.mark.parametrize("impl", [*FUSED_IMPLS, "reference"])
+def test_nan_or_inf_in_the_inputs_propagates_instead_of_reading_zero(impl):
+    """A diverged head must show up as NaN, never as a KL of 0 that silently drops a penalty."""
+    _require(impl)
+    tensors, _, _ = make_kl_inputs((4,), 8, 37, device=impl_device(impl))
+    tensors["hidden"][1, 3] = float("nan")
+    tensors["ref_hidden"][2, 0] = float("inf")
+    kl = linear_kl(tensors["hidden"], tensors["weight"], tensors["ref_hidden"],
+                   tensors["ref_weight"], impl=impl)
+    assert torch.isfinite(kl[[0, 3]]).all()
+    assert torch.isnan(kl[1]) and torch.isnan(kl[2])
+
+
+def test_references_accept_integer_masks():
+    from fastalign import gae_reference
+
+    tensors, _, _ = make_kl_inputs((2, 3), 8, 11)
+    mask = torch.tensor([[1, 0, 1], [0, 0, 1]])
+    kl = linear_kl_reference(tensors["hidden"], tensors["weight"], tensors["ref_hidden"],
+                             tensors["ref_weight"], mask=mask)
+    assert (kl[mask == 0] == 0).all() and (kl[mask == 1] > 0).all()
+    advantages, _ = gae_reference(torch.ones(2, 3), torch.zeros(2, 3), mask)
+    assert advantages[0].tolist() == [pytest.approx(1.95), 0.0, 1.0]

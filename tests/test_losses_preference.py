@@ -534,9 +534,10 @@ def test_kto_with_one_group_empty_has_no_nan():
 
 
 def test_kto_without_kl_uses_zero_reference_point():
-    p, r = make_pairs(1, torch.float64, seed=17)[:2]  # B = 1 is fine without the KL pairs
-    loss, metrics = kto_loss(p, r, None, None, torch.tensor([False]), beta=0.3)
-    expected, _ = ref_kto(as_floats(p), as_floats(r), [0.0], [0.0], [False], beta=0.3)
+    p, r = make_pairs(2, torch.float64, seed=17)[:2]
+    loss, metrics = kto_loss(p, r, None, None, torch.tensor([False, True]), beta=0.3)
+    expected, _ = ref_kto(as_floats(p), as_floats(r), [0.0, 0.0], [0.0, 0.0], [False, True],
+                          beta=0.3)
     check_close(loss, expected, 1e-12, 1e-12, "kto without kl")
     assert float(metrics["kl"]) == 0
 
@@ -548,21 +549,42 @@ def test_kto_mismatched_indices_shift_completions_by_one_as_trl():
     assert all(i != j for i, j in enumerate(idx.tolist()))
 
 
-def test_kto_process_group_averages_the_kl(tmp_path):
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("torch.distributed unavailable or already initialised")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
+def _kto_rank(rank, world_size, store, results):
+    """One gloo rank: its own KL batch; returns (z_ref metric, loss) through ``results``."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world_size)
     try:
         p, r, pk, rk = (t.detach() for t in make_pairs(4, torch.float64, seed=18))
-        desirable = torch.tensor([True, False, True, False])
-        local = kto_loss(p, r, pk + 1.0, rk, desirable)
-        grouped = kto_loss(p, r, pk + 1.0, rk, desirable, process_group=dist.group.WORLD)
-        torch.testing.assert_close(local[0], grouped[0])
-        torch.testing.assert_close(local[1]["kl"], grouped[1]["kl"])
+        # Rank means of policy_kl − ref_kl are 1 and 3: z_ref = 2 (a sum would give 4, and
+        # negative means would hide any reduction behind the clamp at 0).
+        shift = 1.0 + 2.0 * rank - float((pk - rk).mean())
+        loss, metrics = kto_loss(p, r, pk + shift, rk, torch.tensor([True, False, True, False]),
+                                 process_group=dist.group.WORLD)
+        results[rank] = (float(metrics["kl"]), float(loss))
     finally:
         dist.destroy_process_group()
+
+
+def test_kto_process_group_averages_the_kl_over_two_ranks(tmp_path):
+    """Two real gloo processes with different KL batches: z_ref is the mean of the rank means."""
+    mp = pytest.importorskip("torch.multiprocessing")
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed unavailable")
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_kto_rank, args=(2, tmp_path / "store", results), nprocs=2, join=True)
+        results = dict(results)
+    p, r, pk, rk = (t.detach() for t in make_pairs(4, torch.float64, seed=18))
+    z_ref = 2.0
+    assert results[0][0] == pytest.approx(z_ref, rel=1e-12)
+    assert results[1][0] == pytest.approx(z_ref, rel=1e-12)
+    # Both ranks' losses use the shared reference point, so they are equal on equal batches.
+    expected, _ = ref_kto(as_floats(p), as_floats(r), [z_ref + float(rk.mean())] * 4,
+                          [float(rk.mean())] * 4, [True, False, True, False], beta=0.1)
+    assert results[0][1] == pytest.approx(expected, rel=1e-9)
+    assert results[1][1] == pytest.approx(expected, rel=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -112,21 +112,21 @@ def kto_loss(
         NaN) and count 0.
 
     Raises:
-        ValueError: B = 1 with KL log-probs given (the mismatched-pair KL needs B >= 2), bad
-            shapes, β <= 0 or negative weights.
+        ValueError: B = 1 (ALGORITHMS.md §6: KTO needs a batch of at least 2, for its
+            mismatched-pair KL), bad shapes, β <= 0 or negative weights.
     """
     batch_size = check_per_sequence(policy_logps=policy_logps, ref_logps=ref_logps)
     if (policy_kl_logps is None) != (ref_kl_logps is None):
         raise ValueError(
             "policy_kl_logps and ref_kl_logps must both be tensors or both be None (z_ref = 0)"
         )
+    if batch_size < 2:
+        raise ValueError(
+            "KTO needs a batch of at least 2 examples (B >= 2): the KL reference point pairs "
+            f"each prompt with another example's completion; got B={batch_size}"
+        )
     if policy_kl_logps is not None:
         check_per_sequence(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
-        if batch_size < 2:
-            raise ValueError(
-                "KTO needs a batch of at least 2 examples (B >= 2): the KL reference point pairs "
-                f"each prompt with another example's completion; got B={batch_size}"
-            )
     if not isinstance(desirable, torch.Tensor):
         raise TypeError(f"desirable must be a torch.Tensor, got {type(desirable).__name__}")
     if desirable.dtype != torch.bool:
