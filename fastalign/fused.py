@@ -27,6 +27,8 @@ from fastalign.linear_kl import linear_kl
 from fastalign.losses.dpo import cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from fastalign.losses.kto import kto_loss
 from fastalign.losses.ppo import (
+    AGGREGATION_NAMES,
+    KL_ESTIMATORS,
     aggregate_token_loss,
     kl_penalty,
     masked_mean,
@@ -267,6 +269,12 @@ class FusedPPOLoss(_FusedSequenceLoss):
         for name, value in (("kl_coef", kl_coef), ("vf_coef", vf_coef), ("ent_coef", ent_coef)):
             if not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"FusedPPOLoss: {name} must be a number >= 0, got {value!r}")
+        if kl_estimator not in (*KL_ESTIMATORS, "exact"):
+            raise ValueError(f"FusedPPOLoss: kl_estimator must be one of "
+                             f"{(*KL_ESTIMATORS, 'exact')}, got {kl_estimator!r}")
+        if loss_agg not in AGGREGATION_NAMES:
+            raise ValueError(f"FusedPPOLoss: loss_agg must be one of {AGGREGATION_NAMES}, got "
+                             f"{loss_agg!r}")
         self.clip, self.clip_high, self.dual_clip = clip, clip_high, dual_clip
         self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
         self.vf_coef, self.vf_clip, self.ent_coef = vf_coef, vf_clip, ent_coef
@@ -295,7 +303,7 @@ class FusedPPOLoss(_FusedSequenceLoss):
             if old_values is None or returns is None:
                 raise ValueError("FusedPPOLoss: values need old_values and returns as well")
             value_loss, value_metrics = ppo_value_loss(values, old_values, returns, mask,
-                                                       clip=self.vf_clip)
+                                                       clip=self.vf_clip, loss_agg=self.loss_agg)
             metrics.update(value_metrics)
             metrics["loss/value"] = value_loss.detach()
             loss = loss + self.vf_coef * value_loss

@@ -400,6 +400,13 @@ def test_fused_ppo_with_the_exact_kl_equals_materialised_logits(impl):
     _assert_grads_close([h1, w1, b1], [h2, w2, b2], ["hidden", "weight", "bias"], rtol, atol)
 
 
+def test_fused_ppo_refuses_unknown_options_at_construction():
+    with pytest.raises(ValueError, match="kl_estimator must be one of"):
+        FusedPPOLoss(kl_estimator="k5")
+    with pytest.raises(ValueError, match="loss_agg must be one of"):
+        FusedPPOLoss(loss_agg="sum")
+
+
 def test_fused_ppo_explains_a_missing_reference():
     hidden, weight, _, _, labels = make_batch(2, 5, 8, 13)
     zeros = torch.zeros(2, 4, dtype=torch.float64)

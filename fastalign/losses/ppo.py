@@ -66,6 +66,8 @@ _AGGREGATION_ALIASES = {
     "dr_grpo": "dr_grpo",
     "seq_mean_token_sum_norm": "dr_grpo",
 }
+# Every accepted spelling of a mode.
+AGGREGATION_NAMES = tuple(_AGGREGATION_ALIASES)
 
 
 # ----------------------------------------------------------------------------------------------
