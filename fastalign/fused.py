@@ -134,8 +134,16 @@ class FusedDPOLoss(_FusedSequenceLoss):
             ref_chosen_logps, ref_rejected_logps = reference.sum_logps.chunk(2)
         return dpo_loss(
             chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **self.loss_options,
+            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+            chosen_nll=_chosen_token_nll(policy), **self.loss_options,
         )
+
+
+def _chosen_token_nll(policy: SequenceLogprobs) -> torch.Tensor:
+    """The NLL of the chosen answers as TRL's SFT terms take it: the mean over every chosen
+    response token of the batch (the first half of a chosen-on-rejected stack), 0-d."""
+    chosen_sums, _ = policy.sum_logps.chunk(2)
+    return -chosen_sums.sum() / policy.lengths.chunk(2)[0].sum().clamp(min=1)
 
 
 class _FusedReferenceFreeLoss(_FusedSequenceLoss):
@@ -159,10 +167,8 @@ class _FusedReferenceFreeLoss(_FusedSequenceLoss):
         policy = self.sequence_logprobs(hidden, weight, labels, bias)
         per_sequence = policy.mean_logps if self.length_averaged else policy.sum_logps
         chosen_logps, rejected_logps = _split_pairs("hidden", per_sequence)
-        chosen_sums, _ = policy.sum_logps.chunk(2)
-        chosen_nll = -chosen_sums.sum() / policy.lengths.chunk(2)[0].sum().clamp(min=1)
-        return type(self).loss_fn(chosen_logps, rejected_logps, chosen_nll=chosen_nll,
-                                  **self.loss_options)
+        return type(self).loss_fn(chosen_logps, rejected_logps,
+                                  chosen_nll=_chosen_token_nll(policy), **self.loss_options)
 
 
 class FusedSimPOLoss(_FusedReferenceFreeLoss):

@@ -533,6 +533,16 @@ def test_kto_with_one_group_empty_has_no_nan():
     assert float(metrics["rewards/rejected"]) == 0 and float(metrics["logps/rejected"]) == 0
 
 
+def test_dpo_sft_term_takes_a_token_mean_nll_as_trl():
+    pc, pr, rc, rr = (t.detach() for t in make_pairs(4, torch.float64, seed=23))
+    nll = torch.tensor(2.5, dtype=torch.float64)
+    loss, metrics = dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5],
+                             chosen_nll=nll)
+    sigmoid, _ = dpo_loss(pc, pr, rc, rr)
+    check_close(loss, float(sigmoid) + 0.5 * 2.5, 1e-12, 1e-12, "sigmoid + 0.5 sft")
+    assert float(metrics["loss/sft"]) == 2.5
+
+
 def test_kto_without_kl_uses_zero_reference_point():
     p, r = make_pairs(2, torch.float64, seed=17)[:2]
     loss, metrics = kto_loss(p, r, None, None, torch.tensor([False, True]), beta=0.3)

@@ -198,10 +198,11 @@ def test_fused_dpo_equals_materialised_logits(impl, loss_type, extra):
     lengths = mask.sum(-1)
     chosen, rejected = token.sum(-1).chunk(2)
     ref_chosen, ref_rejected = ref_token.sum(-1).chunk(2)
+    chosen_nll = -chosen.sum() / lengths[:3].sum()  # TRL's token mean over the chosen answers
     expected, expected_metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected,
                                           chosen_lengths=lengths[:3].clamp(min=1),
                                           rejected_lengths=lengths[3:].clamp(min=1),
-                                          **options)
+                                          chosen_nll=chosen_nll, **options)
     rtol, atol = _tolerances(dtype)
     torch.testing.assert_close(loss.double(), expected.double(), rtol=rtol, atol=atol)
     assert set(metrics) == set(expected_metrics)

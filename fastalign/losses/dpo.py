@@ -164,6 +164,7 @@ def dpo_loss(
     rejected_lengths: torch.Tensor | None = None,
     discopop_tau: float = 0.05,
     bco_delta: float = 0.0,
+    chosen_nll: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Direct Preference Optimization and its variants, as in TRL's ``DPOTrainer``.
 
@@ -218,6 +219,8 @@ def dpo_loss(
         discopop_tau: τ > 0, the temperature of DiscoPOP's modulation σ(u/τ).
         bco_delta: δ, the reward shift of bco_pair. TRL passes a running mean of the rewards
             β·ρ (kept by the trainer across steps); the default 0 is ALGORITHMS.md's formula.
+        chosen_nll: optional NLL of the chosen answers for the sft term, 0-d (TRL's token mean
+            over every chosen token of the batch) or [B]; then sft needs no ``chosen_lengths``.
 
     Returns:
         ``(loss, metrics)``: loss is 0-d float32 (float64 for float64 inputs). Metrics, detached
@@ -265,9 +268,11 @@ def dpo_loss(
                 f"weights for {len(loss_types)} loss types {loss_types}"
             )
         weights = [check_finite(f"loss_weights[{i}]", w) for i, w in enumerate(loss_weights)]
-    if "sft" in loss_types and chosen_lengths is None:
+    _check_optional_nll(chosen_nll, batch_size)
+    if "sft" in loss_types and chosen_lengths is None and chosen_nll is None:
         raise ValueError(
-            "loss_type 'sft' needs chosen_lengths ([B] answer token counts) to average the NLL"
+            "loss_type 'sft' needs chosen_lengths ([B] answer token counts) to average the NLL, "
+            "or chosen_nll"
         )
     if (chosen_lengths is None) != (rejected_lengths is None) and "ipo" in loss_types:
         raise ValueError(
@@ -291,6 +296,10 @@ def dpo_loss(
     total = None
     terms = {}
     for name, weight in zip(loss_types, weights):
+        if name == "sft" and chosen_nll is not None:
+            terms[name] = chosen_nll.to(dtype).expand(batch_size)
+            total = weight * terms[name] if total is None else total + weight * terms[name]
+            continue
         term = _dpo_per_example(
             name, chosen_logratios, rejected_logratios, policy_chosen, n_w, n_l,
             beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau,
