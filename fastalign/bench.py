@@ -773,15 +773,12 @@ def measure_mode_memory(fn: ModeFn, device: torch.device | str) -> int:
     return max(0, peak_bytes - _tensor_bytes(result))
 
 
-def measure_mode(provider: Provider, inputs: BenchInputs, mode: str, timing: TimingOptions,
-                 matmul_rate: float | None = None) -> dict:
-    """Peak memory (one separate, un-timed call) then time of ``mode``; returns the metrics."""
-    device = inputs.device
-    fn = make_mode_fn(provider, inputs, mode)
+def measure_mode_fn(fn: ModeFn, device: torch.device, n_flops: int, timing: TimingOptions,
+                    matmul_rate: float | None = None) -> dict:
+    """Peak memory (one separate, un-timed call) then time of ``fn``; returns the metrics."""
     peak_bytes = measure_mode_memory(fn, device)
     ms_median, ms_p20, ms_p80 = time_fn(fn, device, timing)
-    del fn
-    tflops = flops(mode, inputs.shape) / (ms_median * 1e-3) / 1e12
+    tflops = n_flops / (ms_median * 1e-3) / 1e12
     return {
         "ms_median": ms_median, "ms_p20": ms_p20, "ms_p80": ms_p80, "tflops": tflops,
         "frac_of_matmul": tflops / matmul_rate if matmul_rate else math.nan,
@@ -789,46 +786,83 @@ def measure_mode(provider: Provider, inputs: BenchInputs, mode: str, timing: Tim
     }
 
 
-def run_benchmark(config: BenchConfig) -> BenchResult:
-    """Check, then time and measure, every (shape, provider, mode); see the module docstring."""
-    from tqdm.auto import tqdm
+def measure_mode(provider: Provider, inputs: BenchInputs, mode: str, timing: TimingOptions,
+                 matmul_rate: float | None = None) -> dict:
+    """The metrics of ``mode`` of ``provider`` on ``inputs`` (``measure_mode_fn``)."""
+    return measure_mode_fn(make_mode_fn(provider, inputs, mode), inputs.device,
+                           flops(mode, inputs.shape), timing, matmul_rate)
 
+
+@dataclass(frozen=True)
+class BenchCases:
+    """What the shared check-then-measure loop (``run_cases``) needs to know about one op."""
+
+    op: str
+    shapes: list
+    providers: list[str]
+    modes: tuple[str, ...]
+    build_providers: Callable  # shape -> (providers, {name: why unavailable})
+    make_inputs: Callable  # shape -> inputs
+    reference: Callable  # inputs -> ground truth
+    eager_errors: Callable  # (inputs, reference) -> eager's own errors, or None
+    check: Callable  # (provider, inputs, reference, eager_errors) -> CheckResult-like
+    measure: Callable  # (provider, inputs, mode, matmul_rate) -> metrics
+    shape_columns: Callable  # shape -> the CSV's shape columns
+    truth: str = "reference"  # what the messages call the ground truth
+
+
+def check_run_options(config: BenchConfig) -> torch.device:
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but torch.cuda.is_available() is False")
     if config.on_mismatch not in ("error", "skip"):
         raise ValueError(f"on_mismatch must be 'error' or 'skip', got {config.on_mismatch!r}")
-    shapes = config.shapes or default_shapes(device)
-    names = list(config.providers or PROVIDER_NAMES)
+    return device
+
+
+def run_cases(cases: BenchCases, config: BenchConfig, device: torch.device, **result_fields):
+    """Check, then time and measure, every (shape, provider, mode) of ``cases``.
+
+    Providers that cannot run, run out of memory or (peers only) fail are recorded as skipped;
+    a fastalign provider that fails or disagrees raises, unless ``config.on_mismatch`` is "skip".
+    ``result_fields`` go to the ``BenchResult`` (op, FLOP note, CSV columns).
+    """
+    from tqdm.auto import tqdm
+
     env = versions()
     date = datetime.date.today().isoformat()
     dev_name = device_name(device)
     rate = matmul_tflops(device, config.dtype, options=config.timing)
     rows, skipped, notes = [], [], {}
-    bar = tqdm(total=len(shapes) * len(names) * len(config.modes), desc="bench", unit="run",
-               disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
+    n_runs = len(cases.shapes) * len(cases.providers) * len(cases.modes)
+    desc = "bench" if cases.op == OP else f"bench {cases.op}"
+    bar = tqdm(total=n_runs, desc=desc, unit="run", disable=not config.progress,
+               file=sys.stderr, dynamic_ncols=True)
 
     def skip(shape, name, reason, mode="*"):
         skipped.append(Skip(shape, name, mode, reason))
-        bar.update(len(config.modes) if mode == "*" else 1)
+        bar.update(len(cases.modes) if mode == "*" else 1)
 
-    for shape in shapes:
-        providers, unavailable = build_providers(names, device, config.dtype, shape.softcap)
+    for shape in cases.shapes:
+        providers, unavailable = cases.build_providers(shape)
         for name, reason in unavailable.items():
             skip(shape, name, reason)
-        # eager first: its own error against the reference sets the low-precision tolerance.
+        # eager first: its own error against the ground truth sets the low-precision tolerance.
         providers.sort(key=lambda p: p.name != "eager")
-        inputs = make_inputs(shape, config.dtype, device, config.seed)
-        reference = reference_outputs(inputs)
-        eager_errors = eager_reference_errors(inputs, reference) if "eager" not in names else None
+        inputs = cases.make_inputs(shape)
+        bar.set_postfix_str(f"{shape} ground truth")
+        reference = cases.reference(inputs)
+        eager_errors = (cases.eager_errors(inputs, reference)
+                        if "eager" not in cases.providers else None)
         for provider in providers:
+            ours = provider.name.startswith("fastalign")
             bar.set_postfix_str(f"{shape} {provider.name} check")
             try:
-                check = check_provider(provider, inputs, reference, eager_errors)
+                check = cases.check(provider, inputs, reference, eager_errors)
             except Exception as exc:  # noqa: BLE001 - recorded below, or re-raised
                 _free_memory(device)
                 reason = f"{type(exc).__name__}: {_first_line(exc)}"
-                if _is_oom(exc) or not provider.name.startswith("fastalign-"):
+                if _is_oom(exc) or not ours:
                     skip(shape, provider.name, reason)
                     continue
                 if config.on_mismatch == "error":
@@ -840,7 +874,7 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
             if provider.name == "eager":
                 eager_errors = check.errors
             if not check.ok:
-                message = (f"{provider.name} disagrees with the reference at {shape} "
+                message = (f"{provider.name} disagrees with the {cases.truth} at {shape} "
                            f"{dtype_name(config.dtype)}: {check.describe()}")
                 if config.on_mismatch == "error":
                     raise ProviderMismatchError(message)
@@ -848,20 +882,19 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
                 skip(shape, provider.name, f"MISMATCH: {check.describe()}")
                 continue
             notes[provider.name] = provider.note
-            for mode in config.modes:
+            for mode in cases.modes:
                 bar.set_postfix_str(f"{shape} {provider.name} {mode}")
                 try:
-                    metrics = measure_mode(provider, inputs, mode, config.timing, rate)
+                    metrics = cases.measure(provider, inputs, mode, rate)
                 except Exception as exc:  # noqa: BLE001
                     _free_memory(device)
-                    if not (_is_oom(exc) or config.on_mismatch == "skip"
-                            or not provider.name.startswith("fastalign-")):
+                    if not (_is_oom(exc) or config.on_mismatch == "skip" or not ours):
                         raise
                     skip(shape, provider.name, f"{type(exc).__name__}: {_first_line(exc)}", mode)
                     continue
                 rows.append({
-                    "op": OP, "provider": provider.name, "mode": mode, "N": shape.n,
-                    "H": shape.h, "V": shape.v, "dtype": dtype_name(config.dtype), **metrics,
+                    "op": cases.op, "provider": provider.name, "mode": mode,
+                    **cases.shape_columns(shape), "dtype": dtype_name(config.dtype), **metrics,
                     "device": dev_name, **env, "date": date, "shape": shape,
                 })
                 bar.update(1)
@@ -869,7 +902,29 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
         del inputs, reference
         _free_memory(device)
     bar.close()
-    return BenchResult(config, rows, skipped, notes, rate, dev_name, date)
+    return BenchResult(config, rows, skipped, notes, rate, dev_name, date, **result_fields)
+
+
+def run_benchmark(config: BenchConfig) -> BenchResult:
+    """Check, then time and measure, every (shape, provider, mode); see the module docstring."""
+    device = check_run_options(config)
+    names = list(config.providers or PROVIDER_NAMES)
+    cases = BenchCases(
+        op=OP,
+        shapes=config.shapes or default_shapes(device),
+        providers=names,
+        modes=tuple(config.modes),
+        build_providers=lambda shape: build_providers(names, device, config.dtype,
+                                                      shape.softcap),
+        make_inputs=lambda shape: make_inputs(shape, config.dtype, device, config.seed),
+        reference=reference_outputs,
+        eager_errors=eager_reference_errors,
+        check=check_provider,
+        measure=lambda provider, inputs, mode, rate: measure_mode(provider, inputs, mode,
+                                                                  config.timing, rate),
+        shape_columns=lambda shape: {"N": shape.n, "H": shape.h, "V": shape.v},
+    )
+    return run_cases(cases, config, device)
 
 
 def eager_reference_errors(inputs: BenchInputs, reference: Outputs) -> dict[str, float] | None:

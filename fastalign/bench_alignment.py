@@ -48,9 +48,7 @@ times eager PyTorch's own error in the benchmark dtype.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -67,9 +65,7 @@ from fastalign.bench import (
     ProviderMismatchError,
     ProviderUnavailable,
     Shape,
-    Skip,
     TimingOptions,
-    dtype_name,
 )
 from fastalign.reference import linear_kl_reference
 
@@ -657,33 +653,20 @@ def eager_reference_errors(op, inputs, reference: Tensors) -> dict[str, float] |
 
 def measure_mode(op, provider: Provider, inputs, mode: str, timing: TimingOptions,
                  matmul_rate: float | None = None) -> dict:
-    """Peak memory (one separate, un-timed call), then the time of ``mode``; the metrics."""
-    fn = op.make_mode_fn(provider, inputs, mode)
-    peak_bytes = bench.measure_mode_memory(fn, inputs.device)
-    ms_median, ms_p20, ms_p80 = bench.time_fn(fn, inputs.device, timing)
-    del fn
-    tflops = op.flops(mode, inputs.shape) / (ms_median * 1e-3) / 1e12
-    return {
-        "ms_median": ms_median, "ms_p20": ms_p20, "ms_p80": ms_p80, "tflops": tflops,
-        "frac_of_matmul": tflops / matmul_rate if matmul_rate else math.nan,
-        "peak_mem_mb": peak_bytes / _MiB,
-    }
+    """The metrics of ``mode`` of ``provider`` on ``inputs`` (``bench.measure_mode_fn``)."""
+    return bench.measure_mode_fn(op.make_mode_fn(provider, inputs, mode), inputs.device,
+                                 op.flops(mode, inputs.shape), timing, matmul_rate)
 
 
 def run_benchmark(op_name: str, config: BenchConfig) -> BenchResult:
     """Check, then measure and time, every (shape, provider, mode) of op ``op_name``.
 
     ``config`` is ``fastalign.bench.BenchConfig``: empty shapes mean the op's default shapes,
-    ``providers=None`` all of the op's providers; modes the op does not have are dropped.
+    ``providers=None`` all of the op's providers; modes the op does not have are dropped. The
+    loop itself is ``fastalign.bench.run_cases``, shared with ``linear_logprobs``.
     """
-    from tqdm.auto import tqdm
-
     op = get_op(op_name)
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch.cuda.is_available() is False")
-    if config.on_mismatch not in ("error", "skip"):
-        raise ValueError(f"on_mismatch must be 'error' or 'skip', got {config.on_mismatch!r}")
+    device = bench.check_run_options(config)
     modes = tuple(mode for mode in op.modes if mode in config.modes)
     if not modes:
         raise ValueError(f"{op.name} has modes {op.modes}; none of {config.modes} is one")
@@ -693,83 +676,30 @@ def run_benchmark(op_name: str, config: BenchConfig) -> BenchResult:
         raise ValueError(f"unknown {op.name} providers {unknown}; known: {op.providers}")
     config = dataclasses.replace(config, shapes=list(config.shapes or op.default_shapes(device)),
                                  providers=names, modes=modes)
-    env = bench.versions()
-    date = datetime.date.today().isoformat()
-    dev_name = bench.device_name(device)
-    rate = bench.matmul_tflops(device, config.dtype, options=config.timing)
-    rows, skipped, notes = [], [], {}
-    bar = tqdm(total=len(config.shapes) * len(names) * len(modes), desc=f"bench {op.name}",
-               unit="run", disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
 
-    def skip(shape, name, reason, mode="*"):
-        skipped.append(Skip(shape, name, mode, reason))
-        bar.update(len(modes) if mode == "*" else 1)
-
-    for shape in config.shapes:
-        providers = []
+    def build_providers(shape):
+        providers, unavailable = [], {}
         for name in names:
             try:
                 providers.append(op.make_provider(name, device, config.dtype))
             except ProviderUnavailable as exc:
-                skip(shape, name, str(exc))
-        # eager first: its own error against the ground truth sets the low-precision tolerance.
-        providers.sort(key=lambda p: p.name != "eager")
-        inputs = op.make_inputs(shape, config.dtype, device, config.seed)
-        bar.set_postfix_str(f"{shape} ground truth")
-        reference = op.reference(inputs)
-        eager_errors = (eager_reference_errors(op, inputs, reference)
-                        if "eager" not in names else None)
-        for provider in providers:
-            bar.set_postfix_str(f"{shape} {provider.name} check")
-            try:
-                check = check_provider(op, provider, inputs, reference, eager_errors)
-            except Exception as exc:  # noqa: BLE001 - recorded below, or re-raised
-                bench._free_memory(device)
-                reason = f"{type(exc).__name__}: {bench._first_line(exc)}"
-                if bench._is_oom(exc) or not provider.name.startswith("fastalign"):
-                    skip(shape, provider.name, reason)
-                    continue
-                if config.on_mismatch == "error":
-                    raise
-                print(f"\n!!! ERROR: {provider.name} at {shape}: {reason}; skipped",
-                      file=sys.stderr)
-                skip(shape, provider.name, f"ERROR {reason}")
-                continue
-            if provider.name == "eager":
-                eager_errors = check.errors
-            if not check.ok:
-                message = (f"{provider.name} disagrees with the ground truth at {shape} "
-                           f"{dtype_name(config.dtype)}: {check.describe()}")
-                if config.on_mismatch == "error":
-                    raise ProviderMismatchError(message)
-                print(f"\n!!! MISMATCH: {message}; skipped", file=sys.stderr)
-                skip(shape, provider.name, f"MISMATCH: {check.describe()}")
-                continue
-            notes[provider.name] = provider.note
-            for mode in modes:
-                bar.set_postfix_str(f"{shape} {provider.name} {mode}")
-                try:
-                    metrics = measure_mode(op, provider, inputs, mode, config.timing, rate)
-                except Exception as exc:  # noqa: BLE001
-                    bench._free_memory(device)
-                    if not (bench._is_oom(exc) or config.on_mismatch == "skip"
-                            or not provider.name.startswith("fastalign")):
-                        raise
-                    skip(shape, provider.name, f"{type(exc).__name__}: "
-                         f"{bench._first_line(exc)}", mode)
-                    continue
-                rows.append({
-                    "op": op.name, "provider": provider.name, "mode": mode,
-                    **op.shape_columns(shape), "dtype": dtype_name(config.dtype), **metrics,
-                    "device": dev_name, **env, "date": date, "shape": shape,
-                })
-                bar.update(1)
-            bench._free_memory(device)
-        del inputs, reference
-        bench._free_memory(device)
-    bar.close()
-    return BenchResult(config, rows, skipped, notes, rate, dev_name, date, op=op.name,
-                       flops_note=op.flops_note, csv_columns=op.csv_columns)
+                unavailable[name] = str(exc)
+        return providers, unavailable
+
+    cases = bench.BenchCases(
+        op=op.name, shapes=config.shapes, providers=names, modes=modes,
+        build_providers=build_providers,
+        make_inputs=lambda shape: op.make_inputs(shape, config.dtype, device, config.seed),
+        reference=op.reference,
+        eager_errors=lambda inputs, reference: eager_reference_errors(op, inputs, reference),
+        check=lambda provider, inputs, reference, eager_errors: check_provider(
+            op, provider, inputs, reference, eager_errors),
+        measure=lambda provider, inputs, mode, rate: measure_mode(op, provider, inputs, mode,
+                                                                  config.timing, rate),
+        shape_columns=op.shape_columns, truth="ground truth",
+    )
+    return bench.run_cases(cases, config, device, op=op.name, flops_note=op.flops_note,
+                           csv_columns=op.csv_columns)
 
 
 # The writers are bench's own: they read the op, FLOP note and CSV columns from the result.
