@@ -51,20 +51,21 @@ import triton.language as tl
 from fastalign.kernels.linear_logprobs import (
     _INTERPRET,
     _accumulate_head_grads,
+    _autotuned,
     _check_head,
     _check_per_token,
+    _config_space,
     _device_guard,
     _grouped_tile,
     _launch,
     _log1p,
     _n_bucket,
-    _prune_configs,
+    _pinned_config,
     _raw_logits,
     _split_f64,
     _tanh_sech2,
     _tile_stats,
     _vocab_splits,
-    _wall_clock_bench,
 )
 
 __all__ = ["linear_kl_forward", "linear_kl_backward"]
@@ -416,53 +417,23 @@ def _default_config(kind: str, dtype: torch.dtype, n_tokens: int) -> triton.Conf
     timed.
 
     Two logit tiles are live at once (z and z', and in backward p, q and ∂L/∂a besides), so the
-    vocabulary tile is half that of linear_logprobs: 16-bit inputs take 128×64 logit tiles, H in
-    chunks of 64, 8 warps, 3 stages ((128 + 64)·64·2 B = 24 KiB a stage); float32 runs exact IEEE
-    dots on 64×64 tiles. Few tokens shrink BLOCK_N to what is there.
+    vocabulary tile is half that of linear_logprobs: 16-bit inputs take 128×64 logit tiles
+    ((128 + 64)·64·2 B = 24 KiB a stage); float32 is as in linear_logprobs.
     """
-    block_n = min(128 if dtype != torch.float32 else 64, max(16, triton.next_power_of_2(n_tokens)))
-    if dtype == torch.float32:
-        kwargs = dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_H=32)
-        num_warps, num_stages = 4, 2
-    else:
-        kwargs = dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_H=64)
-        num_warps, num_stages = 8, 3
-    if kind == "backward":
-        kwargs["GROUP_V"] = 8
-    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
+    return _pinned_config(kind, dtype, n_tokens, block_v_16bit=64)
 
 
 def _autotune_configs(kind: str) -> list[triton.Config]:
     """The search space of FASTALIGN_AUTOTUNE=1, keyed on (N_BUCKET, V, H, H_REF) and dtypes."""
-    configs = []
-    for block_n, block_v in ((64, 64), (128, 64), (64, 128), (128, 128), (32, 128), (16, 128)):
-        for block_h in (32, 64):
-            for num_warps, num_stages in ((4, 3), (8, 3), (8, 4)):
-                kwargs = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h)
-                if kind == "backward":
-                    kwargs["GROUP_V"] = 8
-                configs.append(triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages))
-    return configs
-
-
-def _zero_grad_buffers(nargs, reset_only=False):
-    # Autotuning runs the backward once per config; its atomics must start from zero every time.
-    for name in ("dh_ptr", "dw_ptr", "db_ptr", "ref_dh_ptr", "ref_dw_ptr", "ref_db_ptr"):
-        if nargs.get(name) is not None:
-            nargs[name].zero_()
+    return _config_space(kind, ((64, 64), (128, 64), (64, 128), (128, 128), (32, 128),
+                                (16, 128)))
 
 
 _AUTOTUNE_KEY = ["N_BUCKET", "V", "H", "H_REF"]  # plus the dtypes of the tensor arguments
-_forward_kernel_tuned = triton.autotune(
-    configs=_autotune_configs("forward"), key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs},
-    do_bench=_wall_clock_bench if _INTERPRET else None,
-)(_forward_kernel)
-_backward_kernel_tuned = triton.autotune(
-    configs=_autotune_configs("backward"), key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs}, pre_hook=_zero_grad_buffers,
-    do_bench=_wall_clock_bench if _INTERPRET else None,
-)(_backward_kernel)
+_forward_kernel_tuned = _autotuned(_forward_kernel, "forward", _autotune_configs("forward"),
+                                   _AUTOTUNE_KEY)
+_backward_kernel_tuned = _autotuned(_backward_kernel, "backward", _autotune_configs("backward"),
+                                    _AUTOTUNE_KEY)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -481,30 +481,35 @@ def _backward_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _default_config(kind: str, dtype: torch.dtype, n_tokens: int) -> triton.Config:
-    """The pinned config (H100). Chosen for Hopper's shared memory and MMA shapes; not yet timed.
-
-    16-bit inputs: 128×128 logit tiles, H in chunks of 64, 8 warps, a 3-stage pipeline
-    ((128 + 128)·64·2 B = 32 KiB a stage). float32 runs exact IEEE dots (no tensor cores), so the
-    tiles are smaller. Few tokens (decoding, tests) shrink BLOCK_N to what is there.
-    """
+def _pinned_config(kind: str, dtype: torch.dtype, n_tokens: int,
+                   block_v_16bit: int) -> triton.Config:
+    """The pinned config of a logit-tile kernel: 16-bit inputs take [128, block_v_16bit] logit
+    tiles, H in chunks of 64, 8 warps, a 3-stage pipeline; float32 runs exact IEEE dots (no
+    tensor cores) on 64×64 tiles. Few tokens (decoding, tests) shrink BLOCK_N to what is there."""
     block_n = min(128 if dtype != torch.float32 else 64, max(16, triton.next_power_of_2(n_tokens)))
     if dtype == torch.float32:
         kwargs = dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_H=32)
         num_warps, num_stages = 4, 2
     else:
-        kwargs = dict(BLOCK_N=block_n, BLOCK_V=128, BLOCK_H=64)
+        kwargs = dict(BLOCK_N=block_n, BLOCK_V=block_v_16bit, BLOCK_H=64)
         num_warps, num_stages = 8, 3
     if kind == "backward":
         kwargs["GROUP_V"] = 8
     return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
 
 
-def _autotune_configs(kind: str) -> list[triton.Config]:
-    """The search space of FASTALIGN_AUTOTUNE=1, keyed on (N_BUCKET, V, H) and the dtypes."""
+def _default_config(kind: str, dtype: torch.dtype, n_tokens: int) -> triton.Config:
+    """The pinned config (H100). Chosen for Hopper's shared memory and MMA shapes; not yet timed.
+
+    16-bit inputs: 128×128 logit tiles ((128 + 128)·64·2 B = 32 KiB a pipeline stage).
+    """
+    return _pinned_config(kind, dtype, n_tokens, block_v_16bit=128)
+
+
+def _config_space(kind: str, tiles) -> list[triton.Config]:
+    """Autotuning candidates: each (BLOCK_N, BLOCK_V) of ``tiles`` × BLOCK_H × warps/stages."""
     configs = []
-    for block_n, block_v in ((64, 128), (128, 128), (128, 256), (256, 128), (64, 256), (32, 128),
-                             (16, 256)):
+    for block_n, block_v in tiles:
         for block_h in (32, 64):
             for num_warps, num_stages in ((4, 3), (8, 3), (8, 4)):
                 kwargs = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h)
@@ -512,6 +517,12 @@ def _autotune_configs(kind: str) -> list[triton.Config]:
                     kwargs["GROUP_V"] = 8
                 configs.append(triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages))
     return configs
+
+
+def _autotune_configs(kind: str) -> list[triton.Config]:
+    """The search space of FASTALIGN_AUTOTUNE=1, keyed on (N_BUCKET, V, H) and the dtypes."""
+    return _config_space(kind, ((64, 128), (128, 128), (128, 256), (256, 128), (64, 256),
+                                (32, 128), (16, 256)))
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -526,7 +537,8 @@ def _prune_configs(configs, named_args, **kwargs):
 def _zero_grad_buffers(nargs, reset_only=False):
     # Autotuning runs the backward once per config; its atomics must start from zero every time.
     # (A hook of our own rather than reset_to_zero: older Triton versions do not skip None.)
-    for name in ("dh_ptr", "dw_ptr", "db_ptr"):
+    # Every gradient buffer any of the logit-tile kernels has (linear_kl adds the reference's).
+    for name in ("dh_ptr", "dw_ptr", "db_ptr", "ref_dh_ptr", "ref_dw_ptr", "ref_db_ptr"):
         if nargs.get(name) is not None:
             nargs[name].zero_()
 
@@ -541,17 +553,21 @@ def _wall_clock_bench(kernel_call, quantiles=None):
     return [ms] * len(quantiles) if quantiles is not None else ms
 
 
+def _autotuned(kernel, kind: str, configs: list[triton.Config], key: list[str]):
+    """``kernel`` under FASTALIGN_AUTOTUNE=1: pruned configs, zeroed gradient buffers before each
+    backward trial, and a host timer under the interpreter."""
+    hooks = {"pre_hook": _zero_grad_buffers} if kind == "backward" else {}
+    return triton.autotune(
+        configs=configs, key=key, prune_configs_by={"early_config_prune": _prune_configs},
+        do_bench=_wall_clock_bench if _INTERPRET else None, **hooks,
+    )(kernel)
+
+
 _AUTOTUNE_KEY = ["N_BUCKET", "V", "H"]  # plus the dtypes of the tensor arguments, always
-_forward_kernel_tuned = triton.autotune(
-    configs=_autotune_configs("forward"), key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs},
-    do_bench=_wall_clock_bench if _INTERPRET else None,
-)(_forward_kernel)
-_backward_kernel_tuned = triton.autotune(
-    configs=_autotune_configs("backward"), key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs}, pre_hook=_zero_grad_buffers,
-    do_bench=_wall_clock_bench if _INTERPRET else None,
-)(_backward_kernel)
+_forward_kernel_tuned = _autotuned(_forward_kernel, "forward", _autotune_configs("forward"),
+                                   _AUTOTUNE_KEY)
+_backward_kernel_tuned = _autotuned(_backward_kernel, "backward", _autotune_configs("backward"),
+                                    _AUTOTUNE_KEY)
 
 
 def _launch(kind: str, kernel, tuned_kernel, grid, args: tuple, dtype: torch.dtype, n_tokens: int,
