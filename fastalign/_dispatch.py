@@ -107,6 +107,13 @@ def check_tensor(name: str, value, *, floating: bool) -> None:
         )
 
 
+def check_mask(name: str, value) -> None:
+    """A token mask: a bool tensor, or an integer one holding 0/1 (as Hugging Face's masks)."""
+    check_tensor(name, value, floating=False)
+    if value.dtype.is_floating_point or value.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool (or 0/1 integer) tensor, got {value.dtype}")
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> None:
     devices = {(name, t.device) for name, t in tensors.items() if t is not None}
     if len({device for _, device in devices}) > 1:

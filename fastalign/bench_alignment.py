@@ -60,6 +60,7 @@ from fastalign.bench import (
     LOGIT_STD,
     BenchConfig,
     BenchResult,
+    CheckResult,
     ModeFn,
     Provider,
     ProviderMismatchError,
@@ -101,17 +102,6 @@ TOLERANCES = {
 # log p − log q of two nearly equal heads (≈ 0.4), so bf16 logits alone (≈ 0.01 absolute) leave
 # eager's dhidden about 6 % off.
 EAGER_HALF_PRECISION_SLACK = 5.0
-
-
-@dataclass
-class CheckResult:
-    ok: bool
-    errors: dict[str, float]
-    allowed: dict[str, float]
-
-    def describe(self) -> str:
-        return ", ".join(f"{key} {self.errors[key]:.2e} (allowed {self.allowed[key]:.2e})"
-                         for key in self.errors)
 
 
 def output_errors(outputs: Tensors, reference: Tensors, value_key: str) -> dict[str, float]:

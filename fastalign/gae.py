@@ -12,7 +12,13 @@ import math
 
 import torch
 
-from fastalign._dispatch import check_same_device, check_tensor, kernel_module, resolve_impl
+from fastalign._dispatch import (
+    check_mask,
+    check_same_device,
+    check_tensor,
+    kernel_module,
+    resolve_impl,
+)
 from fastalign.reference import gae_reference
 
 
@@ -51,7 +57,7 @@ def gae(
     """
     check_tensor("rewards", rewards, floating=True)
     check_tensor("values", values, floating=True)
-    check_tensor("mask", mask, floating=False)
+    check_mask("mask", mask)
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be 2-D [B, T], got shape {tuple(rewards.shape)}")
     if values.shape != rewards.shape or mask.shape != rewards.shape:
@@ -59,8 +65,6 @@ def gae(
             f"rewards, values and mask must have the same shape [B, T], got "
             f"{tuple(rewards.shape)}, {tuple(values.shape)} and {tuple(mask.shape)}"
         )
-    if mask.dtype.is_floating_point or mask.dtype.is_complex:
-        raise TypeError(f"mask must be a bool (or 0/1 integer) tensor, got {mask.dtype}")
     check_same_device(rewards=rewards, values=values, mask=mask)
     _check_unit_interval("gamma", gamma)
     _check_unit_interval("lam", lam)

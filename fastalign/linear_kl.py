@@ -31,9 +31,9 @@ import torch
 
 from fastalign._dispatch import (
     check_head,
+    check_mask,
     check_positive_float,
     check_same_device,
-    check_tensor,
     kernel_module,
     resolve_impl,
 )
@@ -109,9 +109,7 @@ def _check_inputs(hidden, weight, ref_hidden, ref_weight, mask, bias, ref_bias, 
             f"{ref_hidden.dtype}; cast the reference head to the policy's dtype"
         )
     if mask is not None:
-        check_tensor("mask", mask, floating=False)
-        if mask.dtype.is_floating_point or mask.dtype.is_complex:
-            raise TypeError(f"mask must be a bool (or 0/1 integer) tensor, got {mask.dtype}")
+        check_mask("mask", mask)
         if tuple(mask.shape) != tuple(hidden.shape[:-1]):
             raise ValueError(
                 f"mask must have the leading shape of hidden {tuple(hidden.shape[:-1])}, got "

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastalign._dispatch import check_tensor
+from fastalign._dispatch import check_mask, check_tensor
 from fastalign.linear_logprobs import linear_logprobs
 
 
@@ -46,9 +46,7 @@ class SequenceLogprobs:
 
 
 def _check_mask_like(name: str, value: torch.Tensor, shape) -> None:
-    check_tensor(name, value, floating=False)
-    if value.dtype.is_floating_point or value.dtype.is_complex:
-        raise TypeError(f"{name} must be a bool (or 0/1 integer) tensor, got {value.dtype}")
+    check_mask(name, value)
     if tuple(value.shape) != tuple(shape):
         raise ValueError(f"{name} must have input_ids' shape {tuple(shape)}, got "
                          f"{tuple(value.shape)}")
