@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -19,6 +20,19 @@ from fastalign._extension import EXTENSION, EXTENSION_ERROR
 
 IMPLEMENTATIONS = ("auto", "triton", "cpp", "reference")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """The non-tensor options of a head's logits z = softcap·tanh(a/softcap)/temperature, passed
+    to the kernels as one object (the kernels take softcap 0 for none)."""
+
+    temperature: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def softcap_or_zero(self) -> float:
+        return 0.0 if self.softcap is None else float(self.softcap)
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:

@@ -25,11 +25,10 @@ KL and both log-sum-exps are kept in float64 for backward, which forms
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from fastalign._dispatch import (
+    HeadParams,
     check_head,
     check_mask,
     check_positive_float,
@@ -40,23 +39,11 @@ from fastalign._dispatch import (
 from fastalign.reference import linear_kl_reference
 
 
-@dataclass(frozen=True)
-class KLParams:
-    """The non-tensor options of the op, passed to the kernels as one object."""
-
-    temperature: float = 1.0
-    softcap: float | None = None
-
-    @property
-    def softcap_or_zero(self) -> float:
-        return 0.0 if self.softcap is None else float(self.softcap)
-
-
 class LinearKLFunction(torch.autograd.Function):
     """Thin autograd wrapper around KL(first head ‖ second head); keeps 3 numbers per token."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, params: KLParams,
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, params: HeadParams,
                 impl: str):
         kl, lse, ref_lse = kernel_module(impl, "linear_kl").linear_kl_forward(
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
@@ -78,7 +65,7 @@ class LinearKLFunction(torch.autograd.Function):
             ctx.saved_tensors
         )
         needs = ctx.needs_input_grad[:6]
-        params: KLParams = ctx.params
+        params: HeadParams = ctx.params
         grads = kernel_module(ctx.impl, "linear_kl").linear_kl_backward(
             grad_kl.to(ctx.output_dtype).contiguous(),
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl, lse, ref_lse,
@@ -187,7 +174,7 @@ def linear_kl(
                   None if ref_bias is None else ref_bias.contiguous())
         if reverse:  # KL(q‖p) is the same kernel with the two heads' roles exchanged
             first, second = second, first
-        kl_kept = LinearKLFunction.apply(*first, *second, KLParams(**options), chosen)
+        kl_kept = LinearKLFunction.apply(*first, *second, HeadParams(**options), chosen)
 
     if kept is None:
         return kl_kept.view(lead_shape)

@@ -31,6 +31,7 @@ import torch
 
 from fastalign._dispatch import (  # noqa: F401  (re-exported: the dispatcher's public names)
     IMPLEMENTATIONS,
+    HeadParams,
     available_implementations,
     check_head,
     check_positive_float,
@@ -45,16 +46,10 @@ from fastalign.reference import linear_logprobs_reference
 
 
 @dataclass(frozen=True)
-class LogprobParams:
+class LogprobParams(HeadParams):
     """The non-tensor options of the op, passed to the kernels as one object."""
 
-    temperature: float = 1.0
-    softcap: float | None = None
     ignore_index: int = -100
-
-    @property
-    def softcap_or_zero(self) -> float:
-        return 0.0 if self.softcap is None else float(self.softcap)
 
 
 # ----------------------------------------------------------------------------------------------
