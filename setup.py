@@ -66,9 +66,11 @@ ext_modules, cmdclass = _extension_modules()
 setup(
     # kernels/ lives at the top of the repository but is installed as fastalign.kernels:
     # a top-level module named `kernels` would clash with other projects.
-    packages=["fastalign", "fastalign.kernels", "fastalign.losses"],
+    packages=["fastalign", "fastalign.assets", "fastalign.kernels", "fastalign.losses",
+              "fastalign.trainers"],
     package_dir={"fastalign": "fastalign", "fastalign.kernels": "kernels"},
-    package_data={"fastalign": ["py.typed"]},
+    package_data={"fastalign": ["py.typed"],
+                  "fastalign.assets": ["tiny-llama/*.json", "data/*.jsonl"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,0 +1,402 @@
+"""TRL-compatible JSONL data: loading, validation, tokenization and collation.
+
+Formats (one JSON object a line, as TRL's datasets; extra keys are allowed and ignored):
+
+==============  ==============================================================================
+kind            keys
+==============  ==============================================================================
+``sft``         ``{"text"}``, ``{"messages"}`` or ``{"prompt", "completion"}``
+``preference``  ``{"prompt", "chosen", "rejected"}``; conversational records may leave the prompt
+                implicit (``{"chosen", "rejected"}``): it is the longest shared message prefix
+``kto``         ``{"prompt", "completion", "label"}`` with a bool label (True = desirable)
+``prompt``      ``{"prompt"}`` (for generation: PPO, GRPO)
+==============  ==============================================================================
+
+Each text field is either a non-empty string (the *standard* format) or a non-empty list of
+``{"role", "content"}`` messages (the *conversational* format); one file uses one format.
+
+Tokenization (``encode_*``) gives plain dicts of python int lists:
+
+* prompt: standard → the text as is; conversational → the chat template with the generation
+  prompt. Tokenized without special tokens, then the tokenizer's BOS is prepended if the tokenizer
+  adds one by default (and the text does not already start with it).
+* completion: standard → the text as is; conversational → the suffix that the chat template of
+  prompt + completion messages adds after the rendered prompt (an error if the prompt is not a
+  prefix). Tokenized without special tokens; the eos token is appended unless already last.
+* truncation: ``max_prompt_length`` keeps the END of the prompt (and its BOS), ``max_length`` caps
+  prompt + completion by cutting the END of the completion (its eos may go). A prompt that leaves
+  no room for a completion is an error. SFT's ``text``/``messages`` records are cut at the end.
+
+Collators pad to the longest sequence of the batch and give the fused losses' layout: ``labels``
+aligned with ``input_ids`` (the scored token ids, -100 on prompt and padding).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastalign.losses.kto import kto_mismatched_indices
+
+IGNORE_INDEX = -100
+KINDS = ("sft", "preference", "kto", "prompt")
+_KEYS = {"preference": ("prompt", "chosen", "rejected"), "kto": ("prompt", "completion", "label"),
+         "prompt": ("prompt",)}
+
+
+class DataError(ValueError):
+    """Malformed data; the message names the file and line (or the example) and what was expected.
+    """
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _style(record: dict, key: str) -> str:
+    """'standard' for a non-empty string, 'conversational' for a list of messages, else raise."""
+    value = record[key]
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"'{key}' is an empty string")
+        return "standard"
+    if isinstance(value, list) and value:
+        for i, message in enumerate(value):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and message["role"] and isinstance(message.get("content"), str)
+                    and message["content"].strip()):
+                raise DataError(f"'{key}'[{i}] must be a message {{\"role\": str, \"content\": "
+                                f"non-empty str}}, got {message!r:.80}")
+        return "conversational"
+    got = "an empty list" if value == [] else type(value).__name__
+    raise DataError(f"'{key}' must be a non-empty string or a list of {{\"role\", \"content\"}} "
+                    f"messages, got {got}")
+
+
+def _require(record: dict, keys: tuple[str, ...], kind: str) -> None:
+    for key in keys:
+        if key not in record:
+            raise DataError(f"missing key '{key}' (a {kind} record needs "
+                            f"{', '.join(repr(k) for k in keys)})")
+
+
+def _same_style(record: dict, keys: tuple[str, ...]) -> str:
+    styles = {key: _style(record, key) for key in keys}
+    if len(set(styles.values())) > 1:
+        raise DataError(f"mixes standard and conversational fields: {styles}")
+    return next(iter(styles.values()))
+
+
+def validate_record(record, kind: str) -> tuple[dict, str]:
+    """Check one record of ``kind``; return (normalised copy, format name).
+
+    The format is "standard" or "conversational" (SFT adds the layout: "standard/text",
+    "conversational/messages", "<style>/prompt-completion"). An implicit-prompt preference record
+    comes back with its shared message prefix as ``prompt`` and the rest as chosen/rejected.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}")
+    record = dict(record)
+    if kind == "sft":
+        if "messages" in record:
+            return record, _same_style(record, ("messages",)) + "/messages"
+        if "text" in record:
+            return record, _same_style(record, ("text",)) + "/text"
+        if "prompt" not in record and "completion" not in record:
+            raise DataError("expected an SFT record: {'text'}, {'messages'} or "
+                            "{'prompt', 'completion'}")
+        _require(record, ("prompt", "completion"), kind)
+        return record, _same_style(record, ("prompt", "completion")) + "/prompt-completion"
+    keys = _KEYS[kind]
+    if kind == "preference" and "prompt" not in record:
+        _require(record, ("chosen", "rejected"), kind)
+        if _same_style(record, ("chosen", "rejected")) == "standard":
+            raise DataError("missing key 'prompt' (only conversational chosen/rejected may leave "
+                            "the prompt implicit)")
+        chosen, rejected = record["chosen"], record["rejected"]
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0 or n == len(chosen) or n == len(rejected):
+            raise DataError("implicit prompt: chosen and rejected must share a non-empty message "
+                            "prefix and each continue it")
+        record.update(prompt=chosen[:n], chosen=chosen[n:], rejected=rejected[n:])
+    _require(record, keys, kind)
+    if kind == "kto" and not isinstance(record["label"], bool):
+        raise DataError(f"'label' must be a JSON bool (true = desirable), got "
+                        f"{record['label']!r:.40}")
+    return record, _same_style(record, tuple(k for k in keys if k != "label"))
+
+
+def load_jsonl(path: str | Path, kind: str) -> list[dict]:
+    """Read and validate a whole JSONL file of ``kind`` ("sft", "preference", "kto", "prompt").
+
+    Every line is checked before anything is returned, so a bad line fails the run before training
+    starts: invalid JSON or UTF-8, a line that is not an object, missing keys, wrong types, empty
+    strings, a format differing from the first line's, or no record at all raise ``DataError``
+    with ``path:line``. Blank lines are skipped. Returns the normalised records
+    (see :func:`validate_record`).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    path = Path(path)
+    records, first = [], None
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{where}: not valid UTF-8 (byte {err.start} of the line)") from None
+        line = line.lstrip("\ufeff") if number == 1 else line
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+        try:
+            record, fmt = validate_record(value, kind)
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
+        if first is None:
+            first = (number, fmt)
+        elif fmt != first[1]:
+            raise DataError(f"{where}: this line uses the {fmt} format but line {first[0]} uses "
+                            f"{first[1]}; one file must use one format")
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: no records (the file is empty); expected {kind} JSONL lines")
+    return records
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+class _Encoder:
+    """Prompt and completion token ids for one tokenizer (see the module docstring)."""
+
+    def __init__(self, tokenizer, max_length: int | None, max_prompt_length: int | None) -> None:
+        for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if max_length is not None and max_prompt_length is not None \
+                and max_prompt_length >= max_length:
+            raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than "
+                             f"max_length ({max_length}) to leave room for the completion")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos token: completions must end with one")
+        self.tokenizer, self.eos = tokenizer, tokenizer.eos_token_id
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        bos = tokenizer.bos_token_id
+        adds = bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+        self.bos = bos if adds else None
+
+    def ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def template(self, messages: list[dict], generation: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation,
+                                                  tokenize=False)
+
+    def with_bos(self, ids: list[int]) -> list[int]:
+        return [self.bos, *ids] if self.bos is not None and ids[:1] != [self.bos] else ids
+
+    def prompt(self, prompt) -> list[int]:
+        ids = self.with_bos(self.ids(prompt if isinstance(prompt, str)
+                                     else self.template(prompt, True)))
+        limit = self.max_prompt_length
+        if limit is not None and len(ids) > limit:
+            head = ids[:1] if self.bos is not None and ids[:1] == [self.bos] else []
+            keep = max(limit - len(head), 0)
+            ids = head + (ids[len(ids) - keep:] if keep else [])
+        return ids
+
+    def completion(self, prompt, completion) -> list[int]:
+        if isinstance(completion, str):
+            text = completion
+        else:
+            prompt_text = self.template(prompt, True)
+            full = self.template(list(prompt) + list(completion), False)
+            if not full.startswith(prompt_text):
+                raise DataError("the chat template does not render the prompt (with the "
+                                "generation prompt) as a prefix of prompt + completion")
+            text = full[len(prompt_text):]
+        ids = self.ids(text)
+        return ids if ids[-1:] == [self.eos] else [*ids, self.eos]
+
+    def fit(self, prompt_ids: list[int], *completions: list[int]) -> list[list[int]]:
+        """Cut the completions' ends so that prompt + completion <= max_length."""
+        if self.max_length is None:
+            return list(completions)
+        room = self.max_length - len(prompt_ids)
+        if room < 1:
+            raise DataError(f"the prompt has {len(prompt_ids)} tokens, leaving no room for the "
+                            f"completion within max_length={self.max_length}; set "
+                            f"max_prompt_length < max_length")
+        return [ids[:room] for ids in completions]
+
+
+def _encode(records, kind: str, tokenizer, max_length, max_prompt_length, encode_one):
+    encoder = _Encoder(tokenizer, max_length, max_prompt_length)
+    out = []
+    for i, record in enumerate(records):
+        try:
+            out.append(encode_one(encoder, validate_record(record, kind)[0]))
+        except DataError as err:
+            raise DataError(f"example {i}: {err}") from None
+    return out
+
+
+def encode_sft(records, tokenizer, *, max_length: int | None = None,
+               max_prompt_length: int | None = None) -> list[dict]:
+    """SFT records → ``{"prompt_ids", "completion_ids"}``; only the completion is scored.
+
+    ``text`` and ``messages`` records score every token: prompt_ids is empty and completion_ids
+    holds the BOS (if the tokenizer adds one), the text or rendered conversation, and the eos.
+    """
+    def one(enc: _Encoder, record: dict) -> dict:
+        if "messages" in record or "text" in record:
+            text = record["text"] if "text" in record else enc.template(record["messages"], False)
+            ids = enc.with_bos(enc.ids(text))
+            ids = ids if ids[-1:] == [enc.eos] else [*ids, enc.eos]
+            return {"prompt_ids": [], "completion_ids": ids[:enc.max_length]}
+        prompt = enc.prompt(record["prompt"])
+        (completion,) = enc.fit(prompt, enc.completion(record["prompt"], record["completion"]))
+        return {"prompt_ids": prompt, "completion_ids": completion}
+
+    return _encode(records, "sft", tokenizer, max_length, max_prompt_length, one)
+
+
+def encode_preference(records, tokenizer, *, max_length: int | None = None,
+                      max_prompt_length: int | None = None) -> list[dict]:
+    """Preference records → ``{"prompt_ids", "chosen_ids", "rejected_ids"}``."""
+    def one(enc: _Encoder, record: dict) -> dict:
+        prompt = enc.prompt(record["prompt"])
+        chosen, rejected = enc.fit(prompt, enc.completion(record["prompt"], record["chosen"]),
+                                   enc.completion(record["prompt"], record["rejected"]))
+        return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+
+    return _encode(records, "preference", tokenizer, max_length, max_prompt_length, one)
+
+
+def encode_kto(records, tokenizer, *, max_length: int | None = None,
+               max_prompt_length: int | None = None) -> list[dict]:
+    """KTO records → ``{"prompt_ids", "completion_ids", "desirable"}`` (desirable: bool)."""
+    def one(enc: _Encoder, record: dict) -> dict:
+        prompt = enc.prompt(record["prompt"])
+        (completion,) = enc.fit(prompt, enc.completion(record["prompt"], record["completion"]))
+        return {"prompt_ids": prompt, "completion_ids": completion,
+                "desirable": record["label"]}
+
+    return _encode(records, "kto", tokenizer, max_length, max_prompt_length, one)
+
+
+def encode_prompts(records, tokenizer, *, max_prompt_length: int | None = None) -> list[dict]:
+    """Prompt records → ``{"prompt_ids"}`` (conversational: with the generation prompt)."""
+    return _encode(records, "prompt", tokenizer, None, max_prompt_length,
+                   lambda enc, record: {"prompt_ids": enc.prompt(record["prompt"])})
+
+
+# ----------------------------------------------------------------------------- collation
+
+def _pad(rows: list[list[int]], value: int, *, left: bool = False,
+         multiple: int | None = None) -> torch.Tensor:
+    """[B, T] int64, T the longest row (rounded up to ``multiple``), padded with ``value``."""
+    length = max(len(row) for row in rows)
+    if multiple:
+        length = -(-length // multiple) * multiple
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            target = out[i, length - len(row):] if left else out[i, :len(row)]
+            target.copy_(torch.tensor(row, dtype=torch.long))
+    return out
+
+
+def _sequences(pairs: list[tuple[list[int], list[int]]], pad_token_id: int,
+               multiple: int | None) -> dict[str, torch.Tensor]:
+    """(prompt, completion) pairs → right-padded input_ids, attention_mask, labels [N, T]."""
+    if not pairs:
+        raise ValueError("cannot collate an empty batch")
+    ids = [list(p) + list(c) for p, c in pairs]
+    labels = [[IGNORE_INDEX] * len(p) + list(c) for p, c in pairs]
+    return {"input_ids": _pad(ids, pad_token_id, multiple=multiple),
+            "attention_mask": _pad([[1] * len(row) for row in ids], 0, multiple=multiple),
+            "labels": _pad(labels, IGNORE_INDEX, multiple=multiple)}
+
+
+@dataclass
+class _Collator:
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pad_token_id, int) or isinstance(self.pad_token_id, bool):
+            raise ValueError(f"{type(self).__name__}: pad_token_id must be an int, got "
+                             f"{self.pad_token_id!r} (set tokenizer.pad_token if it has none)")
+
+
+@dataclass
+class SFTCollator(_Collator):
+    """``{"prompt_ids", "completion_ids"}`` examples → ``input_ids``, ``attention_mask``,
+    ``labels`` [B, T]: right padding, labels = the completion ids, -100 on prompt and padding."""
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return _sequences([(e["prompt_ids"], e["completion_ids"]) for e in examples],
+                          self.pad_token_id, self.pad_to_multiple_of)
+
+
+@dataclass
+class PreferenceCollator(_Collator):
+    """B preference examples → ``input_ids``, ``attention_mask``, ``labels`` [2B, T]: rows 0..B−1
+    are prompt + chosen, rows B..2B−1 prompt + rejected (``FusedDPOLoss``'s stacking)."""
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        pairs = [(e["prompt_ids"], e["chosen_ids"]) for e in examples]
+        pairs += [(e["prompt_ids"], e["rejected_ids"]) for e in examples]
+        return _sequences(pairs, self.pad_token_id, self.pad_to_multiple_of)
+
+
+@dataclass
+class KTOCollator(_Collator):
+    """B >= 2 KTO examples → ``input_ids``, ``attention_mask``, ``labels`` [B, T],
+    ``desirable`` [B] bool, and the mismatched KL batch ``kl_input_ids``, ``kl_attention_mask``,
+    ``kl_labels`` [B, T_kl]: prompt i with the completion of example
+    ``kto_mismatched_indices(B)[i]``, cut to ``max_length`` tokens if given."""
+
+    max_length: int | None = None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if len(examples) < 2:
+            raise ValueError(f"KTOCollator needs >= 2 examples for the mismatched KL batch, got "
+                             f"{len(examples)} (drop the last incomplete batch)")
+        batch = _sequences([(e["prompt_ids"], e["completion_ids"]) for e in examples],
+                           self.pad_token_id, self.pad_to_multiple_of)
+        batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
+        kl_pairs = []
+        for i, j in enumerate(kto_mismatched_indices(len(examples)).tolist()):
+            prompt, completion = examples[i]["prompt_ids"], examples[j]["completion_ids"]
+            if self.max_length is not None:
+                completion = completion[:max(self.max_length - len(prompt), 0)]
+            kl_pairs.append((prompt, completion))
+        kl = _sequences(kl_pairs, self.pad_token_id, self.pad_to_multiple_of)
+        batch.update({f"kl_{key}": value for key, value in kl.items()})
+        return batch
+
+
+@dataclass
+class PromptCollator(_Collator):
+    """``{"prompt_ids"}`` examples → LEFT-padded ``input_ids``, ``attention_mask`` [B, T] for
+    ``model.generate`` (completions start at column T) and ``prompt_lengths`` [B] int64."""
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        rows = [list(e["prompt_ids"]) for e in examples]
+        return {"input_ids": _pad(rows, self.pad_token_id, left=True,
+                                  multiple=self.pad_to_multiple_of),
+                "attention_mask": _pad([[1] * len(r) for r in rows], 0, left=True,
+                                       multiple=self.pad_to_multiple_of),
+                "prompt_lengths": torch.tensor([len(r) for r in rows], dtype=torch.long)}
