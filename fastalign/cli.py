@@ -176,10 +176,16 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-# name -> function that adds the command's subparser (and sets ``handler``). New commands
-# (``train``, ...) add an entry here.
+# name -> function that adds the command's subparser (and sets ``handler``).
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    from fastalign.trainers.cli import add_train_command
+
+    add_train_command(subparsers)
+
+
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "bench": _add_bench,
+    "train": _add_train,
 }
 
 

@@ -1,0 +1,145 @@
+"""``fastalign train {sft,rm,dpo,kto,ppo,grpo}``: the command line of the trainers.
+
+Each trainer's options are the fields of its config dataclass; the parser is built from them (the
+field's ``help`` metadata, its type and default), so the CLI, the Python API and ``--help`` never
+drift apart. ``--model``, ``--data`` and ``--eval-data`` default to the tiny Llama and datasets
+shipped in ``fastalign.assets`` (no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+_TRAIN_DESCRIPTION = """\
+Train a Hugging Face causal LM with a fused alignment loss (the LM head never materialises the
+[tokens x vocab] logits). Without --model and --data it trains the tiny Llama-architecture model
+and the small dataset shipped with fastalign: no download needed.
+
+Data (TRL's JSONL formats, one JSON object per line, plain strings or chat messages):
+  sft         {"prompt", "completion"}, {"text"} or {"messages": [...]}
+  rm, dpo     {"prompt", "chosen", "rejected"}
+  kto         {"prompt", "completion", "label": true|false}
+  ppo, grpo   {"prompt"}
+
+The output directory receives the model (save_pretrained: load it back with
+transformers.AutoModelForCausalLM.from_pretrained(OUTPUT)), metrics.jsonl and metrics.csv (one
+row per step), plots/*.png and, with --save-steps, checkpoints/ (resume with --resume).
+"""
+
+_EXAMPLES = """\
+Examples:
+  fastalign train dpo --output runs/dpo --max-steps 60
+  fastalign train sft --model ./my-model --data sft.jsonl --output runs/sft --bf16
+  fastalign train dpo --loss-type sigmoid,sft --loss-weights 1,0.2 --output runs/rpo
+  fastalign train grpo --output runs/grpo --num-generations 4
+  fastalign train dpo --output runs/dpo --save-steps 10 --resume
+"""
+
+
+def _option_type(annotation: str):
+    """How to parse a config field's value from its (string) type annotation."""
+    optional = "None" in annotation
+    base = annotation.replace("| None", "").replace("None |", "").strip()
+    if base.startswith("tuple"):
+        item = float if "float" in base else str
+        parse = lambda text: tuple(item(part) for part in text.split(",") if part)  # noqa: E731
+    else:
+        parse = {"int": int, "float": float, "str": str}.get(base.split("|")[0].strip(), str)
+
+    def convert(text: str):
+        if optional and text.lower() == "none":
+            return None
+        try:
+            return parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {base}, got {text!r}") from None
+
+    convert.__name__ = base  # argparse names the type in its error messages
+    return convert
+
+
+def add_config_options(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One ``--field-name`` option per field of ``config_class`` (booleans get ``--no-...``).
+
+    Field types are read from their annotations, which are strings (``from __future__ import
+    annotations``): "int", "float | None", "tuple[float, ...]", "bool", "str".
+    """
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata.get("help", "")
+        if field.name in ("output_dir",):
+            continue  # --output, a required argument of its own
+        default = field.default
+        if field.type == "bool":
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=f"{help_text} (default: "
+                                f"{'on' if default else 'off'})")
+            continue
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser.add_argument(flag, dest=field.name, type=_option_type(field.type),
+                            default=default, metavar=field.name.upper(),
+                            help=f"{help_text} (default: {shown})")
+
+
+def config_from_args(config_class: type, args: argparse.Namespace, output_dir: str):
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(config_class)
+              if field.name != "output_dir"}
+    return config_class(output_dir=output_dir, **values)
+
+
+def add_train_command(subparsers: argparse._SubParsersAction) -> None:
+    from fastalign.trainers.run import JOBS
+
+    train = subparsers.add_parser(
+        "train", help="train a model with a fused alignment loss (sft, rm, dpo, kto, ppo, grpo)",
+        description=_TRAIN_DESCRIPTION, epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = train.add_subparsers(dest="kind", metavar="KIND", required=True)
+    for kind, job in JOBS.items():
+        parser = kinds.add_parser(kind, help=job.help, description=job.description)
+        parser.add_argument("--model", default=None,
+                            help="a Hugging Face model directory or hub id (default: the tiny "
+                                 "Llama shipped with fastalign, randomly initialised from --seed)")
+        parser.add_argument("--data", default=None,
+                            help=f"training data, JSONL (default: the shipped {job.data_kind} "
+                                 "data)")
+        parser.add_argument("--eval-data", default=None,
+                            help="held-out JSONL of the same format, evaluated at the end and "
+                                 "every --eval-steps (default: the shipped eval set for dpo and "
+                                 "rm with the default data, else none)")
+        parser.add_argument("--output", "-o", default=f"fastalign-runs/{kind}",
+                            help="output directory (model, metrics, plots, checkpoints; "
+                                 f"default: fastalign-runs/{kind})")
+        for name, help_text in job.extra_arguments.items():
+            parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                                help=help_text)
+        add_config_options(parser, job.config_class)
+        parser.set_defaults(handler=_run_train, job=job)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from fastalign.data import DataError
+    from fastalign.trainers.run import run_job
+
+    try:
+        config = config_from_args(args.job.config_class, args, args.output)
+    except (ValueError, TypeError) as error:
+        print(f"fastalign train {args.kind}: error: {error}", file=sys.stderr)
+        return 2
+    extra = {name: getattr(args, name) for name in args.job.extra_arguments}
+    try:
+        run_job(args.job, config, model=args.model, data=args.data, eval_data=args.eval_data,
+                **extra)
+    except (DataError, ValueError, FileNotFoundError, OSError) as error:
+        print(f"fastalign train {args.kind}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fastalign.cli import main as cli_main
+
+    return cli_main(["train", *(argv or [])])

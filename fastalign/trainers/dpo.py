@@ -1,0 +1,206 @@
+"""DPO and its variants (every ``loss_type`` of ``fastalign.losses.dpo_loss``) on a causal LM.
+
+One micro-batch is B preference pairs, collated as ``[2B, T]`` with the chosen sequences stacked
+on the rejected ones (``fastalign.data.PreferenceCollator``). The policy's summed response
+log-probs come from the fused head (``fastalign.hf.sequence_logprobs``: backbone, then the LM-head
+weight streamed by ``linear_logprobs``, no [tokens × vocab] logits); the reference's from a frozen
+copy, the PEFT policy with adapters disabled, or log-probs precomputed before training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastalign import hf
+from fastalign.data import PreferenceCollator
+from fastalign.losses.dpo import DPO_LOSS_TYPES, dpo_loss
+from fastalign.trainers.base import (
+    REFERENCE_MODES,
+    ReferencePolicy,
+    Trainer,
+    TrainingConfig,
+    option,
+    pad_token_id,
+)
+
+__all__ = ["DPOConfig", "DPOTrainer"]
+
+
+@dataclass
+class DPOConfig(TrainingConfig):
+    """DPO options on top of :class:`TrainingConfig` (TRL's names)."""
+
+    beta: float = option(0.1, "strength of the KL regularisation toward the reference")
+    loss_type: tuple[str, ...] = option(("sigmoid",), "one or more of " + ", ".join(
+        DPO_LOSS_TYPES) + ", comma-separated (combined with loss-weights)")
+    loss_weights: tuple[float, ...] | None = option(None, "weights of the loss types, "
+                                                    "comma-separated ('none': all 1)")
+    label_smoothing: float = option(0.0, "probability that a preference label is flipped "
+                                    "(cDPO, robust DPO)")
+    reference: str = option("auto", "the reference model: copy (a frozen copy), precomputed "
+                            "(log-probs computed once), adapters (a PEFT policy with its adapters "
+                            "disabled) or auto (adapters for PEFT, else copy)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.loss_type, str):
+            self.loss_type = (self.loss_type,)
+        names = tuple(self.loss_type)
+        unknown = [name for name in names if name not in DPO_LOSS_TYPES]
+        if not names or unknown:
+            raise ValueError(f"loss_type must be one or more of {', '.join(DPO_LOSS_TYPES)}, got "
+                             f"{self.loss_type!r}")
+        if self.reference not in REFERENCE_MODES:
+            raise ValueError(f"reference must be one of {', '.join(REFERENCE_MODES)}, got "
+                             f"{self.reference!r}")
+        if not isinstance(self.beta, (int, float)) or not self.beta > 0:
+            raise ValueError(f"beta must be a number > 0, got {self.beta!r}")
+
+
+class DPOTrainer(Trainer):
+    """Direct Preference Optimization (Rafailov et al., 2023) and every variant of ``dpo_loss``.
+
+    Example::
+
+        trainer = DPOTrainer(model, tokenizer, encode_preference(records, tokenizer, ...),
+                             DPOConfig(output_dir="out", max_steps=100, beta=0.1))
+        trainer.train()
+    """
+
+    name = "dpo"
+
+    def __init__(self, model: nn.Module, tokenizer, train_examples: Sequence[dict],
+                 config: DPOConfig, *, ref_model: nn.Module | None = None,
+                 eval_examples: Sequence[dict] | None = None) -> None:
+        super().__init__(model, tokenizer, train_examples, config,
+                         collator=PreferenceCollator(pad_token_id=pad_token_id(tokenizer)),
+                         eval_examples=eval_examples)
+        self.reference = ReferencePolicy(self.model, ref_model, config.reference)
+        if self.reference.model is not None:
+            self.reference.model.to(self.device)
+        # [n, 2] reference (chosen, rejected) log-probs per example, when precomputed.
+        self.precomputed: dict[str, torch.Tensor] = {}
+
+    def before_training(self) -> None:
+        if self.reference.mode == "precomputed":
+            self.precomputed = {"train": self._reference_table(self.train_examples)}
+            if self.eval_examples:
+                self.precomputed["eval"] = self._reference_table(self.eval_examples)
+            self.reference.release()
+
+    def extra_state(self) -> dict:
+        return {"precomputed": self.precomputed}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.precomputed = state.get("precomputed", {})
+        if self.reference.mode == "precomputed":
+            self.reference.release()
+
+    def _reference_table(self, examples: Sequence[dict]) -> torch.Tensor:
+        table = torch.empty(len(examples), 2, dtype=torch.float32)
+        size = self.config.batch_size
+        for start in range(0, len(examples), size):
+            indices = range(start, min(start + size, len(examples)))
+            batch = self.batch(indices, examples)
+            with self.autocast():
+                table[list(indices)] = self._reference_logps(batch).cpu()
+        return table
+
+    def _reference_logps(self, batch: dict) -> torch.Tensor:
+        """[B, 2] summed reference log-probs of the chosen and rejected answers."""
+        ref = self.reference.sequence_logprobs(
+            batch["input_ids"], batch["labels"], batch["attention_mask"],
+            temperature=self.config.temperature, impl=self.config.impl)
+        return torch.stack(ref.sum_logps.chunk(2), dim=1)
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        config = self.config
+        policy = hf.sequence_logprobs(
+            self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+            temperature=config.temperature, impl=config.impl)
+        chosen_logps, rejected_logps = policy.sum_logps.chunk(2)
+        if self.precomputed:
+            table = self.precomputed[batch["split"]]
+            ref = table.to(self.device)[batch["indices"]]
+        else:
+            ref = self._reference_logps(batch)
+        # A sequence without response tokens (truncated away) has log-prob 0: average it to 0.
+        chosen_lengths, rejected_lengths = policy.lengths.clamp(min=1).chunk(2)
+        chosen_nll = -chosen_logps.sum() / policy.lengths.chunk(2)[0].sum().clamp(min=1)
+        return dpo_loss(
+            chosen_logps, rejected_logps, ref[:, 0], ref[:, 1], beta=config.beta,
+            loss_type=config.loss_type, loss_weights=config.loss_weights,
+            label_smoothing=config.label_smoothing, chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths, chosen_nll=chosen_nll,
+        )
+
+
+def loss_memory_report(trainer: DPOTrainer, *, pairs: int | None = None) -> str:
+    """Measured peak memory of the DPO loss on one training batch, fused against eager.
+
+    Both start from the same final hidden states (the backbone's cost is the same either way) and
+    run the policy's loss forward and backward: the fused head (``sequence_logprobs_from_labels``
+    + ``dpo_loss``) against TRL's eager path (``[2B, T, V]`` logits, ``log_softmax``, ``gather``,
+    masked sums, the same ``dpo_loss``). The reference log-probs are taken beforehand.
+    """
+    import torch.nn.functional as F
+
+    from fastalign.memory import cpu_peak_supported, measure_peak_memory
+    from fastalign.sequence import sequence_logprobs_from_labels
+
+    device = trainer.device
+    if device.type == "cpu" and not cpu_peak_supported():
+        return "  loss memory: not measurable on this system (no /proc/self/clear_refs)"
+    count = min(pairs or trainer.config.batch_size, len(trainer.train_examples))
+    batch = trainer.batch(range(count))
+    labels, config = batch["labels"], trainer.config
+    head = hf.lm_head(trainer.model)
+    with torch.no_grad():
+        hidden = hf.final_hidden_states(trainer.model, batch["input_ids"],
+                                        batch["attention_mask"]).float()
+        ref = trainer._reference_logps(batch) if not trainer.precomputed else \
+            trainer.precomputed["train"][:count].to(device)
+    weight = head.weight.detach().float().requires_grad_()
+    options = head.options(config.temperature)
+
+    def finish(sum_logps, lengths):
+        chosen, rejected = sum_logps.chunk(2)
+        loss, _ = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta=config.beta,
+                           loss_type=config.loss_type, loss_weights=config.loss_weights,
+                           label_smoothing=config.label_smoothing,
+                           chosen_lengths=lengths.clamp(min=1).chunk(2)[0],
+                           rejected_lengths=lengths.clamp(min=1).chunk(2)[1],
+                           chosen_nll=-chosen.sum() / lengths.chunk(2)[0].sum().clamp(min=1))
+        loss.backward()
+        return loss.detach()
+
+    def fused():
+        h = hidden.clone().requires_grad_()
+        out = sequence_logprobs_from_labels(h, weight, labels, impl=config.impl, **options)
+        return finish(out.sum_logps, out.lengths), h.grad
+
+    def eager():
+        h = hidden.clone().requires_grad_()
+        logits = h[:, :-1] @ weight.T
+        if options.get("softcap"):
+            logits = options["softcap"] * torch.tanh(logits / options["softcap"])
+        logits = logits / options["temperature"]
+        targets = labels[:, 1:]
+        mask = targets != -100
+        logp = F.log_softmax(logits.float(), dim=-1).gather(
+            -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return finish((logp * mask).sum(-1), mask.sum(-1)), h.grad
+
+    (fused_loss, _), fused_bytes = measure_peak_memory(fused, device)
+    weight.grad = None
+    (eager_loss, _), eager_bytes = measure_peak_memory(eager, device)
+    tokens, vocab = labels.shape[0] * labels.shape[1], weight.shape[0]
+    ratio = eager_bytes / fused_bytes if fused_bytes else float("inf")
+    return (f"  loss memory, one batch of {count} pairs ({tokens} tokens, vocabulary {vocab}), "
+            f"forward + backward from the hidden states: fused {fused_bytes / 2**20:.2f} MiB, "
+            f"eager logits {eager_bytes / 2**20:.2f} MiB ({ratio:.1f}x); losses "
+            f"{float(fused_loss):.6f} and {float(eager_loss):.6f}")

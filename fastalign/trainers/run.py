@@ -1,0 +1,165 @@
+"""From files to a trained model: what ``fastalign train KIND`` does, callable from Python too.
+
+``run_job(JOBS["dpo"], DPOConfig(output_dir="out"), model=None, data=None)`` loads and validates
+the whole JSONL file (a bad line stops the run before any training), loads the tokenizer and the
+model (the shipped tiny Llama when ``model`` is None), encodes the data, trains, and prints a
+summary of the final metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastalign import assets, data
+from fastalign.trainers.base import Trainer, TrainingConfig, TrainResult
+from fastalign.trainers.dpo import DPOConfig, DPOTrainer, loss_memory_report
+
+__all__ = ["JOBS", "Job", "load_model", "load_tokenizer", "run_job"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One ``fastalign train`` kind: its config, trainer, data format and model class."""
+
+    kind: str
+    help: str
+    description: str
+    config_class: type[TrainingConfig]
+    trainer_class: type[Trainer]
+    data_kind: str  # the format load_jsonl checks: "sft", "preference", "kto" or "prompt"
+    encode: Callable
+    default_data: str  # key of fastalign.assets.default_data_path
+    default_eval_data: str | None = None
+    sequence_classifier: bool = False  # the reward model: a scalar head instead of the LM head
+    # extra --options (name -> help) passed to the trainer as keyword arguments
+    extra_arguments: dict[str, str] = field(default_factory=dict)
+    summary_keys: tuple[str, ...] = ()
+
+
+_REF_MODEL_HELP = ("a model directory for the frozen reference (default: a copy of the policy "
+                   "at the start, or see --reference)")
+
+JOBS: dict[str, Job] = {
+    "dpo": Job(
+        kind="dpo", help="Direct Preference Optimization and its variants",
+        description="DPO on prompt/chosen/rejected pairs: every loss type of "
+                    "fastalign.losses.dpo_loss, alone or weighted together.",
+        config_class=DPOConfig, trainer_class=DPOTrainer, data_kind="preference",
+        encode=data.encode_preference, default_data="dpo", default_eval_data="dpo_eval",
+        extra_arguments={"ref_model": _REF_MODEL_HELP},
+        summary_keys=("rewards/accuracies", "rewards/margins", "rewards/chosen",
+                      "rewards/rejected", "loss"),
+    ),
+}
+
+
+def register(job: Job) -> Job:
+    """Add a ``fastalign train`` kind (the trainer modules call this for theirs)."""
+    JOBS[job.kind] = job
+    return job
+
+
+def load_tokenizer(model: str | None):
+    if model is None:
+        return assets.load_default_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
+
+
+def load_model(model: str | None, *, seed: int, sequence_classifier: bool = False,
+               pad_token_id: int | None = None) -> torch.nn.Module:
+    """A causal LM (or, for the reward model, a sequence classifier with one output)."""
+    if sequence_classifier:
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        source = str(assets.default_model_dir()) if model is None else model
+        config = AutoConfig.from_pretrained(source, num_labels=1)
+        if config.pad_token_id is None:
+            config.pad_token_id = pad_token_id  # finds each sequence's last token
+        if model is None:  # random init from the shipped config, seeded
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                return AutoModelForSequenceClassification.from_config(config)
+        return AutoModelForSequenceClassification.from_pretrained(model, config=config)
+    if model is None:
+        return assets.build_default_model(seed=seed)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model)
+
+
+def _load_examples(job: Job, path, tokenizer, config: TrainingConfig) -> list[dict]:
+    records = data.load_jsonl(path, job.data_kind)
+    return job.encode(records, tokenizer, max_length=config.max_length,
+                      max_prompt_length=config.max_prompt_length)
+
+
+def run_job(job: Job, config: TrainingConfig, *, model: str | None = None,
+            data: str | Path | None = None, eval_data: str | Path | None = None,
+            print_summary: bool = True, **extra) -> TrainResult:
+    """Load, validate, encode, train and summarise; see the module docstring."""
+    if not isinstance(config, job.config_class):
+        raise TypeError(f"{job.kind} takes a {job.config_class.__name__}, got "
+                        f"{type(config).__name__}")
+    if eval_data is None and data is None and job.default_eval_data:
+        eval_data = assets.default_data_path(job.default_eval_data)
+    if data is None:
+        data = assets.default_data_path(job.default_data)
+    tokenizer = load_tokenizer(model)
+    # Every line of both files is checked before the model is even loaded.
+    train_examples = _load_examples(job, data, tokenizer, config)
+    eval_examples = _load_examples(job, eval_data, tokenizer, config) if eval_data else None
+    from fastalign.trainers.base import pad_token_id
+
+    policy = load_model(model, seed=config.seed, sequence_classifier=job.sequence_classifier,
+                        pad_token_id=pad_token_id(tokenizer))
+    kwargs = {}
+    for name, value in extra.items():
+        if value is None:
+            continue
+        if name in ("ref_model", "reward_model"):
+            value = load_model(value, seed=config.seed,
+                               sequence_classifier=name == "reward_model",
+                               pad_token_id=pad_token_id(tokenizer))
+        kwargs[name] = value
+    trainer = job.trainer_class(policy, tokenizer, train_examples, config,
+                                eval_examples=eval_examples, **kwargs)
+    result = trainer.train()
+    if print_summary:
+        print(format_summary(job, trainer, result))
+    return result
+
+
+def format_summary(job: Job, trainer: Trainer, result: TrainResult) -> str:
+    lines = [f"fastalign train {job.kind}: {result.step} steps, output in {result.output_dir}"]
+    for title, metrics, prefix in (("last training step", result.metrics, ""),
+                                   ("held-out data", result.eval_metrics, "eval/")):
+        shown = [(key, metrics[prefix + key]) for key in job.summary_keys
+                 if prefix + key in metrics]
+        if shown:
+            lines.append(f"  {title}: " + ", ".join(f"{key} {value:.4f}" for key, value in shown))
+    if isinstance(trainer, DPOTrainer):
+        lines.append(loss_memory_report(trainer))
+    for name, path in result.files.items():
+        if not name.startswith("plot:"):
+            lines.append(f"  {name}: {path}")
+    plots = [path for name, path in result.files.items() if name.startswith("plot:")]
+    if plots:
+        lines.append(f"  plots: {len(plots)} PNG files in {plots[0].parent}")
+    return "\n".join(lines)
+
+
+def config_for(kind: str, **options) -> TrainingConfig:
+    """The config of ``kind`` with ``options`` (a convenience for scripts and tests)."""
+    job = JOBS[kind]
+    known = {f.name for f in dataclasses.fields(job.config_class)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"{kind} has no option {', '.join(unknown)}")
+    return job.config_class(**options)
