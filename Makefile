@@ -1,6 +1,8 @@
 # fastalign: two commands, each complete on a fresh machine.
-#   make demo   set up, then benchmark the fused op against its peers on this machine's default shapes
+#   make demo   set up, then train the shipped tiny Llama with DPO on the shipped preference data
+#               (progress, reward accuracy and margins, fused-vs-eager loss memory, plots)
 #   make test   set up, then run the whole test suite
+#   make bench  set up, then benchmark the fused op against its peers on this machine's shapes
 #
 # Set-up makes a virtual environment in .venv with the CPU build of torch (never the CUDA wheels),
 # builds the C++ extension once against it (no pip build isolation, so torch is never downloaded
@@ -12,6 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fastalign-installed
 BENCH_OUT ?= benchmarks/results/latest
+DEMO_OUT ?= fastalign-runs/demo-dpo
 
 .PHONY: setup demo test bench lint clean
 
@@ -27,9 +30,11 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/fastalign bench --output $(BENCH_OUT)
+	$(BIN)/fastalign train dpo --output $(DEMO_OUT) --max-steps 40 --batch-size 8 --lr 5e-4 \
+		--eval-steps 10 --seed 0
 
-bench: demo
+bench: setup
+	$(BIN)/fastalign bench --output $(BENCH_OUT)
 
 test: setup
 	$(BIN)/ruff check .

@@ -64,7 +64,9 @@ def test_wheel_layout(tmp_path):
     (wheel,) = tmp_path.glob("fastalign-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("kernels/linear_logprobs.py", "kernels/linear_kl.py", "kernels/gae.py",
-                   "losses/dpo.py", "losses/ppo.py", "fused.py"):
+                   "losses/dpo.py", "losses/ppo.py", "fused.py", "hf.py", "data.py",
+                   "trainers/base.py", "trainers/dpo.py", "assets/tiny-llama/config.json",
+                   "assets/tiny-llama/tokenizer.json", "assets/data/preferences.jsonl"):
         assert f"fastalign/{module}" in names, module
     assert "fastalign/linear_logprobs.py" in names
     assert not [n for n in names if n.startswith("kernels/")]

@@ -139,68 +139,92 @@ class DPOTrainer(Trainer):
         )
 
 
-def loss_memory_report(trainer: DPOTrainer, *, pairs: int | None = None) -> str:
+def loss_memory_report(trainer: DPOTrainer, *, pairs: int | None = None,
+                       large_vocab: int | None = 128256) -> str:
     """Measured peak memory of the DPO loss on one training batch, fused against eager.
 
-    Both start from the same final hidden states (the backbone's cost is the same either way) and
-    run the policy's loss forward and backward: the fused head (``sequence_logprobs_from_labels``
-    + ``dpo_loss``) against TRL's eager path (``[2B, T, V]`` logits, ``log_softmax``, ``gather``,
-    masked sums, the same ``dpo_loss``). The reference log-probs are taken beforehand.
+    Both start from the same final hidden states (the backbone costs the same either way) and run
+    the policy's loss forward and backward: the fused head (``sequence_logprobs_from_labels`` +
+    ``dpo_loss``) against TRL's eager path (``[2B, T, V]`` logits, ``log_softmax``, ``gather``,
+    masked sums, the same ``dpo_loss``). The reference log-probs are taken beforehand. With
+    ``large_vocab``, the same batch is measured again with a random head of that many rows (the
+    default is Llama 3's vocabulary), where the [tokens × vocab] logits dominate.
     """
-    import torch.nn.functional as F
-
-    from fastalign.memory import cpu_peak_supported, measure_peak_memory
-    from fastalign.sequence import sequence_logprobs_from_labels
+    from fastalign.memory import cpu_peak_supported
 
     device = trainer.device
     if device.type == "cpu" and not cpu_peak_supported():
         return "  loss memory: not measurable on this system (no /proc/self/clear_refs)"
     count = min(pairs or trainer.config.batch_size, len(trainer.train_examples))
     batch = trainer.batch(range(count))
-    labels, config = batch["labels"], trainer.config
     head = hf.lm_head(trainer.model)
     with torch.no_grad():
         hidden = hf.final_hidden_states(trainer.model, batch["input_ids"],
                                         batch["attention_mask"]).float()
-        ref = trainer._reference_logps(batch) if not trainer.precomputed else \
-            trainer.precomputed["train"][:count].to(device)
-    weight = head.weight.detach().float().requires_grad_()
-    options = head.options(config.temperature)
+        if trainer.precomputed:
+            reference = trainer.precomputed["train"][:count].to(device)
+        else:
+            reference = trainer._reference_logps(batch).float()
+    heads = [("this model's head", head.weight.detach().float(), head.options(1.0))]
+    if large_vocab:
+        generator = torch.Generator(device=device).manual_seed(0)
+        weight = torch.randn(large_vocab, hidden.shape[-1], generator=generator, device=device)
+        heads.append((f"a random {large_vocab}-token head", weight / hidden.shape[-1] ** 0.5,
+                      {"temperature": 1.0, "softcap": None}))
+    tokens = batch["labels"].numel()
+    lines = [f"  DPO loss memory, forward + backward from the hidden states of {count} pairs "
+             f"({tokens} tokens), measured:"]
+    for title, weight, options in heads:
+        fused, eager = _measure_dpo_loss(trainer, hidden, weight, options, batch["labels"],
+                                         reference)
+        ratio = eager / fused if fused else float("inf")
+        lines.append(f"    {title} (V={weight.shape[0]}): fused {fused / 2**20:.2f} MiB, "
+                     f"eager logits {eager / 2**20:.2f} MiB ({ratio:.0f}x less)")
+    return "\n".join(lines)
 
-    def finish(sum_logps, lengths):
+
+def _measure_dpo_loss(trainer: DPOTrainer, hidden, weight, options, labels, reference):
+    """Peak bytes of (fused, eager) DPO loss forward + backward; checks both give one loss."""
+    import torch.nn.functional as F
+
+    from fastalign.memory import measure_peak_memory
+    from fastalign.sequence import sequence_logprobs_from_labels
+
+    config = trainer.config
+    weight = weight.detach().requires_grad_()
+
+    def loss_and_backward(h, sum_logps, lengths):
         chosen, rejected = sum_logps.chunk(2)
-        loss, _ = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta=config.beta,
+        chosen_lengths, rejected_lengths = lengths.clamp(min=1).chunk(2)
+        loss, _ = dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], beta=config.beta,
                            loss_type=config.loss_type, loss_weights=config.loss_weights,
-                           label_smoothing=config.label_smoothing,
-                           chosen_lengths=lengths.clamp(min=1).chunk(2)[0],
-                           rejected_lengths=lengths.clamp(min=1).chunk(2)[1],
+                           label_smoothing=config.label_smoothing, chosen_lengths=chosen_lengths,
+                           rejected_lengths=rejected_lengths,
                            chosen_nll=-chosen.sum() / lengths.chunk(2)[0].sum().clamp(min=1))
         loss.backward()
-        return loss.detach()
+        return loss.detach(), h.grad
 
     def fused():
         h = hidden.clone().requires_grad_()
         out = sequence_logprobs_from_labels(h, weight, labels, impl=config.impl, **options)
-        return finish(out.sum_logps, out.lengths), h.grad
+        return loss_and_backward(h, out.sum_logps, out.lengths)
 
     def eager():
         h = hidden.clone().requires_grad_()
         logits = h[:, :-1] @ weight.T
-        if options.get("softcap"):
+        if options["softcap"]:
             logits = options["softcap"] * torch.tanh(logits / options["softcap"])
-        logits = logits / options["temperature"]
+        logp = F.log_softmax(logits / options["temperature"], dim=-1)
         targets = labels[:, 1:]
         mask = targets != -100
-        logp = F.log_softmax(logits.float(), dim=-1).gather(
-            -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return finish((logp * mask).sum(-1), mask.sum(-1)), h.grad
+        logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return loss_and_backward(h, (logp * mask).sum(-1), mask.sum(-1))
 
-    (fused_loss, _), fused_bytes = measure_peak_memory(fused, device)
+    (fused_loss, _), fused_bytes = measure_peak_memory(fused, trainer.device)
     weight.grad = None
-    (eager_loss, _), eager_bytes = measure_peak_memory(eager, device)
-    tokens, vocab = labels.shape[0] * labels.shape[1], weight.shape[0]
-    ratio = eager_bytes / fused_bytes if fused_bytes else float("inf")
-    return (f"  loss memory, one batch of {count} pairs ({tokens} tokens, vocabulary {vocab}), "
-            f"forward + backward from the hidden states: fused {fused_bytes / 2**20:.2f} MiB, "
-            f"eager logits {eager_bytes / 2**20:.2f} MiB ({ratio:.1f}x); losses "
-            f"{float(fused_loss):.6f} and {float(eager_loss):.6f}")
+    (eager_loss, _), eager_bytes = measure_peak_memory(eager, trainer.device)
+    weight.grad = None
+    if not torch.allclose(fused_loss, eager_loss, rtol=1e-4, atol=1e-5):
+        raise RuntimeError(f"fused and eager DPO losses differ: {float(fused_loss)} vs "
+                           f"{float(eager_loss)}")
+    return fused_bytes, eager_bytes
