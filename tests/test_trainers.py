@@ -360,3 +360,18 @@ def test_cli_help_lists_every_kind_and_option(capsys):
 def test_run_job_rejects_a_config_of_another_kind(tmp_path):
     with pytest.raises(TypeError, match="DPOConfig"):
         run_job(JOBS["dpo"], TrainingConfig(output_dir=str(tmp_path)))
+
+
+def test_cli_lora_trains_adapters_and_saves_a_merged_model(tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    assert cli_main(["train", "dpo", "--output", str(out), "--max-steps", "2", "--batch-size",
+                     "4", "--lr", "1e-2", "--lora-r", "4", "--no-progress", "--no-plots"]) == 0
+    assert (out / "adapter" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = assets.build_default_model(seed=0)
+    # The adapters were trained and merged: q_proj moved, the frozen MLP did not.
+    layer, base_layer = merged.model.layers[0], base.model.layers[0]
+    assert not torch.equal(layer.self_attn.q_proj.weight, base_layer.self_attn.q_proj.weight)
+    assert torch.equal(layer.mlp.up_proj.weight, base_layer.mlp.up_proj.weight)
+    assert cli_main(["train", "dpo", "--output", str(out), "--lora-r", "0"]) == 2

@@ -598,8 +598,17 @@ class Trainer:
         return True
 
     def save_outputs(self) -> dict[str, Path]:
-        """The model (``save_pretrained``), tokenizer, extra modules, metrics CSV and plots."""
-        self.model.save_pretrained(self.output_dir)
+        """The model (``save_pretrained``), tokenizer, extra modules, metrics CSV and plots.
+
+        A PEFT model is saved twice: its adapters in ``adapter/`` and, merged into the base
+        weights, as a plain model in the output directory itself."""
+        if hf.is_peft_model(self.model):
+            # The adapters alone (peft loads them onto the base model), and the merged model, so
+            # that transformers loads the output directory back without peft.
+            self.model.save_pretrained(self.output_dir / "adapter")
+            copy.deepcopy(self.model).merge_and_unload().save_pretrained(self.output_dir)
+        else:
+            self.model.save_pretrained(self.output_dir)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(self.output_dir)
         for name, module in self.modules_to_save().items():

@@ -113,6 +113,14 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument("--output", "-o", default=f"fastalign-runs/{kind}",
                             help="output directory (model, metrics, plots, checkpoints; "
                                  f"default: fastalign-runs/{kind})")
+        if not job.sequence_classifier:
+            parser.add_argument("--lora-r", type=int, default=None, metavar="R",
+                                help="train LoRA adapters of rank R instead of the full model "
+                                     "(needs peft); the reference is then the model with its "
+                                     "adapters disabled")
+            parser.add_argument("--lora-targets", default="q_proj,v_proj",
+                                help="comma-separated module names that get LoRA adapters "
+                                     "(default: q_proj,v_proj)")
         for name, help_text in job.extra_arguments.items():
             parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
                                 help=help_text)
@@ -130,6 +138,8 @@ def _run_train(args: argparse.Namespace) -> int:
         print(f"fastalign train {args.kind}: error: {error}", file=sys.stderr)
         return 2
     extra = {name: getattr(args, name) for name in args.job.extra_arguments}
+    if not args.job.sequence_classifier:
+        extra.update(lora_r=args.lora_r, lora_targets=args.lora_targets)
     try:
         run_job(args.job, config, model=args.model, data=args.data, eval_data=args.eval_data,
                 **extra)

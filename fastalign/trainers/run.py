@@ -94,6 +94,24 @@ def load_model(model: str | None, *, seed: int, sequence_classifier: bool = Fals
     return AutoModelForCausalLM.from_pretrained(model)
 
 
+def add_lora(model: torch.nn.Module, *, r: int, targets: str) -> torch.nn.Module:
+    """Wrap ``model`` with PEFT LoRA adapters of rank ``r`` on the comma-separated ``targets``.
+
+    Only the adapters train, and the reference is the same model with the adapters disabled (no
+    second copy of the weights)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"lora_r must be an integer >= 1, got {r!r}")
+    try:
+        import peft
+    except ImportError:
+        raise ValueError("--lora-r needs the peft package: pip install peft") from None
+    modules = [name.strip() for name in targets.split(",") if name.strip()]
+    if not modules:
+        raise ValueError(f"lora_targets must name at least one module, got {targets!r}")
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=modules, lora_dropout=0.0)
+    return peft.get_peft_model(model, config)
+
+
 def _load_examples(job: Job, path, tokenizer, config: TrainingConfig) -> list[dict]:
     records = data.load_jsonl(path, job.data_kind)
     return job.encode(records, tokenizer, max_length=config.max_length,
@@ -102,6 +120,7 @@ def _load_examples(job: Job, path, tokenizer, config: TrainingConfig) -> list[di
 
 def run_job(job: Job, config: TrainingConfig, *, model: str | None = None,
             data: str | Path | None = None, eval_data: str | Path | None = None,
+            lora_r: int | None = None, lora_targets: str = "q_proj,v_proj",
             print_summary: bool = True, **extra) -> TrainResult:
     """Load, validate, encode, train and summarise; see the module docstring."""
     if not isinstance(config, job.config_class):
@@ -119,6 +138,8 @@ def run_job(job: Job, config: TrainingConfig, *, model: str | None = None,
 
     policy = load_model(model, seed=config.seed, sequence_classifier=job.sequence_classifier,
                         pad_token_id=pad_token_id(tokenizer))
+    if lora_r is not None:
+        policy = add_lora(policy, r=lora_r, targets=lora_targets)
     kwargs = {}
     for name, value in extra.items():
         if value is None:
