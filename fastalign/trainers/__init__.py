@@ -3,12 +3,25 @@
 from fastalign.trainers.base import ReferencePolicy, Trainer, TrainingConfig, TrainResult
 from fastalign.trainers.checkpoint import CheckpointError
 from fastalign.trainers.dpo import DPOConfig, DPOTrainer
+from fastalign.trainers.kto import KTOConfig, KTOTrainer
+from fastalign.trainers.ppo import GRPOConfig, PPOConfig, PPOTrainer
+from fastalign.trainers.reward import RewardConfig, RewardTrainer
+from fastalign.trainers.sft import SFTConfig, SFTTrainer
 
 __all__ = [
     "CheckpointError",
     "DPOConfig",
     "DPOTrainer",
+    "GRPOConfig",
+    "KTOConfig",
+    "KTOTrainer",
+    "PPOConfig",
+    "PPOTrainer",
     "ReferencePolicy",
+    "RewardConfig",
+    "RewardTrainer",
+    "SFTConfig",
+    "SFTTrainer",
     "TrainResult",
     "Trainer",
     "TrainingConfig",

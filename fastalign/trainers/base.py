@@ -41,8 +41,8 @@ from fastalign import hf
 from fastalign.sequence import SequenceLogprobs
 from fastalign.trainers.checkpoint import load_latest, save_checkpoint
 
-__all__ = ["BatchStream", "MetricsLog", "ReferencePolicy", "Trainer", "TrainingConfig",
-           "TrainResult"]
+__all__ = ["BatchStream", "Metrics", "MetricsLog", "ReferencePolicy", "Trainer",
+           "TrainingConfig", "TrainResult", "as_floats", "mean_metrics", "option", "pad_token_id"]
 
 Metrics = dict[str, float]
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -501,6 +501,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": float(norm)}
 
+    def eval_batches(self, count: int) -> list[range]:
+        """The evaluation micro-batches over ``count`` examples, in order: ``batch_size`` each,
+        the last one smaller (with ``drop_last``, a lone last example joins the one before, since
+        such trainers cannot score a batch of one)."""
+        size = self.config.batch_size
+        starts = list(range(0, count, size))
+        if self.drop_last and len(starts) > 1 and count - starts[-1] == 1:
+            starts.pop()
+        return [range(start, stop) for start, stop in zip(starts, [*starts[1:], count])]
+
     @torch.no_grad()
     def evaluate(self) -> Metrics:
         """``compute_loss`` metrics averaged over ``eval_examples`` (in order), as ``eval/...``."""
@@ -509,9 +519,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         parts = []
-        size = self.config.batch_size
-        for start in range(0, len(self.eval_examples), size):
-            indices = range(start, min(start + size, len(self.eval_examples)))
+        for indices in self.eval_batches(len(self.eval_examples)):
             batch = self.batch(indices, self.eval_examples)
             with self.autocast():
                 loss, metrics = self.compute_loss(batch)

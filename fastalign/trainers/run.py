@@ -18,6 +18,10 @@ import torch
 from fastalign import assets, data
 from fastalign.trainers.base import Trainer, TrainingConfig, TrainResult
 from fastalign.trainers.dpo import DPOConfig, DPOTrainer, loss_memory_report
+from fastalign.trainers.kto import KTOConfig, KTOTrainer
+from fastalign.trainers.ppo import GRPOConfig, PPOConfig, PPOTrainer, encode_prompt_examples
+from fastalign.trainers.reward import RewardConfig, RewardTrainer
+from fastalign.trainers.sft import SFTConfig, SFTTrainer
 
 __all__ = ["JOBS", "Job", "load_model", "load_tokenizer", "run_job"]
 
@@ -43,8 +47,28 @@ class Job:
 
 _REF_MODEL_HELP = ("a model directory for the frozen reference (default: a copy of the policy "
                    "at the start, or see --reference)")
+_REWARD_MODEL_HELP = ("a sequence-classifier directory (num_labels=1, the policy's tokenizer; "
+                      "e.g. the output of `fastalign train rm`) scoring prompt + completion; "
+                      "replaces --reward-fn")
 
 JOBS: dict[str, Job] = {
+    "sft": Job(
+        kind="sft", help="supervised fine-tuning",
+        description="SFT on text, messages or prompt/completion data: TRL's token-mean NLL "
+                    "through the fused head.",
+        config_class=SFTConfig, trainer_class=SFTTrainer, data_kind="sft",
+        encode=data.encode_sft, default_data="sft",
+        summary_keys=("loss", "entropy", "num_tokens"),
+    ),
+    "rm": Job(
+        kind="rm", help="a Bradley-Terry reward model",
+        description="A reward model (a sequence classifier with one output) on "
+                    "prompt/chosen/rejected pairs.",
+        config_class=RewardConfig, trainer_class=RewardTrainer, data_kind="preference",
+        encode=data.encode_preference, default_data="rm", default_eval_data="dpo_eval",
+        sequence_classifier=True,
+        summary_keys=("accuracy", "margin", "rewards/chosen", "rewards/rejected", "loss"),
+    ),
     "dpo": Job(
         kind="dpo", help="Direct Preference Optimization and its variants",
         description="DPO on prompt/chosen/rejected pairs: every loss type of "
@@ -55,13 +79,35 @@ JOBS: dict[str, Job] = {
         summary_keys=("rewards/accuracies", "rewards/margins", "rewards/chosen",
                       "rewards/rejected", "loss"),
     ),
+    "kto": Job(
+        kind="kto", help="Kahneman-Tversky Optimization",
+        description="KTO on unpaired prompt/completion/label data, with the mismatched-pair KL "
+                    "reference point.",
+        config_class=KTOConfig, trainer_class=KTOTrainer, data_kind="kto",
+        encode=data.encode_kto, default_data="kto",
+        extra_arguments={"ref_model": _REF_MODEL_HELP},
+        summary_keys=("rewards/margins", "rewards/chosen", "rewards/rejected", "kl", "loss"),
+    ),
+    "ppo": Job(
+        kind="ppo", help="PPO, GRPO or RLOO (--mode) with a value head by default",
+        description="Online RL: sample completions of the prompts, score them with --reward-fn "
+                    "or --reward-model, optimise the clipped objective with the fused head.",
+        config_class=PPOConfig, trainer_class=PPOTrainer, data_kind="prompt",
+        encode=encode_prompt_examples, default_data="ppo",
+        extra_arguments={"ref_model": _REF_MODEL_HELP, "reward_model": _REWARD_MODEL_HELP},
+        summary_keys=("reward", "reward/std", "kl", "entropy", "completion_length",
+                      "loss/policy", "loss/value"),
+    ),
+    "grpo": Job(
+        kind="grpo", help="GRPO (group-relative advantages, KL in the loss)",
+        description="GRPO: groups of --num-generations completions per prompt, advantages "
+                    "normalised within each group, beta * k3 KL in the loss.",
+        config_class=GRPOConfig, trainer_class=PPOTrainer, data_kind="prompt",
+        encode=encode_prompt_examples, default_data="grpo",
+        extra_arguments={"ref_model": _REF_MODEL_HELP, "reward_model": _REWARD_MODEL_HELP},
+        summary_keys=("reward", "reward/std", "kl", "completion_length", "loss/policy"),
+    ),
 }
-
-
-def register(job: Job) -> Job:
-    """Add a ``fastalign train`` kind (the trainer modules call this for theirs)."""
-    JOBS[job.kind] = job
-    return job
 
 
 def load_tokenizer(model: str | None):

@@ -1,0 +1,273 @@
+"""KTO (Ethayarajh et al., 2024) on a causal LM: unpaired examples, each desirable or not.
+
+One micro-batch is B >= 2 (prompt, completion, desirable) examples. KTO's reference point z_ref
+is the policy-to-reference KL estimated on *mismatched* pairs: prompt i with another example's
+completion. The policy's summed completion log-probs come from the fused head
+(``fastalign.hf.sequence_logprobs``, no [tokens × vocab] logits); the mismatched pairs run
+through the policy under ``torch.no_grad`` (z_ref is detached); the reference's log-probs come
+from a frozen copy, the PEFT policy with its adapters disabled, or a table computed before
+training. ``fastalign.losses.kto_loss`` assembles the loss, as ``fastalign.FusedKTOLoss`` does.
+
+Which completion is the mismatched partner of an example (``kl_pairing``):
+
+* ``batch``: within each micro-batch, example i gets the completion of example i − 1
+  (``fastalign.data.KTOCollator``, ``kto_mismatched_indices``); the pairs change every batch.
+* ``dataset``: each example gets one fixed partner completion for the whole run, as TRL's
+  ``KTOTrainer`` does when it builds its KL dataset before training. The partners come from a
+  seeded permutation of the examples: example ``order[k]`` gets the completion of
+  ``order[k − 1]``, so no example keeps its own completion and every completion is reused exactly
+  once. Fixed pairs are what a precomputed reference needs: the reference log-probs of both the
+  example and its KL pair are computed once, before the first step.
+
+``auto`` is ``dataset`` with ``reference="precomputed"`` and ``batch`` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastalign import hf
+from fastalign.data import KTOCollator, SFTCollator
+from fastalign.losses.kto import kto_loss
+from fastalign.trainers.base import (
+    REFERENCE_MODES,
+    ReferencePolicy,
+    Trainer,
+    TrainingConfig,
+    option,
+    pad_token_id,
+)
+
+__all__ = ["KTOConfig", "KTOTrainer", "PairedKTOCollator", "fixed_kl_partners"]
+
+KL_PAIRINGS = ("auto", "batch", "dataset")
+# Seeds the fixed KL partners apart from BatchStream's epoch permutations (seed·1_000_003 + epoch),
+# so that the partners of a batch's examples are not simply the batch's own completions.
+_PAIRING_SALT = 0x6B746F
+
+
+@dataclass
+class KTOConfig(TrainingConfig):
+    """KTO options on top of :class:`TrainingConfig` (TRL's names). ``batch_size`` must be >= 2."""
+
+    beta: float = option(0.1, "strength of the KL regularisation toward the reference")
+    desirable_weight: float = option(1.0, "weight of the desirable examples' losses")
+    undesirable_weight: float = option(1.0, "weight of the undesirable examples' losses")
+    reference: str = option("auto", "the reference model: copy (a frozen copy), precomputed "
+                            "(log-probs computed once), adapters (a PEFT policy with its adapters "
+                            "disabled) or auto (adapters for PEFT, else copy)")
+    kl_pairing: str = option("auto", "the mismatched completion of each KL pair: batch (another "
+                             "example of the micro-batch), dataset (one fixed partner per "
+                             "example) or auto (dataset when precomputed, else batch)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size < 2:
+            raise ValueError(f"KTO needs batch_size >= 2 (its KL pairs each prompt with another "
+                             f"example's completion), got {self.batch_size}")
+        if (isinstance(self.beta, bool) or not isinstance(self.beta, (int, float))
+                or not math.isfinite(self.beta) or not self.beta > 0):
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
+        for name in ("desirable_weight", "undesirable_weight"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value < 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.desirable_weight == 0 and self.undesirable_weight == 0:
+            raise ValueError("desirable_weight and undesirable_weight are both 0: nothing to "
+                             "train")
+        if self.reference not in REFERENCE_MODES:
+            raise ValueError(f"reference must be one of {', '.join(REFERENCE_MODES)}, got "
+                             f"{self.reference!r}")
+        if self.kl_pairing not in KL_PAIRINGS:
+            raise ValueError(f"kl_pairing must be one of {', '.join(KL_PAIRINGS)}, got "
+                             f"{self.kl_pairing!r}")
+        if self.reference == "precomputed" and self.kl_pairing == "batch":
+            raise ValueError("reference='precomputed' needs kl_pairing='dataset' (or 'auto'): "
+                             "in-batch KL pairs change with every batch, so their reference "
+                             "log-probs cannot be computed before training")
+
+    @property
+    def resolved_kl_pairing(self) -> str:
+        if self.kl_pairing != "auto":
+            return self.kl_pairing
+        return "dataset" if self.reference == "precomputed" else "batch"
+
+
+def fixed_kl_partners(num_examples: int, seed: int) -> list[int]:
+    """partner[i]: whose completion example i is paired with in KTO's KL batch, fixed for a run.
+
+    A seeded permutation ``order`` of the examples, rolled by one: example ``order[k]`` gets the
+    completion of ``order[k − 1]``. Nobody keeps their own completion (for n >= 2) and every
+    completion is used exactly once, as within a batch in ``kto_mismatched_indices``.
+    """
+    if num_examples < 2:
+        raise ValueError(f"KTO's KL pairs need at least 2 examples, got {num_examples}")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(num_examples, generator=generator)
+    partners = torch.empty(num_examples, dtype=torch.long)
+    partners[order] = torch.roll(order, 1)
+    return partners.tolist()
+
+
+@dataclass
+class PairedKTOCollator:
+    """Like ``KTOCollator``, but each example brings its own KL partner completion.
+
+    Examples are ``{"prompt_ids", "completion_ids", "desirable", "kl_completion_ids"}``; the KL
+    rows are prompt i + ``kl_completion_ids`` of example i, the completion cut to ``max_length``
+    tokens in all. Any batch size works (the pairs do not depend on the batch).
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        collate = SFTCollator(pad_token_id=self.pad_token_id)
+        batch = collate(examples)
+        batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
+        kl_rows = []
+        for e in examples:
+            prompt, completion = e["prompt_ids"], e["kl_completion_ids"]
+            if self.max_length is not None:
+                completion = completion[:max(self.max_length - len(prompt), 0)]
+            kl_rows.append({"prompt_ids": prompt, "completion_ids": completion})
+        batch.update({f"kl_{key}": value for key, value in collate(kl_rows).items()})
+        return batch
+
+
+def _with_partners(examples: list[dict], seed: int) -> list[dict]:
+    partners = fixed_kl_partners(len(examples), seed)
+    return [dict(e, kl_completion_ids=examples[j]["completion_ids"])
+            for e, j in zip(examples, partners)]
+
+
+class KTOTrainer(Trainer):
+    """Kahneman–Tversky Optimization with TRL's loss and metrics (``fastalign.losses.kto_loss``).
+
+    Metrics of each step, as ``kto_loss`` names them: ``loss``, ``kl`` (z_ref),
+    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (β·log-ratio means of the
+    desirable and undesirable examples), ``logps/chosen``, ``logps/rejected``, the counts
+    ``count/chosen``, ``count/rejected`` and the sums ``*_sum``.
+
+    Every training micro-batch has exactly ``batch_size`` examples (``drop_last``): the KL pairs
+    need at least two. Evaluation batches never have a single example either (a lone last example
+    joins the batch before it).
+
+    Example::
+
+        trainer = KTOTrainer(model, tokenizer, encode_kto(records, tokenizer),
+                             KTOConfig(output_dir="out", max_steps=100, beta=0.1))
+        trainer.train()
+    """
+
+    name = "kto"
+    drop_last = True
+
+    def __init__(self, model: nn.Module, tokenizer, train_examples: Sequence[dict],
+                 config: KTOConfig, *, ref_model: nn.Module | None = None,
+                 eval_examples: Sequence[dict] | None = None) -> None:
+        train_examples, eval_examples = list(train_examples), list(eval_examples or [])
+        if len(eval_examples) == 1:
+            raise ValueError("KTO needs at least 2 eval examples (its KL pairs pair each prompt "
+                             "with another example's completion), got 1")
+        self.kl_pairing = config.resolved_kl_pairing
+        pad = pad_token_id(tokenizer)
+        if self.kl_pairing == "dataset":
+            collator = PairedKTOCollator(pad_token_id=pad, max_length=config.max_length)
+            if len(train_examples) >= config.batch_size:  # else the stream's clear error below
+                train_examples = _with_partners(train_examples, config.seed * 2 + _PAIRING_SALT)
+            if eval_examples:
+                eval_examples = _with_partners(eval_examples, config.seed * 2 + 1 + _PAIRING_SALT)
+        else:
+            collator = KTOCollator(pad_token_id=pad, max_length=config.max_length)
+        super().__init__(model, tokenizer, train_examples, config, collator=collator,
+                         eval_examples=eval_examples)
+        self.reference = ReferencePolicy(self.model, ref_model, config.reference)
+        if self.reference.model is not None:
+            self.reference.model.to(self.device)
+        # [n, 2] reference log-probs per example (its own completion, its KL pair), if precomputed.
+        self.precomputed: dict[str, torch.Tensor] = {}
+        self._warn_about_weights()
+
+    def _warn_about_weights(self) -> None:
+        """The KTO paper advises w_d·n_d / (w_u·n_u) in [1, 4/3]; TRL warns outside it too."""
+        config = self.config
+        n_desirable = sum(bool(e["desirable"]) for e in self.train_examples)
+        n_undesirable = len(self.train_examples) - n_desirable
+        if n_desirable == 0 or n_undesirable == 0:
+            which = "desirable" if n_desirable == 0 else "undesirable"
+            warnings.warn(f"the KTO training data has no {which} example", stacklevel=3)
+            return
+        if config.desirable_weight == 0 or config.undesirable_weight == 0:
+            return
+        ratio = (config.desirable_weight * n_desirable) / (config.undesirable_weight
+                                                           * n_undesirable)
+        if not 1.0 <= ratio <= 4 / 3 + 1e-9:
+            warnings.warn(
+                f"desirable_weight × {n_desirable} desirable : undesirable_weight × "
+                f"{n_undesirable} undesirable = {ratio:.3f}, outside the range [1, 4/3] the KTO "
+                f"paper recommends; consider desirable_weight ≈ "
+                f"{config.undesirable_weight * n_undesirable / n_desirable:.3f}", stacklevel=3)
+
+    # -- the precomputed reference ------------------------------------------------------------
+
+    def before_training(self) -> None:
+        if self.reference.mode == "precomputed":
+            self.precomputed = {"train": self._reference_table(self.train_examples)}
+            if self.eval_examples:
+                self.precomputed["eval"] = self._reference_table(self.eval_examples)
+            self.reference.release()
+
+    def extra_state(self) -> dict:
+        return {"precomputed": self.precomputed}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.precomputed = state.get("precomputed", {})
+        if self.reference.mode == "precomputed":
+            self.reference.release()
+
+    def _reference_table(self, examples: Sequence[dict]) -> torch.Tensor:
+        table = torch.empty(len(examples), 2, dtype=torch.float32)
+        size = self.config.batch_size
+        for start in range(0, len(examples), size):
+            indices = range(start, min(start + size, len(examples)))
+            batch = self.batch(indices, examples)
+            with self.autocast():
+                table[list(indices)] = self._reference_logps(batch).cpu()
+        return table
+
+    def _reference_logps(self, batch: dict) -> torch.Tensor:
+        """[B, 2] summed reference log-probs of each example and of its KL pair."""
+        options = dict(temperature=self.config.temperature, impl=self.config.impl)
+        ref = self.reference.sequence_logprobs(
+            batch["input_ids"], batch["labels"], batch["attention_mask"], **options)
+        ref_kl = self.reference.sequence_logprobs(
+            batch["kl_input_ids"], batch["kl_labels"], batch["kl_attention_mask"], **options)
+        return torch.stack([ref.sum_logps, ref_kl.sum_logps], dim=1)
+
+    # -- the loss -----------------------------------------------------------------------------
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        config = self.config
+        options = dict(temperature=config.temperature, impl=config.impl)
+        policy = hf.sequence_logprobs(self.model, batch["input_ids"], batch["labels"],
+                                      batch["attention_mask"], **options)
+        with torch.no_grad():  # z_ref is detached: the KL pairs need no graph
+            policy_kl = hf.sequence_logprobs(self.model, batch["kl_input_ids"],
+                                             batch["kl_labels"], batch["kl_attention_mask"],
+                                             **options)
+        if self.precomputed:
+            ref = self.precomputed[batch["split"]].to(self.device)[batch["indices"]]
+        else:
+            ref = self._reference_logps(batch)
+        return kto_loss(policy.sum_logps, ref[:, 0], policy_kl.sum_logps, ref[:, 1],
+                        batch["desirable"], beta=config.beta,
+                        desirable_weight=config.desirable_weight,
+                        undesirable_weight=config.undesirable_weight)

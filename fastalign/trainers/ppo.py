@@ -1,0 +1,683 @@
+"""Online RL on a causal LM: PPO, GRPO and RLOO, with the fused head (ALGORITHMS.md §8).
+
+One training step is one rollout and several updates, written out in ``training_step``:
+
+1. **Rollout.** ``batch_size`` prompts (left-padded, ``PromptCollator``), each repeated
+   ``num_generations`` times (G consecutive rows per prompt), are completed by
+   ``model.generate`` (sampling at ``temperature``, optionally ``top_k``, at most
+   ``max_new_tokens``). A completion ends at its first eos; the rows are re-laid as prompt +
+   completion, right-padded, with ``labels`` = the completion ids and -100 on prompt and padding.
+2. **Evaluation.** The old log-probs (and entropies) of the sampled tokens come from the fused
+   head on the policy's final hidden states (``fastalign.hf``; never ``generate``'s scores, never
+   [tokens × vocab] logits), the reference log-probs from ``ReferencePolicy`` (a frozen copy, or
+   the PEFT policy with its adapters disabled), the scores from a reward function on the decoded
+   text or from a reward model on the token ids.
+3. **Advantages.** ``ppo``: per-token rewards = −β·KL on every completion token plus the score on
+   the last one (``kl_shaped_rewards``; with ``kl_estimator="exact"`` the KL is the exact one of
+   ``linear_kl``), values from a value head ``nn.Linear(H, 1)`` on the policy's final hidden
+   states (shared backbone), GAE(γ, λ) and whitening. ``grpo`` / ``rloo``: one advantage per
+   completion from its group of G (``grpo_advantages``, ``rloo_advantages``); the KL to the
+   reference enters the loss instead, β·k per token (``exact``: the full-vocabulary KL streamed
+   from the reference's hidden states by ``FusedPPOLoss``).
+4. **Updates.** ``ppo_epochs`` passes over the rollout, each in ``num_minibatches`` shuffled
+   minibatches, each one optimizer step (``optimizer_step``) of ``FusedPPOLoss``: the clipped
+   surrogate (+ β·KL for grpo / rloo, + c_v·value loss for ppo, − c_ent·entropy), aggregated over
+   tokens by ``loss_agg``. A minibatch may be split into ``grad_accum_steps`` micro-batches.
+
+With an adaptive KL controller (``kl_target``) β follows the measured KL after each step; its
+state is checkpointed. Sampling draws from the global torch generator, which checkpoints save and
+restore, and minibatches are shuffled by a generator seeded from (seed, step, epoch): a resumed
+run repeats the uninterrupted one exactly.
+
+The log-probs score the full softmax at ``temperature`` (as TRL does), even when ``top_k``
+truncates what is sampled. Dropout makes the rollout log-probs random: use a model without it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastalign import hf
+from fastalign.data import PromptCollator, encode_prompts
+from fastalign.fused import FusedPPOLoss
+from fastalign.gae import gae
+from fastalign.linear_kl import linear_kl
+from fastalign.losses.grpo import grpo_advantages, rloo_advantages
+from fastalign.losses.ppo import (
+    AGGREGATION_NAMES,
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_penalty,
+    kl_shaped_rewards,
+    masked_mean,
+    masked_whiten,
+)
+from fastalign.sequence import sequence_logprobs_from_labels
+from fastalign.trainers.base import (
+    Metrics,
+    ReferencePolicy,
+    Trainer,
+    TrainingConfig,
+    as_floats,
+    mean_metrics,
+    option,
+    pad_token_id,
+)
+from fastalign.trainers.reward_functions import BUILTIN_REWARDS, RewardFn, resolve_reward_fn
+
+__all__ = ["GRPOConfig", "PPOConfig", "PPOTrainer", "Rollout", "encode_prompt_examples"]
+
+MODES = ("ppo", "grpo", "rloo")
+KL_ESTIMATOR_NAMES = (*KL_ESTIMATORS, "exact")
+ROLLOUT_REFERENCE_MODES = ("auto", "copy", "adapters")
+# Aggregations that average over every token of the batch (the others average per sequence).
+_TOKEN_AGGREGATIONS = ("dapo", "token_mean")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PPOConfig(TrainingConfig):
+    """PPO / GRPO / RLOO options on top of :class:`TrainingConfig` (TRL's names where it has one).
+
+    ``batch_size`` counts prompts; one step samples ``batch_size × num_generations`` completions.
+    """
+
+    mode: str = option("ppo", "ppo (value head, GAE, KL in the reward), grpo (group-normalised "
+                       "advantages) or rloo (leave-one-out advantages); grpo and rloo put the KL "
+                       "in the loss")
+    num_generations: int = option(1, "completions sampled per prompt (the group size of grpo and "
+                                  "rloo, >= 2 there)")
+    max_new_tokens: int = option(16, "longest completion in tokens (also capped by max-length)")
+    top_k: int = option(0, "sample from the k most likely tokens only (0: the whole vocabulary)")
+    ppo_epochs: int = option(4, "passes over each rollout")
+    num_minibatches: int = option(1, "optimizer steps per pass over a rollout")
+    clip: float = option(0.2, "PPO clip range epsilon of the probability ratio, in (0, 1)")
+    clip_high: float | None = option(None, "upper clip range (DAPO's clip-higher; 'none': "
+                                     "the same as clip)")
+    kl_coef: float = option(0.05, "KL coefficient beta (the start value with kl-target)")
+    kl_estimator: str = option("k1", "KL to the reference: k1, k2, k3 or abs (sampled "
+                               "estimates), or exact (the full-vocabulary KL, fused)")
+    kl_target: float | None = option(None, "target KL per completion for the adaptive KL "
+                                     "controller ('none': a fixed kl-coef)")
+    kl_horizon: float = option(10000.0, "horizon of the adaptive KL controller, in completions")
+    vf_coef: float = option(0.1, "value-loss coefficient (ppo)")
+    vf_clip: float | None = option(0.2, "value clip range ('none': no clipping) (ppo)")
+    gamma: float = option(1.0, "discount factor of GAE (ppo)")
+    lam: float = option(0.95, "lambda of GAE (ppo)")
+    whiten_advantages: bool = option(True, "whiten the advantages over the rollout (ppo: per "
+                                     "token; grpo, rloo: per completion)")
+    loss_agg: str = option("token_mean", "token aggregation of the loss: token_mean (= dapo), "
+                           "grpo (per-sequence mean, then mean) or dr_grpo")
+    ent_coef: float = option(0.0, "entropy bonus coefficient")
+    reward_fn: str | None = option("polite", "reward function: a builtin (" + ", ".join(
+        BUILTIN_REWARDS) + "), package.module:function or file.py:function (unused with "
+        "--reward-model)")
+    missing_eos_penalty: float | None = option(None, "subtract this from the score of a "
+                                               "completion that ends without eos ('none': no "
+                                               "penalty)")
+    reference: str = option("auto", "the reference model: copy (a frozen copy), adapters (a PEFT "
+                            "policy with its adapters disabled) or auto (adapters for PEFT, else "
+                            "copy)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("mode", self.mode, MODES)
+        for name in ("num_generations", "max_new_tokens", "ppo_epochs", "num_minibatches"):
+            _integer(name, getattr(self, name), minimum=1)
+        _integer("top_k", self.top_k, minimum=0)
+        if self.mode in ("grpo", "rloo") and self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 for mode={self.mode!r} (the advantage "
+                             f"compares the completions of a prompt), got {self.num_generations}")
+        rollout = self.batch_size * self.num_generations
+        if rollout < self.num_minibatches * self.grad_accum_steps:
+            raise ValueError(
+                f"num_minibatches × grad_accum_steps ({self.num_minibatches} × "
+                f"{self.grad_accum_steps}) must not exceed the completions of a rollout, "
+                f"batch_size × num_generations = {rollout}")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                             f"max_length ({self.max_length}) to leave room for the completion")
+        _number("clip", self.clip, low=0.0, high=1.0)
+        if self.clip_high is not None:
+            _number("clip_high", self.clip_high, low=0.0)
+        _number("kl_coef", self.kl_coef, low=0.0, inclusive=True)
+        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATOR_NAMES)
+        if self.kl_target is not None:
+            _number("kl_target", self.kl_target, low=0.0)
+            if self.kl_coef == 0:
+                raise ValueError("kl_coef must be > 0 with kl_target (the adaptive controller "
+                                 "scales it)")
+        _number("kl_horizon", self.kl_horizon, low=0.0)
+        _number("vf_coef", self.vf_coef, low=0.0, inclusive=True)
+        if self.vf_clip is not None:
+            _number("vf_clip", self.vf_clip, low=0.0)
+        _number("gamma", self.gamma, low=0.0, high=1.0, inclusive=True, high_inclusive=True)
+        _number("lam", self.lam, low=0.0, high=1.0, inclusive=True, high_inclusive=True)
+        if not isinstance(self.whiten_advantages, bool):
+            raise ValueError(f"whiten_advantages must be True or False, got "
+                             f"{self.whiten_advantages!r}")
+        _choice("loss_agg", self.loss_agg, AGGREGATION_NAMES)
+        _number("ent_coef", self.ent_coef, low=0.0, inclusive=True)
+        if self.missing_eos_penalty is not None:
+            _number("missing_eos_penalty", self.missing_eos_penalty, low=0.0, inclusive=True)
+        if self.reference == "precomputed":
+            raise ValueError("reference='precomputed' is impossible for online training: the "
+                             "completions are sampled during training, so their reference "
+                             "log-probs cannot be computed beforehand; use 'copy' or 'adapters'")
+        _choice("reference", self.reference, ROLLOUT_REFERENCE_MODES)
+        if self.reward_fn is not None:
+            resolve_reward_fn(self.reward_fn)  # an unknown name fails now, not after loading
+
+
+@dataclass
+class GRPOConfig(PPOConfig):
+    """GRPO's defaults (Shao et al. 2024; TRL's ``GRPOConfig``): groups of 4, β = 0.04 on the k3
+    estimate in the loss, per-sequence token means, one update per rollout, no value head."""
+
+    mode: str = option("grpo", "grpo (group-normalised advantages), rloo (leave-one-out "
+                       "advantages) or ppo (value head, GAE, KL in the reward)")
+    num_generations: int = option(4, "completions sampled per prompt (the group size, >= 2)")
+    ppo_epochs: int = option(1, "passes over each rollout (TRL's num_iterations)")
+    kl_coef: float = option(0.04, "KL coefficient beta (the start value with kl-target)")
+    kl_estimator: str = option("k3", "KL to the reference in the loss: k1, k2, k3 or abs "
+                               "(sampled estimates), or exact (the full-vocabulary KL, fused)")
+    whiten_advantages: bool = option(False, "whiten the advantages over the rollout (grpo, rloo: "
+                                     "per completion; ppo: per token)")
+    loss_agg: str = option("grpo", "token aggregation of the loss: grpo (per-sequence mean, then "
+                           "mean), token_mean (= dapo) or dr_grpo")
+
+
+def _choice(name: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _integer(name: str, value, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _number(name: str, value, *, low: float, high: float | None = None, inclusive: bool = False,
+            high_inclusive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = value >= low if inclusive else value > low
+        if high is not None:
+            ok = ok and (value <= high if high_inclusive else value < high)
+    if not ok:
+        bounds = f"{'[' if inclusive else '('}{low}, "
+        bounds += f"{high}{']' if high_inclusive else ')'}" if high is not None else "inf)"
+        raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")
+
+
+def encode_prompt_examples(records, tokenizer, *, max_length: int | None = None,
+                           max_prompt_length: int | None = None) -> list[dict]:
+    """``data.encode_prompts`` with the signature ``run._load_examples`` calls (``max_length`` is
+    the rollout's limit, applied when generating)."""
+    del max_length
+    return encode_prompts(records, tokenizer, max_prompt_length=max_prompt_length)
+
+
+@dataclass
+class Rollout:
+    """One rollout: N = batch_size × num_generations completions and what the updates need.
+
+    Sequences are [N, T] (prompt + completion, right-padded); per-token tensors are [N, T − 1],
+    entry t belonging to token t + 1 (``FusedPPOLoss``'s layout); ``advantages`` are [N, T − 1]
+    (ppo) or [N] (grpo, rloo). With ``kl_estimator="exact"`` the reference is kept as its final
+    hidden states (``ref_hidden``) instead of its log-probs (``ref_logps`` is None).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    old_logps: torch.Tensor
+    advantages: torch.Tensor
+    scores: torch.Tensor
+    ref_logps: torch.Tensor | None = None
+    ref_hidden: torch.Tensor | None = None  # [N, T, H_ref], for kl_estimator="exact"
+    old_values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    prompts: list[str] | None = None
+    completions: list[str] | None = None
+    metrics: Metrics | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class PPOTrainer(Trainer):
+    """PPO (Schulman et al. 2017; Ziegler et al. 2019), GRPO (Shao et al. 2024) and RLOO
+    (Ahmadian et al. 2024) on a Hugging Face causal LM; see the module docstring.
+
+    Args:
+        model: the policy, a causal LM (or a PEFT model wrapping one).
+        tokenizer: its tokenizer (needs an eos token; pads with its pad token, else eos).
+        train_examples: ``{"prompt_ids"}`` examples (``encode_prompt_examples``).
+        config: a :class:`PPOConfig` (or :class:`GRPOConfig`).
+        ref_model: the frozen reference (default: a copy of the policy, or its adapters disabled).
+        reward_model: a sequence classifier with one output (``num_labels=1``, the policy's
+            tokenizer, ``config.pad_token_id`` set) scoring prompt + completion ids; replaces
+            ``config.reward_fn``.
+        reward_fn: a Python ``fn(prompts, completions) -> list[float]`` overriding
+            ``config.reward_fn``.
+        eval_examples: prompts whose greedy completions are scored every ``eval_steps`` and at
+            the end (``eval/reward``, ``eval/completion_length``).
+
+    Example::
+
+        trainer = PPOTrainer(model, tokenizer, encode_prompt_examples(records, tokenizer),
+                             GRPOConfig(output_dir="out", max_steps=50), reward_fn=my_score)
+        trainer.train()
+    """
+
+    name = "ppo"
+    drop_last = True  # every rollout has batch_size × num_generations completions
+
+    def __init__(self, model: nn.Module, tokenizer, train_examples: Sequence[dict],
+                 config: PPOConfig, *, ref_model: nn.Module | None = None,
+                 reward_model: nn.Module | None = None, reward_fn: RewardFn | None = None,
+                 eval_examples: Sequence[dict] | None = None) -> None:
+        if not isinstance(config, PPOConfig):
+            raise TypeError(f"PPOTrainer takes a PPOConfig, got {type(config).__name__}")
+        if tokenizer is None or tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs an eos token: completions end with it")
+        super().__init__(model, tokenizer, train_examples, config,
+                         collator=PromptCollator(pad_token_id=pad_token_id(tokenizer)),
+                         eval_examples=eval_examples)
+        self.name = config.mode
+        self.pad_id, self.eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
+        self.head = hf.lm_head(self.model)
+        self.options = self.head.options(config.temperature)
+
+        self.reference = ReferencePolicy(self.model, ref_model, config.reference)
+        if self.reference.model is not None:
+            self.reference.model.to(self.device)
+        ref_head = hf.lm_head(self.model if self.reference.model is None else
+                              self.reference.model)
+        if ref_head.weight.shape[0] != self.head.weight.shape[0]:
+            raise ValueError(f"the reference model's vocabulary ({ref_head.weight.shape[0]}) "
+                             f"differs from the policy's ({self.head.weight.shape[0]})")
+        if config.kl_estimator == "exact" and ref_head.softcap != self.head.softcap:
+            raise ValueError("kl_estimator='exact' needs the same final-logit softcap on the "
+                             f"policy and the reference, got {self.head.softcap} and "
+                             f"{ref_head.softcap}")
+        self.ref_head = ref_head
+
+        if reward_model is not None and reward_fn is not None:
+            raise ValueError("pass either reward_model or reward_fn, not both")
+        self.reward_model = reward_model
+        self.reward_fn: RewardFn | None = None
+        if reward_model is not None:
+            if getattr(reward_model.config, "pad_token_id", None) is None:
+                raise ValueError("reward_model.config.pad_token_id is not set: the classifier "
+                                 "finds each sequence's last token by it (set it to the "
+                                 "tokenizer's pad token id)")
+            self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
+        elif reward_fn is not None:
+            if not callable(reward_fn):
+                raise TypeError(f"reward_fn must be callable, got {type(reward_fn).__name__}")
+            self.reward_fn = reward_fn
+        elif config.reward_fn is not None:
+            self.reward_fn = resolve_reward_fn(config.reward_fn)
+        else:
+            raise ValueError("no reward: pass reward_model or reward_fn, or set "
+                             "config.reward_fn to a builtin or 'module:function'")
+
+        self.value_head: nn.Linear | None = None
+        if config.mode == "ppo":
+            # nn.Linear's own init, drawn from a generator seeded by config.seed (not the global
+            # one): two runs with one seed start from one value head.
+            hidden_size = self.head.weight.shape[1]
+            self.value_head = nn.Linear(hidden_size, 1).to(self.device)
+            generator = torch.Generator().manual_seed(config.seed)
+            bound = 1.0 / math.sqrt(hidden_size)
+            with torch.no_grad():
+                for parameter in self.value_head.parameters():
+                    parameter.copy_(torch.empty(parameter.shape).uniform_(
+                        -bound, bound, generator=generator))
+        if config.kl_target is None:
+            self.kl_controller = FixedKLController(config.kl_coef)
+        else:
+            self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target,
+                                                      config.kl_horizon)
+
+    # -- what the base loop needs ---------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = super().trainable_parameters()
+        if self.value_head is not None:
+            params += list(self.value_head.parameters())
+        return params
+
+    def modules_to_save(self) -> dict[str, nn.Module]:
+        return {} if self.value_head is None else {"value_head": self.value_head}
+
+    def extra_state(self) -> dict:
+        return {"kl_controller": self.kl_controller.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.kl_controller.load_state_dict(state["kl_controller"])
+
+    # -- one step: rollout, then updates --------------------------------------------------------
+
+    def training_step(self) -> Metrics:
+        """One rollout and ``ppo_epochs × num_minibatches`` optimizer updates on it."""
+        config = self.config
+        self.model.train()
+        kl_coef = self.kl_controller.value
+        rollout = self.rollout(self.stream.next(), kl_coef=kl_coef)
+        updates = []
+        for epoch in range(config.ppo_epochs):
+            generator = torch.Generator().manual_seed(
+                (config.seed * 1_000_003 + self.step) * 1_000_003 + epoch)
+            order = torch.randperm(len(rollout), generator=generator).to(self.device)
+            for rows in order.tensor_split(config.num_minibatches):
+                updates.append((self.update(rollout, rows, kl_coef=kl_coef), 1))
+        self.kl_controller.update(rollout.metrics["kl/sequence"], len(rollout))
+        return rollout.metrics | mean_metrics(updates) | {"kl_coef": kl_coef}
+
+    def update(self, rollout: Rollout, rows: torch.Tensor, *, kl_coef: float) -> Metrics:
+        """One optimizer step on the rollout's ``rows``, in ``grad_accum_steps`` micro-batches.
+
+        Each micro-batch's loss is weighted by its share of the minibatch's tokens
+        (``loss_agg`` token_mean / dapo) or sequences (grpo, dr_grpo), which makes the summed
+        gradient that of the whole minibatch (with ``ent_coef`` and a per-sequence aggregation
+        the entropy bonus, a token mean, is weighted per sequence too).
+        """
+        chunks = rows.tensor_split(self.config.grad_accum_steps)
+        if self.config.loss_agg in _TOKEN_AGGREGATIONS:
+            sizes = [float(rollout.mask[chunk].sum()) for chunk in chunks]
+        else:
+            sizes = [float(len(chunk)) for chunk in chunks]
+        total = max(sum(sizes), 1.0)
+        parts = []
+        for chunk, size in zip(chunks, sizes):
+            loss, metrics = self.minibatch_loss(rollout, chunk, kl_coef=kl_coef)
+            (loss * (size / total) if len(chunks) > 1 else loss).backward()
+            parts.append((as_floats(metrics), len(chunk)))
+        return mean_metrics(parts) | self.optimizer_step()
+
+    def minibatch_loss(self, rollout: Rollout, rows: torch.Tensor, *,
+                       kl_coef: float | None = None) -> tuple[torch.Tensor, Metrics]:
+        """``FusedPPOLoss`` of the rollout's ``rows`` under the current policy (with gradients).
+
+        ``kl_coef`` defaults to the controller's value; it weighs the KL term of grpo / rloo only
+        (ppo's KL is in the rewards already).
+        """
+        config = self.config
+        kl_coef = self.kl_controller.value if kl_coef is None else kl_coef
+        ppo = config.mode == "ppo"
+        exact = config.kl_estimator == "exact"
+        loss_fn = FusedPPOLoss(
+            clip=config.clip, clip_high=config.clip_high, kl_coef=0.0 if ppo else kl_coef,
+            kl_estimator=config.kl_estimator, vf_coef=config.vf_coef, vf_clip=config.vf_clip,
+            ent_coef=config.ent_coef, loss_agg=config.loss_agg, impl=config.impl,
+            **self.options)
+        input_ids, attention_mask = rollout.input_ids[rows], rollout.attention_mask[rows]
+        kwargs = {}
+        with self.autocast():
+            hidden = hf.final_hidden_states(self.model, input_ids, attention_mask)
+            if ppo:
+                kwargs.update(values=self._values(hidden), old_values=rollout.old_values[rows],
+                              returns=rollout.returns[rows])
+            hidden, weight, bias = hf.head_inputs(hidden, self.head)
+        if exact and not ppo:
+            ref_weight, ref_bias = self._reference_head(weight.dtype)
+            kwargs.update(ref_hidden=rollout.ref_hidden[rows].to(weight.dtype),
+                          ref_weight=ref_weight, ref_bias=ref_bias)
+        elif not exact:
+            kwargs["ref_logps"] = rollout.ref_logps[rows]
+        with _no_autocast(self.device):
+            loss, metrics = loss_fn(hidden, weight, rollout.labels[rows], rollout.old_logps[rows],
+                                    rollout.advantages[rows], bias=bias, **kwargs)
+        renamed = {"kl": "policy/kl", "entropy": "policy/entropy", "loss/total": "loss"}
+        return loss, {renamed.get(key, key): value for key, value in metrics.items()}
+
+    # -- the rollout ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def rollout(self, indices: Sequence[int], *, kl_coef: float | None = None) -> Rollout:
+        """Sample, score and compute the advantages of ``num_generations`` completions for each
+        prompt of ``indices`` (training examples)."""
+        config = self.config
+        kl_coef = self.kl_controller.value if kl_coef is None else kl_coef
+        batch = self.batch(indices)
+        group = config.num_generations
+        prompt_ids = batch["input_ids"].repeat_interleave(group, dim=0)
+        prompt_mask = batch["attention_mask"].repeat_interleave(group, dim=0)
+        prompt_lengths = batch["prompt_lengths"].repeat_interleave(group, dim=0)
+        completion_ids, has_eos = self.generate(prompt_ids, prompt_mask, sample=True)
+        input_ids, attention_mask, labels = self._sequences(prompt_ids, prompt_lengths,
+                                                            completion_ids)
+        prompts, completions, raw_scores = self.score(prompt_ids, prompt_lengths, completion_ids,
+                                                      input_ids, attention_mask)
+        scores = raw_scores.clone()
+        if config.missing_eos_penalty is not None:
+            scores = scores - config.missing_eos_penalty * (~has_eos).to(scores.dtype)
+
+        with self.autocast():
+            hidden = hf.final_hidden_states(self.model, input_ids, attention_mask)
+            old_values = self._values(hidden) if config.mode == "ppo" else None
+            h, w, b = hf.head_inputs(hidden, self.head)
+            with self.reference.active() as ref_model:
+                ref_hidden = hf.final_hidden_states(ref_model, input_ids, attention_mask)
+            ref_h, ref_w, ref_b = hf.head_inputs(ref_hidden, self.ref_head)
+        with _no_autocast(self.device):
+            old = sequence_logprobs_from_labels(h, w, labels, bias=b, return_entropy=True,
+                                                impl=config.impl, **self.options)
+            mask = old.token_mask
+            ref_logps = exact_ref_hidden = None
+            if config.kl_estimator != "exact":
+                ref_logps = sequence_logprobs_from_labels(
+                    ref_h, ref_w, labels, bias=ref_b, impl=config.impl,
+                    **self.ref_head.options(config.temperature)).token_logps
+                token_kl = kl_penalty(old.token_logps, ref_logps, estimator=config.kl_estimator)
+            else:
+                exact_ref_hidden = self._scaled_reference_hidden(ref_hidden)
+                ref_weight, ref_bias = self._reference_head(w.dtype)
+                token_kl = linear_kl(h[:, :-1], w, exact_ref_hidden[:, :-1].to(w.dtype),
+                                     ref_weight, mask=mask, bias=b, ref_bias=ref_bias,
+                                     impl=config.impl, **self.options)
+        token_kl = torch.where(mask, token_kl, 0.0)
+        old_logps = old.token_logps
+
+        rollout_metrics: Metrics = {}
+        returns = None
+        if config.mode == "ppo":
+            # token_kl is already k(t) (or the exact KL), and k1 of (kl, 0) is kl itself.
+            shaped = kl_shaped_rewards(scores, token_kl, torch.zeros_like(token_kl), mask,
+                                       kl_coef=kl_coef, estimator="k1")
+            advantages, returns = gae(shaped.rewards, old_values, mask, gamma=config.gamma,
+                                      lam=config.lam, impl=config.impl)
+            if config.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+            non_score = shaped.non_score_rewards.sum(1)
+            rollout_metrics |= {
+                "reward/non_score": float(non_score.mean()),
+                "reward/rlhf": float((scores + non_score).mean()),
+                "value/returns": float(masked_mean(returns, mask)),
+            }
+        else:
+            if config.mode == "grpo":
+                advantages = grpo_advantages(scores, group)
+            else:
+                advantages = rloo_advantages(scores, group)
+            if config.whiten_advantages:
+                advantages = masked_whiten(advantages, torch.ones_like(advantages, dtype=bool))
+
+        lengths = mask.sum(1).float()
+        rollout_metrics |= {
+            "reward": float(raw_scores.mean()),
+            "reward/std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
+            "kl": float(masked_mean(token_kl, mask)),
+            "kl/sequence": float(token_kl.sum(1).mean()),
+            "entropy": float(masked_mean(old.token_entropy, mask)),
+            "completion_length": float(lengths.mean()),
+            "completion/no_eos": float((~has_eos).float().mean()),
+        }
+        return Rollout(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                       mask=mask, old_logps=old_logps, advantages=advantages, scores=scores,
+                       ref_logps=ref_logps, ref_hidden=exact_ref_hidden, old_values=old_values,
+                       returns=returns, prompts=prompts, completions=completions,
+                       metrics=rollout_metrics)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                 sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Completions of left-padded prompts: ids [N, C] (pad after the first eos) and
+        ``has_eos`` [N] bool. Samples from the global torch generator; ``sample=False`` is
+        greedy. Runs in eval mode; the model's own ``generation_config`` is overridden for every
+        option that changes the sampled distribution."""
+        from transformers import GenerationConfig
+
+        config = self.config
+        room = config.max_length - input_ids.shape[1]
+        if room < 1:
+            raise ValueError(f"the prompts are {input_ids.shape[1]} tokens long, leaving no room "
+                             f"for a completion within max_length={config.max_length}")
+        generation = GenerationConfig(
+            do_sample=sample, temperature=config.temperature if sample else 1.0,
+            top_k=config.top_k if sample else 0, top_p=1.0, typical_p=1.0,
+            repetition_penalty=1.0, num_beams=1, max_new_tokens=min(config.max_new_tokens, room),
+            pad_token_id=self.pad_id, eos_token_id=self.eos_id, use_cache=True)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.autocast():
+                output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                             generation_config=generation)
+        finally:
+            self.model.train(was_training)
+        completion = output[:, input_ids.shape[1]:]
+        is_eos = completion == self.eos_id
+        has_eos = is_eos.any(dim=1)
+        # Everything after the first eos is padding (generate already pads finished rows; a
+        # custom stopping rule might not).
+        after = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+        completion = completion.masked_fill(after, self.pad_id)
+        return completion, has_eos
+
+    def _sequences(self, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor,
+                   completion_ids: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded prompt + completion: input_ids, attention_mask, labels [N, T]."""
+        rows, label_rows = [], []
+        width = prompt_ids.shape[1]
+        for ids, length, completion in zip(prompt_ids.tolist(), prompt_lengths.tolist(),
+                                           completion_ids.tolist()):
+            completion = completion[:_completion_length(completion, self.eos_id)]
+            prompt = ids[width - length:]
+            rows.append(prompt + completion)
+            label_rows.append([IGNORE_INDEX] * len(prompt) + completion)
+        longest = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        for i, (row, label_row) in enumerate(zip(rows, label_rows)):
+            input_ids[i, :len(row)] = torch.tensor(row)
+            attention_mask[i, :len(row)] = 1
+            labels[i, :len(row)] = torch.tensor(label_row)
+        return (input_ids.to(self.device), attention_mask.to(self.device),
+                labels.to(self.device))
+
+    def score(self, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor,
+              completion_ids: torch.Tensor, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor) -> tuple[list[str], list[str], torch.Tensor]:
+        """(prompt texts, completion texts, float32 scores [N]) from the reward model or
+        function."""
+        width = prompt_ids.shape[1]
+        prompts = [self.tokenizer.decode(ids[width - length:], skip_special_tokens=True)
+                   for ids, length in zip(prompt_ids.tolist(), prompt_lengths.tolist())]
+        completions = [self.tokenizer.decode(ids[:_completion_length(ids, self.eos_id)],
+                                             skip_special_tokens=True)
+                       for ids in completion_ids.tolist()]
+        if self.reward_model is not None:
+            with self.autocast():
+                logits = self.reward_model(input_ids=input_ids,
+                                           attention_mask=attention_mask).logits
+            if logits.dim() != 2 or logits.shape[1] != 1:
+                raise ValueError(f"the reward model must give one score per sequence "
+                                 f"(num_labels=1), got logits of shape {tuple(logits.shape)}")
+            scores = logits[:, 0].float()
+        else:
+            values = self.reward_fn(prompts, completions)
+            name = getattr(self.reward_fn, "__name__", repr(self.reward_fn))
+            try:
+                scores = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
+            except (TypeError, ValueError):
+                raise ValueError(f"reward_fn {name} must return a list of numbers, got "
+                                 f"{type(values).__name__}") from None
+            if scores.shape != (len(completions),):
+                raise ValueError(f"reward_fn {name} returned {scores.numel()} scores for "
+                                 f"{len(completions)} completions")
+            scores = scores.to(self.device)
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError(f"the reward is not finite: {scores.tolist()}")
+        return prompts, completions, scores
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """V(state before token t + 1) = value_head(h_t): float32 [B, T − 1]."""
+        h = hidden[:, :-1]
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def _reference_head(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The reference head's weight and bias for ``linear_kl`` (the bias scaled as the hidden
+        states are, see ``_scaled_reference_hidden``)."""
+        ratio = self.ref_head.logit_scale / self.head.logit_scale
+        bias = self.ref_head.bias
+        if bias is not None:
+            bias = (bias.detach().float() * ratio).to(dtype)
+        return self.ref_head.weight.detach().to(dtype), bias
+
+    def _scaled_reference_hidden(self, ref_hidden: torch.Tensor) -> torch.Tensor:
+        """``linear_kl`` applies the policy's temperature (with its logit scale folded in) to both
+        sides: a reference scale s_ref is folded into its hidden states as s_ref / s."""
+        ratio = self.ref_head.logit_scale / self.head.logit_scale
+        return ref_hidden if ratio == 1.0 else (ref_hidden.float() * ratio).to(ref_hidden.dtype)
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> Metrics:
+        """Greedy completions of the eval prompts, scored: ``eval/reward``, ``eval/reward/std``,
+        ``eval/completion_length``. Greedy decoding draws no random numbers, so evaluating does
+        not change the training run."""
+        if not self.eval_examples:
+            return {}
+        scores, lengths = [], []
+        size = self.config.batch_size
+        for start in range(0, len(self.eval_examples), size):
+            batch = self.batch(range(start, min(start + size, len(self.eval_examples))),
+                               self.eval_examples)
+            completion_ids, _ = self.generate(batch["input_ids"], batch["attention_mask"],
+                                              sample=False)
+            input_ids, attention_mask, _ = self._sequences(
+                batch["input_ids"], batch["prompt_lengths"], completion_ids)
+            _, _, batch_scores = self.score(batch["input_ids"], batch["prompt_lengths"],
+                                            completion_ids, input_ids, attention_mask)
+            scores.append(batch_scores.float().cpu())
+            lengths += [_completion_length(ids, self.eos_id) for ids in completion_ids.tolist()]
+        scores = torch.cat(scores)
+        return {"eval/reward": float(scores.mean()),
+                "eval/reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
+                "eval/completion_length": sum(lengths) / len(lengths)}
+
+
+def _completion_length(ids: list[int], eos_id: int) -> int:
+    """Tokens up to and including the first eos (all of them without one)."""
+    return ids.index(eos_id) + 1 if eos_id in ids else len(ids)
+
+
+def _no_autocast(device: torch.device):
+    # The fused kernels run their own products in the inputs' dtype; autocast must not re-cast.
+    return torch.autocast(device.type, enabled=False)
+

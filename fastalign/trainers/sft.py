@@ -1,0 +1,82 @@
+"""Supervised fine-tuning (SFT) of a causal LM, its logits never formed.
+
+One micro-batch is B (prompt, completion) examples collated by ``fastalign.data.SFTCollator``
+(right padding; ``labels`` are the completion ids, -100 on prompt and padding). The loss is TRL's
+``SFTTrainer`` loss: the negative log-likelihood averaged over every scored token of the
+micro-batch (a token mean, not a mean of per-sequence means). The log-probs come from the fused
+head (``fastalign.hf.sequence_logprobs``: backbone, then the LM-head weight streamed by
+``linear_logprobs``), so the [tokens × vocab] logits are never held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastalign import hf
+from fastalign.data import SFTCollator
+from fastalign.trainers.base import Trainer, TrainingConfig, option, pad_token_id
+
+__all__ = ["SFTConfig", "SFTTrainer"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SFTConfig(TrainingConfig):
+    """SFT options on top of :class:`TrainingConfig` (TRL's names)."""
+
+    completion_only_loss: bool = option(True, "score only the completion of prompt/completion "
+                                        "data (false: the prompt's tokens too); text and "
+                                        "messages data score every token either way")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.completion_only_loss, bool):
+            raise ValueError(f"completion_only_loss must be true or false, got "
+                             f"{self.completion_only_loss!r}")
+
+
+class SFTTrainer(Trainer):
+    """Supervised fine-tuning with TRL's token-mean NLL, through the fused head.
+
+    Metrics of each step (TRL's names): ``loss`` (mean NLL per scored token), ``num_tokens``
+    (scored tokens in the micro-batch; averaged over micro-batches when accumulating) and
+    ``entropy`` (mean entropy of the next-token distribution over the scored positions, which
+    the fused op returns almost for free). TRL's ``mean_token_accuracy`` needs an argmax over the
+    whole vocabulary at every position, i.e. the logits this trainer never forms, so it is not
+    computed.
+
+    Example::
+
+        trainer = SFTTrainer(model, tokenizer, encode_sft(records, tokenizer, max_length=512),
+                             SFTConfig(output_dir="out", max_steps=100))
+        trainer.train()
+    """
+
+    name = "sft"
+
+    def __init__(self, model: nn.Module, tokenizer, train_examples: Sequence[dict],
+                 config: SFTConfig, *, eval_examples: Sequence[dict] | None = None) -> None:
+        super().__init__(model, tokenizer, train_examples, config,
+                         collator=SFTCollator(pad_token_id=pad_token_id(tokenizer)),
+                         eval_examples=eval_examples)
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        config = self.config
+        labels = batch["labels"]
+        if not config.completion_only_loss:  # every attended token is a target
+            labels = torch.where(batch["attention_mask"].bool(), batch["input_ids"],
+                                 IGNORE_INDEX)
+        out = hf.sequence_logprobs(
+            self.model, batch["input_ids"], labels, batch["attention_mask"],
+            temperature=config.temperature, return_entropy=True, impl=config.impl)
+        num_tokens = out.lengths.sum()
+        # A micro-batch whose completions were all truncated away has loss 0, not NaN.
+        loss = -out.sum_logps.sum() / num_tokens.clamp(min=1)
+        with torch.no_grad():
+            entropy = (out.token_entropy * out.token_mask).sum() / num_tokens.clamp(min=1)
+        return loss, {"num_tokens": num_tokens.float(), "entropy": entropy}
