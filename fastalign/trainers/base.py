@@ -41,7 +41,7 @@ from fastalign import hf
 from fastalign.sequence import SequenceLogprobs
 from fastalign.trainers.checkpoint import load_latest, save_checkpoint
 
-__all__ = ["BatchStream", "Metrics", "MetricsLog", "ReferencePolicy", "Trainer",
+__all__ = ["BatchStream", "Metrics", "MetricsLog", "ReferencePolicy", "ReferenceTrainer", "Trainer",
            "TrainingConfig", "TrainResult", "as_floats", "mean_metrics", "option", "pad_token_id"]
 
 Metrics = dict[str, float]
@@ -308,7 +308,8 @@ class ReferencePolicy:
     ``auto`` is ``adapters`` for a PEFT policy and ``copy`` otherwise.
     """
 
-    def __init__(self, policy: nn.Module, ref_model: nn.Module | None, mode: str):
+    def __init__(self, policy: nn.Module, ref_model: nn.Module | None, mode: str, *,
+                 device: torch.device | None = None):
         _check_choice("reference", mode, REFERENCE_MODES)
         if mode == "auto":
             mode = "adapters" if ref_model is None and hf.is_peft_model(policy) else "copy"
@@ -325,6 +326,8 @@ class ReferencePolicy:
             self.model = ref_model if ref_model is not None else copy.deepcopy(policy)
             self.model.requires_grad_(False)
             self.model.eval()
+            if device is not None:
+                self.model.to(device)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[nn.Module]:
@@ -647,3 +650,58 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ReferenceTrainer(Trainer):
+    """A trainer whose loss compares the policy with a frozen reference (DPO, KTO).
+
+    It holds the :class:`ReferencePolicy` and, with ``config.reference == "precomputed"``, the
+    tables of reference log-probs computed once before training (``[n, k]`` per split, rows in
+    example order), which checkpoints carry so that a resumed run needs no reference model.
+    Subclasses write ``reference_logps(batch)`` ([B, k], from the reference model) and read the
+    batch's values through ``batch_reference_logps``.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, train_examples: Sequence[dict],
+                 config: TrainingConfig, *, collator: Callable[[list[dict]], dict],
+                 ref_model: nn.Module | None = None,
+                 eval_examples: Sequence[dict] | None = None) -> None:
+        super().__init__(model, tokenizer, train_examples, config, collator=collator,
+                         eval_examples=eval_examples)
+        self.reference = ReferencePolicy(self.model, ref_model, config.reference,
+                                         device=self.device)
+        self.precomputed: dict[str, torch.Tensor] = {}
+
+    def reference_logps(self, batch: dict) -> torch.Tensor:
+        """[B, k] reference log-probs of the batch's examples, from the reference model."""
+        raise NotImplementedError
+
+    def batch_reference_logps(self, batch: dict) -> torch.Tensor:
+        """The batch's rows of the precomputed table, or ``reference_logps`` without one."""
+        if self.precomputed:
+            return self.precomputed[batch["split"]].to(self.device)[batch["indices"]]
+        return self.reference_logps(batch)
+
+    def before_training(self) -> None:
+        if self.reference.mode == "precomputed":
+            self.precomputed = {"train": self._reference_table(self.train_examples)}
+            if self.eval_examples:
+                self.precomputed["eval"] = self._reference_table(self.eval_examples)
+            self.reference.release()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"precomputed": self.precomputed}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.precomputed = state.get("precomputed", {})
+        if self.reference.mode == "precomputed":
+            self.reference.release()
+
+    def _reference_table(self, examples: Sequence[dict]) -> torch.Tensor:
+        rows = []
+        size = self.config.batch_size
+        for start in range(0, len(examples), size):
+            batch = self.batch(range(start, min(start + size, len(examples))), examples)
+            with self.autocast():
+                rows.append(self.reference_logps(batch).float().cpu())
+        return torch.cat(rows)

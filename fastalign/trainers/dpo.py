@@ -20,8 +20,7 @@ from fastalign.data import PreferenceCollator
 from fastalign.losses.dpo import DPO_LOSS_TYPES, dpo_loss
 from fastalign.trainers.base import (
     REFERENCE_MODES,
-    ReferencePolicy,
-    Trainer,
+    ReferenceTrainer,
     TrainingConfig,
     option,
     pad_token_id,
@@ -61,7 +60,7 @@ class DPOConfig(TrainingConfig):
             raise ValueError(f"beta must be a number > 0, got {self.beta!r}")
 
 
-class DPOTrainer(Trainer):
+class DPOTrainer(ReferenceTrainer):
     """Direct Preference Optimization (Rafailov et al., 2023) and every variant of ``dpo_loss``.
 
     Example::
@@ -78,39 +77,9 @@ class DPOTrainer(Trainer):
                  eval_examples: Sequence[dict] | None = None) -> None:
         super().__init__(model, tokenizer, train_examples, config,
                          collator=PreferenceCollator(pad_token_id=pad_token_id(tokenizer)),
-                         eval_examples=eval_examples)
-        self.reference = ReferencePolicy(self.model, ref_model, config.reference)
-        if self.reference.model is not None:
-            self.reference.model.to(self.device)
-        # [n, 2] reference (chosen, rejected) log-probs per example, when precomputed.
-        self.precomputed: dict[str, torch.Tensor] = {}
+                         ref_model=ref_model, eval_examples=eval_examples)
 
-    def before_training(self) -> None:
-        if self.reference.mode == "precomputed":
-            self.precomputed = {"train": self._reference_table(self.train_examples)}
-            if self.eval_examples:
-                self.precomputed["eval"] = self._reference_table(self.eval_examples)
-            self.reference.release()
-
-    def extra_state(self) -> dict:
-        return {"precomputed": self.precomputed}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.precomputed = state.get("precomputed", {})
-        if self.reference.mode == "precomputed":
-            self.reference.release()
-
-    def _reference_table(self, examples: Sequence[dict]) -> torch.Tensor:
-        table = torch.empty(len(examples), 2, dtype=torch.float32)
-        size = self.config.batch_size
-        for start in range(0, len(examples), size):
-            indices = range(start, min(start + size, len(examples)))
-            batch = self.batch(indices, examples)
-            with self.autocast():
-                table[list(indices)] = self._reference_logps(batch).cpu()
-        return table
-
-    def _reference_logps(self, batch: dict) -> torch.Tensor:
+    def reference_logps(self, batch: dict) -> torch.Tensor:
         """[B, 2] summed reference log-probs of the chosen and rejected answers."""
         ref = self.reference.sequence_logprobs(
             batch["input_ids"], batch["labels"], batch["attention_mask"],
@@ -123,11 +92,7 @@ class DPOTrainer(Trainer):
             self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
             temperature=config.temperature, impl=config.impl)
         chosen_logps, rejected_logps = policy.sum_logps.chunk(2)
-        if self.precomputed:
-            table = self.precomputed[batch["split"]]
-            ref = table.to(self.device)[batch["indices"]]
-        else:
-            ref = self._reference_logps(batch)
+        ref = self.batch_reference_logps(batch)
         # A sequence without response tokens (truncated away) has log-prob 0: average it to 0.
         chosen_lengths, rejected_lengths = policy.lengths.clamp(min=1).chunk(2)
         chosen_nll = -chosen_logps.sum() / policy.lengths.chunk(2)[0].sum().clamp(min=1)
@@ -161,10 +126,7 @@ def loss_memory_report(trainer: DPOTrainer, *, pairs: int | None = None,
     with torch.no_grad():
         hidden = hf.final_hidden_states(trainer.model, batch["input_ids"],
                                         batch["attention_mask"]).float()
-        if trainer.precomputed:
-            reference = trainer.precomputed["train"][:count].to(device)
-        else:
-            reference = trainer._reference_logps(batch).float()
+        reference = trainer.batch_reference_logps(batch).float()
     heads = [("this model's head", head.weight.detach().float(), head.options(1.0))]
     if large_vocab:
         generator = torch.Generator(device=device).manual_seed(0)

@@ -37,8 +37,7 @@ from fastalign.data import KTOCollator, SFTCollator
 from fastalign.losses.kto import kto_loss
 from fastalign.trainers.base import (
     REFERENCE_MODES,
-    ReferencePolicy,
-    Trainer,
+    ReferenceTrainer,
     TrainingConfig,
     option,
     pad_token_id,
@@ -148,7 +147,7 @@ def _with_partners(examples: list[dict], seed: int) -> list[dict]:
             for e, j in zip(examples, partners)]
 
 
-class KTOTrainer(Trainer):
+class KTOTrainer(ReferenceTrainer):
     """Kahneman–Tversky Optimization with TRL's loss and metrics (``fastalign.losses.kto_loss``).
 
     Metrics of each step, as ``kto_loss`` names them: ``loss``, ``kl`` (z_ref),
@@ -188,12 +187,7 @@ class KTOTrainer(Trainer):
         else:
             collator = KTOCollator(pad_token_id=pad, max_length=config.max_length)
         super().__init__(model, tokenizer, train_examples, config, collator=collator,
-                         eval_examples=eval_examples)
-        self.reference = ReferencePolicy(self.model, ref_model, config.reference)
-        if self.reference.model is not None:
-            self.reference.model.to(self.device)
-        # [n, 2] reference log-probs per example (its own completion, its KL pair), if precomputed.
-        self.precomputed: dict[str, torch.Tensor] = {}
+                         ref_model=ref_model, eval_examples=eval_examples)
         self._warn_about_weights()
 
     def _warn_about_weights(self) -> None:
@@ -216,34 +210,9 @@ class KTOTrainer(Trainer):
                 f"paper recommends; consider desirable_weight ≈ "
                 f"{config.undesirable_weight * n_undesirable / n_desirable:.3f}", stacklevel=3)
 
-    # -- the precomputed reference ------------------------------------------------------------
+    # -- the reference ------------------------------------------------------------------------
 
-    def before_training(self) -> None:
-        if self.reference.mode == "precomputed":
-            self.precomputed = {"train": self._reference_table(self.train_examples)}
-            if self.eval_examples:
-                self.precomputed["eval"] = self._reference_table(self.eval_examples)
-            self.reference.release()
-
-    def extra_state(self) -> dict:
-        return {"precomputed": self.precomputed}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.precomputed = state.get("precomputed", {})
-        if self.reference.mode == "precomputed":
-            self.reference.release()
-
-    def _reference_table(self, examples: Sequence[dict]) -> torch.Tensor:
-        table = torch.empty(len(examples), 2, dtype=torch.float32)
-        size = self.config.batch_size
-        for start in range(0, len(examples), size):
-            indices = range(start, min(start + size, len(examples)))
-            batch = self.batch(indices, examples)
-            with self.autocast():
-                table[list(indices)] = self._reference_logps(batch).cpu()
-        return table
-
-    def _reference_logps(self, batch: dict) -> torch.Tensor:
+    def reference_logps(self, batch: dict) -> torch.Tensor:
         """[B, 2] summed reference log-probs of each example and of its KL pair."""
         options = dict(temperature=self.config.temperature, impl=self.config.impl)
         ref = self.reference.sequence_logprobs(
@@ -263,10 +232,7 @@ class KTOTrainer(Trainer):
             policy_kl = hf.sequence_logprobs(self.model, batch["kl_input_ids"],
                                              batch["kl_labels"], batch["kl_attention_mask"],
                                              **options)
-        if self.precomputed:
-            ref = self.precomputed[batch["split"]].to(self.device)[batch["indices"]]
-        else:
-            ref = self._reference_logps(batch)
+        ref = self.batch_reference_logps(batch)
         return kto_loss(policy.sum_logps, ref[:, 0], policy_kl.sum_logps, ref[:, 1],
                         batch["desirable"], beta=config.beta,
                         desirable_weight=config.desirable_weight,

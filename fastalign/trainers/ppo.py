@@ -297,9 +297,8 @@ class PPOTrainer(Trainer):
         self.head = hf.lm_head(self.model)
         self.options = self.head.options(config.temperature)
 
-        self.reference = ReferencePolicy(self.model, ref_model, config.reference)
-        if self.reference.model is not None:
-            self.reference.model.to(self.device)
+        self.reference = ReferencePolicy(self.model, ref_model, config.reference,
+                                         device=self.device)
         ref_head = hf.lm_head(self.model if self.reference.model is None else
                               self.reference.model)
         if ref_head.weight.shape[0] != self.head.weight.shape[0]:
