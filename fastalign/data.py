@@ -361,23 +361,30 @@ class PreferenceCollator(_Collator):
 
 @dataclass
 class KTOCollator(_Collator):
-    """B >= 2 KTO examples → ``input_ids``, ``attention_mask``, ``labels`` [B, T],
-    ``desirable`` [B] bool, and the mismatched KL batch ``kl_input_ids``, ``kl_attention_mask``,
-    ``kl_labels`` [B, T_kl]: prompt i with the completion of example
-    ``kto_mismatched_indices(B)[i]``, cut to ``max_length`` tokens if given."""
+    """B KTO examples → ``input_ids``, ``attention_mask``, ``labels`` [B, T], ``desirable`` [B]
+    bool, and the mismatched KL batch ``kl_input_ids``, ``kl_attention_mask``, ``kl_labels``
+    [B, T_kl]: prompt i with a completion of another example, cut to ``max_length`` tokens if
+    given. That completion is example i's own ``kl_completion_ids`` when every example carries
+    one (pairs fixed at the dataset level; any B), else the completion of example
+    ``kto_mismatched_indices(B)[i]`` of the batch (B >= 2)."""
 
     max_length: int | None = None
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        if len(examples) < 2:
+        if all("kl_completion_ids" in e for e in examples):
+            partners = [e["kl_completion_ids"] for e in examples]
+        elif len(examples) < 2:
             raise ValueError(f"KTOCollator needs >= 2 examples for the mismatched KL batch, got "
                              f"{len(examples)} (drop the last incomplete batch)")
+        else:
+            partners = [examples[j]["completion_ids"]
+                        for j in kto_mismatched_indices(len(examples)).tolist()]
         batch = _sequences([(e["prompt_ids"], e["completion_ids"]) for e in examples],
                            self.pad_token_id, self.pad_to_multiple_of)
         batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
         kl_pairs = []
-        for i, j in enumerate(kto_mismatched_indices(len(examples)).tolist()):
-            prompt, completion = examples[i]["prompt_ids"], examples[j]["completion_ids"]
+        for example, completion in zip(examples, partners):
+            prompt = example["prompt_ids"]
             if self.max_length is not None:
                 completion = completion[:max(self.max_length - len(prompt), 0)]
             kl_pairs.append((prompt, completion))

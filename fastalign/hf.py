@@ -232,9 +232,12 @@ def head_inputs(hidden: torch.Tensor, head: LMHead,
     return hidden.to(dtype), head.weight.to(dtype), bias
 
 
-def _no_autocast(device_type: str):
-    # The fused kernels run their own matrix products in the inputs' dtype with fp32
-    # accumulation; autocast must not re-cast what happens inside them.
+def no_autocast(device_type: str):
+    """A context without autocast on ``device_type`` (a no-op where it is off).
+
+    The fused kernels run their own matrix products in the inputs' dtype with fp32
+    accumulation; autocast must not re-cast what happens inside them.
+    """
     if _autocast_dtype(device_type) is None:
         return nullcontext()
     return torch.autocast(device_type, enabled=False)
@@ -271,7 +274,7 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor,
     scored = _scored(input_ids, attention_mask)
     targets = torch.where(scored, input_ids[:, 1:], IGNORE_INDEX)
     hidden, weight, bias = head_inputs(hidden[:, :-1], head)
-    with _no_autocast(hidden.device.type):
+    with no_autocast(hidden.device.type):
         return linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=return_entropy,
                                impl=impl, **head.options(temperature))
 
@@ -308,7 +311,7 @@ def token_kl(model: nn.Module, ref_model: nn.Module | None, input_ids: torch.Ten
         ref_hidden = (ref_hidden.float() * ratio if ratio != 1.0 else ref_hidden).to(weight.dtype)
         if ref_bias is not None:
             ref_bias = (ref_bias.float() * ratio).to(weight.dtype)
-    with _no_autocast(hidden.device.type):
+    with no_autocast(hidden.device.type):
         return linear_kl(hidden, weight, ref_hidden, ref_weight, mask=scored, bias=bias,
                          ref_bias=ref_bias, reverse=reverse, impl=impl, **options)
 
@@ -329,7 +332,7 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.T
                          f"{getattr(labels, 'shape', type(labels).__name__)}")
     hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)
     hidden, weight, bias = head_inputs(hidden, head)
-    with _no_autocast(hidden.device.type):
+    with no_autocast(hidden.device.type):
         return sequence_logprobs_from_labels(hidden, weight, labels, bias=bias,
                                              ignore_index=IGNORE_INDEX,
                                              return_entropy=return_entropy, impl=impl,

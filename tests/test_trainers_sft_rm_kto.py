@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from fastalign import assets
-from fastalign.data import encode_kto, encode_preference, encode_sft, load_jsonl
+from fastalign.data import KTOCollator, encode_kto, encode_preference, encode_sft, load_jsonl
 from fastalign.trainers.kto import (
     KTOConfig,
     KTOTrainer,
-    PairedKTOCollator,
     fixed_kl_partners,
 )
 from fastalign.trainers.reward import RewardConfig, RewardTrainer
@@ -319,7 +318,7 @@ def test_kto_fixed_pairs(tok, kto_data):
     assert partners == fixed_kl_partners(10, seed=3) != fixed_kl_partners(10, seed=4)
     examples = [dict(e, kl_completion_ids=kto_data[j]["completion_ids"])
                 for e, j in zip(kto_data[:3], [1, 2, 0])]
-    batch = PairedKTOCollator(pad_token_id=0, max_length=64)(examples[:1])  # B = 1 collates
+    batch = KTOCollator(pad_token_id=0, max_length=64)(examples[:1])  # B = 1 collates
     row = examples[0]["prompt_ids"] + kto_data[1]["completion_ids"]
     assert batch["kl_input_ids"][0].tolist() == row
     assert batch["kl_labels"][0, len(examples[0]["prompt_ids"]):].tolist() == \

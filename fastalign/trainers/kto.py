@@ -12,8 +12,9 @@ Which completion is the mismatched partner of an example (``kl_pairing``):
 
 * ``batch``: within each micro-batch, example i gets the completion of example i − 1
   (``fastalign.data.KTOCollator``, ``kto_mismatched_indices``); the pairs change every batch.
-* ``dataset``: each example gets one fixed partner completion for the whole run, as TRL's
-  ``KTOTrainer`` does when it builds its KL dataset before training. The partners come from a
+* ``dataset``: each example gets one fixed partner completion for the whole run
+  (``kl_completion_ids``, which ``KTOCollator`` uses when present), as TRL's ``KTOTrainer`` does
+  when it builds its KL dataset before training. The partners come from a
   seeded permutation of the examples: example ``order[k]`` gets the completion of
   ``order[k − 1]``, so no example keeps its own completion and every completion is reused exactly
   once. Fixed pairs are what a precomputed reference needs: the reference log-probs of both the
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from fastalign import hf
-from fastalign.data import KTOCollator, SFTCollator
+from fastalign.data import KTOCollator
 from fastalign.losses.kto import kto_loss
 from fastalign.trainers.base import (
     REFERENCE_MODES,
@@ -43,7 +44,7 @@ from fastalign.trainers.base import (
     pad_token_id,
 )
 
-__all__ = ["KTOConfig", "KTOTrainer", "PairedKTOCollator", "fixed_kl_partners"]
+__all__ = ["KTOConfig", "KTOTrainer", "fixed_kl_partners"]
 
 KL_PAIRINGS = ("auto", "batch", "dataset")
 # Seeds the fixed KL partners apart from BatchStream's epoch permutations (seed·1_000_003 + epoch),
@@ -115,32 +116,6 @@ def fixed_kl_partners(num_examples: int, seed: int) -> list[int]:
     return partners.tolist()
 
 
-@dataclass
-class PairedKTOCollator:
-    """Like ``KTOCollator``, but each example brings its own KL partner completion.
-
-    Examples are ``{"prompt_ids", "completion_ids", "desirable", "kl_completion_ids"}``; the KL
-    rows are prompt i + ``kl_completion_ids`` of example i, the completion cut to ``max_length``
-    tokens in all. Any batch size works (the pairs do not depend on the batch).
-    """
-
-    pad_token_id: int
-    max_length: int | None = None
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        collate = SFTCollator(pad_token_id=self.pad_token_id)
-        batch = collate(examples)
-        batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
-        kl_rows = []
-        for e in examples:
-            prompt, completion = e["prompt_ids"], e["kl_completion_ids"]
-            if self.max_length is not None:
-                completion = completion[:max(self.max_length - len(prompt), 0)]
-            kl_rows.append({"prompt_ids": prompt, "completion_ids": completion})
-        batch.update({f"kl_{key}": value for key, value in collate(kl_rows).items()})
-        return batch
-
-
 def _with_partners(examples: list[dict], seed: int) -> list[dict]:
     partners = fixed_kl_partners(len(examples), seed)
     return [dict(e, kl_completion_ids=examples[j]["completion_ids"])
@@ -177,15 +152,12 @@ class KTOTrainer(ReferenceTrainer):
             raise ValueError("KTO needs at least 2 eval examples (its KL pairs pair each prompt "
                              "with another example's completion), got 1")
         self.kl_pairing = config.resolved_kl_pairing
-        pad = pad_token_id(tokenizer)
-        if self.kl_pairing == "dataset":
-            collator = PairedKTOCollator(pad_token_id=pad, max_length=config.max_length)
+        if self.kl_pairing == "dataset":  # KTOCollator then pairs with kl_completion_ids
             if len(train_examples) >= config.batch_size:  # else the stream's clear error below
                 train_examples = _with_partners(train_examples, config.seed * 2 + _PAIRING_SALT)
             if eval_examples:
                 eval_examples = _with_partners(eval_examples, config.seed * 2 + 1 + _PAIRING_SALT)
-        else:
-            collator = KTOCollator(pad_token_id=pad, max_length=config.max_length)
+        collator = KTOCollator(pad_token_id=pad_token_id(tokenizer), max_length=config.max_length)
         super().__init__(model, tokenizer, train_examples, config, collator=collator,
                          ref_model=ref_model, eval_examples=eval_examples)
         self._warn_about_weights()

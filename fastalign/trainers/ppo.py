@@ -434,7 +434,7 @@ class PPOTrainer(Trainer):
                           ref_weight=ref_weight, ref_bias=ref_bias)
         elif not exact:
             kwargs["ref_logps"] = rollout.ref_logps[rows]
-        with _no_autocast(self.device):
+        with hf.no_autocast(self.device.type):
             loss, metrics = loss_fn(hidden, weight, rollout.labels[rows], rollout.old_logps[rows],
                                     rollout.advantages[rows], bias=bias, **kwargs)
         renamed = {"kl": "policy/kl", "entropy": "policy/entropy", "loss/total": "loss"}
@@ -469,7 +469,7 @@ class PPOTrainer(Trainer):
             with self.reference.active() as ref_model:
                 ref_hidden = hf.final_hidden_states(ref_model, input_ids, attention_mask)
             ref_h, ref_w, ref_b = hf.head_inputs(ref_hidden, self.ref_head)
-        with _no_autocast(self.device):
+        with hf.no_autocast(self.device.type):
             old = sequence_logprobs_from_labels(h, w, labels, bias=b, return_entropy=True,
                                                 impl=config.impl, **self.options)
             mask = old.token_mask
@@ -674,9 +674,4 @@ class PPOTrainer(Trainer):
 def _completion_length(ids: list[int], eos_id: int) -> int:
     """Tokens up to and including the first eos (all of them without one)."""
     return ids.index(eos_id) + 1 if eos_id in ids else len(ids)
-
-
-def _no_autocast(device: torch.device):
-    # The fused kernels run their own products in the inputs' dtype; autocast must not re-cast.
-    return torch.autocast(device.type, enabled=False)
 

@@ -8,7 +8,6 @@ summary of the final metrics.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fastalign import assets, data
-from fastalign.trainers.base import Trainer, TrainingConfig, TrainResult
+from fastalign.trainers.base import Trainer, TrainingConfig, TrainResult, pad_token_id
 from fastalign.trainers.dpo import DPOConfig, DPOTrainer, loss_memory_report
 from fastalign.trainers.kto import KTOConfig, KTOTrainer
 from fastalign.trainers.ppo import GRPOConfig, PPOConfig, PPOTrainer, encode_prompt_examples
@@ -180,10 +179,9 @@ def run_job(job: Job, config: TrainingConfig, *, model: str | None = None,
     # Every line of both files is checked before the model is even loaded.
     train_examples = _load_examples(job, data, tokenizer, config)
     eval_examples = _load_examples(job, eval_data, tokenizer, config) if eval_data else None
-    from fastalign.trainers.base import pad_token_id
-
+    pad_id = pad_token_id(tokenizer)
     policy = load_model(model, seed=config.seed, sequence_classifier=job.sequence_classifier,
-                        pad_token_id=pad_token_id(tokenizer))
+                        pad_token_id=pad_id)
     if lora_r is not None:
         policy = add_lora(policy, r=lora_r, targets=lora_targets)
     kwargs = {}
@@ -192,8 +190,7 @@ def run_job(job: Job, config: TrainingConfig, *, model: str | None = None,
             continue
         if name in ("ref_model", "reward_model"):
             value = load_model(value, seed=config.seed,
-                               sequence_classifier=name == "reward_model",
-                               pad_token_id=pad_token_id(tokenizer))
+                               sequence_classifier=name == "reward_model", pad_token_id=pad_id)
         kwargs[name] = value
     trainer = job.trainer_class(policy, tokenizer, train_examples, config,
                                 eval_examples=eval_examples, **kwargs)
@@ -220,13 +217,3 @@ def format_summary(job: Job, trainer: Trainer, result: TrainResult) -> str:
     if plots:
         lines.append(f"  plots: {len(plots)} PNG files in {plots[0].parent}")
     return "\n".join(lines)
-
-
-def config_for(kind: str, **options) -> TrainingConfig:
-    """The config of ``kind`` with ``options`` (a convenience for scripts and tests)."""
-    job = JOBS[kind]
-    known = {f.name for f in dataclasses.fields(job.config_class)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"{kind} has no option {', '.join(unknown)}")
-    return job.config_class(**options)
