@@ -99,20 +99,20 @@ class TrainingConfig:
         positive = ("max_steps", "batch_size", "grad_accum_steps", "max_length",
                     "max_prompt_length", "logging_steps")
         for name in positive:
-            _check_int(name, getattr(self, name), minimum=1)
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps", "eval_steps", "save_steps", "seed"):
-            _check_int(name, getattr(self, name), minimum=0)
+            check_int(name, getattr(self, name), minimum=0)
         if self.save_total_limit is not None:
-            _check_int("save_total_limit", self.save_total_limit, minimum=1)
-        _check_float("lr", self.lr, positive=True)
-        _check_float("temperature", self.temperature, positive=True)
-        _check_float("weight_decay", self.weight_decay, positive=False)
+            check_int("save_total_limit", self.save_total_limit, minimum=1)
+        check_float("lr", self.lr, positive=True)
+        check_float("temperature", self.temperature, positive=True)
+        check_float("weight_decay", self.weight_decay, positive=False)
         if self.max_grad_norm is not None:
-            _check_float("max_grad_norm", self.max_grad_norm, positive=True)
+            check_float("max_grad_norm", self.max_grad_norm, positive=True)
         if (not isinstance(self.adam_betas, (tuple, list)) or len(self.adam_betas) != 2
                 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas)):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
-        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -121,19 +121,19 @@ class TrainingConfig:
                                  f"{self.device!r}") from None
 
 
-def _check_int(name: str, value, *, minimum: int) -> None:
+def check_int(name: str, value, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _check_float(name: str, value, *, positive: bool) -> None:
+def check_float(name: str, value, *, positive: bool) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got "
                          f"{value!r}")
 
 
-def _check_choice(name: str, value, choices: Sequence[str]) -> None:
+def check_choice(name: str, value, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
@@ -310,7 +310,7 @@ class ReferencePolicy:
 
     def __init__(self, policy: nn.Module, ref_model: nn.Module | None, mode: str, *,
                  device: torch.device | None = None):
-        _check_choice("reference", mode, REFERENCE_MODES)
+        check_choice("reference", mode, REFERENCE_MODES)
         if mode == "auto":
             mode = "adapters" if ref_model is None and hf.is_peft_model(policy) else "copy"
         if mode == "adapters":

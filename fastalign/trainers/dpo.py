@@ -22,6 +22,8 @@ from fastalign.trainers.base import (
     REFERENCE_MODES,
     ReferenceTrainer,
     TrainingConfig,
+    check_choice,
+    check_float,
     option,
     pad_token_id,
 )
@@ -53,11 +55,8 @@ class DPOConfig(TrainingConfig):
         if not names or unknown:
             raise ValueError(f"loss_type must be one or more of {', '.join(DPO_LOSS_TYPES)}, got "
                              f"{self.loss_type!r}")
-        if self.reference not in REFERENCE_MODES:
-            raise ValueError(f"reference must be one of {', '.join(REFERENCE_MODES)}, got "
-                             f"{self.reference!r}")
-        if not isinstance(self.beta, (int, float)) or not self.beta > 0:
-            raise ValueError(f"beta must be a number > 0, got {self.beta!r}")
+        check_choice("reference", self.reference, REFERENCE_MODES)
+        check_float("beta", self.beta, positive=True)
 
 
 class DPOTrainer(ReferenceTrainer):

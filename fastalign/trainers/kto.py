@@ -25,7 +25,6 @@ Which completion is the mismatched partner of an example (``kl_pairing``):
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +39,8 @@ from fastalign.trainers.base import (
     REFERENCE_MODES,
     ReferenceTrainer,
     TrainingConfig,
+    check_choice,
+    check_float,
     option,
     pad_token_id,
 )
@@ -71,23 +72,14 @@ class KTOConfig(TrainingConfig):
         if self.batch_size < 2:
             raise ValueError(f"KTO needs batch_size >= 2 (its KL pairs each prompt with another "
                              f"example's completion), got {self.batch_size}")
-        if (isinstance(self.beta, bool) or not isinstance(self.beta, (int, float))
-                or not math.isfinite(self.beta) or not self.beta > 0):
-            raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
+        check_float("beta", self.beta, positive=True)
         for name in ("desirable_weight", "undesirable_weight"):
-            value = getattr(self, name)
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not math.isfinite(value) or value < 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            check_float(name, getattr(self, name), positive=False)
         if self.desirable_weight == 0 and self.undesirable_weight == 0:
             raise ValueError("desirable_weight and undesirable_weight are both 0: nothing to "
                              "train")
-        if self.reference not in REFERENCE_MODES:
-            raise ValueError(f"reference must be one of {', '.join(REFERENCE_MODES)}, got "
-                             f"{self.reference!r}")
-        if self.kl_pairing not in KL_PAIRINGS:
-            raise ValueError(f"kl_pairing must be one of {', '.join(KL_PAIRINGS)}, got "
-                             f"{self.kl_pairing!r}")
+        check_choice("reference", self.reference, REFERENCE_MODES)
+        check_choice("kl_pairing", self.kl_pairing, KL_PAIRINGS)
         if self.reference == "precomputed" and self.kl_pairing == "batch":
             raise ValueError("reference='precomputed' needs kl_pairing='dataset' (or 'auto'): "
                              "in-batch KL pairs change with every batch, so their reference "

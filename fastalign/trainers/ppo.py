@@ -65,6 +65,8 @@ from fastalign.trainers.base import (
     Trainer,
     TrainingConfig,
     as_floats,
+    check_choice,
+    check_int,
     mean_metrics,
     option,
     pad_token_id,
@@ -127,10 +129,10 @@ class PPOConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _choice("mode", self.mode, MODES)
+        check_choice("mode", self.mode, MODES)
         for name in ("num_generations", "max_new_tokens", "ppo_epochs", "num_minibatches"):
-            _integer(name, getattr(self, name), minimum=1)
-        _integer("top_k", self.top_k, minimum=0)
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("top_k", self.top_k, minimum=0)
         if self.mode in ("grpo", "rloo") and self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 for mode={self.mode!r} (the advantage "
                              f"compares the completions of a prompt), got {self.num_generations}")
@@ -147,7 +149,7 @@ class PPOConfig(TrainingConfig):
         if self.clip_high is not None:
             _number("clip_high", self.clip_high, low=0.0)
         _number("kl_coef", self.kl_coef, low=0.0, inclusive=True)
-        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATOR_NAMES)
+        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATOR_NAMES)
         if self.kl_target is not None:
             _number("kl_target", self.kl_target, low=0.0)
             if self.kl_coef == 0:
@@ -162,7 +164,7 @@ class PPOConfig(TrainingConfig):
         if not isinstance(self.whiten_advantages, bool):
             raise ValueError(f"whiten_advantages must be True or False, got "
                              f"{self.whiten_advantages!r}")
-        _choice("loss_agg", self.loss_agg, AGGREGATION_NAMES)
+        check_choice("loss_agg", self.loss_agg, AGGREGATION_NAMES)
         _number("ent_coef", self.ent_coef, low=0.0, inclusive=True)
         if self.missing_eos_penalty is not None:
             _number("missing_eos_penalty", self.missing_eos_penalty, low=0.0, inclusive=True)
@@ -170,7 +172,7 @@ class PPOConfig(TrainingConfig):
             raise ValueError("reference='precomputed' is impossible for online training: the "
                              "completions are sampled during training, so their reference "
                              "log-probs cannot be computed beforehand; use 'copy' or 'adapters'")
-        _choice("reference", self.reference, ROLLOUT_REFERENCE_MODES)
+        check_choice("reference", self.reference, ROLLOUT_REFERENCE_MODES)
         if self.reward_fn is not None:
             resolve_reward_fn(self.reward_fn)  # an unknown name fails now, not after loading
 
@@ -191,16 +193,6 @@ class GRPOConfig(PPOConfig):
                                      "per completion; ppo: per token)")
     loss_agg: str = option("grpo", "token aggregation of the loss: grpo (per-sequence mean, then "
                            "mean), token_mean (= dapo) or dr_grpo")
-
-
-def _choice(name: str, value, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def _integer(name: str, value, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _number(name: str, value, *, low: float, high: float | None = None, inclusive: bool = False,
