@@ -1,4 +1,5 @@
-"""Shared helpers for the linear_logprobs tests: inputs, runs and dtype-aware comparisons."""
+"""Shared test helpers: linear_logprobs inputs, runs and dtype-aware comparisons, and the eager
+(logits-based) sequence log-probs that the trainers are checked against."""
 
 from __future__ import annotations
 
@@ -166,3 +167,15 @@ def assert_low_precision_ok(actual, torch_same_dtype, truth, name, factor=2.0) -
     assert ours <= factor * theirs + slack, (
         f"{name}: error {ours:.3g} vs PyTorch's own {theirs:.3g} at this dtype (scale {scale:.3g})"
     )
+
+
+def eager_sequence_logps(model, input_ids, attention_mask, labels, *, entropy=False):
+    """Summed log-probs of the labelled tokens (and per-token entropies) through the logits."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    targets = labels[:, 1:]
+    mask = targets != -100
+    token = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    if not entropy:
+        return token.sum(-1), mask
+    return token.sum(-1), mask, -(logp.exp() * logp).sum(-1)

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import eager_sequence_logps
 from transformers import AutoModelForCausalLM
 
 from fastalign import assets, data
@@ -52,14 +53,8 @@ def _config(tmp_path, **options) -> DPOConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-def eager_sequence_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs [2B] and response lengths from the model's own logits."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    mask = targets != -100
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1), mask.sum(-1)
+def _inputs(batch):
+    return batch["input_ids"], batch["attention_mask"], batch["labels"]
 
 
 def eager_dpo_sigmoid(policy, reference, beta):
@@ -95,9 +90,9 @@ def test_dpo_loss_and_gradients_equal_eager(tmp_path, tokenizer, pairs, referenc
     fused_grads = _grads(model)
     model.zero_grad()
 
-    policy_logps, _ = eager_sequence_logps(model, batch)
+    policy_logps, _ = eager_sequence_logps(model, *_inputs(batch))
     with torch.no_grad():
-        ref_logps, _ = eager_sequence_logps(reference_model, batch)
+        ref_logps, _ = eager_sequence_logps(reference_model, *_inputs(batch))
     eager = eager_dpo_sigmoid(policy_logps, ref_logps, beta=0.1)
     eager.backward()
     eager_grads = _grads(model)
@@ -140,9 +135,9 @@ def test_dpo_adapters_reference_equals_copy(tmp_path, tokenizer, pairs):
     assert trained and all("lora_" in n for n in trained)
 
     reference = assets.build_default_model(seed=2)
-    policy_logps, _ = eager_sequence_logps(lora, batch)
+    policy_logps, _ = eager_sequence_logps(lora, *_inputs(batch))
     with torch.no_grad():
-        ref_logps, _ = eager_sequence_logps(reference, batch)
+        ref_logps, _ = eager_sequence_logps(reference, *_inputs(batch))
     torch.testing.assert_close(loss, eager_dpo_sigmoid(policy_logps, ref_logps, 0.1),
                                rtol=1e-5, atol=1e-6)
 

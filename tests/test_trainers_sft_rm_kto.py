@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import eager_sequence_logps
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from fastalign import assets
@@ -113,18 +114,6 @@ def assert_same_gradients(model, fused_loss, eager_loss):
     for name, g in eager.items():
         torch.testing.assert_close(fused[name], g, rtol=1e-4, atol=5e-6 * float(scale),
                                    msg=lambda m, name=name: f"{name}: {m}")
-
-
-def eager_sequence_logps(model, input_ids, attention_mask, labels, *, entropy=False):
-    """Summed log-probs of the labelled tokens (and per-token entropies) through the logits."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = labels[:, 1:]
-    mask = targets != -100
-    token = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-    if not entropy:
-        return token.sum(-1), mask
-    return token.sum(-1), mask, -(logp.exp() * logp).sum(-1)
 
 
 # ------------------------------------------------------------------------------------------ SFT
