@@ -22,13 +22,16 @@ Args:
     temperature: > 0; the logits are divided by it (after the softcap).
     softcap: 0 for none, else z = softcap * tanh(a / softcap) / temperature.
     ignore_index: target value of ignored rows (logp = entropy = 0, no gradient).
+    off_shard_targets: weight holds one shard of a vocabulary split across ranks; a target >= V
+        lies on another shard (the row is computed, with no target logit: logp = -lse).
 
 Returns:
     [logp, entropy, lse, sum_pz], each [N]: logp and entropy float32 (float64 for float64
     inputs); lse and sum_pz (log-sum-exp of z and sum_v p_v z_v, what backward needs) float64
     always, since backward subtracts them from logits of nearly the same size.)doc",
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"),
-        py::arg("temperature"), py::arg("softcap"), py::arg("ignore_index"));
+        py::arg("temperature"), py::arg("softcap"), py::arg("ignore_index"),
+        py::arg("off_shard_targets") = false);
 
   m.def("linear_logprobs_backward", &fastalign::linear_logprobs_backward,
         R"doc(Gradients of linear_logprobs_forward, recomputing the logits tile by tile.
@@ -39,13 +42,16 @@ Args:
     hidden, weight, bias, targets, temperature, softcap, ignore_index: as in forward.
     lse, sum_pz: [N] float64, as returned by forward.
     compute_dhidden, compute_dweight, compute_dbias: which gradients to compute.
+    off_shard_targets: as in forward (pass the whole vocabulary's lse and sum_pz for exact
+        gradients of this shard's columns).
 
 Returns:
     [dhidden, dweight, dbias], each in the dtype of its input, or None where not asked for.)doc",
         py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("hidden"), py::arg("weight"),
         py::arg("bias"), py::arg("targets"), py::arg("lse"), py::arg("sum_pz"),
         py::arg("temperature"), py::arg("softcap"), py::arg("ignore_index"),
-        py::arg("compute_dhidden"), py::arg("compute_dweight"), py::arg("compute_dbias"));
+        py::arg("compute_dhidden"), py::arg("compute_dweight"), py::arg("compute_dbias"),
+        py::arg("off_shard_targets") = false);
 
   m.def("linear_kl_forward", &fastalign::linear_kl_forward,
         R"doc(Exact per-token KL(p || q) between the softmax of two LM heads, streamed over

@@ -404,7 +404,7 @@ struct RowSelection {
 };
 
 RowSelection select_rows(const char* fn, const at::Tensor& targets, int64_t ignore_index,
-                         int64_t vocab) {
+                         int64_t vocab, bool off_shard_targets) {
   const int64_t n = targets.size(0);
   const int64_t* y = targets.data_ptr<int64_t>();
   RowSelection sel;
@@ -412,9 +412,11 @@ RowSelection select_rows(const char* fn, const at::Tensor& targets, int64_t igno
     if (y[i] == ignore_index) {
       continue;
     }
-    TORCH_CHECK_VALUE(y[i] >= 0 && y[i] < vocab, fn, ": targets must lie in [0, V) = [0, ", vocab,
-                      ") or equal ignore_index (", ignore_index, "); found ", y[i],
-                      " at position ", i);
+    // With off_shard_targets (a vocabulary shard), y >= V is a target held by another shard:
+    // the row still counts in the normaliser, and no column here is its target.
+    TORCH_CHECK_VALUE(y[i] >= 0 && (y[i] < vocab || off_shard_targets), fn,
+                      ": targets must lie in [0, V) = [0, ", vocab, ") or equal ignore_index (",
+                      ignore_index, "); found ", y[i], " at position ", i);
     ++sel.count;
   }
   sel.compact = sel.count < n;
@@ -600,7 +602,8 @@ void forward_all(const Problem<T>& p, const ForwardState<T>& state) {
 std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden, const at::Tensor& weight,
                                                 const c10::optional<at::Tensor>& bias,
                                                 const at::Tensor& targets, double temperature,
-                                                double softcap, int64_t ignore_index) {
+                                                double softcap, int64_t ignore_index,
+                                                bool off_shard_targets) {
   constexpr const char* fn = "linear_logprobs_forward";
   check_inputs(fn, hidden, weight, bias, targets, temperature, softcap);
   at::NoGradGuard no_grad;
@@ -612,7 +615,7 @@ std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden, const 
   const auto stat_opts = hidden.options().dtype(at::kDouble);
   at::Tensor lse = at::zeros({n}, stat_opts), sum_pz = at::zeros({n}, stat_opts);
 
-  const RowSelection sel = select_rows(fn, targets, ignore_index, vocab);
+  const RowSelection sel = select_rows(fn, targets, ignore_index, vocab, off_shard_targets);
   if (sel.count == 0) {
     return {logp, entropy, lse, sum_pz};
   }
@@ -756,7 +759,7 @@ std::vector<at::Tensor> linear_logprobs_backward(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& sum_pz,
     double temperature, double softcap, int64_t ignore_index, bool compute_dhidden,
-    bool compute_dweight, bool compute_dbias) {
+    bool compute_dweight, bool compute_dbias, bool off_shard_targets) {
   constexpr const char* fn = "linear_logprobs_backward";
   check_inputs(fn, hidden, weight, bias, targets, temperature, softcap);
   const int64_t n = hidden.size(0), hidden_size = hidden.size(1), vocab = weight.size(0);
@@ -772,7 +775,7 @@ std::vector<at::Tensor> linear_logprobs_backward(
   TORCH_CHECK_VALUE(!compute_dbias || has_bias, fn, ": compute_dbias needs a bias");
   at::NoGradGuard no_grad;
 
-  const RowSelection sel = select_rows(fn, targets, ignore_index, vocab);
+  const RowSelection sel = select_rows(fn, targets, ignore_index, vocab, off_shard_targets);
   const auto opts = hidden.options().dtype(dtype);
   if (sel.count == 0 || !(compute_dhidden || compute_dweight || compute_dbias)) {
     return {compute_dhidden ? at::zeros_like(hidden) : at::Tensor(),

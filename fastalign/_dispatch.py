@@ -180,3 +180,26 @@ def check_head(prefix: str, hidden, weight, bias) -> None:
             raise TypeError(
                 f"{prefix}bias must have {prefix}weight's dtype {weight.dtype}, got {bias.dtype}"
             )
+
+
+def check_finite_tensors(**tensors: torch.Tensor | None) -> None:
+    """Raise if any floating tensor holds NaN or ±inf (the ops' optional ``check_finite``).
+
+    One device sync per tensor; off by default, since the kernels would otherwise pay it on
+    every call. Without the check a NaN or inf input gives NaN outputs on the tokens it reaches.
+    """
+    for name, tensor in tensors.items():
+        if tensor is None or not tensor.dtype.is_floating_point:
+            continue
+        bad = ~torch.isfinite(tensor.detach())
+        count = int(bad.sum())
+        if count:
+            kinds = []
+            if bool(torch.isnan(tensor.detach()).any()):
+                kinds.append("NaN")
+            if bool(torch.isinf(tensor.detach()).any()):
+                kinds.append("inf")
+            first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+            raise ValueError(
+                f"{name} contains {' and '.join(kinds)} ({count} of {tensor.numel()} values, "
+                f"first at index {first}); check_finite=True refuses non-finite inputs")

@@ -29,6 +29,7 @@ import torch
 
 from fastalign._dispatch import (
     HeadParams,
+    check_finite_tensors,
     check_head,
     check_mask,
     check_positive_float,
@@ -37,6 +38,7 @@ from fastalign._dispatch import (
     resolve_impl,
 )
 from fastalign.reference import linear_kl_reference
+from fastalign.vocab_parallel import VocabParallelKLFunction, check_vocab_shards
 
 
 class LinearKLFunction(torch.autograd.Function):
@@ -123,6 +125,9 @@ def linear_kl(
     softcap: float | None = None,
     reverse: bool = False,
     impl: str = "auto",
+    process_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start_index: int = 0,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Exact KL(π‖π_ref) over the whole vocabulary for each token, without materialising logits.
 
@@ -142,6 +147,14 @@ def linear_kl(
         softcap: optional final-logit softcap applied to both sides (Gemma 2 uses 30.0); > 0.
         reverse: compute KL(π_ref‖π) instead.
         impl: "auto" (Triton on CUDA, the C++ kernel on CPU), "triton", "cpp" or "reference".
+        process_group: a ``torch.distributed`` group over which both heads' vocabulary is sharded
+            alike (tensor parallelism): ``weight`` and ``ref_weight`` (and biases) hold rows
+            ``[vocab_start_index, vocab_start_index + weight.shape[0])``; hidden states, mask and
+            outputs are the same on every rank. The heads' gradients stay local, the hidden
+            states' are summed over the group; backward assumes every rank back-propagates the
+            same loss. Needs a fused impl.
+        vocab_start_index: the first vocabulary row this rank's heads hold.
+        check_finite: raise if any input head tensor holds NaN or inf (a device sync each).
 
     Returns:
         float32 [...] (float64 for float64 inputs). Gradients flow to the policy side, and to the
@@ -149,7 +162,20 @@ def linear_kl(
     """
     _check_inputs(hidden, weight, ref_hidden, ref_weight, mask, bias, ref_bias, temperature,
                   softcap, reverse)
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    if check_finite:
+        check_finite_tensors(hidden=hidden, weight=weight, bias=bias, ref_hidden=ref_hidden,
+                             ref_weight=ref_weight, ref_bias=ref_bias)
     chosen = resolve_impl(impl, hidden.device, hidden.dtype)
+    if process_group is not None:
+        check_vocab_shards(process_group, vocab_start_index, weight)
+        if chosen == "reference":
+            raise ValueError("process_group needs a fused implementation (impl='auto', 'cpp' or "
+                             "'triton'); the reference materialises one unsharded head")
+    elif vocab_start_index != 0:
+        raise ValueError(f"vocab_start_index={vocab_start_index!r} needs a process_group (the "
+                         "heads' vocabulary sharded across ranks); without one it must be 0")
     options = dict(temperature=float(temperature),
                    softcap=None if softcap is None else float(softcap))
     lead_shape = hidden.shape[:-1]
@@ -164,7 +190,7 @@ def linear_kl(
 
     # Nothing to compute (or asked for the reference): the reference handles empty inputs exactly
     # and keeps the result attached to the graph, so an all-masked batch still back-propagates.
-    if chosen == "reference" or hidden_2d.shape[0] == 0:
+    if process_group is None and (chosen == "reference" or hidden_2d.shape[0] == 0):
         kl_kept = linear_kl_reference(hidden_2d, weight, ref_hidden_2d, ref_weight, bias=bias,
                                       ref_bias=ref_bias, reverse=reverse, **options)
     else:
@@ -174,7 +200,11 @@ def linear_kl(
                   None if ref_bias is None else ref_bias.contiguous())
         if reverse:  # KL(q‖p) is the same kernel with the two heads' roles exchanged
             first, second = second, first
-        kl_kept = LinearKLFunction.apply(*first, *second, HeadParams(**options), chosen)
+        if process_group is None:
+            kl_kept = LinearKLFunction.apply(*first, *second, HeadParams(**options), chosen)
+        else:
+            kl_kept = VocabParallelKLFunction.apply(*first, *second, HeadParams(**options),
+                                                    chosen, process_group)
 
     if kept is None:
         return kl_kept.view(lead_shape)

@@ -33,6 +33,7 @@ from fastalign._dispatch import (  # noqa: F401  (re-exported: the dispatcher's 
     IMPLEMENTATIONS,
     HeadParams,
     available_implementations,
+    check_finite_tensors,
     check_head,
     check_positive_float,
     check_same_device,
@@ -43,6 +44,11 @@ from fastalign._dispatch import (  # noqa: F401  (re-exported: the dispatcher's 
     triton_unavailable_reason,
 )
 from fastalign.reference import linear_logprobs_reference
+from fastalign.vocab_parallel import (
+    VocabParallelLogprobsFunction,
+    check_vocab_shards,
+    shard_local_targets,
+)
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,9 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     impl: str = "auto",
+    process_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start_index: int = 0,
+    check_finite: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log π(y | h) for each token, computed from the LM head without materialising the logits.
 
@@ -162,6 +171,15 @@ def linear_logprobs(
         ignore_index: targets equal to this give log-prob 0, entropy 0 and no gradient.
         return_entropy: also return the per-token entropy of the full distribution.
         impl: "auto" (Triton on CUDA, the C++ kernel on CPU), "triton", "cpp" or "reference".
+        process_group: a ``torch.distributed`` group over which the head's vocabulary is sharded
+            (tensor parallelism). ``weight`` (and ``bias``) then hold rows
+            ``[vocab_start_index, vocab_start_index + weight.shape[0])`` of the head, ``hidden``
+            and ``targets`` (global ids) are the same on every rank, and so are the outputs;
+            ``weight``'s gradient stays local and ``hidden``'s is summed over the group.
+            Backward assumes every rank back-propagates the same loss. Needs a fused impl.
+        vocab_start_index: the first vocabulary row this rank's ``weight`` holds.
+        check_finite: raise if ``hidden``, ``weight`` or ``bias`` holds NaN or inf (costs a
+            device sync); without it such a token's outputs are NaN.
 
     Returns:
         ``logp`` float32 (float64 for float64 inputs) with the shape of ``targets``, or
@@ -169,9 +187,20 @@ def linear_logprobs(
         upstream gradient of either output, accumulated in float32.
     """
     _check_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index)
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    if check_finite:
+        check_finite_tensors(hidden=hidden, weight=weight, bias=bias)
     vocab_size, hidden_size = weight.shape
-    _check_target_range(targets, vocab_size, ignore_index)
     chosen = resolve_impl(impl, hidden.device, hidden.dtype)
+    if process_group is not None:
+        return _vocab_parallel_logprobs(hidden, weight, targets, bias, temperature, softcap,
+                                        ignore_index, return_entropy, chosen, process_group,
+                                        vocab_start_index)
+    if vocab_start_index != 0:
+        raise ValueError(f"vocab_start_index={vocab_start_index!r} needs a process_group (the "
+                         "head's vocabulary sharded across ranks); without one it must be 0")
+    _check_target_range(targets, vocab_size, ignore_index)
 
     # An empty batch gives empty outputs (and zero gradients); the reference handles it exactly.
     if chosen == "reference" or targets.numel() == 0:
@@ -187,6 +216,28 @@ def linear_logprobs(
     logp, entropy = LinearLogprobsFunction.apply(
         hidden_2d, weight.contiguous(), None if bias is None else bias.contiguous(),
         targets_1d, params, chosen,
+    )
+    logp = logp.view(targets.shape)
+    if return_entropy:
+        return logp, entropy.view(targets.shape)
+    return logp
+
+
+def _vocab_parallel_logprobs(hidden, weight, targets, bias, temperature, softcap, ignore_index,
+                             return_entropy, chosen, process_group, vocab_start_index):
+    """``linear_logprobs`` on this rank's shard of a vocabulary split over ``process_group``."""
+    total_vocab = check_vocab_shards(process_group, vocab_start_index, weight)
+    _check_target_range(targets, total_vocab, ignore_index)
+    if chosen == "reference":
+        raise ValueError("process_group needs a fused implementation (impl='auto', 'cpp' or "
+                         "'triton'); the reference materialises one unsharded head")
+    params = HeadParams(float(temperature), None if softcap is None else float(softcap))
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    local_targets = shard_local_targets(targets.reshape(-1).to(torch.int64), vocab_start_index,
+                                   weight.shape[0], ignore_index).contiguous()
+    logp, entropy = VocabParallelLogprobsFunction.apply(
+        hidden_2d, weight.contiguous(), None if bias is None else bias.contiguous(),
+        local_targets, params, chosen, process_group,
     )
     logp = logp.view(targets.shape)
     if return_entropy:

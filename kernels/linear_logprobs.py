@@ -671,7 +671,7 @@ def _vocab_splits(vocab_size: int, n_tiles: int, device: torch.device) -> tuple[
 
 def linear_logprobs_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-    temperature: float, softcap: float, ignore_index: int,
+    temperature: float, softcap: float, ignore_index: int, off_shard_targets: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, lse, Σ p·z), each [N], from hidden [N, H] and weight [V, H].
 
@@ -679,6 +679,11 @@ def linear_logprobs_forward(
 
     ``softcap`` 0.0 means none. Ignored tokens (target == ignore_index) get logp = entropy = 0;
     their lse and Σ p·z are unspecified (backward gives them no gradient).
+
+    ``off_shard_targets``: ``weight`` is one shard of a vocabulary split across ranks, and a
+    target ≥ V lies on another shard. Nothing changes in the kernels (no column of this shard
+    matches such a target, so it contributes no target logit here); the flag only mirrors the C++
+    kernel's, which otherwise rejects targets ≥ V.
     """
     _check_inputs(hidden, weight, bias, targets)
     n_tokens, hidden_size = hidden.shape
@@ -719,8 +724,12 @@ def linear_logprobs_backward(
     lse: torch.Tensor, sum_pz: torch.Tensor,
     temperature: float, softcap: float, ignore_index: int,
     compute_dhidden: bool, compute_dweight: bool, compute_dbias: bool,
+    off_shard_targets: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dhidden, dweight, dbias) for upstream gradients of logp and (optionally) entropy.
+
+    ``off_shard_targets`` as in forward; given the whole vocabulary's lse and Σ p·z, the result
+    is the exact gradient of this shard's columns.
 
     Each requested gradient comes back in its input's dtype, accumulated in float32; the others
     are None and cost nothing.
