@@ -39,6 +39,7 @@ from torch import nn
 
 from fastalign import hf
 from fastalign.sequence import SequenceLogprobs
+from fastalign.trainers import distributed
 from fastalign.trainers.checkpoint import load_latest, save_checkpoint
 
 __all__ = ["BatchStream", "Metrics", "MetricsLog", "ReferencePolicy", "ReferenceTrainer", "Trainer",
@@ -94,6 +95,9 @@ class TrainingConfig:
     plots: bool = option(True, "write PNG training curves at the end")
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     impl: str = option("auto", "fused-op implementation: auto, triton, cpp or reference")
+    distributed: str = option("auto", "several processes (torchrun, accelerate launch): ddp, "
+                              "fsdp (FSDP2: layers and head sharded), or auto (fsdp under "
+                              "accelerate's --use_fsdp, else ddp; none for one process)")
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum_steps", "max_length",
@@ -113,6 +117,7 @@ class TrainingConfig:
                 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas)):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("distributed", self.distributed, distributed.STRATEGIES)
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -388,7 +393,10 @@ class Trainer:
                  config: TrainingConfig, *, collator: Callable[[list[dict]], dict],
                  eval_examples: Sequence[dict] | None = None) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.dist, self.device = distributed.init(config.distributed, config.device)
+        if self.dist.strategy == "fsdp" and hf.is_peft_model(model):
+            raise ValueError("LoRA (PEFT) models are not supported under FSDP yet; train them "
+                             "with distributed='ddp' (the adapters are small)")
         self.output_dir = Path(config.output_dir)
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
@@ -404,10 +412,14 @@ class Trainer:
                     gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
-        self.stream = BatchStream(len(self.train_examples), config.batch_size, config.seed,
-                                  drop_last=self.drop_last)
+        # One stream of global micro-batches (batch_size per rank); each rank takes its slice.
+        # With several ranks every global batch is full, so that no rank ever gets none.
+        self.stream = BatchStream(len(self.train_examples),
+                                  config.batch_size * self.dist.world_size, config.seed,
+                                  drop_last=self.drop_last or self.dist.enabled)
         self.step = 0
         self.metrics_log = MetricsLog(self.output_dir)
+        self._engine: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._scheduler = None
 
@@ -434,11 +446,47 @@ class Trainer:
     def before_training(self) -> None:
         """Called once before the first step of a fresh (not resumed) run."""
 
+    def merge_metrics(self, parts: Sequence[tuple[dict[str, float], int]]) -> Metrics:
+        """One step's metrics from every micro-batch of every rank (metrics, examples)."""
+        return mean_metrics(parts)
+
+    # -- the model, through DDP / FSDP ----------------------------------------------------------
+
+    @property
+    def engine(self) -> nn.Module:
+        """The model (and ``modules_to_save``) in one :class:`distributed.ModelCall`, wrapped by
+        DDP or FSDP when several processes train: ``self.engine(fn, *args)`` runs ``fn`` as its
+        forward. Every use of the model's parameters goes through it. Built on first use, after
+        subclasses have set up (a reference copy must be taken before FSDP shards the model)."""
+        if self._engine is None:
+            call = distributed.ModelCall(self.model, self.modules_to_save())
+            self._engine = distributed.wrap(call, self.dist, self.device)
+        return self._engine
+
+    def local_indices(self, indices: Sequence[int]) -> list[int]:
+        """This rank's slice of a global micro-batch."""
+        size = self.config.batch_size
+        return list(indices[self.dist.rank * size:(self.dist.rank + 1) * size])
+
+    def all_ranks_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a per-rank number over the ranks (itself in one process); no gradient."""
+        if not self.dist.enabled:
+            return value
+        total = value.detach().clone()
+        torch.distributed.all_reduce(total)
+        return total / self.dist.world_size
+
+    def gathered(self, parts: list) -> list:
+        """Every rank's list items (metrics parts), concatenated in rank order."""
+        return [part for rank_parts in distributed.gather_objects(parts, self.dist)
+                for part in rank_parts]
+
     # -- the loop -----------------------------------------------------------------------------
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         if self._optimizer is None:
+            self.engine  # noqa: B018  (FSDP replaces the parameters: shard before the optimizer)
             params = self.trainable_parameters()
             if not params:
                 raise ValueError("the model has no parameter that requires grad")
@@ -482,20 +530,27 @@ class Trainer:
         """One optimizer update over ``grad_accum_steps`` micro-batches; returns its metrics."""
         self.model.train()
         parts = []
-        for _ in range(self.config.grad_accum_steps):
-            batch = self.batch(self.stream.next())
-            with self.autocast():
-                loss, metrics = self.compute_loss(batch)
-            (loss / self.config.grad_accum_steps).backward()
+        accum = self.config.grad_accum_steps
+        for micro_step in range(accum):
+            batch = self.batch(self.local_indices(self.stream.next()))
+            # Gradients are reduced across ranks once per step, in the last backward.
+            sync = contextlib.nullcontext() if micro_step == accum - 1 else \
+                distributed.no_gradient_sync(self.engine, self.dist)
+            with sync:
+                with self.autocast():
+                    loss, metrics = self.engine(self.compute_loss, batch)
+                (loss / accum).backward()
             parts.append((as_floats(metrics) | {"loss": float(loss.detach())},
                           len(batch["indices"])))
-        return mean_metrics(parts) | self.optimizer_step()
+        return self.merge_metrics(self.gathered(parts)) | self.optimizer_step()
 
     def optimizer_step(self) -> Metrics:
         """Clip, step and zero the gradients; returns the gradient norm before clipping."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         max_norm = self.config.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor, replicated on every rank
+            norm = norm.full_tensor()
         if not torch.isfinite(norm):
             raise FloatingPointError(
                 f"step {self.step + 1}: the gradient norm is {float(norm)}; stopping rather than "
@@ -522,26 +577,40 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         parts = []
-        for indices in self.eval_batches(len(self.eval_examples)):
+        batches = self.eval_batches(len(self.eval_examples))
+        # Ranks take turns; every rank runs as many forwards as the others (FSDP's gathers must
+        # pair up), so the last round is padded with a repeat that counts for nothing.
+        world, rank = self.dist.world_size, self.dist.rank
+        rounds = -(-len(batches) // world)
+        for turn in range(rounds):
+            index = turn * world + rank
+            indices = batches[min(index, len(batches) - 1)]
             batch = self.batch(indices, self.eval_examples)
             with self.autocast():
-                loss, metrics = self.compute_loss(batch)
-            parts.append((as_floats(metrics) | {"loss": float(loss)}, len(indices)))
+                loss, metrics = self.engine(self.compute_loss, batch)
+            weight = len(indices) if index < len(batches) else 0
+            parts.append((as_floats(metrics) | {"loss": float(loss)}, weight))
         self.model.train(was_training)
-        return {f"eval/{key}": value for key, value in mean_metrics(parts).items()}
+        merged = self.merge_metrics([part for part in self.gathered(parts) if part[1] > 0])
+        return {f"eval/{key}": value for key, value in merged.items()}
 
     def train(self) -> TrainResult:
         """Run (or resume) training to ``max_steps``; save the model, metrics and plots."""
         config = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier(self.dist)
+        self.engine  # noqa: B018  (wrap for DDP / FSDP once the subclass is set up)
         if not (config.resume and self._resume()):
             _seed_everything(config.seed)
-            self.metrics_log.reset()
+            if main:
+                self.metrics_log.reset()
             self.before_training()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.max_steps, initial=self.step, desc=f"fastalign {self.name}",
-                   disable=not config.progress, dynamic_ncols=True)
+                   disable=not (config.progress and main), dynamic_ncols=True)
         metrics: Metrics = {}
         eval_metrics: Metrics = {}
         while self.step < config.max_steps:
@@ -551,7 +620,7 @@ class Trainer:
             if config.eval_steps and self.step % config.eval_steps == 0:
                 eval_metrics = self.evaluate()
                 metrics |= eval_metrics
-            if self.step % config.logging_steps == 0 or self.step == config.max_steps:
+            if main and (self.step % config.logging_steps == 0 or self.step == config.max_steps):
                 self.metrics_log.log({"step": self.step} | metrics)
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()
@@ -571,21 +640,41 @@ class Trainer:
     def checkpoint_root(self) -> Path:
         return self.output_dir / "checkpoints"
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint (rank 0 writes; with several ranks, every rank must call it)."""
+        model_state, modules_state, optim_state = self._full_states(with_optimizer=True)
         state = {
             "step": self.step,
             "trainer": self.name,
             "config": dataclasses.asdict(self.config),
-            "model": self.model.state_dict(),
-            "modules": {name: m.state_dict() for name, m in self.modules_to_save().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "modules": modules_state,
+            "optimizer": optim_state,
+            # Optimizer state keyed by parameter names (several ranks) or by position (one).
+            "layout": "distributed" if self.dist.enabled else "single",
             "scheduler": self.scheduler.state_dict(),
             "stream": self.stream.state_dict(),
-            "rng": _rng_state(),
+            "rng": distributed.gather_objects(_rng_state(), self.dist),
             "extra": self.extra_state(),
         }
-        return save_checkpoint(self.checkpoint_root, self.step, state,
-                               keep=self.config.save_total_limit)
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(self.checkpoint_root, self.step, state,
+                                   keep=self.config.save_total_limit)
+        distributed.barrier(self.dist)
+        return path
+
+    def _full_states(self, *, with_optimizer: bool) -> tuple[dict, dict, dict | None]:
+        """(model, extra modules, optimizer) states, whole, on rank 0 (gathered under FSDP)."""
+        if not self.dist.enabled:
+            optim = self.optimizer.state_dict() if with_optimizer else None
+            return (self.model.state_dict(),
+                    {name: m.state_dict() for name, m in self.modules_to_save().items()}, optim)
+        full, optim = distributed.full_state_dicts(
+            self.engine, self.optimizer if with_optimizer else None, self.dist)
+        modules = {name: distributed.strip_prefix(full, f"extra.{name}.")
+                   for name in self.modules_to_save()}
+        return distributed.strip_prefix(full, "model."), modules, optim
 
     def _resume(self) -> bool:
         """Load the newest good checkpoint; False when there is none (a fresh start)."""
@@ -596,24 +685,49 @@ class Trainer:
         if state.get("trainer") != self.name:
             raise ValueError(f"{self.checkpoint_root} holds a {state.get('trainer')!r} run, not "
                              f"{self.name!r}; use another --output directory")
-        self.model.load_state_dict(state["model"])
-        for name, module in self.modules_to_save().items():
-            module.load_state_dict(state["modules"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
+        layout = "distributed" if self.dist.enabled else "single"
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one rank
+        if state.get("layout", "single") != layout or len(rngs) != self.dist.world_size:
+            raise ValueError(
+                f"{self.checkpoint_root} was written by {len(rngs)} process(es); resume it with "
+                f"as many (this run has {self.dist.world_size})")
+        if self.dist.enabled:
+            full = {f"model.{key}": value for key, value in state["model"].items()}
+            for name, module_state in state["modules"].items():
+                full |= {f"extra.{name}.{key}": value for key, value in module_state.items()}
+            distributed.load_full_state_dicts(self.engine, self.optimizer, full,
+                                              state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])
+            for name, module in self.modules_to_save().items():
+                module.load_state_dict(state["modules"][name])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["stream"])
         self.load_extra_state(state["extra"])
-        _set_rng_state(state["rng"])
+        _set_rng_state(rngs[self.dist.rank])
         self.step = step
-        self.metrics_log.restore(step)
+        if self.dist.is_main:
+            self.metrics_log.restore(step)
         return True
 
     def save_outputs(self) -> dict[str, Path]:
         """The model (``save_pretrained``), tokenizer, extra modules, metrics CSV and plots.
 
         A PEFT model is saved twice: its adapters in ``adapter/`` and, merged into the base
-        weights, as a plain model in the output directory itself."""
-        if hf.is_peft_model(self.model):
+        weights, as a plain model in the output directory itself. With several ranks, rank 0
+        writes (the others return an empty dict)."""
+        if self.dist.strategy == "fsdp":
+            model_state, modules_state, _ = self._full_states(with_optimizer=False)
+            if self.dist.is_main:
+                self.model.save_pretrained(self.output_dir, state_dict=model_state)
+        if not self.dist.is_main:
+            distributed.barrier(self.dist)
+            return {}
+        if self.dist.strategy == "fsdp":
+            for name, module_state in modules_state.items():
+                torch.save(module_state, self.output_dir / f"{name}.pt")
+        elif hf.is_peft_model(self.model):
             # The adapters alone (peft loads them onto the base model), and the merged model, so
             # that transformers loads the output directory back without peft.
             self.model.save_pretrained(self.output_dir / "adapter")
@@ -622,14 +736,16 @@ class Trainer:
             self.model.save_pretrained(self.output_dir)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(self.output_dir)
-        for name, module in self.modules_to_save().items():
-            torch.save(module.state_dict(), self.output_dir / f"{name}.pt")
+        if self.dist.strategy != "fsdp":
+            for name, module in self.modules_to_save().items():
+                torch.save(module.state_dict(), self.output_dir / f"{name}.pt")
         files = {"model": self.output_dir, "metrics": self.metrics_log.path}
         if self.metrics_log.records:
             files["metrics_csv"] = self.metrics_log.write_csv()
             if self.config.plots:
                 for path in self.metrics_log.plot(self.output_dir / "plots", self.name):
                     files[f"plot:{path.stem}"] = path
+        distributed.barrier(self.dist)
         return files
 
 
@@ -702,6 +818,6 @@ class ReferenceTrainer(Trainer):
         size = self.config.batch_size
         for start in range(0, len(examples), size):
             batch = self.batch(range(start, min(start + size, len(examples))), examples)
-            with self.autocast():
-                rows.append(self.reference_logps(batch).float().cpu())
+            with self.autocast():  # every rank computes the whole table (it is small)
+                rows.append(self.engine(self.reference_logps, batch).float().cpu())
         return torch.cat(rows)

@@ -200,4 +200,19 @@ class KTOTrainer(ReferenceTrainer):
         return kto_loss(policy.sum_logps, ref[:, 0], policy_kl.sum_logps, ref[:, 1],
                         batch["desirable"], beta=config.beta,
                         desirable_weight=config.desirable_weight,
-                        undesirable_weight=config.undesirable_weight)
+                        undesirable_weight=config.undesirable_weight,
+                        process_group=self.dist.group)
+
+    def merge_metrics(self, parts) -> dict[str, float]:
+        """Sums and counts add up over micro-batches and ranks; the means come from them."""
+        merged = super().merge_metrics(parts)
+        for side in ("chosen", "rejected"):
+            count = sum(metrics[f"count/{side}"] for metrics, _ in parts)
+            merged[f"count/{side}"] = count / max(len(parts), 1)
+            for name in ("rewards", "logps"):
+                total = sum(metrics[f"{name}/{side}_sum"] for metrics, _ in parts)
+                merged[f"{name}/{side}"] = total / max(count, 1)
+                merged[f"{name}/{side}_sum"] = total / max(len(parts), 1)
+        if "rewards/margins" in merged:
+            merged["rewards/margins"] = merged["rewards/chosen"] - merged["rewards/rejected"]
+        return merged

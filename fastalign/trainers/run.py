@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from fastalign import assets, data
+from fastalign.trainers import distributed
 from fastalign.trainers.base import Trainer, TrainingConfig, TrainResult, pad_token_id
 from fastalign.trainers.dpo import DPOConfig, DPOTrainer, loss_memory_report
 from fastalign.trainers.kto import KTOConfig, KTOTrainer
@@ -194,9 +195,12 @@ def run_job(job: Job, config: TrainingConfig, *, model: str | None = None,
         kwargs[name] = value
     trainer = job.trainer_class(policy, tokenizer, train_examples, config,
                                 eval_examples=eval_examples, **kwargs)
-    result = trainer.train()
-    if print_summary:
-        print(format_summary(job, trainer, result))
+    try:
+        result = trainer.train()
+        if print_summary and trainer.dist.is_main:
+            print(format_summary(job, trainer, result))
+    finally:
+        distributed.shutdown()
     return result
 
 
@@ -208,7 +212,7 @@ def format_summary(job: Job, trainer: Trainer, result: TrainResult) -> str:
                  if prefix + key in metrics]
         if shown:
             lines.append(f"  {title}: " + ", ".join(f"{key} {value:.4f}" for key, value in shown))
-    if isinstance(trainer, DPOTrainer):
+    if isinstance(trainer, DPOTrainer) and not trainer.dist.enabled:
         lines.append(loss_memory_report(trainer))
     for name, path in result.files.items():
         if not name.startswith("plot:"):

@@ -75,8 +75,10 @@ class SFTTrainer(Trainer):
             self.model, batch["input_ids"], labels, batch["attention_mask"],
             temperature=config.temperature, return_entropy=True, impl=config.impl)
         num_tokens = out.lengths.sum()
+        # The mean over every rank's tokens: gradients are averaged over ranks, so each rank
+        # divides its sum by the ranks' mean token count (its own count in one process).
         # A micro-batch whose completions were all truncated away has loss 0, not NaN.
-        loss = -out.sum_logps.sum() / num_tokens.clamp(min=1)
+        loss = -out.sum_logps.sum() / self.all_ranks_mean(num_tokens.float()).clamp(min=1)
         with torch.no_grad():
             entropy = (out.token_entropy * out.token_mask).sum() / num_tokens.clamp(min=1)
         return loss, {"num_tokens": num_tokens.float(), "entropy": entropy}
