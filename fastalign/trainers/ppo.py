@@ -35,6 +35,7 @@ truncates what is sampled. Dropout makes the rollout log-probs random: use a mod
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ from fastalign.losses.ppo import (
     masked_whiten,
 )
 from fastalign.sequence import sequence_logprobs_from_labels
+from fastalign.trainers import distributed
 from fastalign.trainers.base import (
     Metrics,
     ReferencePolicy,
@@ -286,7 +288,6 @@ class PPOTrainer(Trainer):
                          eval_examples=eval_examples)
         self.name = config.mode
         self.pad_id, self.eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
-        self.head = hf.lm_head(self.model)
         self.options = self.head.options(config.temperature)
 
         self.reference = ReferencePolicy(self.model, ref_model, config.reference,
@@ -300,7 +301,6 @@ class PPOTrainer(Trainer):
             raise ValueError("kl_estimator='exact' needs the same final-logit softcap on the "
                              f"policy and the reference, got {self.head.softcap} and "
                              f"{ref_head.softcap}")
-        self.ref_head = ref_head
 
         if reward_model is not None and reward_fn is not None:
             raise ValueError("pass either reward_model or reward_fn, not both")
@@ -340,6 +340,16 @@ class PPOTrainer(Trainer):
             self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target,
                                                       config.kl_horizon)
 
+    @property
+    def head(self) -> hf.LMHead:
+        """The policy's LM head, read when used: under FSDP its weight is whole only inside the
+        engine's forward (a head kept from before would hold the sharded parameter)."""
+        return hf.lm_head(self.model)
+
+    @property
+    def ref_head(self) -> hf.LMHead:
+        return hf.lm_head(self.model if self.reference.model is None else self.reference.model)
+
     # -- what the base loop needs ---------------------------------------------------------------
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -364,7 +374,9 @@ class PPOTrainer(Trainer):
         config = self.config
         self.model.train()
         kl_coef = self.kl_controller.value
-        rollout = self.rollout(self.stream.next(), kl_coef=kl_coef)
+        # Each rank samples and scores the completions of its own prompts.
+        rollout = self.engine(self.rollout, self.local_indices(self.stream.next()),
+                              kl_coef=kl_coef)
         updates = []
         for epoch in range(config.ppo_epochs):
             generator = torch.Generator().manual_seed(
@@ -372,8 +384,11 @@ class PPOTrainer(Trainer):
             order = torch.randperm(len(rollout), generator=generator).to(self.device)
             for rows in order.tensor_split(config.num_minibatches):
                 updates.append((self.update(rollout, rows, kl_coef=kl_coef), 1))
-        self.kl_controller.update(rollout.metrics["kl/sequence"], len(rollout))
-        return rollout.metrics | mean_metrics(updates) | {"kl_coef": kl_coef}
+        # Every rank's rollout counts (the KL controller must move alike on every rank).
+        rollout_metrics = self.merge_metrics(self.gathered([(rollout.metrics, len(rollout))]))
+        self.kl_controller.update(rollout_metrics["kl/sequence"],
+                                  len(rollout) * self.dist.world_size)
+        return rollout_metrics | mean_metrics(updates) | {"kl_coef": kl_coef}
 
     def update(self, rollout: Rollout, rows: torch.Tensor, *, kl_coef: float) -> Metrics:
         """One optimizer step on the rollout's ``rows``, in ``grad_accum_steps`` micro-batches.
@@ -390,11 +405,14 @@ class PPOTrainer(Trainer):
             sizes = [float(len(chunk)) for chunk in chunks]
         total = max(sum(sizes), 1.0)
         parts = []
-        for chunk, size in zip(chunks, sizes):
-            loss, metrics = self.minibatch_loss(rollout, chunk, kl_coef=kl_coef)
-            (loss * (size / total) if len(chunks) > 1 else loss).backward()
+        for index, (chunk, size) in enumerate(zip(chunks, sizes)):
+            sync = contextlib.nullcontext() if index == len(chunks) - 1 else \
+                distributed.no_gradient_sync(self.engine, self.dist)
+            with sync:
+                loss, metrics = self.engine(self.minibatch_loss, rollout, chunk, kl_coef=kl_coef)
+                (loss * (size / total) if len(chunks) > 1 else loss).backward()
             parts.append((as_floats(metrics), len(chunk)))
-        return mean_metrics(parts) | self.optimizer_step()
+        return self.merge_metrics(self.gathered(parts)) | self.optimizer_step()
 
     def minibatch_loss(self, rollout: Rollout, rows: torch.Tensor, *,
                        kl_coef: float | None = None) -> tuple[torch.Tensor, Metrics]:
@@ -542,8 +560,11 @@ class PPOTrainer(Trainer):
         self.model.eval()
         try:
             with self.autocast():
+                # Under FSDP every rank runs decoding steps until all ranks are done: each step
+                # gathers the sharded layers, and the ranks' completions end at different steps.
+                synced = {"synced_gpus": True} if self.dist.strategy == "fsdp" else {}
                 output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                             generation_config=generation)
+                                             generation_config=generation, **synced)
         finally:
             self.model.train(was_training)
         completion = output[:, input_ids.shape[1]:]
@@ -641,9 +662,13 @@ class PPOTrainer(Trainer):
     def evaluate(self) -> Metrics:
         """Greedy completions of the eval prompts, scored: ``eval/reward``, ``eval/reward/std``,
         ``eval/completion_length``. Greedy decoding draws no random numbers, so evaluating does
-        not change the training run."""
+        not change the training run. With several ranks, each evaluates every prompt (greedy:
+        they agree)."""
         if not self.eval_examples:
             return {}
+        return self.engine(self._evaluate_greedy)
+
+    def _evaluate_greedy(self) -> Metrics:
         scores, lengths = [], []
         size = self.config.batch_size
         for start in range(0, len(self.eval_examples), size):
