@@ -115,10 +115,25 @@ def kernel_module(impl: str, op: str) -> ModuleType:
 def check_tensor(name: str, value, *, floating: bool) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if _is_dtensor(value):
+        # A shard would give a wrong normaliser, silently; refuse it instead.
+        raise TypeError(
+            f"{name} is a DTensor (placements {tuple(value.placements)}), e.g. a parameter FSDP "
+            "has sharded: call the op inside the FSDP module's forward, where its parameters "
+            "are whole (fastalign's trainers do), or pass the local shard of a tensor-parallel "
+            "head with process_group= and vocab_start_index=")
     if floating and value.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be float32, bfloat16, float16 or float64, got {value.dtype}"
         )
+
+
+def _is_dtensor(value: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
 
 
 def check_mask(name: str, value) -> None:

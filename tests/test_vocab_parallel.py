@@ -131,6 +131,17 @@ def _check_bad_shards(rank: int, world: int) -> None:
                                   vocab_start_index=start, impl="reference")
 
 
+def _check_fsdp_sharded_head_is_refused(world: int) -> None:
+    """Outside FSDP's forward, a sharded head is a DTensor: refused, never computed with."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    head = torch.nn.Linear(3, 8, bias=False)
+    fully_shard(head, mesh=init_device_mesh("cpu", (world,)))
+    with pytest.raises(TypeError, match="weight is a DTensor"):
+        fastalign.linear_logprobs(torch.randn(2, 3), head.weight, torch.tensor([0, 7]))
+
+
 def _worker(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
@@ -142,6 +153,7 @@ def _worker(rank: int, world: int, init_file: str) -> None:
             for reverse in (False, True):
                 _check_kl(rank, world, impl, reverse)
         _check_bad_shards(rank, world)
+        _check_fsdp_sharded_head_is_refused(world)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -205,7 +205,11 @@ def run_job(job: Job, config: TrainingConfig, *, model: str | None = None,
 
 
 def format_summary(job: Job, trainer: Trainer, result: TrainResult) -> str:
-    lines = [f"fastalign train {job.kind}: {result.step} steps, output in {result.output_dir}"]
+    processes = ""
+    if trainer.dist.enabled:
+        processes = f" on {trainer.dist.world_size} processes ({trainer.dist.strategy})"
+    lines = [f"fastalign train {job.kind}: {result.step} steps{processes}, output in "
+             f"{result.output_dir}"]
     for title, metrics, prefix in (("last training step", result.metrics, ""),
                                    ("held-out data", result.eval_metrics, "eval/")):
         shown = [(key, metrics[prefix + key]) for key in job.summary_keys
