@@ -5,7 +5,8 @@ Formats (one JSON object a line, as TRL's datasets; extra keys are allowed and i
 ==============  ==============================================================================
 kind            keys
 ==============  ==============================================================================
-``sft``         ``{"text"}``, ``{"messages"}`` or ``{"prompt", "completion"}``
+``sft``         ``{"text"}`` (a string), ``{"messages"}`` (a list of messages) or
+                ``{"prompt", "completion"}``
 ``preference``  ``{"prompt", "chosen", "rejected"}``; conversational records may leave the prompt
                 implicit (``{"chosen", "rejected"}``): it is the longest shared message prefix
 ``kto``         ``{"prompt", "completion", "label"}`` with a bool label (True = desirable)
@@ -54,12 +55,22 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------- validation
 
+def _check_unicode(where: str, text: str) -> None:
+    """JSON's \\uD800-style escapes can decode to lone surrogates, which no tokenizer encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"{where} is not valid Unicode: a lone surrogate "
+                        f"{text[err.start]!r} at character {err.start}") from None
+
+
 def _style(record: dict, key: str) -> str:
     """'standard' for a non-empty string, 'conversational' for a list of messages, else raise."""
     value = record[key]
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"'{key}' is an empty string")
+        _check_unicode(f"'{key}'", value)
         return "standard"
     if isinstance(value, list) and value:
         for i, message in enumerate(value):
@@ -68,6 +79,8 @@ def _style(record: dict, key: str) -> str:
                     and message["content"].strip()):
                 raise DataError(f"'{key}'[{i}] must be a message {{\"role\": str, \"content\": "
                                 f"non-empty str}}, got {message!r:.80}")
+            for field in ("role", "content"):
+                _check_unicode(f"'{key}'[{i}]['{field}']", message[field])
         return "conversational"
     got = "an empty list" if value == [] else type(value).__name__
     raise DataError(f"'{key}' must be a non-empty string or a list of {{\"role\", \"content\"}} "
@@ -102,9 +115,15 @@ def validate_record(record, kind: str) -> tuple[dict, str]:
     record = dict(record)
     if kind == "sft":
         if "messages" in record:
-            return record, _same_style(record, ("messages",)) + "/messages"
+            if _style(record, "messages") != "conversational":
+                raise DataError("'messages' must be a list of {\"role\", \"content\"} messages, "
+                                "got a string (use 'text' for plain text)")
+            return record, "conversational/messages"
         if "text" in record:
-            return record, _same_style(record, ("text",)) + "/text"
+            if _style(record, "text") != "standard":
+                raise DataError("'text' must be a non-empty string, got a list (use 'messages' "
+                                "for a conversation)")
+            return record, "standard/text"
         if "prompt" not in record and "completion" not in record:
             raise DataError("expected an SFT record: {'text'}, {'messages'} or "
                             "{'prompt', 'completion'}")
@@ -336,6 +355,11 @@ class _Collator:
         if not isinstance(self.pad_token_id, int) or isinstance(self.pad_token_id, bool):
             raise ValueError(f"{type(self).__name__}: pad_token_id must be an int, got "
                              f"{self.pad_token_id!r} (set tokenizer.pad_token if it has none)")
+        multiple = self.pad_to_multiple_of
+        if multiple is not None and (not isinstance(multiple, int) or isinstance(multiple, bool)
+                                     or multiple < 1):
+            raise ValueError(f"{type(self).__name__}: pad_to_multiple_of must be a positive int "
+                             f"or None, got {multiple!r}")
 
 
 @dataclass

@@ -23,12 +23,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastalign._dispatch import IMPLEMENTATIONS, check_head, check_positive_float
 from fastalign.linear_kl import linear_kl
+from fastalign.losses._common import check_positive
 from fastalign.losses.dpo import cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from fastalign.losses.kto import kto_loss
 from fastalign.losses.ppo import (
     AGGREGATION_NAMES,
     KL_ESTIMATORS,
+    _check_clip,
+    _check_dual_clip,
     aggregate_token_loss,
     kl_penalty,
     masked_mean,
@@ -46,6 +50,13 @@ class _FusedSequenceLoss(nn.Module):
     def __init__(self, *, temperature: float = 1.0, softcap: float | None = None,
                  ignore_index: int = -100, impl: str = "auto") -> None:
         super().__init__()
+        # Bad options fail here, at construction, not at the first batch of a training run.
+        check_positive_float("temperature", temperature)
+        check_positive_float("softcap", softcap, optional=True)
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
         self.temperature = temperature
         self.softcap = softcap
         self.ignore_index = ignore_index
@@ -59,8 +70,21 @@ class _FusedSequenceLoss(nn.Module):
             impl=self.impl,
         )
 
-    def reference_logprobs(self, ref_hidden, ref_weight, labels, ref_bias=None) -> SequenceLogprobs:
-        """The reference model's log-probs: a frozen model, so no graph is recorded."""
+    def reference_logprobs(self, ref_hidden, ref_weight, labels, ref_bias=None, *,
+                           weight=None, hidden_name: str = "ref_hidden") -> SequenceLogprobs:
+        """The reference model's log-probs: a frozen model, so no graph is recorded.
+
+        The reference head is checked under its own names (``ref_hidden``, ``ref_weight``,
+        ``ref_bias``) and must cover the vocabulary of the policy's ``weight``: a reference head
+        of another vocabulary scores other tokens, silently."""
+        check_head("ref_", ref_hidden, ref_weight, ref_bias)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+                and ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError(f"weight and ref_weight must cover the same vocabulary, got V = "
+                             f"{weight.shape[0]} and {ref_weight.shape[0]}")
+        if isinstance(labels, torch.Tensor) and tuple(ref_hidden.shape[:-1]) != tuple(labels.shape):
+            raise ValueError(f"{hidden_name}'s leading shape {tuple(ref_hidden.shape[:-1])} "
+                             f"must equal the labels' shape {tuple(labels.shape)}")
         with torch.no_grad():
             return self.sequence_logprobs(ref_hidden.detach(), ref_weight.detach(), labels,
                                           None if ref_bias is None else ref_bias.detach())
@@ -86,6 +110,9 @@ def _check_reference(ref_hidden, ref_weight, precomputed: dict, module: str) -> 
 
 
 def _split_pairs(name: str, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if values.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch: it must stack at least one chosen and one "
+                         f"rejected sequence ([2B, ...] with B >= 1)")
     if values.shape[0] % 2:
         raise ValueError(
             f"{name} must stack the chosen answers then the rejected ones along dim 0 ([2B, ...]), "
@@ -116,6 +143,9 @@ class FusedDPOLoss(_FusedSequenceLoss):
                          impl=impl)
         self.loss_options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                  loss_weights=loss_weights, **loss_options)
+        one = torch.zeros(1)
+        _dry_run(dpo_loss, one, one, one, one, chosen_lengths=torch.ones(1),
+                 rejected_lengths=torch.ones(1), chosen_nll=one[0], **self.loss_options)
 
     def forward(self, hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None,
                 ref_bias=None, ref_chosen_logps=None,
@@ -130,13 +160,21 @@ class FusedDPOLoss(_FusedSequenceLoss):
         # A sequence without response tokens has log-prob 0 and averages to 0, not 0/0.
         chosen_lengths, rejected_lengths = policy.lengths.clamp(min=1).chunk(2)
         if from_head:
-            reference = self.reference_logprobs(ref_hidden, ref_weight, labels, ref_bias)
+            reference = self.reference_logprobs(ref_hidden, ref_weight, labels, ref_bias,
+                                                weight=weight)
             ref_chosen_logps, ref_rejected_logps = reference.sum_logps.chunk(2)
         return dpo_loss(
             chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
             chosen_nll=_chosen_token_nll(policy), **self.loss_options,
         )
+
+
+def _dry_run(loss_fn, *args, **options) -> None:
+    """Call ``loss_fn`` once on a one-example batch of zeros, so that the loss options a module
+    was built with are checked (with the loss's own messages) at construction."""
+    with torch.no_grad():
+        loss_fn(*args, **options)
 
 
 def _chosen_token_nll(policy: SequenceLogprobs) -> torch.Tensor:
@@ -162,6 +200,8 @@ class _FusedReferenceFreeLoss(_FusedSequenceLoss):
         super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
                          impl=impl)
         self.loss_options = loss_options
+        one = torch.zeros(1)
+        _dry_run(type(self).loss_fn, one, one, chosen_nll=one[0], **loss_options)
 
     def forward(self, hidden, weight, labels, *, bias=None) -> tuple[torch.Tensor, Metrics]:
         policy = self.sequence_logprobs(hidden, weight, labels, bias)
@@ -211,6 +251,8 @@ class FusedKTOLoss(_FusedSequenceLoss):
                          impl=impl)
         self.loss_options = dict(beta=beta, desirable_weight=desirable_weight,
                                  undesirable_weight=undesirable_weight)
+        two = torch.zeros(2)
+        _dry_run(kto_loss, two, two, None, None, torch.tensor([True, False]), **self.loss_options)
 
     def forward(self, hidden, weight, labels, desirable, *, kl_hidden=None, kl_labels=None,
                 bias=None, ref_hidden=None, ref_weight=None, ref_bias=None, ref_kl_hidden=None,
@@ -236,10 +278,12 @@ class FusedKTOLoss(_FusedSequenceLoss):
                 policy_kl_logps = self.sequence_logprobs(kl_hidden, weight, kl_labels,
                                                          bias).sum_logps
         if from_head:
-            ref_logps = self.reference_logprobs(ref_hidden, ref_weight, labels, ref_bias).sum_logps
+            ref_logps = self.reference_logprobs(ref_hidden, ref_weight, labels, ref_bias,
+                                                weight=weight).sum_logps
             if with_kl:
                 ref_kl_logps = self.reference_logprobs(ref_kl_hidden, ref_weight, kl_labels,
-                                                       ref_bias).sum_logps
+                                                       ref_bias, weight=weight,
+                                                       hidden_name="ref_kl_hidden").sum_logps
         return kto_loss(policy_logps, ref_logps, policy_kl_logps,
                         ref_kl_logps if with_kl else None, desirable, **self.loss_options)
 
@@ -281,6 +325,10 @@ class FusedPPOLoss(_FusedSequenceLoss):
         if loss_agg not in AGGREGATION_NAMES:
             raise ValueError(f"FusedPPOLoss: loss_agg must be one of {AGGREGATION_NAMES}, got "
                              f"{loss_agg!r}")
+        _check_clip(clip, clip_high)
+        _check_dual_clip(dual_clip)
+        if vf_clip is not None:
+            check_positive("vf_clip", vf_clip)
         self.clip, self.clip_high, self.dual_clip = clip, clip_high, dual_clip
         self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
         self.vf_coef, self.vf_clip, self.ent_coef = vf_coef, vf_clip, ent_coef
@@ -293,6 +341,10 @@ class FusedPPOLoss(_FusedSequenceLoss):
                                         return_entropy=self.ent_coef > 0)
         logps, mask = policy.token_logps, policy.token_mask
         if isinstance(advantages, torch.Tensor) and advantages.dim() == 1:
+            if advantages.shape[0] != logps.shape[0]:
+                raise ValueError(f"advantages must be [B, T - 1] = {tuple(logps.shape)} or one "
+                                 f"per sequence [B] = [{logps.shape[0]}], got "
+                                 f"{tuple(advantages.shape)}")
             advantages = advantages[:, None].expand_as(logps)  # one advantage per sequence (GRPO)
         loss, metrics = ppo_policy_loss(
             logps, old_logps, advantages, mask, clip=self.clip, clip_high=self.clip_high,

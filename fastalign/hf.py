@@ -175,7 +175,19 @@ def _vocab_size(model: nn.Module) -> int:
     return min(sizes) if sizes else int(_text_config(base).vocab_size)
 
 
-def _check_batch(model: nn.Module, input_ids, attention_mask) -> None:
+def _context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model's positions cover (``config.max_position_embeddings``;
+    GPT-2's ``n_positions`` maps to it), or None where there is no fixed limit (no such field,
+    or dynamic RoPE scaling, which stretches itself to longer inputs)."""
+    config = _text_config(model.get_base_model() if is_peft_model(model) else model)
+    limit = getattr(config, "max_position_embeddings", None)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) == "dynamic":
+        return None
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
+def _check_batch(model: nn.Module, input_ids, attention_mask, position_ids=None) -> None:
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     dtype = input_ids.dtype
@@ -183,6 +195,21 @@ def _check_batch(model: nn.Module, input_ids, attention_mask) -> None:
         raise TypeError(f"input_ids must be an integer tensor, got {dtype}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be 2-D [B, T], got shape {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids must hold at least one sequence of at least one token, got "
+                         f"shape {tuple(input_ids.shape)}")
+    limit = _context_length(model)
+    if limit is not None:
+        # Positions run 0..T-1 unless given; past the model's table they index nothing (GPT-2) or
+        # silently extrapolate RoPE far outside what the model was trained on (Llama).
+        if isinstance(position_ids, torch.Tensor) and position_ids.numel():
+            longest, what = int(position_ids.max()) + 1, "position_ids reach position"
+        else:
+            longest, what = input_ids.shape[1], "input_ids has length"
+        if longest > limit:
+            raise ValueError(f"{what} {longest}, longer than the model's context: "
+                             f"config.max_position_embeddings = {limit}; truncate the batch "
+                             f"(e.g. max_length <= {limit})")
     vocab = _vocab_size(model)
     outside = (input_ids < 0) | (input_ids >= vocab)
     if bool(outside.any()):  # one sync; an index error deep inside the embedding is worse
@@ -206,8 +233,12 @@ def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
     Runs ``backbone(model)`` with ``use_cache=False``: gradient checkpointing, PEFT adapters and
     any autocast in force apply as they would in ``model(...)``; the head never runs.
     ``model_kwargs`` (e.g. ``position_ids``) go to the backbone.
+
+    Raises ``ValueError`` (naming the argument) for an empty batch, ids outside the vocabulary,
+    a mask of another shape or device, and a sequence longer than the model's context
+    (``config.max_position_embeddings``, or the largest of ``position_ids`` when given).
     """
-    _check_batch(model, input_ids, attention_mask)
+    _check_batch(model, input_ids, attention_mask, model_kwargs.get("position_ids"))
     out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
                           **{**model_kwargs, "use_cache": False})
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -362,7 +393,7 @@ def eager_token_logprobs(model: nn.Module, input_ids: torch.Tensor,
     ``log_softmax`` in float32 and a gather. Holds [B, T, V] logits: for tests and baselines.
     """
     check_positive_float("temperature", temperature)
-    _check_batch(model, input_ids, attention_mask)
+    _check_batch(model, input_ids, attention_mask, model_kwargs.get("position_ids"))
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    **{**model_kwargs, "use_cache": False}).logits
     logp_all = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)

@@ -187,8 +187,9 @@ def linear_logprobs(
         upstream gradient of either output, accumulated in float32.
     """
     _check_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index)
-    if not isinstance(check_finite, bool):
-        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    for name, flag in (("return_entropy", return_entropy), ("check_finite", check_finite)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if check_finite:
         check_finite_tensors(hidden=hidden, weight=weight, bias=bias)
     vocab_size, hidden_size = weight.shape

@@ -42,15 +42,14 @@ def linear_logprobs_reference(
     """
     if compute_dtype is None:
         compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
-    if bias is not None:
-        logits = logits + bias.to(compute_dtype)
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    logits = logits / temperature
+    valid = targets != ignore_index
+    # Ignored rows enter the product as zeros: a NaN or inf in the hidden state of a padding token
+    # must give no gradient to anything (0·NaN is NaN in the weight's gradient otherwise).
+    hidden = torch.where(valid.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype,
+                                                                  device=hidden.device))
+    logits = _reference_logits(hidden, weight, bias, temperature, softcap, compute_dtype)
     log_probs = torch.log_softmax(logits, dim=-1)
 
-    valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).long()
     logp = log_probs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
@@ -100,6 +99,12 @@ def linear_kl_reference(
     """
     if compute_dtype is None:
         compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if mask is not None:  # masked rows enter as zeros: a NaN there reaches no gradient
+        keep = mask.bool().unsqueeze(-1)
+        hidden = torch.where(keep, hidden, torch.zeros((), dtype=hidden.dtype,
+                                                       device=hidden.device))
+        ref_hidden = torch.where(keep, ref_hidden, torch.zeros((), dtype=ref_hidden.dtype,
+                                                               device=ref_hidden.device))
     z = _reference_logits(hidden, weight, bias, temperature, softcap, compute_dtype)
     r = _reference_logits(ref_hidden, ref_weight, ref_bias, temperature, softcap, compute_dtype)
     log_p = torch.log_softmax(z, dim=-1)

@@ -45,11 +45,34 @@ class SequenceLogprobs:
     token_entropy: torch.Tensor | None = None
 
 
-def _check_mask_like(name: str, value: torch.Tensor, shape) -> None:
+def _check_mask_like(name: str, value: torch.Tensor, like: torch.Tensor) -> None:
     check_mask(name, value)
-    if tuple(value.shape) != tuple(shape):
-        raise ValueError(f"{name} must have input_ids' shape {tuple(shape)}, got "
+    if tuple(value.shape) != tuple(like.shape):
+        raise ValueError(f"{name} must have input_ids' shape {tuple(like.shape)}, got "
                          f"{tuple(value.shape)}")
+    if value.device != like.device:
+        raise ValueError(f"{name} must be on input_ids' device {like.device}, got {value.device}")
+
+
+def _check_token_ids(name: str, value) -> None:
+    """An integer tensor of token ids (``labels`` may hold the ignore index too)."""
+    check_tensor(name, value, floating=False)
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+
+
+def _check_label_range(name: str, labels: torch.Tensor, vocab_size: int,
+                       ignore_index: int) -> None:
+    """Every id in [0, V) or equal to ``ignore_index``: named here, as the user passed it, rather
+    than as the shifted ``targets`` that ``linear_logprobs`` would report."""
+    if labels.numel() == 0 or labels.device.type == "meta":
+        return
+    outside = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(outside.any()):  # one device sync; a wrong id would score garbage
+        raise ValueError(
+            f"{name} must lie in [0, V) = [0, {vocab_size}) (the rows of weight) or equal "
+            f"ignore_index ({ignore_index}); found {labels[outside][:5].tolist()}"
+        )
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
@@ -80,6 +103,7 @@ def next_token_targets(
     Face). Padded [B, T] gives [B, T] targets whose last column is ``ignore_index``; packed [total]
     with ``cu_seqlens`` gives [total] targets with ``ignore_index`` at the end of every sequence.
     """
+    _check_token_ids("labels", labels)
     targets = torch.full_like(labels, ignore_index)
     targets[..., :-1] = labels[..., 1:]
     if cu_seqlens is not None:
@@ -109,7 +133,7 @@ def sequence_logprobs_from_labels(
         weight: [V, H] LM head. labels: [B, T] (or [total] / [1, total]) token ids aligned with
             the input, ``ignore_index`` where a token is not scored.
     """
-    check_tensor("labels", labels, floating=False)
+    _check_token_ids("labels", labels)
     packed = cu_seqlens is not None
     if packed:
         if hidden.dim() == 3 and hidden.shape[0] == 1:
@@ -133,6 +157,8 @@ def sequence_logprobs_from_labels(
             f"input_ids') shape {tuple(labels.shape)}"
         )
 
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        _check_label_range("labels (or input_ids)", labels, weight.shape[0], ignore_index)
     targets = next_token_targets(labels, cu_seqlens=cu_seqlens, ignore_index=ignore_index)
     result = linear_logprobs(
         hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
@@ -193,13 +219,11 @@ def sequence_logprobs(
         A :class:`SequenceLogprobs` with per-token ``[B, T − 1]`` (or ``[total]``) and
         per-sequence ``[B]`` (or ``[S]``) float32 results, differentiable w.r.t. hidden and head.
     """
-    check_tensor("input_ids", input_ids, floating=False)
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    _check_token_ids("input_ids", input_ids)
     ignore_index = -100
     labels = input_ids
     if response_mask is not None:
-        _check_mask_like("response_mask", response_mask, input_ids.shape)
+        _check_mask_like("response_mask", response_mask, input_ids)
         labels = torch.where(response_mask.bool(), input_ids,
                              torch.full_like(input_ids, ignore_index))
     return sequence_logprobs_from_labels(

@@ -227,12 +227,14 @@ def _accumulate_head_grads(
         h_ptrs = h_ptr + rows_n * stride_hn + offs_k[None, :]
         dw_ptrs = dw_ptr + rows_v * H + offs_k[None, :]
         for k0 in range(0, H, BLOCK_H):
+            # Only rows with a gradient: an ignored row's hidden state (NaN in padding, say)
+            # must not enter dW as 0·NaN.
             if EVEN_H:
-                h_mask = n_mask[:, None]
+                h_mask = row_mask[:, None]
                 dw_mask = v_mask[:, None]
             else:
                 k_mask = (k0 + offs_k) < H
-                h_mask = n_mask[:, None] & k_mask[None, :]
+                h_mask = row_mask[:, None] & k_mask[None, :]
                 dw_mask = v_mask[:, None] & k_mask[None, :]
             h = tl.load(h_ptrs, mask=h_mask, other=0.0)
             dw = _dot(da_t, h, tl.zeros([BLOCK_V, BLOCK_H], dtype=tl.float32), DOT_IN_FP32)
@@ -380,7 +382,9 @@ def _forward_merge_kernel(
     valid = targets != ignore_index
     # z_y − lse = (z_y − m) − log s: exact near 0. It can still round a hair above 0 when one
     # logit dominates; a log-probability cannot.
-    logp = tl.where(valid, tl.minimum((z_target - m) - log_s, 0.0), 0.0)
+    # propagate_nan: a NaN input must give NaN, not log-prob 0 (minimum would drop the NaN).
+    logp = tl.where(valid, tl.minimum((z_target - m) - log_s, 0.0,
+                                      propagate_nan=tl.PropagateNan.ALL), 0.0)
     entropy = tl.where(valid, log_s - mean_rel, 0.0)
     tl.store(logp_ptr + offs, logp, mask=mask)
     tl.store(entropy_ptr + offs, entropy, mask=mask)

@@ -23,6 +23,7 @@ from fastalign.losses.ppo import (
     KL_ESTIMATORS,
     Metrics,
     _as_bool_mask,
+    _check_aggregation,
     _check_choice,
     _check_clip,
     _check_tokens,
@@ -173,6 +174,7 @@ def grpo_loss(
     if ref_logps is None and beta > 0:
         raise ValueError(f"ref_logps is required when beta > 0 (beta={beta})")
     _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    _check_aggregation("loss_type", loss_type)
 
     dtype = compute_dtype(logps, old_logps, ref_logps, advantages)
     logp = logps.to(dtype)

@@ -116,6 +116,17 @@ def _check_choice(name: str, value, choices) -> str:
     return value
 
 
+def _check_aggregation(name: str, value) -> str:
+    """An ``aggregate_token_loss`` mode given to a loss as ``name``: the error names that argument
+    (the caller's), not ``mode``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    if value not in _AGGREGATION_ALIASES:
+        raise ValueError(f"{name}: unknown mode {value!r}; valid values are: "
+                         f"{', '.join(_AGGREGATION_ALIASES)}")
+    return value
+
+
 def _check_clip(clip, clip_high) -> tuple[float, float]:
     """(ε_low, ε_high): ε_low in (0, 1) so that 1 − ε_low stays positive; ε_high > 0."""
     low = check_positive("clip", clip)
@@ -546,6 +557,7 @@ def ppo_policy_loss(
     mask = _as_bool_mask(mask, logps, "logps")
     low, high = _check_clip(clip, clip_high)
     dual_clip = _check_dual_clip(dual_clip)
+    _check_aggregation("loss_agg", loss_agg)
 
     dtype = compute_dtype(logps, old_logps, advantages)
     log_ratio = _zero_outside(logps.to(dtype) - old_logps.detach().to(dtype), mask)
@@ -605,6 +617,7 @@ def ppo_value_loss(
     mask = _as_bool_mask(mask, values, "values")
     if clip is not None:
         clip = check_positive("clip", clip)
+    _check_aggregation("loss_agg", loss_agg)
 
     dtype = compute_dtype(values, old_values, returns)
     v = _zero_outside(values.to(dtype), mask)

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from fastalign import hf
+from fastalign._dispatch import IMPLEMENTATIONS
 from fastalign.sequence import SequenceLogprobs
 from fastalign.trainers import distributed
 from fastalign.trainers.checkpoint import load_latest, save_checkpoint
@@ -118,6 +119,11 @@ class TrainingConfig:
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("distributed", self.distributed, distributed.STRATEGIES)
+        check_choice("impl", self.impl, IMPLEMENTATIONS)
+        for field in dataclasses.fields(self):  # subclasses' switches too
+            value = getattr(self, field.name)
+            if field.type in ("bool", bool) and not isinstance(value, bool):
+                raise ValueError(f"{field.name} must be True or False, got {value!r}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -449,6 +455,12 @@ class Trainer:
     def merge_metrics(self, parts: Sequence[tuple[dict[str, float], int]]) -> Metrics:
         """One step's metrics from every micro-batch of every rank (metrics, examples)."""
         return mean_metrics(parts)
+
+    def global_micro_batches(self, parts: Sequence) -> int:
+        """How many global micro-batches ``parts`` (every rank's micro-batches) make up: counts
+        and sums are reported per global micro-batch, as one process with the global batch
+        would report them."""
+        return max(1, -(-len(parts) // self.dist.world_size))
 
     # -- the model, through DDP / FSDP ----------------------------------------------------------
 

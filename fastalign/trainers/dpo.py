@@ -57,6 +57,15 @@ class DPOConfig(TrainingConfig):
                              f"{self.loss_type!r}")
         check_choice("reference", self.reference, REFERENCE_MODES)
         check_float("beta", self.beta, positive=True)
+        if self.loss_weights is not None:
+            self.loss_weights = tuple(self.loss_weights)
+        # The loss checks the rest (label smoothing and the types that use it, the weights):
+        # run it once on one dummy pair, so that a bad option stops the run before training.
+        zero = torch.zeros(1)
+        dpo_loss(zero, zero, zero, zero, beta=self.beta, loss_type=names,
+                 loss_weights=self.loss_weights, label_smoothing=self.label_smoothing,
+                 chosen_lengths=torch.ones(1), rejected_lengths=torch.ones(1),
+                 chosen_nll=torch.zeros(()))
 
 
 class DPOTrainer(ReferenceTrainer):

@@ -206,13 +206,14 @@ class KTOTrainer(ReferenceTrainer):
     def merge_metrics(self, parts) -> dict[str, float]:
         """Sums and counts add up over micro-batches and ranks; the means come from them."""
         merged = super().merge_metrics(parts)
+        batches = self.global_micro_batches(parts)
         for side in ("chosen", "rejected"):
             count = sum(metrics[f"count/{side}"] for metrics, _ in parts)
-            merged[f"count/{side}"] = count / max(len(parts), 1)
+            merged[f"count/{side}"] = count / batches
             for name in ("rewards", "logps"):
                 total = sum(metrics[f"{name}/{side}_sum"] for metrics, _ in parts)
                 merged[f"{name}/{side}"] = total / max(count, 1)
-                merged[f"{name}/{side}_sum"] = total / max(len(parts), 1)
+                merged[f"{name}/{side}_sum"] = total / batches
         if "rewards/margins" in merged:
             merged["rewards/margins"] = merged["rewards/chosen"] - merged["rewards/rejected"]
         return merged

@@ -235,6 +235,7 @@ class Rollout:
     old_logps: torch.Tensor
     advantages: torch.Tensor
     scores: torch.Tensor
+    raw_scores: torch.Tensor | None = None  # before the missing-eos penalty
     ref_logps: torch.Tensor | None = None
     ref_hidden: torch.Tensor | None = None  # [N, T, H_ref], for kl_estimator="exact"
     old_values: torch.Tensor | None = None
@@ -386,6 +387,9 @@ class PPOTrainer(Trainer):
                 updates.append((self.update(rollout, rows, kl_coef=kl_coef), 1))
         # Every rank's rollout counts (the KL controller must move alike on every rank).
         rollout_metrics = self.merge_metrics(self.gathered([(rollout.metrics, len(rollout))]))
+        if self.dist.enabled:  # the spread of every rank's scores, not a mean of spreads
+            scores = torch.cat(self.gathered([rollout.raw_scores.float().cpu()]))
+            rollout_metrics["reward/std"] = float(scores.std()) if len(scores) > 1 else 0.0
         self.kl_controller.update(rollout_metrics["kl/sequence"],
                                   len(rollout) * self.dist.world_size)
         return rollout_metrics | mean_metrics(updates) | {"kl_coef": kl_coef}
@@ -534,6 +538,7 @@ class PPOTrainer(Trainer):
         }
         return Rollout(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                        mask=mask, old_logps=old_logps, advantages=advantages, scores=scores,
+                       raw_scores=raw_scores,
                        ref_logps=ref_logps, ref_hidden=exact_ref_hidden, old_values=old_values,
                        returns=returns, prompts=prompts, completions=completions,
                        metrics=rollout_metrics)

@@ -110,9 +110,18 @@ JOBS: dict[str, Job] = {
 }
 
 
+def _check_model_source(model: str) -> None:
+    """A local path that does not exist is named as such (not as a bad hub repository id)."""
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1  # hub: 'org/name'
+    if looks_local and not Path(model).expanduser().exists():
+        raise ValueError(f"--model {model!r}: no such directory (give a model directory or a "
+                         "Hugging Face hub id such as 'org/name')")
+
+
 def load_tokenizer(model: str | None):
     if model is None:
         return assets.load_default_tokenizer()
+    _check_model_source(model)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model)

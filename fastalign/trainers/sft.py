@@ -82,3 +82,11 @@ class SFTTrainer(Trainer):
         with torch.no_grad():
             entropy = (out.token_entropy * out.token_mask).sum() / num_tokens.clamp(min=1)
         return loss, {"num_tokens": num_tokens.float(), "entropy": entropy}
+
+    def merge_metrics(self, parts) -> dict[str, float]:
+        """``num_tokens`` counts the tokens of a global micro-batch (every rank's)."""
+        merged = super().merge_metrics(parts)
+        if parts:
+            merged["num_tokens"] = (sum(metrics["num_tokens"] for metrics, _ in parts)
+                                    / self.global_micro_batches(parts))
+        return merged
