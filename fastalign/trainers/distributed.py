@@ -103,10 +103,16 @@ def init(strategy: str, device: str) -> tuple[DistributedState, torch.device]:
     return state, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
-def shutdown() -> None:
-    """End the process group if :func:`init` started it (a caller's own group is left alone)."""
+def shutdown(*, wait_for_others: bool = True) -> None:
+    """End the process group if :func:`init` started it (a caller's own group is left alone).
+
+    After a clean run every rank first waits for the others, so that none tears the group down
+    while another still uses it; after an error it does not wait (the others may never come).
+    """
     global _CREATED_GROUP
     if _CREATED_GROUP and dist.is_initialized():
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
     _CREATED_GROUP = False
 

@@ -208,8 +208,10 @@ def run_job(job: Job, config: TrainingConfig, *, model: str | None = None,
         result = trainer.train()
         if print_summary and trainer.dist.is_main:
             print(format_summary(job, trainer, result))
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        distributed.shutdown(wait_for_others=False)
+        raise
+    distributed.shutdown()
     return result
 
 
