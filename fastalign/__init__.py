@@ -46,7 +46,7 @@ from fastalign.sequence import (
     sequence_logprobs_from_labels,
 )
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     # fused ops and their references

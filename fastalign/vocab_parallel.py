@@ -33,8 +33,7 @@ from fastalign._dispatch import HeadParams, kernel_module
 LOCAL_IGNORE = -1
 
 
-def check_vocab_shards(process_group, vocab_start_index, weight: torch.Tensor,
-                       ref_weight: torch.Tensor | None = None) -> int:
+def check_vocab_shards(process_group, vocab_start_index, weight: torch.Tensor) -> int:
     """Check that the ranks' shards tile [0, V) exactly; returns V (the whole vocabulary).
 
     One all-gather of two integers per call: a gap or an overlap between shards would otherwise
