@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import impl_is_available
 
 import fastalign
-from helpers import impl_is_available
 
 IMPLS = [impl for impl in ("cpp", "triton") if impl_is_available(impl)]
 

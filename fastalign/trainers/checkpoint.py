@@ -72,6 +72,8 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], *,
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a run killed while saving
+    for leftover in root.glob(".tmp-delete-*"):  # ... or while deleting an old checkpoint
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir()
     state_path = tmp / _STATE_FILE
     torch.save(state, state_path)
@@ -81,13 +83,22 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], *,
     for path in (state_path, tmp / _MANIFEST_FILE, tmp):
         _fsync_path(path)
     if final.exists():  # the same step saved again (a resumed run): replace it
-        shutil.rmtree(final)
+        _remove(final)
     os.rename(tmp, final)
     _fsync_path(root)
     if keep is not None:
         for _, old in checkpoint_dirs(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     return final
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint directory so that a kill midway never leaves a half-deleted
+    ``step-*``: rename it out of the way (atomic) first, then delete the renamed copy."""
+    doomed = checkpoint.with_name(f".tmp-delete-{checkpoint.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

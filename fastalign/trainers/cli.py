@@ -130,6 +130,7 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from fastalign.data import DataError
+    from fastalign.trainers.checkpoint import CheckpointError
     from fastalign.trainers.run import run_job
 
     try:
@@ -143,7 +144,7 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         run_job(args.job, config, model=args.model, data=args.data, eval_data=args.eval_data,
                 **extra)
-    except (DataError, ValueError, FileNotFoundError, OSError) as error:
+    except (DataError, CheckpointError, ValueError, FileNotFoundError, OSError) as error:
         print(f"fastalign train {args.kind}: error: {error}", file=sys.stderr)
         return 2
     return 0
