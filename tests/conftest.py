@@ -15,10 +15,12 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-# `make test` runs the "ci" profile; HYPOTHESIS_PROFILE=thorough explores more examples locally.
-settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True,
+# `make test` runs the "ci" profile: at least 2000 examples for every property test (the tests
+# scale their counts from max_examples), derandomized so CI runs the same examples every time.
+# HYPOTHESIS_PROFILE=thorough runs ten times as many, from fresh random seeds, for local use.
+settings.register_profile("ci", max_examples=2000, deadline=None, derandomize=True,
                           print_blob=True)
-settings.register_profile("thorough", max_examples=1000, deadline=None, print_blob=True)
+settings.register_profile("thorough", max_examples=20000, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -202,7 +202,9 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     """
     mean = masked_mean(x, mask)
     mask = _as_bool_mask(mask, x, "x")
-    centred = x.to(mean.dtype) - mean
+    # Zeroed outside the mask before squaring: a NaN/inf in padding must not reach the gradient
+    # through the square (masked_mean's where() blocks only the value of a non-finite square).
+    centred = _zero_outside(x.to(mean.dtype) - mean, mask)
     var = masked_mean(centred * centred, mask)
     if unbiased:
         n = mask.sum().to(var.dtype)
@@ -232,7 +234,7 @@ def masked_whiten(
     mean = masked_mean(x, mask)
     var = masked_var(x, mask, unbiased=True)
     mask = _as_bool_mask(mask, x, "x")
-    xf = x.to(mean.dtype)
+    xf = _zero_outside(x.to(mean.dtype), mask)  # padding's NaN/inf stays out of every gradient
     whitened = (xf - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
