@@ -9,8 +9,8 @@ the "ci" profile that ``make test`` runs, 20000 with ``HYPOTHESIS_PROFILE=thorou
 kernels take tiny shapes (N ≤ 8, V ≤ 40, H ≤ 8) so that 2000 examples cost seconds, with random
 vocabulary and token block sizes, schedules and thread counts (``FASTALIGN_CPU_*``, read on every
 call) so that tiny vocabularies still stream over many blocks. The Triton kernels run through
-the interpreter on CPU, at about 0.1 s an example, so they get ``INTERPRETER_EXAMPLES`` (a tenth:
-200 in "ci") rather than minutes of CI time; a GPU run executes the same tests compiled.
+the interpreter on CPU, at about 0.1 s an example, so there they get ``TRITON_EXAMPLES`` (a
+tenth: 200 in "ci") rather than minutes of CI time; on a GPU they run compiled, at full count.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ from fastalign import (
 )
 
 EXAMPLES = settings.default.max_examples
-# The Triton interpreter runs about 0.1 s an example on a 2-core machine: a tenth of the examples
-# keeps each Triton property under half a minute in CI (200 in "ci", 2000 in "thorough").
-INTERPRETER_EXAMPLES = max(EXAMPLES // 10, 1)
+# Without a GPU the Triton kernels run in the interpreter, about 0.1 s an example on a 2-core
+# machine: a tenth of the examples keeps each Triton property under half a minute in CI (200 in
+# "ci", 2000 in "thorough"). Compiled on a GPU they take the full count.
+TRITON_EXAMPLES = EXAMPLES if torch.cuda.is_available() else max(EXAMPLES // 10, 1)
 
 requires_cpp = pytest.mark.skipif(not impl_is_available("cpp"), reason="C++ extension not built")
 requires_triton = pytest.mark.skipif(not impl_is_available("triton"),
@@ -216,7 +217,7 @@ def test_linear_logprobs_cpp_property(case, tiling):
 
 
 @requires_triton
-@settings(max_examples=INTERPRETER_EXAMPLES)  # the interpreter: ~0.1 s an example
+@settings(max_examples=TRITON_EXAMPLES)  # the interpreter: ~0.1 s an example
 @given(case=logprob_cases(24, 40, 400, [torch.float32]))
 def test_linear_logprobs_triton_property(case):
     check_logprobs("triton", case)
@@ -321,7 +322,7 @@ def test_linear_kl_cpp_property(case, tiling):
 
 
 @requires_triton
-@settings(max_examples=INTERPRETER_EXAMPLES)  # the interpreter: ~0.1 s an example
+@settings(max_examples=TRITON_EXAMPLES)  # the interpreter: ~0.1 s an example
 @given(case=kl_cases(16, 32, 300, [torch.float32]))
 def test_linear_kl_triton_property(case):
     check_kl("triton", case)
@@ -376,6 +377,7 @@ def check_gae(impl, case):
     options = dict(gamma=case["gamma"], lam=case["lam"])
     advantages, returns = gae(rewards.to(device), values.to(device), mask_arg.to(device),
                               impl=impl, **options)
+    advantages, returns = advantages.cpu(), returns.cpu()
     assert advantages.dtype == dtype and returns.dtype == dtype
     assert not advantages.requires_grad and not returns.requires_grad
     assert torch.all(advantages[~mask] == 0) and torch.all(returns[~mask] == 0)
@@ -385,8 +387,8 @@ def check_gae(impl, case):
     term_size = (1 + case["length"]) * (max_magnitude(rewards) + 2 * max_magnitude(values))
     check = (assert_close_float64 if dtype == torch.float64 else
              lambda a, t, name, size: _assert_float32_scan(a, t, name, size))
-    check(advantages.cpu(), truth_advantages, "advantages", term_size)
-    check(returns.cpu(), truth_returns, "returns", term_size)
+    check(advantages, truth_advantages, "advantages", term_size)
+    check(returns, truth_returns, "returns", term_size)
     if dtype == torch.float64 and impl == "cpp":  # the reference against the textbook sum
         textbook_advantages, textbook_returns = _ref_gae(rewards, values, mask, **options)
         assert_close_float64(truth_advantages, textbook_advantages, "reference", term_size)
@@ -410,7 +412,7 @@ def test_gae_cpp_property(case):
 
 
 @requires_triton
-@settings(max_examples=INTERPRETER_EXAMPLES)  # the interpreter: ~0.1 s an example
+@settings(max_examples=TRITON_EXAMPLES)  # the interpreter: ~0.1 s an example
 @given(case=gae_cases([torch.float32]))
 def test_gae_triton_property(case):
     check_gae("triton", case)
