@@ -1,6 +1,5 @@
 """fastalign: fused kernels for LLM alignment losses that never materialise the logits."""
 
-from fastalign._extension import EXTENSION as _EXTENSION  # noqa: F401  (warns once if missing)
 from fastalign.fused import (
     FusedCPOLoss,
     FusedDPOLoss,
@@ -8,13 +7,6 @@ from fastalign.fused import (
     FusedORPOLoss,
     FusedPPOLoss,
     FusedSimPOLoss,
-)
-from fastalign.gae import gae
-from fastalign.linear_kl import linear_kl
-from fastalign.linear_logprobs import (
-    IMPLEMENTATIONS,
-    available_implementations,
-    linear_logprobs,
 )
 from fastalign.losses import (
     AdaptiveKLController,
@@ -38,9 +30,16 @@ from fastalign.losses import (
     simpo_loss,
     votes_to_score,
 )
-from fastalign.reference import gae_reference, linear_kl_reference, linear_logprobs_reference
-from fastalign.sequence import (
+from fastalign.ops import (
+    IMPLEMENTATIONS,
     SequenceLogprobs,
+    available_implementations,
+    gae,
+    gae_reference,
+    linear_kl,
+    linear_kl_reference,
+    linear_logprobs,
+    linear_logprobs_reference,
     next_token_targets,
     sequence_logprobs,
     sequence_logprobs_from_labels,

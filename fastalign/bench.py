@@ -61,12 +61,9 @@ from pathlib import Path
 import torch
 
 import fastalign
-from fastalign.linear_logprobs import (
-    cpp_unavailable_reason,
-    triton_unavailable_reason,
-)
 from fastalign.memory import measure_peak_memory
-from fastalign.reference import linear_logprobs_reference
+from fastalign.ops._backends import cpp_unavailable_reason, triton_unavailable_reason
+from fastalign.ops.linear_logprobs import linear_logprobs_reference
 
 OP = "linear_logprobs"
 MODES = ("forward", "backward", "full")
@@ -414,7 +411,7 @@ class ProviderMismatchError(AssertionError):
 
 
 def reference_outputs(inputs: BenchInputs, chunk_bytes: int = 512 * _MiB) -> Outputs:
-    """Ground truth: ``fastalign.reference`` in float32 on the (exactly upcast) inputs.
+    """Ground truth: ``fastalign.ops``' reference in float32 on the (exactly upcast) inputs.
 
     Processed in chunks of tokens, so that the float32 [chunk, V] logits fit next to the providers
     at the large GPU shapes; dweight is summed over chunks in float32.

@@ -68,7 +68,7 @@ from fastalign.bench import (
     Shape,
     TimingOptions,
 )
-from fastalign.reference import linear_kl_reference
+from fastalign.ops.linear_kl import linear_kl_reference
 
 OPS_NAMES = ("linear_kl", "dpo")
 REF_NOISE = 0.1  # reference = policy + REF_NOISE·(noise of the policy's own scale)
@@ -172,7 +172,7 @@ def _fastalign_impl(device: torch.device, dtype: torch.dtype) -> str:
     """The fused implementation to benchmark on ``device``, or raise ProviderUnavailable."""
     impl = "triton" if device.type == "cuda" else "cpp"
     if impl not in fastalign.available_implementations(device):
-        from fastalign._dispatch import cpp_unavailable_reason, triton_unavailable_reason
+        from fastalign.ops._backends import cpp_unavailable_reason, triton_unavailable_reason
 
         reason = (triton_unavailable_reason if impl == "triton" else cpp_unavailable_reason)(device)
         raise ProviderUnavailable(reason or f"fastalign impl {impl!r} cannot run on {device}")
@@ -284,7 +284,7 @@ class LinearKLBench:
             if impl != _fastalign_impl(device, dtype):
                 raise ProviderUnavailable(f"fastalign's {impl} kernels do not run on {device}")
             if impl == "cpp":
-                from fastalign._extension import EXTENSION
+                from fastalign.ops._extension import EXTENSION
 
                 if not hasattr(EXTENSION, "linear_kl_forward"):
                     raise ProviderUnavailable(
@@ -307,7 +307,7 @@ class LinearKLBench:
 
     @staticmethod
     def reference(inputs: KLInputs, chunk_bytes: int = _CHUNK_BYTES) -> Tensors:
-        """``fastalign.reference.linear_kl_reference`` in float64 (CPU) or float32 (CUDA) on the
+        """``fastalign.ops.linear_kl.linear_kl_reference`` in float64 (CPU) or float32 (CUDA) on the
         exactly upcast inputs, in chunks of tokens; kl [N], dhidden [N, H], dweight [V, H]."""
         dtype = _reference_dtype(inputs.device)
         shape = inputs.shape

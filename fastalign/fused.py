@@ -5,7 +5,8 @@
 
 Each module runs the fused per-token op (``fastalign.linear_logprobs``, never materialising the
 [tokens × vocab] logits), reduces per sequence with the causal shift and masking done once
-(``fastalign.sequence``), and hands the result to the plain-PyTorch loss of ``fastalign.losses``.
+(``fastalign.ops.sequence``), and hands the result to the plain-PyTorch loss of
+``fastalign.losses``.
 Their values and gradients equal those of the materialised-logits computation (tests say so).
 
 Layout conventions, shared by all three modules:
@@ -23,23 +24,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastalign._dispatch import IMPLEMENTATIONS, check_head, check_positive_float
-from fastalign.linear_kl import linear_kl
-from fastalign.losses._common import check_positive
 from fastalign.losses.dpo import cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from fastalign.losses.kl import kl_penalty
 from fastalign.losses.kto import kto_loss
-from fastalign.losses.ppo import (
-    AGGREGATION_NAMES,
-    KL_ESTIMATORS,
-    _check_clip,
-    _check_dual_clip,
-    aggregate_token_loss,
-    kl_penalty,
-    masked_mean,
-    ppo_policy_loss,
-    ppo_value_loss,
+from fastalign.losses.masked import aggregate_token_loss, masked_mean
+from fastalign.losses.options import (
+    CPOOptions,
+    DPOOptions,
+    KTOOptions,
+    ORPOOptions,
+    PPOOptions,
+    SimPOOptions,
 )
-from fastalign.sequence import SequenceLogprobs, sequence_logprobs_from_labels
+from fastalign.losses.ppo import ppo_policy_loss, ppo_value_loss
+from fastalign.ops._backends import IMPLEMENTATIONS
+from fastalign.ops._checks import check_head, check_positive_float
+from fastalign.ops.linear_kl import linear_kl
+from fastalign.ops.sequence import SequenceLogprobs, sequence_logprobs_from_labels
 
 Metrics = dict[str, torch.Tensor]
 
@@ -138,14 +139,14 @@ class FusedDPOLoss(_FusedSequenceLoss):
 
     def __init__(self, *, beta: float = 0.1, loss_type="sigmoid", label_smoothing: float = 0.0,
                  loss_weights=None, temperature: float = 1.0, softcap: float | None = None,
-                 ignore_index: int = -100, impl: str = "auto", **loss_options) -> None:
+                 ignore_index: int = -100, impl: str = "auto", options: DPOOptions | None = None,
+                 **loss_options) -> None:
         super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
                          impl=impl)
-        self.loss_options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                                 loss_weights=loss_weights, **loss_options)
-        one = torch.zeros(1)
-        _dry_run(dpo_loss, one, one, one, one, chosen_lengths=torch.ones(1),
-                 rejected_lengths=torch.ones(1), chosen_nll=one[0], **self.loss_options)
+        # Bad options fail here, at construction, not at the first batch of a training run.
+        self.options = DPOOptions.from_arguments(
+            options, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+            loss_weights=loss_weights, **loss_options)
 
     def forward(self, hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None,
                 ref_bias=None, ref_chosen_logps=None,
@@ -166,15 +167,8 @@ class FusedDPOLoss(_FusedSequenceLoss):
         return dpo_loss(
             chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-            chosen_nll=_chosen_token_nll(policy), **self.loss_options,
+            chosen_nll=_chosen_token_nll(policy), options=self.options,
         )
-
-
-def _dry_run(loss_fn, *args, **options) -> None:
-    """Call ``loss_fn`` once on a one-example batch of zeros, so that the loss options a module
-    was built with are checked (with the loss's own messages) at construction."""
-    with torch.no_grad():
-        loss_fn(*args, **options)
 
 
 def _chosen_token_nll(policy: SequenceLogprobs) -> torch.Tensor:
@@ -192,23 +186,23 @@ class _FusedReferenceFreeLoss(_FusedSequenceLoss):
     length-averaged log-probs while CPO compares summed ones.
     """
 
-    loss_fn = None  # set by subclasses
+    loss_fn = None  # set by subclasses, with the options class that loss takes
+    options_class = None
     length_averaged = True
 
     def __init__(self, *, temperature: float = 1.0, softcap: float | None = None,
-                 ignore_index: int = -100, impl: str = "auto", **loss_options) -> None:
+                 ignore_index: int = -100, impl: str = "auto", options=None,
+                 **loss_options) -> None:
         super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
                          impl=impl)
-        self.loss_options = loss_options
-        one = torch.zeros(1)
-        _dry_run(type(self).loss_fn, one, one, chosen_nll=one[0], **loss_options)
+        self.options = type(self).options_class.from_arguments(options, **loss_options)
 
     def forward(self, hidden, weight, labels, *, bias=None) -> tuple[torch.Tensor, Metrics]:
         policy = self.sequence_logprobs(hidden, weight, labels, bias)
         per_sequence = policy.mean_logps if self.length_averaged else policy.sum_logps
         chosen_logps, rejected_logps = _split_pairs("hidden", per_sequence)
         return type(self).loss_fn(chosen_logps, rejected_logps,
-                                  chosen_nll=_chosen_token_nll(policy), **self.loss_options)
+                                  chosen_nll=_chosen_token_nll(policy), options=self.options)
 
 
 class FusedSimPOLoss(_FusedReferenceFreeLoss):
@@ -217,12 +211,14 @@ class FusedSimPOLoss(_FusedReferenceFreeLoss):
     ``alpha > 0`` adds the NLL of the chosen answers (CPO-SimPO)."""
 
     loss_fn = staticmethod(simpo_loss)
+    options_class = SimPOOptions
 
 
 class FusedCPOLoss(_FusedReferenceFreeLoss):
     """CPO (Xu et al., 2024) from hidden states: ``FusedCPOLoss(beta=0.1, alpha=1.0)``."""
 
     loss_fn = staticmethod(cpo_loss)
+    options_class = CPOOptions
     length_averaged = False
 
 
@@ -230,6 +226,7 @@ class FusedORPOLoss(_FusedReferenceFreeLoss):
     """ORPO (Hong et al., 2024) from hidden states: ``FusedORPOLoss(beta=0.1)``."""
 
     loss_fn = staticmethod(orpo_loss)
+    options_class = ORPOOptions
 
 
 class FusedKTOLoss(_FusedSequenceLoss):
@@ -246,13 +243,12 @@ class FusedKTOLoss(_FusedSequenceLoss):
     def __init__(self, *, beta: float = 0.1, desirable_weight: float = 1.0,
                  undesirable_weight: float = 1.0, temperature: float = 1.0,
                  softcap: float | None = None, ignore_index: int = -100,
-                 impl: str = "auto") -> None:
+                 impl: str = "auto", options: KTOOptions | None = None) -> None:
         super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
                          impl=impl)
-        self.loss_options = dict(beta=beta, desirable_weight=desirable_weight,
-                                 undesirable_weight=undesirable_weight)
-        two = torch.zeros(2)
-        _dry_run(kto_loss, two, two, None, None, torch.tensor([True, False]), **self.loss_options)
+        self.options = KTOOptions.from_arguments(options, beta=beta,
+                                                 desirable_weight=desirable_weight,
+                                                 undesirable_weight=undesirable_weight)
 
     def forward(self, hidden, weight, labels, desirable, *, kl_hidden=None, kl_labels=None,
                 bias=None, ref_hidden=None, ref_weight=None, ref_bias=None, ref_kl_hidden=None,
@@ -285,7 +281,7 @@ class FusedKTOLoss(_FusedSequenceLoss):
                                                        ref_bias, weight=weight,
                                                        hidden_name="ref_kl_hidden").sum_logps
         return kto_loss(policy_logps, ref_logps, policy_kl_logps,
-                        ref_kl_logps if with_kl else None, desirable, **self.loss_options)
+                        ref_kl_logps if with_kl else None, desirable, options=self.options)
 
 
 class FusedPPOLoss(_FusedSequenceLoss):
@@ -313,32 +309,20 @@ class FusedPPOLoss(_FusedSequenceLoss):
                  vf_coef: float = 0.1, vf_clip: float | None = 0.2, ent_coef: float = 0.0,
                  loss_agg: str = "token_mean", temperature: float = 1.0,
                  softcap: float | None = None, ignore_index: int = -100,
-                 impl: str = "auto") -> None:
+                 impl: str = "auto", options: PPOOptions | None = None) -> None:
         super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
                          impl=impl)
-        for name, value in (("kl_coef", kl_coef), ("vf_coef", vf_coef), ("ent_coef", ent_coef)):
-            if not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"FusedPPOLoss: {name} must be a number >= 0, got {value!r}")
-        if kl_estimator not in (*KL_ESTIMATORS, "exact"):
-            raise ValueError(f"FusedPPOLoss: kl_estimator must be one of "
-                             f"{(*KL_ESTIMATORS, 'exact')}, got {kl_estimator!r}")
-        if loss_agg not in AGGREGATION_NAMES:
-            raise ValueError(f"FusedPPOLoss: loss_agg must be one of {AGGREGATION_NAMES}, got "
-                             f"{loss_agg!r}")
-        _check_clip(clip, clip_high)
-        _check_dual_clip(dual_clip)
-        if vf_clip is not None:
-            check_positive("vf_clip", vf_clip)
-        self.clip, self.clip_high, self.dual_clip = clip, clip_high, dual_clip
-        self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
-        self.vf_coef, self.vf_clip, self.ent_coef = vf_coef, vf_clip, ent_coef
-        self.loss_agg = loss_agg
+        self.options = PPOOptions.from_arguments(
+            options, clip=clip, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+            kl_estimator=kl_estimator, vf_coef=vf_coef, vf_clip=vf_clip, ent_coef=ent_coef,
+            loss_agg=loss_agg)
 
     def forward(self, hidden, weight, labels, old_logps, advantages, *, bias=None, ref_logps=None,
                 ref_hidden=None, ref_weight=None, ref_bias=None, values=None, old_values=None,
                 returns=None) -> tuple[torch.Tensor, Metrics]:
+        options = self.options
         policy = self.sequence_logprobs(hidden, weight, labels, bias,
-                                        return_entropy=self.ent_coef > 0)
+                                        return_entropy=options.ent_coef > 0)
         logps, mask = policy.token_logps, policy.token_mask
         if isinstance(advantages, torch.Tensor) and advantages.dim() == 1:
             if advantages.shape[0] != logps.shape[0]:
@@ -347,37 +331,39 @@ class FusedPPOLoss(_FusedSequenceLoss):
                                  f"{tuple(advantages.shape)}")
             advantages = advantages[:, None].expand_as(logps)  # one advantage per sequence (GRPO)
         loss, metrics = ppo_policy_loss(
-            logps, old_logps, advantages, mask, clip=self.clip, clip_high=self.clip_high,
-            dual_clip=self.dual_clip, loss_agg=self.loss_agg,
+            logps, old_logps, advantages, mask, clip=options.clip, clip_high=options.clip_high,
+            dual_clip=options.dual_clip, loss_agg=options.loss_agg,
         )
         metrics["loss/policy"] = loss.detach()
         kl = self._kl(hidden, weight, bias, logps, mask, ref_logps, ref_hidden, ref_weight,
                       ref_bias)
         if kl is not None:
             metrics["kl"] = masked_mean(kl.detach(), mask)
-            if self.kl_coef > 0:
-                loss = loss + self.kl_coef * aggregate_token_loss(kl, mask, mode=self.loss_agg)
+            if options.kl_coef > 0:
+                kl_term = aggregate_token_loss(kl, mask, mode=options.loss_agg)
+                loss = loss + options.kl_coef * kl_term
         if values is not None:
             if old_values is None or returns is None:
                 raise ValueError("FusedPPOLoss: values need old_values and returns as well")
-            value_loss, value_metrics = ppo_value_loss(values, old_values, returns, mask,
-                                                       clip=self.vf_clip, loss_agg=self.loss_agg)
+            value_loss, value_metrics = ppo_value_loss(
+                values, old_values, returns, mask, clip=options.vf_clip, loss_agg=options.loss_agg)
             metrics.update(value_metrics)
             metrics["loss/value"] = value_loss.detach()
-            loss = loss + self.vf_coef * value_loss
+            loss = loss + options.vf_coef * value_loss
         if policy.token_entropy is not None:
             entropy = masked_mean(policy.token_entropy, mask)
             metrics["entropy"] = entropy.detach()
-            loss = loss - self.ent_coef * entropy
+            loss = loss - options.ent_coef * entropy
         metrics["loss/total"] = loss.detach()
         return loss, metrics
 
     def _kl(self, hidden, weight, bias, logps, mask, ref_logps, ref_hidden, ref_weight,
             ref_bias) -> torch.Tensor | None:
         """Per-token KL to the reference, [B, T − 1], or None when no reference was given."""
-        if self.kl_estimator == "exact":
+        options = self.options
+        if options.kl_estimator == "exact":
             if ref_hidden is None or ref_weight is None:
-                if self.kl_coef > 0:
+                if options.kl_coef > 0:
                     raise ValueError("FusedPPOLoss: kl_estimator='exact' needs ref_hidden "
                                      "[B, T, H_ref] and ref_weight [V, H_ref]")
                 return None
@@ -390,8 +376,8 @@ class FusedPPOLoss(_FusedSequenceLoss):
                            temperature=self.temperature, softcap=self.softcap, impl=self.impl)
             return kl[:, :-1]
         if ref_logps is None:
-            if self.kl_coef > 0:
+            if options.kl_coef > 0:
                 raise ValueError("FusedPPOLoss: kl_coef > 0 needs ref_logps [B, T − 1] (or "
                                  "kl_estimator='exact' with ref_hidden and ref_weight)")
             return None
-        return kl_penalty(logps, ref_logps, estimator=self.kl_estimator)
+        return kl_penalty(logps, ref_logps, estimator=options.kl_estimator)

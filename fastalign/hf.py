@@ -4,7 +4,7 @@
 holds [B, T, V] logits (several copies in backward). The helpers here run the backbone only, take
 its final hidden states (after the final norm) and hand them, with the head's weight and bias, to
 the fused ops (``fastalign.linear_logprobs``, ``fastalign.linear_kl``,
-``fastalign.sequence.sequence_logprobs_from_labels``), which stream over the vocabulary.
+``fastalign.ops.sequence.sequence_logprobs_from_labels``), which stream over the vocabulary.
 
 Layout: ``input_ids`` and ``attention_mask`` are [B, T]; per-token results are float32 (float64
 for a float64 model) [B, T − 1], entry t scoring token t + 1 given tokens 0..t. A token is
@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastalign._dispatch import check_mask, check_positive_float
-from fastalign.linear_kl import linear_kl
-from fastalign.linear_logprobs import linear_logprobs
-from fastalign.sequence import SequenceLogprobs, sequence_logprobs_from_labels
+from fastalign.ops._checks import check_mask, check_positive_float
+from fastalign.ops.linear_kl import linear_kl
+from fastalign.ops.linear_logprobs import linear_logprobs
+from fastalign.ops.sequence import SequenceLogprobs, sequence_logprobs_from_labels
 
 IGNORE_INDEX = -100
 

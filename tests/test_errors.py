@@ -91,7 +91,7 @@ def test_triton_refuses_float64():
 
 def test_cpp_kernel_checks_its_own_arguments():
     """Direct callers of the extension get a clear error too, never a crash."""
-    from fastalign._extension import EXTENSION
+    from fastalign.ops._extension import EXTENSION
 
     if EXTENSION is None:
         pytest.skip("C++ extension not built")

@@ -6,7 +6,7 @@ from helpers import impl_device, impl_is_available
 
 import fastalign
 from fastalign import gae
-from fastalign.reference import gae_reference
+from fastalign.ops.gae import gae_reference
 
 IMPLS = ("triton", "cpp", "reference")
 

@@ -160,7 +160,7 @@ def test_reference_matches_textbook_formulas():
 
 
 def test_auto_dispatch_on_cpu_uses_the_cpp_kernel():
-    from fastalign.linear_logprobs import resolve_impl
+    from fastalign.ops._backends import resolve_impl
 
     expected = "cpp" if impl_is_available("cpp") else "reference"
     assert resolve_impl("auto", torch.device("cpu"), torch.float32) == expected

@@ -16,19 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastalign.losses.grpo import grpo_advantages, grpo_loss, rloo_advantages
-from fastalign.losses.ppo import (
+from fastalign.losses.kl import (
     AdaptiveKLController,
     FixedKLController,
-    aggregate_token_loss,
     kl_penalty,
     kl_shaped_rewards,
-    masked_mean,
-    masked_var,
-    masked_whiten,
-    ppo_policy_loss,
-    ppo_total_loss,
-    ppo_value_loss,
 )
+from fastalign.losses.masked import aggregate_token_loss, masked_mean, masked_var, masked_whiten
+from fastalign.losses.ppo import ppo_policy_loss, ppo_total_loss, ppo_value_loss
 from fastalign.losses.trpo import kl_line_search
 
 # ----------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from fastalign.data import (
     load_jsonl,
 )
 from fastalign.losses import grpo_loss, ppo_value_loss
-from fastalign.sequence import next_token_targets
+from fastalign.ops.sequence import next_token_targets
 from fastalign.trainers import DPOConfig, GRPOConfig, PPOConfig, TrainingConfig
 
 N, H, V = 6, 8, 20

@@ -28,7 +28,7 @@ def test_kernels_are_a_subpackage_not_a_top_level_module():
 def test_cpp_extension_is_built_unless_skipped_on_purpose():
     if os.environ.get("FASTALIGN_BUILD_EXT") == "0":
         pytest.skip("FASTALIGN_BUILD_EXT=0: the build was skipped on purpose")
-    from fastalign._extension import EXTENSION, EXTENSION_ERROR
+    from fastalign.ops._extension import EXTENSION, EXTENSION_ERROR
 
     assert EXTENSION is not None, EXTENSION_ERROR
 
@@ -68,5 +68,5 @@ def test_wheel_layout(tmp_path):
                    "trainers/base.py", "trainers/dpo.py", "assets/tiny-llama/config.json",
                    "assets/tiny-llama/tokenizer.json", "assets/data/preferences.jsonl"):
         assert f"fastalign/{module}" in names, module
-    assert "fastalign/linear_logprobs.py" in names
+    assert "fastalign/ops/linear_logprobs.py" in names
     assert not [n for n in names if n.startswith("kernels/")]

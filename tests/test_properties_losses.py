@@ -57,7 +57,8 @@ from fastalign import (
     votes_to_score,
 )
 from fastalign.losses.dpo import DPO_LOSS_TYPES
-from fastalign.losses.ppo import AGGREGATION_NAMES, KL_ESTIMATORS
+from fastalign.losses.kl import KL_ESTIMATORS
+from fastalign.losses.masked import AGGREGATION_NAMES
 
 F64 = torch.float64
 SMOOTHED_DPO_TYPES = ("sigmoid", "robust", "exo_pair")

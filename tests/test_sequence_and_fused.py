@@ -20,8 +20,10 @@ from fastalign.fused import (
     FusedSimPOLoss,
 )
 from fastalign.losses.dpo import cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from fastalign.losses.kl import kl_penalty
 from fastalign.losses.kto import kto_loss
-from fastalign.losses.ppo import kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss
+from fastalign.losses.masked import masked_mean
+from fastalign.losses.ppo import ppo_policy_loss, ppo_value_loss
 
 IMPLS = ("cpp", "triton")
 
@@ -346,7 +348,7 @@ def test_fused_ppo_equals_materialised_logits(impl, mode):
     agg = options.get("loss_agg", "token_mean")
     expected, _ = ppo_policy_loss(token, old_logps, adv, mask, dual_clip=options.get("dual_clip"),
                                   loss_agg=agg)
-    from fastalign.losses.ppo import aggregate_token_loss
+    from fastalign.losses.masked import aggregate_token_loss
     expected = expected + options["kl_coef"] * aggregate_token_loss(
         kl_penalty(token, ref_logps, estimator=options["kl_estimator"]), mask, mode=agg)
     if mode == "ppo":
@@ -388,7 +390,7 @@ def test_fused_ppo_with_the_exact_kl_equals_materialised_logits(impl):
 
     log_p, log_q = log_probs(h2, w2, b2), log_probs(ref_hidden, ref_weight, bias)
     exact_kl = (log_p.exp() * (log_p - log_q)).sum(-1) * mask
-    from fastalign.losses.ppo import aggregate_token_loss
+    from fastalign.losses.masked import aggregate_token_loss
     expected, _ = ppo_policy_loss(token, old_logps, advantages[:, None].expand(token.shape), mask,
                                   loss_agg="grpo")
     expected = expected + 0.1 * aggregate_token_loss(exact_kl, mask, mode="grpo")

@@ -5,30 +5,44 @@ Each loss is plain, documented PyTorch that returns ``(loss, metrics)`` with TRL
 
 from fastalign.losses.dpo import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from fastalign.losses.grpo import REWARD_SCALINGS, grpo_advantages, grpo_loss, rloo_advantages
-from fastalign.losses.kto import kto_loss, kto_mismatched_indices
-from fastalign.losses.ppo import (
-    AGGREGATION_MODES,
+from fastalign.losses.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     KLController,
     ShapedRewards,
-    aggregate_token_loss,
     kl_penalty,
     kl_shaped_rewards,
+)
+from fastalign.losses.kto import kto_loss, kto_mismatched_indices
+from fastalign.losses.masked import (
+    AGGREGATION_MODES,
+    aggregate_token_loss,
     masked_mean,
     masked_var,
     masked_whiten,
-    ppo_policy_loss,
-    ppo_total_loss,
-    ppo_value_loss,
 )
+from fastalign.losses.options import (
+    CPOOptions,
+    DPOOptions,
+    KTOOptions,
+    ORPOOptions,
+    PPOOptions,
+    SimPOOptions,
+)
+from fastalign.losses.ppo import ppo_policy_loss, ppo_total_loss, ppo_value_loss
 from fastalign.losses.reward import reward_loss, votes_to_score
 from fastalign.losses.trpo import LineSearchResult, kl_line_search
 
 __all__ = [
     "AGGREGATION_MODES",
     "AdaptiveKLController",
+    "CPOOptions",
+    "DPOOptions",
+    "KTOOptions",
+    "ORPOOptions",
+    "PPOOptions",
+    "SimPOOptions",
     "DPO_LOSS_TYPES",
     "FixedKLController",
     "KLController",

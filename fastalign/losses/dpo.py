@@ -22,28 +22,18 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from fastalign.losses._common import (
-    Metrics,
-    check_finite,
-    check_in_range,
-    check_lengths,
-    check_non_negative,
-    check_per_sequence,
-    check_positive,
-    compute_dtype,
-    log1mexp,
-    metric,
-    normalize_names,
+from fastalign.losses._common import Metrics, compute_dtype, log1mexp, metric
+from fastalign.losses.options import (
+    DPO_LOSS_TYPES,
+    CPOOptions,
+    DPOOptions,
+    ORPOOptions,
+    SimPOOptions,
 )
+from fastalign.ops._checks import check_lengths, check_per_sequence
 
 __all__ = ["DPO_LOSS_TYPES", "dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss"]
 
-DPO_LOSS_TYPES = (
-    "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-    "apo_zero", "apo_down", "discopop", "sft",
-)
-# The loss types whose formula contains the label smoothing ε (TRL's list); the others ignore it.
-_SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "exo_pair")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +155,7 @@ def dpo_loss(
     discopop_tau: float = 0.05,
     bco_delta: float = 0.0,
     chosen_nll: torch.Tensor | None = None,
+    options: DPOOptions | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Direct Preference Optimization and its variants, as in TRL's ``DPOTrainer``.
 
@@ -221,6 +212,9 @@ def dpo_loss(
             β·ρ (kept by the trainer across steps); the default 0 is ALGORITHMS.md's formula.
         chosen_nll: optional NLL of the chosen answers for the sft term, 0-d (TRL's token mean
             over every chosen token of the batch) or [B]; then sft needs no ``chosen_lengths``.
+        options: a prepared :class:`~fastalign.losses.DPOOptions` instead of ``beta``,
+            ``loss_type``, ``label_smoothing``, ``loss_weights``, ``discopop_tau`` and
+            ``bco_delta`` (which must then be left at their defaults).
 
     Returns:
         ``(loss, metrics)``: loss is 0-d float32 (float64 for float64 inputs). Metrics, detached
@@ -237,37 +231,10 @@ def dpo_loss(
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,
     )
-    loss_types = normalize_names("loss_type", loss_type, DPO_LOSS_TYPES)
-    beta = check_positive("beta", beta)
-    label_smoothing = check_in_range(
-        "label_smoothing", label_smoothing, 0.0, 0.5, high_inclusive=False
-    )
-    discopop_tau = check_positive("discopop_tau", discopop_tau)
-    bco_delta = check_finite("bco_delta", bco_delta)
-    if label_smoothing > 0 and not any(t in _SMOOTHED_LOSS_TYPES for t in loss_types):
-        raise ValueError(
-            f"label_smoothing={label_smoothing} has no effect with loss_type={loss_types}: only "
-            f"{', '.join(_SMOOTHED_LOSS_TYPES)} use it; set label_smoothing=0.0"
-        )
-    if "exo_pair" in loss_types and label_smoothing == 0:
-        raise ValueError(
-            "loss_type 'exo_pair' needs label_smoothing > 0 (its loss contains log ε); "
-            "1e-3 is the usual value"
-        )
-    if loss_weights is None:
-        weights = [1.0] * len(loss_types)
-    else:
-        if isinstance(loss_weights, (str, bytes)) or not isinstance(loss_weights, Sequence):
-            raise TypeError(
-                "loss_weights must be a sequence of floats or None, got "
-                f"{type(loss_weights).__name__}"
-            )
-        if len(loss_weights) != len(loss_types):
-            raise ValueError(
-                f"loss_weights must have one weight per loss type: got {len(loss_weights)} "
-                f"weights for {len(loss_types)} loss types {loss_types}"
-            )
-        weights = [check_finite(f"loss_weights[{i}]", w) for i, w in enumerate(loss_weights)]
+    options = DPOOptions.from_arguments(
+        options, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+        loss_weights=loss_weights, discopop_tau=discopop_tau, bco_delta=bco_delta)
+    loss_types, beta = options.loss_type, options.beta
     _check_optional_nll(chosen_nll, batch_size)
     if "sft" in loss_types and chosen_lengths is None and chosen_nll is None:
         raise ValueError(
@@ -295,15 +262,15 @@ def dpo_loss(
 
     total = None
     terms = {}
-    for name, weight in zip(loss_types, weights):
+    for name, weight in zip(loss_types, options.weights):
         if name == "sft" and chosen_nll is not None:
             terms[name] = chosen_nll.to(dtype).expand(batch_size)
             total = weight * terms[name] if total is None else total + weight * terms[name]
             continue
         term = _dpo_per_example(
             name, chosen_logratios, rejected_logratios, policy_chosen, n_w, n_l,
-            beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau,
-            bco_delta=bco_delta,
+            beta=beta, label_smoothing=options.label_smoothing,
+            discopop_tau=options.discopop_tau, bco_delta=options.bco_delta,
         )
         terms[name] = term
         total = weight * term if total is None else total + weight * term
@@ -343,6 +310,7 @@ def simpo_loss(
     label_smoothing: float = 0.0,
     alpha: float = 0.0,
     chosen_nll: torch.Tensor | None = None,
+    options: SimPOOptions | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """SimPO: Meng, Xia & Chen, 2024, "SimPO: Simple Preference Optimization with a Reference-Free
     Reward".
@@ -360,6 +328,7 @@ def simpo_loss(
         alpha: α >= 0, the weight of the NLL term (0: pure SimPO).
         chosen_nll: optional NLL of y_w, [B] per-sequence or 0-d; default −policy_chosen_logps,
             the per-sequence mean NLL since the inputs are averages.
+        options: a prepared :class:`~fastalign.losses.SimPOOptions` instead of the options above.
 
     Returns:
         ``(loss, metrics)``: loss 0-d; metrics "rewards/chosen" = mean β·mean_logp_w,
@@ -369,12 +338,10 @@ def simpo_loss(
     chosen, rejected, nll = _reference_free_inputs(
         policy_chosen_logps, policy_rejected_logps, chosen_nll
     )
-    beta = check_positive("beta", beta)
-    gamma = check_finite("gamma", gamma)
-    label_smoothing = check_in_range(
-        "label_smoothing", label_smoothing, 0.0, 0.5, high_inclusive=False
-    )
-    alpha = check_non_negative("alpha", alpha)
+    options = SimPOOptions.from_arguments(options, beta=beta, gamma=gamma,
+                                          label_smoothing=label_smoothing, alpha=alpha)
+    beta, gamma = options.beta, options.gamma
+    label_smoothing, alpha = options.label_smoothing, options.alpha
 
     losses = _smoothed_logistic(beta * (chosen - rejected) - gamma, label_smoothing)
     loss = losses.mean()
@@ -393,6 +360,7 @@ def cpo_loss(
     chosen_nll: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     alpha: float = 1.0,
+    options: CPOOptions | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """CPO: Xu et al., 2024, "Contrastive Preference Optimization: Pushing the Boundaries of LLM
     Performance in Machine Translation".
@@ -411,6 +379,7 @@ def cpo_loss(
             explicitly to match TRL's scale.
         label_smoothing: ε in [0, 0.5).
         alpha: α >= 0, the weight of the NLL term (TRL's ``cpo_alpha``).
+        options: a prepared :class:`~fastalign.losses.CPOOptions` instead of the options above.
 
     Returns:
         ``(loss, metrics)``: loss 0-d; metrics "rewards/chosen" = mean β·logp_w,
@@ -420,11 +389,9 @@ def cpo_loss(
     chosen, rejected, nll = _reference_free_inputs(
         policy_chosen_logps, policy_rejected_logps, chosen_nll
     )
-    beta = check_positive("beta", beta)
-    label_smoothing = check_in_range(
-        "label_smoothing", label_smoothing, 0.0, 0.5, high_inclusive=False
-    )
-    alpha = check_non_negative("alpha", alpha)
+    options = CPOOptions.from_arguments(options, beta=beta, label_smoothing=label_smoothing,
+                                        alpha=alpha)
+    beta, label_smoothing, alpha = options.beta, options.label_smoothing, options.alpha
 
     loss = _smoothed_logistic(beta * (chosen - rejected), label_smoothing).mean()
     if alpha > 0:
@@ -440,6 +407,7 @@ def orpo_loss(
     *,
     beta: float = 0.1,
     chosen_nll: torch.Tensor | None = None,
+    options: ORPOOptions | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """ORPO: Hong, Lee & Thorne, 2024, "ORPO: Monolithic Preference Optimization without Reference
     Model".
@@ -456,6 +424,7 @@ def orpo_loss(
         beta: β > 0 (λ in the paper), the weight of the odds-ratio term.
         chosen_nll: optional NLL of y_w, [B] or 0-d (TRL uses the token mean over the batch);
             default −policy_chosen_logps, the per-sequence mean NLL.
+        options: a prepared :class:`~fastalign.losses.ORPOOptions` instead of the options above.
 
     Returns:
         ``(loss, metrics)``: loss 0-d; metrics "rewards/chosen" = mean β·mean_logp_w,
@@ -466,7 +435,7 @@ def orpo_loss(
     chosen, rejected, nll = _reference_free_inputs(
         policy_chosen_logps, policy_rejected_logps, chosen_nll
     )
-    beta = check_positive("beta", beta)
+    beta = ORPOOptions.from_arguments(options, beta=beta).beta
 
     below_zero = -torch.finfo(chosen.dtype).tiny
     chosen_c, rejected_c = chosen.clamp(max=below_zero), rejected.clamp(max=below_zero)

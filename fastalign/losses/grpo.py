@@ -1,7 +1,7 @@
 """Group-relative policy optimisation: GRPO and RLOO advantages and the GRPO loss (§8).
 
 Layer 3 of fastalign: plain PyTorch on per-token ``[B, T]`` tensors with a ``[B, T]`` mask, in
-the conventions of ``fastalign.losses.ppo`` (float32 arithmetic, masked means of nothing are 0,
+the conventions of ``fastalign.losses.masked`` (float32 arithmetic, masked means of nothing are 0,
 losses return ``(loss, metrics)`` with detached 0-d float32 metrics).
 
 A batch holds G completions per prompt, grouped consecutively: rows ``[k·G, (k + 1)·G)`` answer
@@ -12,25 +12,22 @@ from __future__ import annotations
 
 import torch
 
-from fastalign.losses._common import (
+from fastalign.losses._common import compute_dtype, metric
+from fastalign.losses.kl import KL_ESTIMATORS, kl_penalty
+from fastalign.losses.masked import (
+    aggregate_token_loss,
+    check_aggregation,
+    masked_mean,
+    zero_outside,
+)
+from fastalign.losses.ppo import Metrics, check_clip
+from fastalign.ops._checks import (
+    check_choice,
     check_float_tensor,
     check_non_negative,
+    check_per_token,
     check_positive,
-    compute_dtype,
-    metric,
-)
-from fastalign.losses.ppo import (
-    KL_ESTIMATORS,
-    Metrics,
-    _as_bool_mask,
-    _check_aggregation,
-    _check_choice,
-    _check_clip,
-    _check_tokens,
-    _zero_outside,
-    aggregate_token_loss,
-    kl_penalty,
-    masked_mean,
+    check_token_mask,
 )
 
 __all__ = ["REWARD_SCALINGS", "grpo_advantages", "grpo_loss", "rloo_advantages"]
@@ -84,7 +81,7 @@ def grpo_advantages(
     grouped = _grouped(rewards, group_size, min_group=1)
     if isinstance(scale_rewards, bool):
         scale_rewards = "group" if scale_rewards else "none"
-    scale_rewards = _check_choice("scale_rewards", scale_rewards, REWARD_SCALINGS)
+    scale_rewards = check_choice("scale_rewards", scale_rewards, REWARD_SCALINGS)
     eps = check_positive("eps", eps)
 
     centred = grouped - grouped.mean(dim=1, keepdim=True)
@@ -159,22 +156,22 @@ def grpo_loss(
         ``clip_ratio/low`` (tokens with A < 0 and ρ < 1 − ε), ``clip_ratio/high`` (A > 0 and
         ρ > 1 + ε_high), ``clip_ratio`` (their sum: the clipped branch is active), ``ratio_mean``.
     """
-    _check_tokens("logps", logps)
+    check_per_token("logps", logps)
     if old_logps is not None:
-        _check_tokens("old_logps", old_logps, like=logps, like_name="logps")
+        check_per_token("old_logps", old_logps, like=logps, like_name="logps")
     if ref_logps is not None:
-        _check_tokens("ref_logps", ref_logps, like=logps, like_name="logps")
+        check_per_token("ref_logps", ref_logps, like=logps, like_name="logps")
     check_float_tensor("advantages", advantages)
     if advantages.shape != logps.shape[:1] and advantages.shape != logps.shape:
         raise ValueError(f"advantages must have shape [B] = {tuple(logps.shape[:1])} or "
                          f"[B, T] = {tuple(logps.shape)}, got {tuple(advantages.shape)}")
-    mask = _as_bool_mask(mask, logps, "logps")
-    low, high = _check_clip(clip, clip_high)
+    mask = check_token_mask(mask, logps, "logps")
+    low, high = check_clip(clip, clip_high)
     beta = check_non_negative("beta", beta)
     if ref_logps is None and beta > 0:
         raise ValueError(f"ref_logps is required when beta > 0 (beta={beta})")
-    _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
-    _check_aggregation("loss_type", loss_type)
+    check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    check_aggregation("loss_type", loss_type)
 
     dtype = compute_dtype(logps, old_logps, ref_logps, advantages)
     logp = logps.to(dtype)
@@ -182,15 +179,15 @@ def grpo_loss(
     adv = advantages.detach().to(dtype)
     if adv.dim() == 1:
         adv = adv.unsqueeze(1).expand_as(logp)
-    adv = _zero_outside(adv, mask)
-    ratio = torch.exp(_zero_outside(logp - old, mask))
+    adv = zero_outside(adv, mask)
+    ratio = torch.exp(zero_outside(logp - old, mask))
     clipped_ratio = ratio.clamp(1.0 - low, 1.0 + high)
     per_token = -torch.minimum(ratio * adv, clipped_ratio * adv)
 
     metrics: Metrics = {}
     if ref_logps is not None:
         # Padding may hold garbage log-probs: zero both sides there so k(t) is 0, not NaN.
-        kl = kl_penalty(_zero_outside(logp, mask), _zero_outside(ref_logps.to(dtype), mask),
+        kl = kl_penalty(zero_outside(logp, mask), zero_outside(ref_logps.to(dtype), mask),
                         estimator=kl_estimator)
         if beta > 0:
             per_token = per_token + beta * kl

@@ -5,14 +5,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fastalign.losses._common import (
-    Metrics,
-    check_non_negative,
-    check_per_sequence,
-    check_positive,
-    compute_dtype,
-    metric,
-)
+from fastalign.losses._common import Metrics, compute_dtype, metric
+from fastalign.losses.options import KTOOptions
+from fastalign.ops._checks import check_per_sequence
 
 __all__ = ["kto_loss", "kto_mismatched_indices"]
 
@@ -72,6 +67,7 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     process_group=None,
+    options: KTOOptions | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """KTO: Ethayarajh et al., 2024, "KTO: Model Alignment as Prospect Theoretic Optimization".
 
@@ -100,6 +96,8 @@ def kto_loss(
         process_group: optional ``torch.distributed`` group; when given, the batch-mean KL is
             all-reduced (averaged over the group's ranks) before the clamp, so every rank uses
             the same z_ref. One all-reduce per call, so every rank must call.
+        options: a prepared :class:`~fastalign.losses.KTOOptions` instead of ``beta``,
+            ``desirable_weight`` and ``undesirable_weight``.
 
     Returns:
         ``(loss, metrics)``: loss 0-d float32 (float64 for float64 inputs). Metrics, detached 0-d
@@ -135,9 +133,10 @@ def kto_loss(
         raise ValueError(
             f"desirable must have shape [B] = [{batch_size}], got {tuple(desirable.shape)}"
         )
-    beta = check_positive("beta", beta)
-    desirable_weight = check_non_negative("desirable_weight", desirable_weight)
-    undesirable_weight = check_non_negative("undesirable_weight", undesirable_weight)
+    options = KTOOptions.from_arguments(options, beta=beta, desirable_weight=desirable_weight,
+                                        undesirable_weight=undesirable_weight)
+    beta = options.beta
+    desirable_weight, undesirable_weight = options.desirable_weight, options.undesirable_weight
 
     dtype = compute_dtype(policy_logps, ref_logps, policy_kl_logps, ref_kl_logps)
     kl = _reference_point(policy_kl_logps, ref_kl_logps, dtype, process_group).to(

@@ -8,14 +8,12 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 
-from fastalign.losses._common import (
-    Metrics,
+from fastalign.losses._common import Metrics, compute_dtype, metric
+from fastalign.ops._checks import (
     check_finite,
     check_float_tensor,
     check_non_negative,
     check_per_sequence,
-    compute_dtype,
-    metric,
 )
 
 __all__ = ["reward_loss", "votes_to_score"]

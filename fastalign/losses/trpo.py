@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastalign.losses._common import check_positive
+from fastalign.ops._checks import check_positive
 
 __all__ = ["LineSearchResult", "kl_line_search"]
 

@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from fastalign import hf
-from fastalign._dispatch import IMPLEMENTATIONS
-from fastalign.sequence import SequenceLogprobs
+from fastalign.ops._backends import IMPLEMENTATIONS
+from fastalign.ops.sequence import SequenceLogprobs
 from fastalign.trainers import distributed
 from fastalign.trainers.checkpoint import load_latest, save_checkpoint
 

@@ -158,7 +158,7 @@ def _measure_dpo_loss(trainer: DPOTrainer, hidden, weight, options, labels, refe
     import torch.nn.functional as F
 
     from fastalign.memory import measure_peak_memory
-    from fastalign.sequence import sequence_logprobs_from_labels
+    from fastalign.ops.sequence import sequence_logprobs_from_labels
 
     config = trainer.config
     weight = weight.detach().requires_grad_()

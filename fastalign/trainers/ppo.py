@@ -46,20 +46,18 @@ from torch import nn
 from fastalign import hf
 from fastalign.data import PromptCollator, encode_prompts
 from fastalign.fused import FusedPPOLoss
-from fastalign.gae import gae
-from fastalign.linear_kl import linear_kl
 from fastalign.losses.grpo import grpo_advantages, rloo_advantages
-from fastalign.losses.ppo import (
-    AGGREGATION_NAMES,
+from fastalign.losses.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     kl_penalty,
     kl_shaped_rewards,
-    masked_mean,
-    masked_whiten,
 )
-from fastalign.sequence import sequence_logprobs_from_labels
+from fastalign.losses.masked import AGGREGATION_NAMES, masked_mean, masked_whiten
+from fastalign.ops.gae import gae
+from fastalign.ops.linear_kl import linear_kl
+from fastalign.ops.sequence import sequence_logprobs_from_labels
 from fastalign.trainers import distributed
 from fastalign.trainers.base import (
     Metrics,

@@ -1,9 +1,9 @@
 """``linear_kl``: the exact per-token KL between a policy head and a reference head.
 
-Layer 2 of fastalign, built like ``linear_logprobs``: argument checks, the dispatcher and a thin
-autograd Function around the kernels (``fastalign.kernels.linear_kl`` in Triton,
-``fastalign._C.linear_kl_*`` in C++); the materialising reference is
-``fastalign.reference.linear_kl_reference``. Math in ``docs/ALGORITHMS.md`` §2.
+Layer 2 of fastalign, built like ``linear_logprobs``: the argument checks, one autograd Function
+(optionally over a vocabulary sharded across a process group), the dispatch to the kernels
+(``fastalign.kernels.linear_kl`` in Triton, ``fastalign._C.linear_kl_*`` in C++,
+``csrc/linear_kl_cpu.cpp``) and the materialising reference. Math in ``docs/ALGORITHMS.md`` §2.
 
 The kernels compute KL(p‖q) of a "first" head against a "second" head on flattened, contiguous
 rows; the reverse direction KL(q‖p) is the same computation with the two heads swapped, and rows
@@ -25,36 +25,57 @@ KL and both log-sum-exps are kept in float64 for backward, which forms
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from fastalign._dispatch import (
-    HeadParams,
+from fastalign.ops import vocab_parallel
+from fastalign.ops._backends import HeadParams, resolve_impl
+from fastalign.ops._checks import (
+    check_bool,
     check_finite_tensors,
     check_head,
     check_mask,
     check_positive_float,
     check_same_device,
-    kernel_module,
-    resolve_impl,
 )
-from fastalign.reference import linear_kl_reference
-from fastalign.vocab_parallel import VocabParallelKLFunction, check_vocab_shards
+from fastalign.ops.linear_logprobs import reference_logits
+
+
+def _kernels(impl: str) -> tuple[Callable, Callable]:
+    """The (forward, backward) entry points of a fused implementation."""
+    if impl == "triton":
+        # Imported on first use, as in linear_logprobs: TRITON_INTERPRET is read at decoration.
+        from fastalign.kernels.linear_kl import linear_kl_backward, linear_kl_forward
+
+        return linear_kl_forward, linear_kl_backward
+    from fastalign.ops._extension import EXTENSION
+
+    return EXTENSION.linear_kl_forward, EXTENSION.linear_kl_backward
 
 
 class LinearKLFunction(torch.autograd.Function):
-    """Thin autograd wrapper around KL(first head ‖ second head); keeps 3 numbers per token."""
+    """Thin autograd wrapper around KL(first head ‖ second head); keeps 3 numbers per token.
+
+    With a process ``group`` both heads hold the same shard of the vocabulary: the shards' KL and
+    log-sum-exps are combined in forward (``vocab_parallel.combine_kl_stats``); given the whole
+    vocabulary's KL, lse and ref_lse, each shard's backward kernel gives the exact gradient of
+    its columns, and the hidden states' gradients are summed over the group.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, params: HeadParams,
-                impl: str):
-        kl, lse, ref_lse = kernel_module(impl, "linear_kl").linear_kl_forward(
+                impl: str, group=None):
+        forward_kernel, _ = _kernels(impl)
+        kl, lse, ref_lse = forward_kernel(
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
             params.temperature, params.softcap_or_zero,
         )
+        if group is not None:
+            kl, lse, ref_lse = vocab_parallel.combine_kl_stats(kl, lse, ref_lse, group)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
                               kl, lse, ref_lse)
-        ctx.params = params
-        ctx.impl = impl
+        ctx.params, ctx.impl, ctx.group = params, impl, group
         ctx.output_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         ctx.set_materialize_grads(False)
         return kl.to(ctx.output_dtype)
@@ -62,20 +83,24 @@ class LinearKLFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_kl):
         if grad_kl is None:
-            return (None,) * 8
+            return (None,) * 9
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl, lse, ref_lse = (
             ctx.saved_tensors
         )
         needs = ctx.needs_input_grad[:6]
         params: HeadParams = ctx.params
-        grads = kernel_module(ctx.impl, "linear_kl").linear_kl_backward(
+        _, backward_kernel = _kernels(ctx.impl)
+        grads = list(backward_kernel(
             grad_kl.to(ctx.output_dtype).contiguous(),
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl, lse, ref_lse,
             params.temperature, params.softcap_or_zero,
             needs[0], needs[1], needs[2] and bias is not None,
             needs[3], needs[4], needs[5] and ref_bias is not None,
-        )
-        return (*grads, None, None)
+        ))
+        if ctx.group is not None:
+            grads[0] = vocab_parallel.all_reduce_hidden_grad(grads[0], ctx.group)
+            grads[3] = vocab_parallel.all_reduce_hidden_grad(grads[3], ctx.group)
+        return (*grads, None, None, None)
 
 
 def _check_inputs(hidden, weight, ref_hidden, ref_weight, mask, bias, ref_bias, temperature,
@@ -108,8 +133,7 @@ def _check_inputs(hidden, weight, ref_hidden, ref_weight, mask, bias, ref_bias, 
                       ref_weight=ref_weight, ref_bias=ref_bias, mask=mask)
     check_positive_float("temperature", temperature)
     check_positive_float("softcap", softcap, optional=True)
-    if not isinstance(reverse, bool):
-        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+    check_bool("reverse", reverse)
 
 
 def linear_kl(
@@ -162,14 +186,13 @@ def linear_kl(
     """
     _check_inputs(hidden, weight, ref_hidden, ref_weight, mask, bias, ref_bias, temperature,
                   softcap, reverse)
-    if not isinstance(check_finite, bool):
-        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    check_bool("check_finite", check_finite)
     if check_finite:
         check_finite_tensors(hidden=hidden, weight=weight, bias=bias, ref_hidden=ref_hidden,
                              ref_weight=ref_weight, ref_bias=ref_bias)
     chosen = resolve_impl(impl, hidden.device, hidden.dtype)
     if process_group is not None:
-        check_vocab_shards(process_group, vocab_start_index, weight)
+        vocab_parallel.check_vocab_shards(process_group, vocab_start_index, weight)
         if chosen == "reference":
             raise ValueError("process_group needs a fused implementation (impl='auto', 'cpp' or "
                              "'triton'); the reference materialises one unsharded head")
@@ -200,13 +223,62 @@ def linear_kl(
                   None if ref_bias is None else ref_bias.contiguous())
         if reverse:  # KL(q‖p) is the same kernel with the two heads' roles exchanged
             first, second = second, first
-        if process_group is None:
-            kl_kept = LinearKLFunction.apply(*first, *second, HeadParams(**options), chosen)
-        else:
-            kl_kept = VocabParallelKLFunction.apply(*first, *second, HeadParams(**options),
-                                                    chosen, process_group)
+        kl_kept = LinearKLFunction.apply(*first, *second, HeadParams(**options), chosen,
+                                         process_group)
 
     if kept is None:
         return kl_kept.view(lead_shape)
     kl = kl_kept.new_zeros(n_tokens).index_copy(0, kept, kl_kept)
     return kl.view(lead_shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+
+
+def linear_kl_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    reverse: bool = False,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Per-token exact KL between the policy head and the reference head, materialised.
+
+    ``p = softmax(z)`` from (hidden, weight, bias) and ``q = softmax(r)`` from (ref_hidden,
+    ref_weight, ref_bias), with the same temperature and softcap (`docs/ALGORITHMS.md` §2).
+    Returns KL(p‖q) per token, or KL(q‖p) with ``reverse=True``, 0 where ``mask`` is false, in
+    ``compute_dtype`` (float32 by default, float64 for float64 inputs).
+
+    Args:
+        hidden: [..., H] policy hidden states; weight: [V, H].
+        ref_hidden: [..., H_ref] reference hidden states (same leading shape); ref_weight:
+            [V, H_ref].
+        mask: optional bool [...]; tokens where it is false give 0 and no gradient.
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if mask is not None:  # masked rows enter as zeros: a NaN there reaches no gradient
+        keep = mask.bool().unsqueeze(-1)
+        hidden = torch.where(keep, hidden, torch.zeros((), dtype=hidden.dtype,
+                                                       device=hidden.device))
+        ref_hidden = torch.where(keep, ref_hidden, torch.zeros((), dtype=ref_hidden.dtype,
+                                                               device=ref_hidden.device))
+    z = reference_logits(hidden, weight, bias, temperature, softcap, compute_dtype)
+    r = reference_logits(ref_hidden, ref_weight, ref_bias, temperature, softcap, compute_dtype)
+    log_p = torch.log_softmax(z, dim=-1)
+    log_q = torch.log_softmax(r, dim=-1)
+    if reverse:
+        log_p, log_q = log_q, log_p
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    if mask is not None:
+        kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
+    return kl

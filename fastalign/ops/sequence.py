@@ -18,8 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
-from fastalign._dispatch import check_mask, check_tensor
-from fastalign.linear_logprobs import linear_logprobs
+from fastalign.ops._backends import resolve_impl
+from fastalign.ops._checks import (
+    check_bool,
+    check_mask,
+    check_tensor,
+    check_token_ids,
+    check_token_range,
+)
+from fastalign.ops.linear_logprobs import check_linear_logprobs_args, compute_linear_logprobs
 
 
 @dataclass
@@ -54,27 +61,6 @@ def _check_mask_like(name: str, value: torch.Tensor, like: torch.Tensor) -> None
         raise ValueError(f"{name} must be on input_ids' device {like.device}, got {value.device}")
 
 
-def _check_token_ids(name: str, value) -> None:
-    """An integer tensor of token ids (``labels`` may hold the ignore index too)."""
-    check_tensor(name, value, floating=False)
-    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
-
-
-def _check_label_range(name: str, labels: torch.Tensor, vocab_size: int,
-                       ignore_index: int) -> None:
-    """Every id in [0, V) or equal to ``ignore_index``: named here, as the user passed it, rather
-    than as the shifted ``targets`` that ``linear_logprobs`` would report."""
-    if labels.numel() == 0 or labels.device.type == "meta":
-        return
-    outside = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    if bool(outside.any()):  # one device sync; a wrong id would score garbage
-        raise ValueError(
-            f"{name} must lie in [0, V) = [0, {vocab_size}) (the rows of weight) or equal "
-            f"ignore_index ({ignore_index}); found {labels[outside][:5].tolist()}"
-        )
-
-
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
     check_tensor("cu_seqlens", cu_seqlens, floating=False)
     if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
@@ -103,7 +89,7 @@ def next_token_targets(
     Face). Padded [B, T] gives [B, T] targets whose last column is ``ignore_index``; packed [total]
     with ``cu_seqlens`` gives [total] targets with ``ignore_index`` at the end of every sequence.
     """
-    _check_token_ids("labels", labels)
+    check_token_ids("labels", labels)
     targets = torch.full_like(labels, ignore_index)
     targets[..., :-1] = labels[..., 1:]
     if cu_seqlens is not None:
@@ -133,7 +119,7 @@ def sequence_logprobs_from_labels(
         weight: [V, H] LM head. labels: [B, T] (or [total] / [1, total]) token ids aligned with
             the input, ``ignore_index`` where a token is not scored.
     """
-    _check_token_ids("labels", labels)
+    check_token_ids("labels", labels)
     packed = cu_seqlens is not None
     if packed:
         if hidden.dim() == 3 and hidden.shape[0] == 1:
@@ -157,12 +143,16 @@ def sequence_logprobs_from_labels(
             f"input_ids') shape {tuple(labels.shape)}"
         )
 
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        _check_label_range("labels (or input_ids)", labels, weight.shape[0], ignore_index)
     targets = next_token_targets(labels, cu_seqlens=cu_seqlens, ignore_index=ignore_index)
-    result = linear_logprobs(
+    check_linear_logprobs_args(hidden, weight, targets, bias, temperature, softcap, ignore_index)
+    check_bool("return_entropy", return_entropy)
+    chosen = resolve_impl(impl, hidden.device, hidden.dtype)
+    # The one label check (and device sync) of the call, named as the user passed the ids: the
+    # shifted targets hold the same ids.
+    check_token_range("labels (or input_ids)", labels, weight.shape[0], ignore_index)
+    result = compute_linear_logprobs(
         hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
-        ignore_index=ignore_index, return_entropy=return_entropy, impl=impl,
+        ignore_index=ignore_index, return_entropy=return_entropy, impl=chosen,
     )
     token_logps, token_entropy = result if return_entropy else (result, None)
     token_mask = targets != ignore_index
@@ -219,7 +209,7 @@ def sequence_logprobs(
         A :class:`SequenceLogprobs` with per-token ``[B, T − 1]`` (or ``[total]``) and
         per-sequence ``[B]`` (or ``[S]``) float32 results, differentiable w.r.t. hidden and head.
     """
-    _check_token_ids("input_ids", input_ids)
+    check_token_ids("input_ids", input_ids)
     ignore_index = -100
     labels = input_ids
     if response_mask is not None:
