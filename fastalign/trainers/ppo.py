@@ -61,18 +61,16 @@ from fastalign.losses.ppo import (
 )
 from fastalign.sequence import sequence_logprobs_from_labels
 from fastalign.trainers import distributed
-from fastalign.trainers.base import (
-    Metrics,
-    ReferencePolicy,
-    Trainer,
+from fastalign.trainers.config import (
     TrainingConfig,
-    as_floats,
     check_choice,
     check_int,
-    mean_metrics,
     option,
     pad_token_id,
 )
+from fastalign.trainers.loop import Trainer
+from fastalign.trainers.metrics import Metrics, as_floats, mean_metrics
+from fastalign.trainers.reference import ReferencePolicy
 from fastalign.trainers.reward_functions import BUILTIN_REWARDS, RewardFn, resolve_reward_fn
 
 __all__ = ["GRPOConfig", "PPOConfig", "PPOTrainer", "Rollout", "encode_prompt_examples"]
