@@ -19,7 +19,7 @@ from fastalign import IMPLEMENTATIONS
 from fastalign.trainers.distributed import STRATEGIES
 
 __all__ = ["LR_SCHEDULES", "REFERENCE_MODES", "TrainingConfig", "check_choice", "check_float",
-           "check_int", "option", "pad_token_id"]
+           "check_int", "check_number", "option", "pad_token_id"]
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
 REFERENCE_MODES = ("auto", "copy", "precomputed", "adapters")
@@ -121,6 +121,20 @@ def check_float(name: str, value, *, positive: bool) -> None:
 def check_choice(name: str, value, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_number(name: str, value, *, low: float, high: float | None = None,
+                 inclusive: bool = False, high_inclusive: bool = False) -> None:
+    """A finite number above ``low`` (or equal, ``inclusive``) and below ``high`` if given."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = value >= low if inclusive else value > low
+        if high is not None:
+            ok = ok and (value <= high if high_inclusive else value < high)
+    if not ok:
+        bounds = f"{'[' if inclusive else '('}{low}, "
+        bounds += f"{high}{']' if high_inclusive else ')'}" if high is not None else "inf)"
+        raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")
 
 
 def pad_token_id(tokenizer) -> int:
