@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from fastalign import assets, data
-from fastalign.trainers.base import pad_token_id
+from fastalign.trainers.config import pad_token_id
 from fastalign.trainers.ppo import GRPOConfig, PPOConfig, PPOTrainer, encode_prompt_examples
 from fastalign.trainers.reward_functions import (
     BUILTIN_REWARDS,

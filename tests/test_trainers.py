@@ -20,8 +20,9 @@ from transformers import AutoModelForCausalLM
 from fastalign import assets, data
 from fastalign.cli import main as cli_main
 from fastalign.trainers import CheckpointError, DPOConfig, DPOTrainer
-from fastalign.trainers.base import BatchStream, TrainingConfig
 from fastalign.trainers.checkpoint import checkpoint_dirs, load_latest
+from fastalign.trainers.config import TrainingConfig
+from fastalign.trainers.data_order import BatchStream
 from fastalign.trainers.run import JOBS, run_job
 
 

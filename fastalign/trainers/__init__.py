@@ -1,10 +1,12 @@
 """Slim trainers on Hugging Face models with fused alignment losses (``fastalign train``)."""
 
-from fastalign.trainers.base import ReferencePolicy, Trainer, TrainingConfig, TrainResult
 from fastalign.trainers.checkpoint import CheckpointError
+from fastalign.trainers.config import TrainingConfig
 from fastalign.trainers.dpo import DPOConfig, DPOTrainer
 from fastalign.trainers.kto import KTOConfig, KTOTrainer
+from fastalign.trainers.loop import Trainer, TrainResult
 from fastalign.trainers.ppo import GRPOConfig, PPOConfig, PPOTrainer
+from fastalign.trainers.reference import ReferencePolicy
 from fastalign.trainers.reward import RewardConfig, RewardTrainer
 from fastalign.trainers.sft import SFTConfig, SFTTrainer
 

@@ -1,4 +1,4 @@
-"""Training checkpoints that survive a kill at any moment.
+"""Training checkpoints that survive a kill at any moment, and what a trainer puts in them.
 
 A checkpoint is one directory ``<output>/checkpoints/step-000120/`` holding ``state.pt`` (model,
 optimizer, scheduler, random-number generators, data position, trainer extras) and
@@ -9,13 +9,20 @@ Atomicity: everything is written into a hidden ``.tmp-step-000120`` directory, f
 file systems, so a reader sees either no checkpoint or a complete one. A checkpoint that is
 nevertheless damaged on disk (truncated, edited) fails its manifest check; ``load_latest`` then
 warns, names what is wrong, and falls back to the previous good checkpoint.
+
+A trainer's state (:func:`save_training_checkpoint`, :func:`resume_training`) is its model,
+optimizer, scheduler, every random generator of every rank and the data position, so that
+resuming gives the same weights and metrics as an uninterrupted run (on CPU, where kernels are
+deterministic).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import warnings
@@ -24,7 +31,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "checkpoint_dirs", "load_latest", "save_checkpoint"]
+from fastalign.trainers import distributed
+
+__all__ = ["CheckpointError", "checkpoint_dirs", "gathered_states", "load_latest",
+           "resume_training", "rng_state", "save_checkpoint", "save_training_checkpoint",
+           "seed_everything", "set_rng_state"]
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STATE_FILE = "state.pt"
@@ -142,3 +153,106 @@ def load_latest(root: str | Path) -> tuple[int, dict[str, Any]] | None:
     if problems:
         raise CheckpointError("no usable checkpoint: " + "; ".join(problems))
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# A trainer's state (``trainer`` is a ``fastalign.trainers.loop.Trainer``)
+# ----------------------------------------------------------------------------------------------
+
+
+def save_training_checkpoint(trainer) -> Path | None:
+    """Write the trainer's checkpoint (rank 0 writes; with several ranks, every rank must call
+    it)."""
+    model_state, modules_state, optim_state = gathered_states(trainer, with_optimizer=True)
+    dist = trainer.dist
+    state = {
+        "step": trainer.step,
+        "trainer": trainer.name,
+        "config": dataclasses.asdict(trainer.config),
+        "model": model_state,
+        "modules": modules_state,
+        "optimizer": optim_state,
+        # Optimizer state keyed by parameter names (several ranks) or by position (one).
+        "layout": "distributed" if dist.enabled else "single",
+        "scheduler": trainer.scheduler.state_dict(),
+        "stream": trainer.stream.state_dict(),
+        "rng": distributed.gather_objects(rng_state(), dist),
+        "extra": trainer.extra_state(),
+    }
+    path = None
+    if dist.is_main:
+        path = save_checkpoint(trainer.checkpoint_root, trainer.step, state,
+                               keep=trainer.config.save_total_limit)
+    distributed.barrier(dist)
+    return path
+
+
+def gathered_states(trainer, *, with_optimizer: bool) -> tuple[dict, dict, dict | None]:
+    """(model, extra modules, optimizer) states, whole, on rank 0 (gathered under FSDP)."""
+    if not trainer.dist.enabled:
+        optim = trainer.optimizer.state_dict() if with_optimizer else None
+        return (trainer.model.state_dict(),
+                {name: m.state_dict() for name, m in trainer.modules_to_save().items()}, optim)
+    full, optim = distributed.full_state_dicts(
+        trainer.engine, trainer.optimizer if with_optimizer else None, trainer.dist)
+    modules = {name: distributed.strip_prefix(full, f"extra.{name}.")
+               for name in trainer.modules_to_save()}
+    return distributed.strip_prefix(full, "model."), modules, optim
+
+
+def resume_training(trainer) -> bool:
+    """Load the newest good checkpoint into ``trainer``; False when there is none (a fresh
+    start)."""
+    root, dist = trainer.checkpoint_root, trainer.dist
+    latest = load_latest(root)
+    if latest is None:
+        return False
+    step, state = latest
+    if state.get("trainer") != trainer.name:
+        raise ValueError(f"{root} holds a {state.get('trainer')!r} run, not "
+                         f"{trainer.name!r}; use another --output directory")
+    layout = "distributed" if dist.enabled else "single"
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one rank
+    if state.get("layout", "single") != layout or len(rngs) != dist.world_size:
+        raise ValueError(
+            f"{root} was written by {len(rngs)} process(es); resume it with "
+            f"as many (this run has {dist.world_size})")
+    if dist.enabled:
+        full = {f"model.{key}": value for key, value in state["model"].items()}
+        for name, module_state in state["modules"].items():
+            full |= {f"extra.{name}.{key}": value for key, value in module_state.items()}
+        distributed.load_full_state_dicts(trainer.engine, trainer.optimizer, full,
+                                          state["optimizer"])
+    else:
+        trainer.model.load_state_dict(state["model"])
+        for name, module in trainer.modules_to_save().items():
+            module.load_state_dict(state["modules"][name])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.stream.load_state_dict(state["stream"])
+    trainer.load_extra_state(state["extra"])
+    set_rng_state(rngs[dist.rank])
+    trainer.step = step
+    if dist.is_main:
+        trainer.metrics_log.restore(step)
+    return True
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA generators too
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a training step draws from (Python's, torch's CPU and CUDA)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

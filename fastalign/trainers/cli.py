@@ -151,6 +151,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fastalign.cli import main as cli_main
-
-    return cli_main(["train", *(argv or [])])
+    """``fastalign train ARGV...``. ``fastalign.cli`` adds this command to the full ``fastalign``
+    parser; this parser holds it alone, so that nothing here imports the module above."""
+    parser = argparse.ArgumentParser(prog="fastalign")
+    add_train_command(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(["train", *(argv or [])])
+    return args.handler(args)

@@ -81,12 +81,17 @@ def resolve_strategy(strategy: str) -> str:
     return strategy
 
 
+def resolve_device(device: str) -> torch.device:
+    """The device of a one-process run: ``auto`` is cuda when there is one, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def init(strategy: str, device: str) -> tuple[DistributedState, torch.device]:
     """Join the process group (once) and pick this rank's device; see the module docstring."""
     strategy = resolve_strategy(strategy)
     if strategy == "none":
-        from fastalign.trainers.base import resolve_device
-
         return DistributedState(), resolve_device(device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())

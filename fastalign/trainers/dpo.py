@@ -18,15 +18,15 @@ from torch import nn
 from fastalign import hf
 from fastalign.data import PreferenceCollator
 from fastalign.losses.dpo import DPO_LOSS_TYPES, dpo_loss
-from fastalign.trainers.base import (
+from fastalign.trainers.config import (
     REFERENCE_MODES,
-    ReferenceTrainer,
     TrainingConfig,
     check_choice,
     check_float,
     option,
     pad_token_id,
 )
+from fastalign.trainers.reference import ReferenceTrainer
 
 __all__ = ["DPOConfig", "DPOTrainer"]
 

@@ -35,15 +35,15 @@ from torch import nn
 from fastalign import hf
 from fastalign.data import KTOCollator
 from fastalign.losses.kto import kto_loss
-from fastalign.trainers.base import (
+from fastalign.trainers.config import (
     REFERENCE_MODES,
-    ReferenceTrainer,
     TrainingConfig,
     check_choice,
     check_float,
     option,
     pad_token_id,
 )
+from fastalign.trainers.reference import ReferenceTrainer
 
 __all__ = ["KTOConfig", "KTOTrainer", "fixed_kl_partners"]
 

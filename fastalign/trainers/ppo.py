@@ -1,6 +1,7 @@
 """Online RL on a causal LM: PPO, GRPO and RLOO, with the fused head (ALGORITHMS.md §8).
 
-One training step is one rollout and several updates, written out in ``training_step``:
+One training step is one rollout and several updates, written out in ``training_step`` (the
+options are in ``ppo_config.py``, the rollout record and its token bookkeeping in ``rollout.py``):
 
 1. **Rollout.** ``batch_size`` prompts (left-padded, ``PromptCollator``), each repeated
    ``num_generations`` times (G consecutive rows per prompt), are completed by
@@ -38,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -48,164 +48,34 @@ from fastalign.data import PromptCollator, encode_prompts
 from fastalign.fused import FusedPPOLoss
 from fastalign.losses.grpo import grpo_advantages, rloo_advantages
 from fastalign.losses.kl import (
-    KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     kl_penalty,
     kl_shaped_rewards,
 )
-from fastalign.losses.masked import AGGREGATION_NAMES, masked_mean, masked_whiten
+from fastalign.losses.masked import masked_mean, masked_whiten
 from fastalign.ops.gae import gae
 from fastalign.ops.linear_kl import linear_kl
 from fastalign.ops.sequence import sequence_logprobs_from_labels
 from fastalign.trainers import distributed
-from fastalign.trainers.base import (
-    Metrics,
-    ReferencePolicy,
-    Trainer,
-    TrainingConfig,
-    as_floats,
-    check_choice,
-    check_int,
-    mean_metrics,
-    option,
-    pad_token_id,
+from fastalign.trainers.config import pad_token_id
+from fastalign.trainers.loop import Trainer
+from fastalign.trainers.metrics import Metrics, as_floats, mean_metrics
+from fastalign.trainers.ppo_config import GRPOConfig, PPOConfig
+from fastalign.trainers.reference import ReferencePolicy
+from fastalign.trainers.reward_functions import RewardFn, resolve_reward_fn
+from fastalign.trainers.rollout import (
+    Rollout,
+    completion_length,
+    decode_texts,
+    pad_after_first_eos,
+    prompts_with_completions,
 )
-from fastalign.trainers.reward_functions import BUILTIN_REWARDS, RewardFn, resolve_reward_fn
 
 __all__ = ["GRPOConfig", "PPOConfig", "PPOTrainer", "Rollout", "encode_prompt_examples"]
 
-MODES = ("ppo", "grpo", "rloo")
-KL_ESTIMATOR_NAMES = (*KL_ESTIMATORS, "exact")
-ROLLOUT_REFERENCE_MODES = ("auto", "copy", "adapters")
 # Aggregations that average over every token of the batch (the others average per sequence).
 _TOKEN_AGGREGATIONS = ("dapo", "token_mean")
-IGNORE_INDEX = -100
-
-
-@dataclass
-class PPOConfig(TrainingConfig):
-    """PPO / GRPO / RLOO options on top of :class:`TrainingConfig` (TRL's names where it has one).
-
-    ``batch_size`` counts prompts; one step samples ``batch_size × num_generations`` completions.
-    """
-
-    mode: str = option("ppo", "ppo (value head, GAE, KL in the reward), grpo (group-normalised "
-                       "advantages) or rloo (leave-one-out advantages); grpo and rloo put the KL "
-                       "in the loss")
-    num_generations: int = option(1, "completions sampled per prompt (the group size of grpo and "
-                                  "rloo, >= 2 there)")
-    max_new_tokens: int = option(16, "longest completion in tokens (also capped by max-length)")
-    top_k: int = option(0, "sample from the k most likely tokens only (0: the whole vocabulary)")
-    ppo_epochs: int = option(4, "passes over each rollout")
-    num_minibatches: int = option(1, "optimizer steps per pass over a rollout")
-    clip: float = option(0.2, "PPO clip range epsilon of the probability ratio, in (0, 1)")
-    clip_high: float | None = option(None, "upper clip range (DAPO's clip-higher; 'none': "
-                                     "the same as clip)")
-    kl_coef: float = option(0.05, "KL coefficient beta (the start value with kl-target)")
-    kl_estimator: str = option("k1", "KL to the reference: k1, k2, k3 or abs (sampled "
-                               "estimates), or exact (the full-vocabulary KL, fused)")
-    kl_target: float | None = option(None, "target KL per completion for the adaptive KL "
-                                     "controller ('none': a fixed kl-coef)")
-    kl_horizon: float = option(10000.0, "horizon of the adaptive KL controller, in completions")
-    vf_coef: float = option(0.1, "value-loss coefficient (ppo)")
-    vf_clip: float | None = option(0.2, "value clip range ('none': no clipping) (ppo)")
-    gamma: float = option(1.0, "discount factor of GAE (ppo)")
-    lam: float = option(0.95, "lambda of GAE (ppo)")
-    whiten_advantages: bool = option(True, "whiten the advantages over the rollout (ppo: per "
-                                     "token; grpo, rloo: per completion)")
-    loss_agg: str = option("token_mean", "token aggregation of the loss: token_mean (= dapo), "
-                           "grpo (per-sequence mean, then mean) or dr_grpo")
-    ent_coef: float = option(0.0, "entropy bonus coefficient")
-    reward_fn: str | None = option("polite", "reward function: a builtin (" + ", ".join(
-        BUILTIN_REWARDS) + "), package.module:function or file.py:function (unused with "
-        "--reward-model)")
-    missing_eos_penalty: float | None = option(None, "subtract this from the score of a "
-                                               "completion that ends without eos ('none': no "
-                                               "penalty)")
-    reference: str = option("auto", "the reference model: copy (a frozen copy), adapters (a PEFT "
-                            "policy with its adapters disabled) or auto (adapters for PEFT, else "
-                            "copy)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice("mode", self.mode, MODES)
-        for name in ("num_generations", "max_new_tokens", "ppo_epochs", "num_minibatches"):
-            check_int(name, getattr(self, name), minimum=1)
-        check_int("top_k", self.top_k, minimum=0)
-        if self.mode in ("grpo", "rloo") and self.num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2 for mode={self.mode!r} (the advantage "
-                             f"compares the completions of a prompt), got {self.num_generations}")
-        rollout = self.batch_size * self.num_generations
-        if rollout < self.num_minibatches * self.grad_accum_steps:
-            raise ValueError(
-                f"num_minibatches × grad_accum_steps ({self.num_minibatches} × "
-                f"{self.grad_accum_steps}) must not exceed the completions of a rollout, "
-                f"batch_size × num_generations = {rollout}")
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than "
-                             f"max_length ({self.max_length}) to leave room for the completion")
-        _number("clip", self.clip, low=0.0, high=1.0)
-        if self.clip_high is not None:
-            _number("clip_high", self.clip_high, low=0.0)
-        _number("kl_coef", self.kl_coef, low=0.0, inclusive=True)
-        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATOR_NAMES)
-        if self.kl_target is not None:
-            _number("kl_target", self.kl_target, low=0.0)
-            if self.kl_coef == 0:
-                raise ValueError("kl_coef must be > 0 with kl_target (the adaptive controller "
-                                 "scales it)")
-        _number("kl_horizon", self.kl_horizon, low=0.0)
-        _number("vf_coef", self.vf_coef, low=0.0, inclusive=True)
-        if self.vf_clip is not None:
-            _number("vf_clip", self.vf_clip, low=0.0)
-        _number("gamma", self.gamma, low=0.0, high=1.0, inclusive=True, high_inclusive=True)
-        _number("lam", self.lam, low=0.0, high=1.0, inclusive=True, high_inclusive=True)
-        if not isinstance(self.whiten_advantages, bool):
-            raise ValueError(f"whiten_advantages must be True or False, got "
-                             f"{self.whiten_advantages!r}")
-        check_choice("loss_agg", self.loss_agg, AGGREGATION_NAMES)
-        _number("ent_coef", self.ent_coef, low=0.0, inclusive=True)
-        if self.missing_eos_penalty is not None:
-            _number("missing_eos_penalty", self.missing_eos_penalty, low=0.0, inclusive=True)
-        if self.reference == "precomputed":
-            raise ValueError("reference='precomputed' is impossible for online training: the "
-                             "completions are sampled during training, so their reference "
-                             "log-probs cannot be computed beforehand; use 'copy' or 'adapters'")
-        check_choice("reference", self.reference, ROLLOUT_REFERENCE_MODES)
-        if self.reward_fn is not None:
-            resolve_reward_fn(self.reward_fn)  # an unknown name fails now, not after loading
-
-
-@dataclass
-class GRPOConfig(PPOConfig):
-    """GRPO's defaults (Shao et al. 2024; TRL's ``GRPOConfig``): groups of 4, β = 0.04 on the k3
-    estimate in the loss, per-sequence token means, one update per rollout, no value head."""
-
-    mode: str = option("grpo", "grpo (group-normalised advantages), rloo (leave-one-out "
-                       "advantages) or ppo (value head, GAE, KL in the reward)")
-    num_generations: int = option(4, "completions sampled per prompt (the group size, >= 2)")
-    ppo_epochs: int = option(1, "passes over each rollout (TRL's num_iterations)")
-    kl_coef: float = option(0.04, "KL coefficient beta (the start value with kl-target)")
-    kl_estimator: str = option("k3", "KL to the reference in the loss: k1, k2, k3 or abs "
-                               "(sampled estimates), or exact (the full-vocabulary KL, fused)")
-    whiten_advantages: bool = option(False, "whiten the advantages over the rollout (grpo, rloo: "
-                                     "per completion; ppo: per token)")
-    loss_agg: str = option("grpo", "token aggregation of the loss: grpo (per-sequence mean, then "
-                           "mean), token_mean (= dapo) or dr_grpo")
-
-
-def _number(name: str, value, *, low: float, high: float | None = None, inclusive: bool = False,
-            high_inclusive: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = value >= low if inclusive else value > low
-        if high is not None:
-            ok = ok and (value <= high if high_inclusive else value < high)
-    if not ok:
-        bounds = f"{'[' if inclusive else '('}{low}, "
-        bounds += f"{high}{']' if high_inclusive else ')'}" if high is not None else "inf)"
-        raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")
 
 
 def encode_prompt_examples(records, tokenizer, *, max_length: int | None = None,
@@ -214,36 +84,6 @@ def encode_prompt_examples(records, tokenizer, *, max_length: int | None = None,
     the rollout's limit, applied when generating)."""
     del max_length
     return encode_prompts(records, tokenizer, max_prompt_length=max_prompt_length)
-
-
-@dataclass
-class Rollout:
-    """One rollout: N = batch_size × num_generations completions and what the updates need.
-
-    Sequences are [N, T] (prompt + completion, right-padded); per-token tensors are [N, T − 1],
-    entry t belonging to token t + 1 (``FusedPPOLoss``'s layout); ``advantages`` are [N, T − 1]
-    (ppo) or [N] (grpo, rloo). With ``kl_estimator="exact"`` the reference is kept as its final
-    hidden states (``ref_hidden``) instead of its log-probs (``ref_logps`` is None).
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    mask: torch.Tensor
-    old_logps: torch.Tensor
-    advantages: torch.Tensor
-    scores: torch.Tensor
-    raw_scores: torch.Tensor | None = None  # before the missing-eos penalty
-    ref_logps: torch.Tensor | None = None
-    ref_hidden: torch.Tensor | None = None  # [N, T, H_ref], for kl_estimator="exact"
-    old_values: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
-    prompts: list[str] | None = None
-    completions: list[str] | None = None
-    metrics: Metrics | None = None
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
 
 
 class PPOTrainer(Trainer):
@@ -570,49 +410,24 @@ class PPOTrainer(Trainer):
                                              generation_config=generation, **synced)
         finally:
             self.model.train(was_training)
-        completion = output[:, input_ids.shape[1]:]
-        is_eos = completion == self.eos_id
-        has_eos = is_eos.any(dim=1)
-        # Everything after the first eos is padding (generate already pads finished rows; a
-        # custom stopping rule might not).
-        after = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-        completion = completion.masked_fill(after, self.pad_id)
-        return completion, has_eos
+        return pad_after_first_eos(output[:, input_ids.shape[1]:], eos_id=self.eos_id,
+                                   pad_id=self.pad_id)
 
     def _sequences(self, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor,
                    completion_ids: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded prompt + completion: input_ids, attention_mask, labels [N, T]."""
-        rows, label_rows = [], []
-        width = prompt_ids.shape[1]
-        for ids, length, completion in zip(prompt_ids.tolist(), prompt_lengths.tolist(),
-                                           completion_ids.tolist()):
-            completion = completion[:_completion_length(completion, self.eos_id)]
-            prompt = ids[width - length:]
-            rows.append(prompt + completion)
-            label_rows.append([IGNORE_INDEX] * len(prompt) + completion)
-        longest = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
-        for i, (row, label_row) in enumerate(zip(rows, label_rows)):
-            input_ids[i, :len(row)] = torch.tensor(row)
-            attention_mask[i, :len(row)] = 1
-            labels[i, :len(row)] = torch.tensor(label_row)
-        return (input_ids.to(self.device), attention_mask.to(self.device),
-                labels.to(self.device))
+        sequences = prompts_with_completions(prompt_ids, prompt_lengths, completion_ids,
+                                             eos_id=self.eos_id, pad_id=self.pad_id)
+        return tuple(tensor.to(self.device) for tensor in sequences)
 
     def score(self, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor,
               completion_ids: torch.Tensor, input_ids: torch.Tensor,
               attention_mask: torch.Tensor) -> tuple[list[str], list[str], torch.Tensor]:
         """(prompt texts, completion texts, float32 scores [N]) from the reward model or
         function."""
-        width = prompt_ids.shape[1]
-        prompts = [self.tokenizer.decode(ids[width - length:], skip_special_tokens=True)
-                   for ids, length in zip(prompt_ids.tolist(), prompt_lengths.tolist())]
-        completions = [self.tokenizer.decode(ids[:_completion_length(ids, self.eos_id)],
-                                             skip_special_tokens=True)
-                       for ids in completion_ids.tolist()]
+        prompts, completions = decode_texts(self.tokenizer, prompt_ids, prompt_lengths,
+                                            completion_ids, eos_id=self.eos_id)
         if self.reward_model is not None:
             with self.autocast():
                 logits = self.reward_model(input_ids=input_ids,
@@ -684,14 +499,8 @@ class PPOTrainer(Trainer):
             _, _, batch_scores = self.score(batch["input_ids"], batch["prompt_lengths"],
                                             completion_ids, input_ids, attention_mask)
             scores.append(batch_scores.float().cpu())
-            lengths += [_completion_length(ids, self.eos_id) for ids in completion_ids.tolist()]
+            lengths += [completion_length(ids, self.eos_id) for ids in completion_ids.tolist()]
         scores = torch.cat(scores)
         return {"eval/reward": float(scores.mean()),
                 "eval/reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
                 "eval/completion_length": sum(lengths) / len(lengths)}
-
-
-def _completion_length(ids: list[int], eos_id: int) -> int:
-    """Tokens up to and including the first eos (all of them without one)."""
-    return ids.index(eos_id) + 1 if eos_id in ids else len(ids)
-

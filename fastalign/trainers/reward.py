@@ -19,7 +19,8 @@ from torch import nn
 
 from fastalign.data import PreferenceCollator
 from fastalign.losses.reward import reward_loss
-from fastalign.trainers.base import Trainer, TrainingConfig, option, pad_token_id
+from fastalign.trainers.config import TrainingConfig, option, pad_token_id
+from fastalign.trainers.loop import Trainer
 
 __all__ = ["RewardConfig", "RewardTrainer"]
 

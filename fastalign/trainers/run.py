@@ -16,9 +16,10 @@ import torch
 
 from fastalign import assets, data
 from fastalign.trainers import distributed
-from fastalign.trainers.base import Trainer, TrainingConfig, TrainResult, pad_token_id
+from fastalign.trainers.config import TrainingConfig, pad_token_id
 from fastalign.trainers.dpo import DPOConfig, DPOTrainer, loss_memory_report
 from fastalign.trainers.kto import KTOConfig, KTOTrainer
+from fastalign.trainers.loop import Trainer, TrainResult
 from fastalign.trainers.ppo import GRPOConfig, PPOConfig, PPOTrainer, encode_prompt_examples
 from fastalign.trainers.reward import RewardConfig, RewardTrainer
 from fastalign.trainers.sft import SFTConfig, SFTTrainer

@@ -18,7 +18,8 @@ from torch import nn
 
 from fastalign import hf
 from fastalign.data import SFTCollator
-from fastalign.trainers.base import Trainer, TrainingConfig, option, pad_token_id
+from fastalign.trainers.config import TrainingConfig, option, pad_token_id
+from fastalign.trainers.loop import Trainer
 
 __all__ = ["SFTConfig", "SFTTrainer"]
 

@@ -1,0 +1,145 @@
+"""The options every trainer shares, and the checks that reject a bad one before training starts.
+
+A config is a dataclass whose fields are made with :func:`option`: the default and the ``--help``
+text travel together, and ``fastalign train`` builds its command line from them
+(``fastalign.trainers.cli``). Each config validates itself in ``__post_init__``, so a bad value
+fails on construction with a message naming the option, never halfway through a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fastalign import IMPLEMENTATIONS
+from fastalign.trainers.distributed import STRATEGIES
+
+__all__ = ["LR_SCHEDULES", "REFERENCE_MODES", "TrainingConfig", "check_choice", "check_float",
+           "check_int", "check_number", "option", "pad_token_id"]
+
+LR_SCHEDULES = ("linear", "cosine", "constant")
+REFERENCE_MODES = ("auto", "copy", "precomputed", "adapters")
+
+
+def option(default, help: str):
+    """A config field with its ``--help`` text (the CLI builds its options from these)."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("mutable defaults are not options")
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainingConfig:
+    """Options shared by every trainer (the CLI exposes each as ``--option-name``).
+
+    Steps count optimizer updates; one step consumes ``batch_size × grad_accum_steps`` examples.
+    """
+
+    output_dir: str = option("fastalign-output", "where the model, metrics, plots and "
+                             "checkpoints go")
+    max_steps: int = option(100, "optimizer steps to train for")
+    batch_size: int = option(8, "examples per micro-batch (preference pairs for dpo and rm, "
+                             "prompts for ppo and grpo)")
+    grad_accum_steps: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-4, "peak learning rate of AdamW")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas, as B1,B2")
+    warmup_steps: int = option(0, "steps of linear learning-rate warm-up")
+    lr_schedule: str = option("linear", "decay after warm-up: linear or cosine (to 0 at "
+                              "max-steps), or constant")
+    max_grad_norm: float | None = option(1.0, "clip the gradient norm to this ('none': no "
+                                         "clipping)")
+    seed: int = option(0, "seed of data order, dropout and sampling")
+    bf16: bool = option(False, "bfloat16 autocast for the model and the fused head")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save "
+                                          "memory")
+    max_length: int = option(512, "longest prompt + completion in tokens (the completion's end "
+                             "is cut)")
+    max_prompt_length: int = option(256, "longest prompt in tokens (its start is cut)")
+    temperature: float = option(1.0, "the policy's logits are divided by it")
+    logging_steps: int = option(1, "write metrics every N steps")
+    eval_steps: int = option(0, "evaluate on the eval data every N steps (0: only at the end)")
+    save_steps: int = option(0, "write a checkpoint every N steps (0: none)")
+    save_total_limit: int | None = option(2, "keep only the newest N checkpoints ('none': all)")
+    resume: bool = option(False, "continue from the newest good checkpoint in output-dir")
+    progress: bool = option(True, "show a tqdm progress bar")
+    plots: bool = option(True, "write PNG training curves at the end")
+    device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    impl: str = option("auto", "fused-op implementation: auto, triton, cpp or reference")
+    distributed: str = option("auto", "several processes (torchrun, accelerate launch): ddp, "
+                              "fsdp (FSDP2: layers and head sharded), or auto (fsdp under "
+                              "accelerate's --use_fsdp, else ddp; none for one process)")
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "grad_accum_steps", "max_length",
+                    "max_prompt_length", "logging_steps")
+        for name in positive:
+            check_int(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "eval_steps", "save_steps", "seed"):
+            check_int(name, getattr(self, name), minimum=0)
+        if self.save_total_limit is not None:
+            check_int("save_total_limit", self.save_total_limit, minimum=1)
+        check_float("lr", self.lr, positive=True)
+        check_float("temperature", self.temperature, positive=True)
+        check_float("weight_decay", self.weight_decay, positive=False)
+        if self.max_grad_norm is not None:
+            check_float("max_grad_norm", self.max_grad_norm, positive=True)
+        if (not isinstance(self.adam_betas, (tuple, list)) or len(self.adam_betas) != 2
+                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas)):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("distributed", self.distributed, STRATEGIES)
+        check_choice("impl", self.impl, IMPLEMENTATIONS)
+        for field in dataclasses.fields(self):  # subclasses' switches too
+            value = getattr(self, field.name)
+            if field.type in ("bool", bool) and not isinstance(value, bool):
+                raise ValueError(f"{field.name} must be True or False, got {value!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got "
+                                 f"{self.device!r}") from None
+
+
+def check_int(name: str, value, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_float(name: str, value, *, positive: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got "
+                         f"{value!r}")
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_number(name: str, value, *, low: float, high: float | None = None,
+                 inclusive: bool = False, high_inclusive: bool = False) -> None:
+    """A finite number above ``low`` (or equal, ``inclusive``) and below ``high`` if given."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = value >= low if inclusive else value > low
+        if high is not None:
+            ok = ok and (value <= high if high_inclusive else value < high)
+    if not ok:
+        bounds = f"{'[' if inclusive else '('}{low}, "
+        bounds += f"{high}{']' if high_inclusive else ')'}" if high is not None else "inf)"
+        raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else its eos token."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
+    return pad
