@@ -17,7 +17,8 @@ from torch import nn
 
 from fastalign import hf
 from fastalign.data import PreferenceCollator
-from fastalign.losses.dpo import DPO_LOSS_TYPES, dpo_loss
+from fastalign.losses.dpo import dpo_loss
+from fastalign.losses.options import DPO_LOSS_TYPES, DPOOptions
 from fastalign.trainers.config import (
     REFERENCE_MODES,
     TrainingConfig,
@@ -59,13 +60,12 @@ class DPOConfig(TrainingConfig):
         check_float("beta", self.beta, positive=True)
         if self.loss_weights is not None:
             self.loss_weights = tuple(self.loss_weights)
-        # The loss checks the rest (label smoothing and the types that use it, the weights):
-        # run it once on one dummy pair, so that a bad option stops the run before training.
-        zero = torch.zeros(1)
-        dpo_loss(zero, zero, zero, zero, beta=self.beta, loss_type=names,
-                 loss_weights=self.loss_weights, label_smoothing=self.label_smoothing,
-                 chosen_lengths=torch.ones(1), rejected_lengths=torch.ones(1),
-                 chosen_nll=torch.zeros(()))
+        # The loss's own options object checks the rest (label smoothing and the types that use
+        # it, the weights), so a bad option stops the run before training; the trainer passes it
+        # whole to the loss.
+        self.loss_options = DPOOptions(beta=self.beta, loss_type=names,
+                                       loss_weights=self.loss_weights,
+                                       label_smoothing=self.label_smoothing)
 
 
 class DPOTrainer(ReferenceTrainer):
@@ -105,10 +105,9 @@ class DPOTrainer(ReferenceTrainer):
         chosen_lengths, rejected_lengths = policy.lengths.clamp(min=1).chunk(2)
         chosen_nll = -chosen_logps.sum() / policy.lengths.chunk(2)[0].sum().clamp(min=1)
         return dpo_loss(
-            chosen_logps, rejected_logps, ref[:, 0], ref[:, 1], beta=config.beta,
-            loss_type=config.loss_type, loss_weights=config.loss_weights,
-            label_smoothing=config.label_smoothing, chosen_lengths=chosen_lengths,
+            chosen_logps, rejected_logps, ref[:, 0], ref[:, 1], chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths, chosen_nll=chosen_nll,
+            options=config.loss_options,
         )
 
 

@@ -35,6 +35,7 @@ from torch import nn
 from fastalign import hf
 from fastalign.data import KTOCollator
 from fastalign.losses.kto import kto_loss
+from fastalign.losses.options import KTOOptions
 from fastalign.trainers.config import (
     REFERENCE_MODES,
     TrainingConfig,
@@ -78,6 +79,8 @@ class KTOConfig(TrainingConfig):
         if self.desirable_weight == 0 and self.undesirable_weight == 0:
             raise ValueError("desirable_weight and undesirable_weight are both 0: nothing to "
                              "train")
+        self.loss_options = KTOOptions(beta=self.beta, desirable_weight=self.desirable_weight,
+                                       undesirable_weight=self.undesirable_weight)
         check_choice("reference", self.reference, REFERENCE_MODES)
         check_choice("kl_pairing", self.kl_pairing, KL_PAIRINGS)
         if self.reference == "precomputed" and self.kl_pairing == "batch":
@@ -198,9 +201,7 @@ class KTOTrainer(ReferenceTrainer):
                                              **options)
         ref = self.batch_reference_logps(batch)
         return kto_loss(policy.sum_logps, ref[:, 0], policy_kl.sum_logps, ref[:, 1],
-                        batch["desirable"], beta=config.beta,
-                        desirable_weight=config.desirable_weight,
-                        undesirable_weight=config.undesirable_weight,
+                        batch["desirable"], options=config.loss_options,
                         process_group=self.dist.group)
 
     def merge_metrics(self, parts) -> dict[str, float]:

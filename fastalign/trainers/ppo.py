@@ -37,6 +37,7 @@ truncates what is sampled. Dropout makes the rollout log-probs random: use a mod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -267,11 +268,9 @@ class PPOTrainer(Trainer):
         kl_coef = self.kl_controller.value if kl_coef is None else kl_coef
         ppo = config.mode == "ppo"
         exact = config.kl_estimator == "exact"
-        loss_fn = FusedPPOLoss(
-            clip=config.clip, clip_high=config.clip_high, kl_coef=0.0 if ppo else kl_coef,
-            kl_estimator=config.kl_estimator, vf_coef=config.vf_coef, vf_clip=config.vf_clip,
-            ent_coef=config.ent_coef, loss_agg=config.loss_agg, impl=config.impl,
-            **self.options)
+        loss_options = dataclasses.replace(config.loss_options,
+                                           kl_coef=0.0 if ppo else kl_coef)
+        loss_fn = FusedPPOLoss(options=loss_options, impl=config.impl, **self.options)
         input_ids, attention_mask = rollout.input_ids[rows], rollout.attention_mask[rows]
         kwargs = {}
         with self.autocast():

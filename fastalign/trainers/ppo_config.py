@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from fastalign.losses.kl import KL_ESTIMATORS
 from fastalign.losses.masked import AGGREGATION_NAMES
+from fastalign.losses.options import PPOOptions
 from fastalign.trainers.config import (
     TrainingConfig,
     check_choice,
@@ -120,6 +121,12 @@ class PPOConfig(TrainingConfig):
         check_choice("reference", self.reference, ROLLOUT_REFERENCE_MODES)
         if self.reward_fn is not None:
             resolve_reward_fn(self.reward_fn)  # an unknown name fails now, not after loading
+        # What the update's loss takes, passed to it whole; kl_coef is the start value (the
+        # adaptive controller and mode ppo, whose KL is in the rewards, override it per update).
+        self.loss_options = PPOOptions(
+            clip=self.clip, clip_high=self.clip_high, kl_coef=self.kl_coef,
+            kl_estimator=self.kl_estimator, vf_coef=self.vf_coef, vf_clip=self.vf_clip,
+            ent_coef=self.ent_coef, loss_agg=self.loss_agg)
 
 
 @dataclass
