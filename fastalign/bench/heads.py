@@ -1,9 +1,10 @@
 """What the benchmarked ops share: all three take hidden states through an LM head.
 
 The shape of one problem (N tokens, hidden size H, vocabulary V, optional softcap), random heads
-whose logits have a realistic spread, a reference head close to the policy's, and the logits as
-eager PyTorch computes them. ``linear_kl`` and ``dpo`` also share how their ground truth is
-computed and judged (``GROUND_TRUTH_TOLERANCES``).
+whose logits have a realistic spread, a reference head close to the policy's, the logits as eager
+PyTorch computes them, and the per-token ground truth computed a chunk of tokens at a time
+(``linear_logprobs``, ``linear_kl``). ``linear_kl`` and ``dpo`` also judge their providers alike
+(``GROUND_TRUTH_TOLERANCES``).
 """
 
 from __future__ import annotations
