@@ -66,8 +66,8 @@ ext_modules, cmdclass = _extension_modules()
 setup(
     # kernels/ lives at the top of the repository but is installed as fastalign.kernels:
     # a top-level module named `kernels` would clash with other projects.
-    packages=["fastalign", "fastalign.assets", "fastalign.kernels", "fastalign.losses",
-              "fastalign.ops", "fastalign.trainers"],
+    packages=["fastalign", "fastalign.assets", "fastalign.bench", "fastalign.kernels",
+              "fastalign.losses", "fastalign.ops", "fastalign.trainers"],
     package_dir={"fastalign": "fastalign", "fastalign.kernels": "kernels"},
     package_data={"fastalign": ["py.typed"],
                   "fastalign.assets": ["tiny-llama/*.json", "data/*.jsonl"]},

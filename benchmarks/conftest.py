@@ -6,8 +6,10 @@ Run ``pytest benchmarks --benchmark-only`` (a small shape). Add ``--bench-full``
 (cuda when available; float32 on cpu, bfloat16 on cuda). ``FASTALIGN_BENCH_ROUNDS`` sets the
 number of timed rounds.
 
-A test module sets ``BENCH_OP`` ("linear_kl", "dpo": ``fastalign.bench_alignment``; default
-"linear_logprobs": ``fastalign.bench``) to choose the providers and modes it is parametrized over.
+A test module sets ``BENCH_OP``, a name in ``fastalign.bench.registry.BENCHMARKS``: its tests are
+parametrized over that op's providers and modes, and the op's inputs, providers, ground truth,
+FLOP count and memory measurement are the harness's (``fastalign.bench``), as in
+``fastalign bench``; only the timing loop is pytest-benchmark's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from fastalign import bench, bench_alignment
+from fastalign.bench import harness
+from fastalign.bench.registry import BENCHMARKS, get_benchmark
+
+SHAPE_IDS = ("small", "default")
 
 
 def pytest_addoption(parser):
@@ -36,63 +41,60 @@ def bench_device() -> str:
 
 def bench_dtype(device: str) -> torch.dtype:
     name = os.environ.get("FASTALIGN_BENCH_DTYPE")
-    return bench.DTYPES[name] if name else bench.default_dtype(device)
+    return harness.DTYPES[name] if name else harness.default_dtype(device)
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrize benchmark tests over shapes × providers × modes, shape by shape, for the op
+    named by the module's ``BENCH_OP``."""
+    names = ("shape_id", "provider_name", "mode")
+    if all(name in metafunc.fixturenames for name in names):
+        benchmark = BENCHMARKS[metafunc.module.BENCH_OP]
+        cases = [(shape_id, provider, mode) for shape_id in SHAPE_IDS
+                 for provider in benchmark.providers for mode in benchmark.modes]
+        metafunc.parametrize(",".join(names), cases, ids=["-".join(case) for case in cases])
 
 
 @dataclass
-class ShapeCase:
-    """Inputs, float32 reference and eager's own error at one shape, plus per-provider checks."""
+class Case:
+    """Inputs, ground truth and eager's own error for one (op, shape), plus per-provider checks."""
 
-    inputs: bench.BenchInputs
-    reference: bench.Outputs
+    inputs: object
+    reference: harness.Outputs
     eager_errors: dict[str, float] | None
-    checks: dict[str, bench.CheckResult | BaseException] = field(default_factory=dict)
+    checks: dict[str, harness.CheckResult | BaseException] = field(default_factory=dict)
 
 
 class BenchState:
-    """Holds the current shape's case only (the suite runs shape by shape) and the matmul rate."""
+    """Holds one (op, shape) case at a time (the suite runs op by op, shape by shape) and the
+    device's matmul rate."""
 
     def __init__(self, device: str, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
-        self.shapes = bench_shapes(device)
-        self._case: tuple[bench.Shape, ShapeCase] | None = None
+        self._case: tuple[tuple[str, object], Case] | None = None
         self._matmul: float | None = None
 
-    def case(self, shape: bench.Shape) -> ShapeCase:
-        if self._case is None or self._case[0] != shape:
-            self._case = None  # free the previous shape first
-            inputs = bench.make_inputs(shape, self.dtype, self.device)
-            reference = bench.reference_outputs(inputs)
-            self._case = (shape, ShapeCase(inputs, reference,
-                                           bench.eager_reference_errors(inputs, reference)))
+    def shape(self, op_name: str, shape_id: str):
+        benchmark = get_benchmark(op_name)
+        if shape_id == "small":
+            return benchmark.small_shape(self.device)
+        return benchmark.default_shapes(self.device)[0]
+
+    def case(self, op_name: str, shape) -> Case:
+        key = (op_name, shape)
+        if self._case is None or self._case[0] != key:
+            self._case = None  # free the previous case first
+            benchmark = get_benchmark(op_name)
+            inputs = benchmark.make_inputs(shape, self.dtype, self.device)
+            reference = benchmark.reference(inputs)
+            self._case = (key, Case(inputs, reference, benchmark.eager_errors(inputs, reference)))
         return self._case[1]
 
     @property
     def matmul_tflops(self) -> float:
         if self._matmul is None:
-            self._matmul = bench.matmul_tflops(self.device, self.dtype)
+            self._matmul = harness.matmul_tflops(self.device, self.dtype)
         return self._matmul
-
-
-def bench_shapes(device: str) -> dict[str, bench.Shape]:
-    return {"small": bench.small_shape(device), "default": bench.default_shapes(device)[0]}
-
-
-def pytest_generate_tests(metafunc):
-    """Parametrize benchmark tests over shapes × providers × modes, shape by shape, for the op
-    named by the module's ``BENCH_OP`` (default linear_logprobs)."""
-    names = ("shape_id", "provider_name", "mode")
-    if all(name in metafunc.fixturenames for name in names):
-        op_name = getattr(metafunc.module, "BENCH_OP", bench.OP)
-        if op_name == bench.OP:
-            shape_ids, providers, modes = bench_shapes(bench_device()), bench.PROVIDER_NAMES, \
-                bench.MODES
-        else:
-            op = bench_alignment.get_op(op_name)
-            shape_ids, providers, modes = ("small", "default"), op.providers, op.modes
-        cases = [(shape_id, provider, mode) for shape_id in shape_ids
-                 for provider in providers for mode in modes]
-        metafunc.parametrize(",".join(names), cases, ids=["-".join(case) for case in cases])
 
 
 @pytest.fixture(scope="session")
@@ -109,114 +111,73 @@ def bench_full(request) -> bool:
         "FASTALIGN_BENCH_FULL", "0") == "1"
 
 
-# ----------------------------------------------------------------------------------------------
-# linear_kl and dpo (fastalign.bench_alignment)
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AlignmentCase:
-    """Inputs, ground truth and eager's own error for one (op, shape), plus per-provider checks."""
-
-    inputs: object
-    reference: dict[str, torch.Tensor]
-    eager_errors: dict[str, float] | None
-    checks: dict[str, bench_alignment.CheckResult | BaseException] = field(default_factory=dict)
-
-
-class AlignmentBenchState:
-    """Holds one (op, shape) case at a time (the suite runs op by op, shape by shape)."""
-
-    def __init__(self, device: str, dtype: torch.dtype, matmul: BenchState):
-        self.device, self.dtype = device, dtype
-        self._matmul_state = matmul
-        self._case: tuple[tuple[str, object], AlignmentCase] | None = None
-
-    def shape(self, op_name: str, shape_id: str):
-        op = bench_alignment.get_op(op_name)
-        return op.small_shape(self.device) if shape_id == "small" else (
-            op.default_shapes(self.device)[0])
-
-    def case(self, op_name: str, shape) -> AlignmentCase:
-        key = (op_name, shape)
-        if self._case is None or self._case[0] != key:
-            self._case = None  # free the previous case first
-            op = bench_alignment.get_op(op_name)
-            inputs = op.make_inputs(shape, self.dtype, self.device)
-            reference = op.reference(inputs)
-            errors = bench_alignment.eager_reference_errors(op, inputs, reference)
-            self._case = (key, AlignmentCase(inputs, reference, errors))
-        return self._case[1]
-
-    @property
-    def matmul_tflops(self) -> float:
-        return self._matmul_state.matmul_tflops
-
-
-@pytest.fixture(scope="session")
-def alignment_state(bench_state) -> AlignmentBenchState:
-    return AlignmentBenchState(bench_state.device, bench_state.dtype, bench_state)
-
-
 @pytest.fixture
-def alignment_bench(benchmark, alignment_state, bench_full):
-    """``alignment_bench(op_name, shape_id, provider_name, mode)`` runs one benchmark of
-    test_bench_linear_kl.py or test_bench_dpo.py (see ``_run_alignment_benchmark``)."""
+def op_bench(benchmark, bench_state, bench_full):
+    """``op_bench(op_name, shape_id, provider_name, mode)`` runs one benchmark of a
+    ``test_bench_<op>.py`` module (see ``_run_op_benchmark``)."""
 
     def run(op_name: str, shape_id: str, provider_name: str, mode: str) -> None:
-        _run_alignment_benchmark(benchmark, alignment_state, bench_full, op_name, shape_id,
-                                 provider_name, mode)
+        _run_op_benchmark(benchmark, bench_state, bench_full, op_name, shape_id, provider_name,
+                          mode)
 
     return run
 
 
-def _run_alignment_benchmark(benchmark, state: AlignmentBenchState, full: bool, op_name: str,
-                             shape_id: str, provider_name: str, mode: str) -> None:
+def _checked_provider(state: BenchState, op_name: str, shape, name: str) -> harness.Provider:
+    """The provider, checked once per shape against the ground truth; skip or fail otherwise."""
+    op = get_benchmark(op_name)
+    try:
+        provider = op.make_provider(name, state.device, state.dtype, shape.softcap)
+    except harness.ProviderUnavailable as exc:
+        pytest.skip(f"{name}: {exc}")
+    case = state.case(op_name, shape)
+    if name not in case.checks:
+        try:
+            case.checks[name] = op.check_provider(provider, case.inputs, case.reference,
+                                                  case.eager_errors)
+        except Exception as exc:  # noqa: BLE001 - peers that fail to run are skipped
+            if name.startswith("fastalign"):
+                raise
+            case.checks[name] = exc
+    check = case.checks[name]
+    if isinstance(check, BaseException):
+        pytest.skip(f"{name} failed to run: {type(check).__name__}: {check}")
+    if not check.ok:
+        pytest.fail(f"{name} disagrees with the {op.truth} at {shape}: {check.describe()}")
+    return provider
+
+
+def _run_op_benchmark(benchmark, state: BenchState, full: bool, op_name: str, shape_id: str,
+                      provider_name: str, mode: str) -> None:
     """Check the provider once per shape against the ground truth, measure peak memory, time
     ``mode`` with pytest-benchmark and store memory, TFLOP/s and the fraction of the matmul rate
     in ``benchmark.extra_info``. Works under ``--benchmark-disable`` too (one untimed call)."""
     if shape_id != "small" and not full:
         pytest.skip("the default shape runs with --bench-full or FASTALIGN_BENCH_FULL=1")
-    op = bench_alignment.get_op(op_name)
+    op = get_benchmark(op_name)
     shape = state.shape(op_name, shape_id)
-    try:
-        provider = op.make_provider(provider_name, state.device, state.dtype)
-    except bench.ProviderUnavailable as exc:
-        pytest.skip(f"{provider_name}: {exc}")
-    case = state.case(op_name, shape)
-    if provider_name not in case.checks:
-        try:
-            case.checks[provider_name] = bench_alignment.check_provider(
-                op, provider, case.inputs, case.reference, case.eager_errors)
-        except Exception as exc:  # noqa: BLE001 - peers that fail to run are skipped
-            if provider_name.startswith("fastalign"):
-                raise
-            case.checks[provider_name] = exc
-    check = case.checks[provider_name]
-    if isinstance(check, BaseException):
-        pytest.skip(f"{provider_name} failed to run: {type(check).__name__}: {check}")
-    if not check.ok:
-        pytest.fail(f"{provider_name} disagrees with the ground truth at {shape}: "
-                    f"{check.describe()}")
-
+    provider = _checked_provider(state, op_name, shape, provider_name)
     device = torch.device(state.device)
-    fn = op.make_mode_fn(provider, case.inputs, mode)
-    peak_bytes = bench.measure_mode_memory(fn, device)
+    fn = op.make_mode_fn(provider, state.case(op_name, shape).inputs, mode)
+    peak_bytes = harness.measure_mode_memory(fn, device)
 
     def setup():
-        return (fn.setup(),), {}
+        arg = fn.setup()
+        harness.synchronize(device)  # the forward of mode "backward" stays outside the timing
+        return (arg,), {}
 
     def target(arg):
         fn.run(arg)
-        bench.synchronize(device)
+        harness.synchronize(device)
 
     rounds = int(os.environ.get("FASTALIGN_BENCH_ROUNDS", "10" if shape_id == "small" else "3"))
-    benchmark.group = f"{op_name} {shape} {bench.dtype_name(state.dtype)} {mode}"
+    benchmark.group = f"{op_name} {shape} {harness.dtype_name(state.dtype)} {mode}"
     benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=1)
     benchmark.extra_info.update({
-        "op": op_name, "provider": provider_name, "mode": mode, **op.shape_columns(shape),
-        "dtype": bench.dtype_name(state.dtype), "device": bench.device_name(device),
-        "peak_mem_mb": peak_bytes / 2**20, "note": provider.note,
+        "op": op_name, "provider": provider_name, "mode": mode, "softcap": shape.softcap,
+        **op.shape_columns(shape), "dtype": harness.dtype_name(state.dtype),
+        "device": harness.device_name(device), "peak_mem_mb": peak_bytes / 2**20,
+        "note": provider.note,
     })
     if benchmark.stats is not None:  # None under --benchmark-disable
         tflops = op.flops(mode, shape) / benchmark.stats.stats.median / 1e12

@@ -9,92 +9,97 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 
-_BENCH_DESCRIPTION = """\
+_BENCH_INTRO = """\
 Benchmark one op of fastalign against eager PyTorch, torch.compile and other providers. Every
 provider is first checked against a ground truth (values and gradients), then timed (CUDA:
 triton.testing.do_bench; CPU: a warm-up plus repeated timed calls) and its peak memory measured
 in a separate call (the workspace beyond the inputs and what the call returns), for each mode.
-Writes OUTPUT/<op>_<device>_<date>.csv, .png and .md, and prints the table.
+Writes OUTPUT/<op>_<device>_<date>.csv, .png and .md, and prints the table."""
 
-Ops (--op):
-  linear_logprobs  fastalign.linear_logprobs vs eager, torch.compile,
-                   torch.nn.functional.linear_cross_entropy and (on CUDA, when installed)
-                   Liger-Kernel and Cut Cross-Entropy; modes forward, backward, full.
-  linear_kl        fastalign.linear_kl (exact per-token KL of a policy head against a frozen
-                   reference head) vs eager (both heads' logits materialised) and
-                   torch.compile; modes forward, full (gradients of the policy side only).
-  dpo              one DPO step's loss work: FusedDPOLoss(beta=0.1) on 2B sequences (chosen
-                   stacked on rejected) vs TRL-style eager ([2B, T, V] logits for policy and
-                   reference, log_softmax, gather, masked sums, dpo_loss) and torch.compile;
-                   modes forward, full (loss, then gradients of hidden and weight).
-"""
+_HELP_WIDTH = 95
 
-_BENCH_EPILOG = """\
-Shapes (--shapes, one or more, comma-separated integers, SOFTCAP optional, 0 = none):
-  linear_logprobs, linear_kl  N,H,V[,SOFTCAP]    N tokens, hidden size H, vocabulary V
-  dpo                         B,T,H,V[,SOFTCAP]  B pairs (2B sequences) of T tokens each
 
-Default shapes:
-  linear_logprobs  CPU 2048,1024,32000 float32; CUDA the Llama-3 (H=4096, V=128256), Qwen2.5
-                   (H=3584, V=152064) and Gemma-2 (H=2304, V=256000, softcap 30) heads at
-                   N = 4096, 8192, 16384, bfloat16
-  linear_kl        CPU 1024,1024,32000 float32; CUDA the Llama-3 head at N = 4096, 8192, bf16
-  dpo              CPU 2,512,1024,32000 float32; CUDA 4,1024,4096,128256 (Llama-3), bf16
+def _help_rows(rows: Sequence[tuple[str, str]]) -> list[str]:
+    """``name  text`` rows, the text wrapped and aligned after the longest name."""
+    indent = 2 + max(len(name) for name, _ in rows) + 2
+    return [textwrap.fill(text, _HELP_WIDTH, initial_indent=f"  {name}".ljust(indent),
+                          subsequent_indent=" " * indent, break_on_hyphens=False)
+            for name, text in rows]
 
-Credited FLOPs (the same for every provider; frac_of_matmul compares with a large torch.mm
-measured in the same run):
-  linear_logprobs  forward 2*N*H*V, backward 6*N*H*V, full 8*N*H*V
-  linear_kl        forward 4*N*H*V, full 12*N*H*V (backward recomputes both heads)
-  dpo              N = 2*B*T; forward 4*N*H*V, full 10*N*H*V (policy 8, reference 2)
 
-Examples:
-  fastalign bench --device cpu --shapes 256,128,4000 --output /tmp/bench
-  fastalign bench --op linear_kl --device cpu --shapes 256,128,4000,30 --output /tmp/bench
-  fastalign bench --op dpo --device cpu --shapes 2,64,128,4000 --output /tmp/bench
-"""
+def _ops_by(benchmarks, key: Callable) -> dict:
+    """Op names grouped by ``key(benchmark)``, in the registry's order."""
+    groups: dict = {}
+    for benchmark in benchmarks:
+        groups.setdefault(key(benchmark), []).append(benchmark.name)
+    return groups
+
+
+def _bench_description(benchmarks) -> str:
+    ops = _help_rows([(b.name, b.describe()) for b in benchmarks])
+    return "\n".join([_BENCH_INTRO, "", "Ops (--op):", *ops]) + "\n"
+
+
+def _bench_epilog(benchmarks, default_op: str) -> str:
+    by_shape = _ops_by(benchmarks, lambda b: (b.shape_syntax, b.shape_meaning))
+    width = max(len(syntax) for syntax, _ in by_shape)
+    shapes = _help_rows([(", ".join(names), f"{syntax.ljust(width)}  {meaning}")
+                         for (syntax, meaning), names in by_shape.items()])
+    examples = [f"  fastalign bench{'' if b.name == default_op else f' --op {b.name}'} "
+                f"--device cpu --shapes {b.example_shapes} --output /tmp/bench"
+                for b in benchmarks]
+    return "\n".join([
+        "Shapes (--shapes, one or more, comma-separated integers, SOFTCAP optional, 0 = none):",
+        *shapes, "",
+        "Default shapes:", *_help_rows([(b.name, b.default_shapes_help) for b in benchmarks]), "",
+        "Credited FLOPs (the same for every provider; frac_of_matmul compares with a large "
+        "torch.mm\nmeasured in the same run):",
+        *_help_rows([(b.name, b.describe_flops()) for b in benchmarks]), "",
+        "Examples:", *examples,
+    ]) + "\n"
 
 
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:
-    from fastalign import bench, bench_alignment
+    from fastalign.bench import harness, registry
 
-    ops = ("linear_logprobs", *bench_alignment.OPS)
-    providers = tuple(dict.fromkeys(
-        bench.PROVIDER_NAMES + tuple(name for op in bench_alignment.OPS.values()
-                                     for name in op.providers)))
+    benchmarks = list(registry.BENCHMARKS.values())
     parser = subparsers.add_parser(
         "bench",
-        help="benchmark an op (linear_logprobs, linear_kl, dpo) against eager PyTorch and "
+        help=f"benchmark an op ({', '.join(registry.BENCHMARKS)}) against eager PyTorch and "
              "other providers",
-        description=_BENCH_DESCRIPTION,
-        epilog=_BENCH_EPILOG,
+        description=_bench_description(benchmarks),
+        epilog=_bench_epilog(benchmarks, registry.DEFAULT),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--op", choices=ops, default="linear_logprobs",
+        "--op", choices=tuple(registry.BENCHMARKS), default=registry.DEFAULT,
         help="what to benchmark (default: %(default)s)")
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default=None,
         help="device to run on (default: cuda when available, else cpu)")
     parser.add_argument(
         "--shapes", nargs="+", metavar="SHAPE", default=None,
-        help="problem shapes: N,H,V[,SOFTCAP] for linear_logprobs and linear_kl, "
-             "B,T,H,V[,SOFTCAP] for dpo (default: the op's default shapes on the device, "
-             "see below)")
+        help="problem shapes: " + ", ".join(
+            f"{syntax} for {' and '.join(names)}" for syntax, names in
+            _ops_by(benchmarks, lambda b: b.shape_syntax).items())
+        + " (default: the op's default shapes on the device, see below)")
     parser.add_argument(
-        "--dtype", choices=tuple(bench.DTYPES), default=None,
+        "--dtype", choices=tuple(harness.DTYPES), default=None,
         help="dtype of hidden and weight (default: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument(
-        "--providers", nargs="+", choices=providers, default=None, metavar="PROVIDER",
+        "--providers", nargs="+", choices=registry.all_providers(), default=None,
+        metavar="PROVIDER",
         help="providers to compare (default: all of the op's; those that cannot run are listed "
-             "as skipped); linear_logprobs: " + ", ".join(bench.PROVIDER_NAMES) + "; " + "; ".join(
-                 f"{name}: {', '.join(op.providers)}"
-                 for name, op in bench_alignment.OPS.items()))
+             "as skipped); " + "; ".join(f"{b.name}: {', '.join(b.providers)}"
+                                         for b in benchmarks))
     parser.add_argument(
-        "--modes", nargs="+", choices=bench.MODES, default=None,
-        help="which passes to time (default: all of the op's: linear_logprobs forward, backward, "
-             "full; linear_kl and dpo forward, full)")
+        "--modes", nargs="+", choices=registry.all_modes(), default=None,
+        help="which passes to time (default: all of the op's: " + "; ".join(
+            f"{' and '.join(names)} {', '.join(modes)}" for modes, names in
+            _ops_by(benchmarks, lambda b: b.modes).items()) + ")")
     parser.add_argument(
         "--softcap", type=float, default=None, metavar="X",
         help="final-logit softcap for every shape, overriding the shapes' own (0: none)")
@@ -133,43 +138,38 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fastalign import bench, bench_alignment
+    from fastalign.bench import harness, registry
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         return _bench_error("--device cuda, but torch.cuda.is_available() is False")
-    op = None if args.op == "linear_logprobs" else bench_alignment.get_op(args.op)
-    parse_shape = bench.parse_shape if op is None else op.parse_shape
+    benchmark = registry.get_benchmark(args.op)
     try:
-        shapes = [parse_shape(text) for text in args.shapes or ()]
+        shapes = [benchmark.parse_shape(text) for text in args.shapes or ()]
     except ValueError as exc:
         return _bench_error(f"argument --shapes: {exc}")
-    shapes = shapes or (bench.default_shapes(device) if op is None else op.default_shapes(device))
+    shapes = shapes or benchmark.default_shapes(device)
     if args.softcap is not None:
         shapes = [dataclasses.replace(shape, softcap=args.softcap or None) for shape in shapes]
-    op_modes = bench.MODES if op is None else op.modes
-    op_providers = bench.PROVIDER_NAMES if op is None else op.providers
-    modes = tuple(mode for mode in op_modes if mode in (args.modes or op_modes))
-    wrong_modes = sorted(set(args.modes or ()) - set(op_modes))
+    modes = tuple(mode for mode in benchmark.modes if mode in (args.modes or benchmark.modes))
+    wrong_modes = sorted(set(args.modes or ()) - set(benchmark.modes))
     if wrong_modes:
-        return _bench_error(f"--op {args.op} has modes {', '.join(op_modes)}, not "
+        return _bench_error(f"--op {args.op} has modes {', '.join(benchmark.modes)}, not "
                             f"{', '.join(wrong_modes)}")
-    wrong_providers = [name for name in args.providers or () if name not in op_providers]
+    wrong_providers = [name for name in args.providers or () if name not in benchmark.providers]
     if wrong_providers:
-        return _bench_error(f"--op {args.op} has providers {', '.join(op_providers)}, not "
+        return _bench_error(f"--op {args.op} has providers {', '.join(benchmark.providers)}, not "
                             f"{', '.join(wrong_providers)}")
-    dtype = bench.DTYPES[args.dtype] if args.dtype else bench.default_dtype(device)
-    config = bench.BenchConfig(
+    dtype = harness.DTYPES[args.dtype] if args.dtype else harness.default_dtype(device)
+    config = harness.BenchConfig(
         device=device, dtype=dtype, shapes=shapes, providers=args.providers, modes=modes,
-        timing=bench.TimingOptions(warmup=args.warmup, reps=args.reps, cuda_rep_ms=args.rep_ms),
+        timing=harness.TimingOptions(warmup=args.warmup, reps=args.reps,
+                                     cuda_rep_ms=args.rep_ms),
         on_mismatch=args.on_mismatch, seed=args.seed, progress=not args.no_progress,
     )
-    if op is None:
-        result = bench.run_benchmark(config)
-    else:
-        result = bench_alignment.run_benchmark(args.op, config)
-    paths = bench.write_outputs(result, args.output)
-    print(bench.format_table(result))
+    result = harness.run_benchmark(benchmark, config)
+    paths = harness.write_outputs(result, args.output)
+    print(harness.format_table(result))
     print()
     for path in paths.values():
         print(f"wrote {path}")

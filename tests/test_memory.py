@@ -5,7 +5,7 @@ import torch
 from helpers import impl_is_available
 
 from fastalign import linear_logprobs
-from fastalign.memory import cpu_peak_supported, measure_peak_memory
+from fastalign.bench.memory import cpu_peak_supported, measure_peak_memory
 
 N, H, V = 4096, 64, 131072
 FULL_LOGITS_BYTES = N * V * 4  # 2 GiB in float32

@@ -65,7 +65,8 @@ def test_wheel_layout(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("kernels/linear_logprobs.py", "kernels/linear_kl.py", "kernels/gae.py",
                    "losses/dpo.py", "losses/ppo.py", "fused.py", "hf.py", "data.py",
-                   "trainers/loop.py", "trainers/dpo.py", "assets/tiny-llama/config.json",
+                   "trainers/loop.py", "trainers/dpo.py", "bench/harness.py", "bench/memory.py",
+                   "assets/tiny-llama/config.json",
                    "assets/tiny-llama/tokenizer.json", "assets/data/preferences.jsonl"):
         assert f"fastalign/{module}" in names, module
     assert "fastalign/ops/linear_logprobs.py" in names

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from fastalign import assets, data
+from fastalign.bench.dpo_memory import loss_memory_report
 from fastalign.trainers import distributed
 from fastalign.trainers.config import TrainingConfig, pad_token_id
-from fastalign.trainers.dpo import DPOConfig, DPOTrainer, loss_memory_report
+from fastalign.trainers.dpo import DPOConfig, DPOTrainer
 from fastalign.trainers.kto import KTOConfig, KTOTrainer
 from fastalign.trainers.loop import Trainer, TrainResult
 from fastalign.trainers.ppo import GRPOConfig, PPOConfig, PPOTrainer, encode_prompt_examples
@@ -229,7 +230,11 @@ def format_summary(job: Job, trainer: Trainer, result: TrainResult) -> str:
         if shown:
             lines.append(f"  {title}: " + ", ".join(f"{key} {value:.4f}" for key, value in shown))
     if isinstance(trainer, DPOTrainer) and not trainer.dist.enabled:
-        lines.append(loss_memory_report(trainer))
+        config = trainer.config
+        batch = trainer.batch(range(min(config.batch_size, len(trainer.train_examples))))
+        lines.append(loss_memory_report(
+            trainer.model, batch, trainer.batch_reference_logps(batch),
+            options=config.loss_options, impl=config.impl))
     for name, path in result.files.items():
         if not name.startswith("plot:"):
             lines.append(f"  {name}: {path}")

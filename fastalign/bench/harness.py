@@ -1,0 +1,839 @@
+"""The benchmark harness, the same for every op: what a benchmark declares, and how it is run.
+
+A benchmarked op is a :class:`Benchmark` (one module per op in this package, all listed in
+``fastalign.bench.registry.BENCHMARKS``): its shapes, inputs, providers, modes, FLOP formula,
+ground truth and help text. The harness does the rest, alike for every op:
+
+* **Check.** Before any timing, each provider runs forward and backward once and is compared
+  with the op's ground truth (``Benchmark.reference``): the op's value within an absolute
+  tolerance, the gradients within a tolerance relative to their largest entry, both widened by
+  ``EAGER_ERROR_FACTOR`` times eager PyTorch's own error in the benchmark dtype (flash-attention
+  and CCE judge low-precision kernels this way). A disagreement raises ``ProviderMismatchError``
+  (or, with ``on_mismatch="skip"``, skips the provider with a loud note).
+* **Time.** A mode is a :class:`ModeFn`: an untimed ``setup`` (``backward`` runs the forward pass
+  there) and a timed ``run``. CUDA: ``triton.testing.do_bench``, or CUDA events around ``run``
+  alone when there is a setup (do_bench has none); CPU: a warm-up, then a timer around repeated
+  calls. Median, 20th and 80th percentiles.
+* **Measure memory**, in a separate untimed call: the workspace ``run`` adds beyond its inputs
+  and beyond what it returns (``measure_mode_memory``; the peak itself is ``bench.memory``'s).
+* **Credit FLOPs** from the op's written formula, the same for every provider, so that TFLOP/s
+  ranks like time, and compare with the device's own ``torch.mm`` rate.
+* **Write** ``<op>_<device>_<date>.csv`` (with the hardware and versions), ``.png`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import gc
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import fastalign
+from fastalign.bench.memory import measure_peak_memory
+
+MODES = ("forward", "backward", "full")  # every mode an op may have, in the order shown
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Low-precision providers may also be off by this multiple of eager PyTorch's own error in the
+# same dtype: |ref − ours| ≤ k·|ref − eager| + tolerance.
+EAGER_ERROR_FACTOR = 2.0
+APPROX_GRAD_RTOL = 0.2  # providers that skip small gradients by design (CCE's default)
+# Metrics columns of every CSV, after the op's shape columns.
+METRIC_COLUMNS = ("dtype", "ms_median", "ms_p20", "ms_p80", "tflops", "frac_of_matmul",
+                  "peak_mem_mb", "device", "torch", "triton", "date")
+
+_MiB = 1024 * 1024
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dims(text: str, dims: str, what: str = "shape") -> tuple[list[int], float | None]:
+    """Split ``text``, ``dims`` (names such as ``"N,H,V"``) optionally followed by ``,SOFTCAP``,
+    into the integers and the softcap (None when absent or 0). Range checks are the op's."""
+    parts = [part.strip() for part in text.split(",")]
+    count = len(dims.split(","))
+    if len(parts) not in (count, count + 1):
+        raise ValueError(f"a {what} is {dims} or {dims},SOFTCAP, got {text!r}")
+    try:
+        values = [int(part) for part in parts[:count]]
+        softcap = float(parts[count]) if len(parts) > count else None
+    except ValueError as exc:
+        raise ValueError(f"cannot parse {what} {text!r}: {exc}") from None
+    return values, softcap or None
+
+
+# ----------------------------------------------------------------------------------------------
+# Providers
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One way to compute the op; ``fn`` takes the op's tensors (see the op's module)."""
+
+    name: str
+    fn: Callable
+    note: str = ""  # what exactly runs (options, caveats), printed under the table
+    exact_grads: bool = True  # False: gradients are approximate by design (checked loosely)
+
+
+class ProviderUnavailable(Exception):
+    """The provider cannot run here; the message says why."""
+
+
+class ProviderMismatchError(AssertionError):
+    """A provider disagrees with the ground truth beyond tolerance."""
+
+
+def require_impl(impl: str, device: torch.device) -> None:
+    """Raise ProviderUnavailable, saying why, unless fastalign's ``impl`` runs on ``device``."""
+    # available_implementations is the one source of truth; the reason functions explain it.
+    if impl in fastalign.available_implementations(device):
+        return
+    from fastalign.ops._backends import cpp_unavailable_reason, triton_unavailable_reason
+
+    unavailable_reason = triton_unavailable_reason if impl == "triton" else cpp_unavailable_reason
+    raise ProviderUnavailable(
+        unavailable_reason(device)
+        or f"fastalign.available_implementations({device.type!r}) does not list {impl!r}")
+
+
+def fused_impl(device: torch.device) -> str:
+    """The fastalign implementation worth timing on ``device`` ("triton" on CUDA, "cpp" on CPU:
+    the Triton interpreter is far too slow), or raise ProviderUnavailable."""
+    impl = "triton" if device.type == "cuda" else "cpp"
+    require_impl(impl, device)
+    return impl
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled(name: str, fn: Callable) -> Callable:
+    """``torch.compile(fn)``, once per process and name: dynamo re-specialises per shape."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn)
+    return _COMPILED[name]
+
+
+def eager_provider(name: str, op: str, eager_fn: Callable, note: str) -> Provider | None:
+    """Provider ``eager`` (``eager_fn``, plain PyTorch) or ``compile`` (``torch.compile`` of it,
+    compiled on first use) of ``op``; None for any other name."""
+    if name == "eager":
+        return Provider("eager", eager_fn, note)
+    if name == "compile":
+        return Provider("compile", lambda *args: compiled(op, eager_fn)(*args),
+                        "torch.compile(eager)")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Correctness
+# ----------------------------------------------------------------------------------------------
+
+Outputs = dict[str, torch.Tensor]  # the op's value first, then the gradients of its inputs
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    value_atol: float  # on max|value − ref| of the op's value (log-probs, KL, the loss)
+    grad_rtol: float  # on max|grad − ref| / max|ref|, for each gradient
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    errors: dict[str, float]  # see output_errors
+    allowed: dict[str, float]
+
+    def describe(self) -> str:
+        return ", ".join(f"{key} {self.errors[key]:.2e} (allowed {self.allowed[key]:.2e})"
+                         for key in self.errors)
+
+
+def output_errors(outputs: Outputs, reference: Outputs, value_key: str) -> dict[str, float]:
+    """``value_key``: max|out − ref| (absolute); the gradients: max|out − ref| / max|ref|."""
+    errors = {}
+    for key, ref in reference.items():
+        diff = float((outputs[key].double() - ref.double()).abs().max())
+        errors[key] = diff if key == value_key else diff / max(float(ref.abs().max()), 1e-30)
+    return errors
+
+
+def check_outputs(outputs: Outputs, reference: Outputs, value_key: str, tolerance: Tolerance,
+                  eager_errors: dict[str, float] | None = None, *, slack: float = 1.0,
+                  exact_grads: bool = True) -> CheckResult:
+    """Compare with the ground truth: ``slack`` times ``tolerance`` (``APPROX_GRAD_RTOL`` for
+    approximate gradients) plus ``EAGER_ERROR_FACTOR`` times eager's own errors."""
+    errors = output_errors(outputs, reference, value_key)
+    grad_rtol = tolerance.grad_rtol if exact_grads else APPROX_GRAD_RTOL
+    allowed = {key: slack * (tolerance.value_atol if key == value_key else grad_rtol)
+               for key in errors}
+    for key in allowed:
+        if eager_errors is not None and math.isfinite(eager_errors.get(key, math.nan)):
+            allowed[key] += EAGER_ERROR_FACTOR * eager_errors[key]
+    ok = all(math.isfinite(errors[key]) and errors[key] <= allowed[key] for key in allowed)
+    return CheckResult(ok, errors, allowed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modes and timing
+# ----------------------------------------------------------------------------------------------
+
+
+def _no_setup() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ModeFn:
+    """One call of a mode is ``run(setup())``; only ``run`` is timed and memory-measured."""
+
+    run: Callable[[object], object]
+    setup: Callable[[], object] = _no_setup
+
+    @property
+    def has_setup(self) -> bool:
+        return self.setup is not _no_setup
+
+    def __call__(self) -> object:
+        return self.run(self.setup())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class TimingOptions:
+    """CPU: ``warmup`` + ``reps`` timed calls. CUDA: ``triton.testing.do_bench`` budgets in ms."""
+
+    warmup: int = 1
+    reps: int = 5
+    cuda_warmup_ms: int = 25
+    cuda_rep_ms: int = 100
+
+
+def time_fn(fn: Callable[[], object] | ModeFn, device: torch.device | str,
+            options: TimingOptions = TimingOptions()) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) milliseconds of ``fn()``, or of ``fn.run`` for a ModeFn
+    with a setup (the setup runs before every call, untimed)."""
+    device = torch.device(device)
+    setup = fn.setup if isinstance(fn, ModeFn) and fn.has_setup else None
+    run = fn.run if setup is not None else (lambda _: fn())
+    if device.type == "cuda" and setup is None:
+        import triton.testing
+
+        median, p20, p80 = triton.testing.do_bench(
+            fn, warmup=options.cuda_warmup_ms, rep=options.cuda_rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return float(median), float(p20), float(p80)
+    if device.type == "cuda":
+        times = _cuda_times_with_setup(run, setup or _no_setup, device, options)
+    else:
+        for _ in range(options.warmup):
+            run((setup or _no_setup)())
+        times = []
+        for _ in range(max(1, options.reps)):
+            state = (setup or _no_setup)()
+            start = time.perf_counter()
+            run(state)
+            times.append((time.perf_counter() - start) * 1e3)
+            del state
+    return _quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8)
+
+
+def _cuda_times_with_setup(run: Callable[[object], object], setup: Callable[[], object],
+                           device: torch.device, options: TimingOptions) -> list[float]:
+    """do_bench's recipe (flush L2, warm up and repeat for time budgets) with CUDA events around
+    ``run`` only; ``setup`` is enqueued before the start event, so its GPU work is not counted."""
+    flush = torch.empty(256 * _MiB, dtype=torch.int8, device=device)
+
+    def once() -> float:
+        state = setup()
+        flush.zero_()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        run(state)
+        end.record()
+        del state
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+
+    estimate = statistics.median(once() for _ in range(5))
+    for _ in range(max(1, int(options.cuda_warmup_ms / max(estimate, 1e-3)))):
+        once()
+    return [once() for _ in range(max(1, int(options.cuda_rep_ms / max(estimate, 1e-3))))]
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between order statistics (as ``torch.quantile`` / ``do_bench``)."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = q * (len(ordered) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def matmul_tflops(device: torch.device | str, dtype: torch.dtype, size: int | None = None,
+                  options: TimingOptions = TimingOptions()) -> float:
+    """The device's own matrix-product rate: a square ``torch.mm`` of random data in ``dtype``."""
+    device = torch.device(device)
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    median, _, _ = time_fn(lambda: torch.mm(a, b), device, options)
+    return 2 * size**3 / (median * 1e-3) / 1e12
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------
+
+
+def _tensor_bytes(value: object) -> int:
+    """Bytes held by the tensors in ``value`` (a tensor or nested tuples/lists of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
+def measure_mode_memory(fn: ModeFn, device: torch.device | str) -> int:
+    """Workspace: the peak bytes that ``fn.run`` adds on top of the memory in use after
+    ``fn.setup`` (the inputs, and for ``backward`` the saved graph), beyond what it returns.
+
+    What a call returns (the op's value; the gradients of its inputs) is the same for every
+    provider and is needed by the caller anyway, so it is left out: the number is the memory the
+    op itself costs. For ``full`` that excludes the inputs and the returned gradients.
+    """
+    state = fn.setup()
+    synchronize(torch.device(device))
+    result, peak_bytes = measure_peak_memory(lambda: fn.run(state), device)
+    state = None  # noqa: F841 - drop the graph now
+    return max(0, peak_bytes - _tensor_bytes(result))
+
+
+def measure_mode_fn(fn: ModeFn, device: torch.device, n_flops: int, timing: TimingOptions,
+                    matmul_rate: float | None = None) -> dict:
+    """Peak memory (one separate, un-timed call) then time of ``fn``; returns the metrics."""
+    peak_bytes = measure_mode_memory(fn, device)
+    ms_median, ms_p20, ms_p80 = time_fn(fn, device, timing)
+    tflops = n_flops / (ms_median * 1e-3) / 1e12
+    return {
+        "ms_median": ms_median, "ms_p20": ms_p20, "ms_p80": ms_p80, "tflops": tflops,
+        "frac_of_matmul": tflops / matmul_rate if matmul_rate else math.nan,
+        "peak_mem_mb": peak_bytes / _MiB,
+    }
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# What an op declares
+# ----------------------------------------------------------------------------------------------
+
+
+class Benchmark:
+    """One benchmarked op. A subclass (one module per op) sets the attributes and implements the
+    methods that raise NotImplementedError; checking and measuring are the same for every op.
+
+    Every shape has ``n``, ``h``, ``v`` (tokens, hidden size, vocabulary: the FLOP formula's
+    units) and ``softcap``; every provider's ``fn`` takes the op's tensors from its inputs.
+    """
+
+    name: str
+    summary: str  # what is compared with what, for `fastalign bench --help`
+    modes: tuple[str, ...]  # a subset of MODES, in its order
+    modes_note: str = ""  # what the modes compute, when not obvious
+    providers: tuple[str, ...]  # every provider name, fastalign's first
+    shape_syntax: str  # e.g. "N,H,V[,SOFTCAP]"
+    shape_meaning: str  # e.g. "N tokens, hidden size H, vocabulary V"
+    default_shapes_help: str  # the default shapes per device, in words
+    example_shapes: str  # a quick CPU shape for the examples in --help
+    flops_per_nhv: dict[str, int]  # mode -> FLOPs credited to one call, in units of N·H·V
+    flops_remark: str = ""  # after the formulas in --help
+    flops_note: str  # the sentence on FLOPs under the table's title
+    shape_columns_names: tuple[str, ...]  # the CSV's shape columns (see shape_columns)
+    value_key: str  # the key of the op's value in its Outputs
+    tolerances: dict[torch.dtype, Tolerance]
+    eager_half_precision_slack: float = 1.0  # eager's own check, in half precision, gets this ×
+    truth: str = "reference"  # what the messages call the ground truth
+
+    # -- to implement ----------------------------------------------------------------------------
+
+    def parse_shape(self, text: str):
+        raise NotImplementedError
+
+    def default_shapes(self, device: torch.device | str) -> list:
+        raise NotImplementedError
+
+    def small_shape(self, device: torch.device | str):
+        """A quick shape for smoke runs and the default pytest-benchmark suite."""
+        raise NotImplementedError
+
+    def shape_columns(self, shape) -> dict:
+        raise NotImplementedError
+
+    def make_inputs(self, shape, dtype: torch.dtype, device: torch.device | str, seed: int = 0):
+        """Random inputs (never zeros); ``.device``, ``.dtype`` and ``.shape`` attributes."""
+        raise NotImplementedError
+
+    def make_provider(self, name: str, device: torch.device | str, dtype: torch.dtype,
+                      softcap: float | None = None) -> Provider:
+        """Provider ``name`` for (device, dtype, softcap), or raise ProviderUnavailable."""
+        raise NotImplementedError
+
+    def reference(self, inputs) -> Outputs:
+        """The ground truth of ``run_outputs``."""
+        raise NotImplementedError
+
+    def run_outputs(self, provider: Provider, inputs) -> Outputs:
+        """Forward and backward once (this also compiles and warms up)."""
+        raise NotImplementedError
+
+    def make_mode_fn(self, provider: Provider, inputs, mode: str) -> ModeFn:
+        raise NotImplementedError
+
+    # -- the same for every op -------------------------------------------------------------------
+
+    @property
+    def csv_columns(self) -> tuple[str, ...]:
+        return ("op", "provider", "mode", *self.shape_columns_names, *METRIC_COLUMNS)
+
+    def flops(self, mode: str, shape) -> int:
+        """FLOPs credited to one call of ``mode``, the same for every provider (``flops_note``)."""
+        if mode not in self.flops_per_nhv:
+            raise ValueError(f"{self.name} modes are {self.modes}, got {mode!r}")
+        return self.flops_per_nhv[mode] * shape.n * shape.h * shape.v
+
+    def check_provider(self, provider: Provider, inputs, reference: Outputs,
+                       eager_errors: dict[str, float] | None = None) -> CheckResult:
+        """Run ``provider`` forward and backward once and compare with ``reference``.
+
+        ``eager_errors`` (eager's own ``CheckResult.errors`` in this dtype) widens the tolerance
+        of every provider but eager itself. Raises whatever the provider raises.
+        """
+        outputs = self.run_outputs(provider, inputs)
+        is_eager = provider.name == "eager"
+        half = inputs.dtype in (torch.bfloat16, torch.float16)
+        tolerance = self.tolerances.get(inputs.dtype, self.tolerances[torch.float32])
+        return check_outputs(outputs, reference, self.value_key, tolerance,
+                             None if is_eager else eager_errors,
+                             slack=self.eager_half_precision_slack if is_eager and half else 1.0,
+                             exact_grads=provider.exact_grads)
+
+    def eager_errors(self, inputs, reference: Outputs) -> dict[str, float] | None:
+        """Eager PyTorch's own error in the benchmark dtype (None if it runs out of memory)."""
+        try:
+            eager = self.make_provider("eager", inputs.device, inputs.dtype)
+            return self.check_provider(eager, inputs, reference).errors
+        except Exception as exc:  # noqa: BLE001
+            if _is_oom(exc):
+                _free_memory(inputs.device)
+                return None
+            raise
+
+    def build_providers(self, names: Sequence[str] | None, device: torch.device | str,
+                        dtype: torch.dtype, softcap: float | None = None
+                        ) -> tuple[list[Provider], dict[str, str]]:
+        """The runnable providers among ``names`` (all when None) and, for the others, why not."""
+        providers, unavailable = [], {}
+        for name in names or self.providers:
+            try:
+                providers.append(self.make_provider(name, device, dtype, softcap))
+            except ProviderUnavailable as exc:
+                unavailable[name] = str(exc)
+        return providers, unavailable
+
+    def measure(self, provider: Provider, inputs, mode: str, timing: TimingOptions,
+                matmul_rate: float | None = None) -> dict:
+        """The metrics of ``mode`` of ``provider`` on ``inputs`` (``measure_mode_fn``)."""
+        return measure_mode_fn(self.make_mode_fn(provider, inputs, mode), inputs.device,
+                               self.flops(mode, inputs.shape), timing, matmul_rate)
+
+    def describe_flops(self) -> str:
+        """``"forward 2*N*H*V, full 8*N*H*V"`` and the remark, for --help."""
+        text = ", ".join(f"{mode} {self.flops_per_nhv[mode]}*N*H*V" for mode in self.modes)
+        return f"{text} {self.flops_remark}" if self.flops_remark else text
+
+    def describe(self) -> str:
+        """The summary and the modes, for --help."""
+        modes = ", ".join(self.modes) + (f" {self.modes_note}" if self.modes_note else "")
+        return f"{self.summary}; modes {modes}."
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            match = re.search(r"^model name\s*:\s*(.+)$", info.read(), re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def device_name(device: torch.device | str) -> str:
+    """GPU name, or the CPU model string with the number of cores this process may use."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({cpu_cores()} cores)"
+
+
+def device_slug(device: torch.device | str) -> str:
+    """File-name-safe form of ``device_name``: "nvidia-h100-80gb-hbm3", "cpu-intel-xeon-2c"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        text = torch.cuda.get_device_name(device)
+    else:
+        text = f"cpu {cpu_model()} {cpu_cores()}c"
+    text = re.sub(r"\((r|tm|c)\)|\b(cpu @|processor)\b", " ", text.lower())
+    return re.sub(r"[^a-z0-9.]+", "-", text).strip("-.") or device.type
+
+
+def versions() -> dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"torch": torch.__version__, "triton": triton_version}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchConfig:
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    shapes: list = field(default_factory=list)  # empty: the op's default shapes on the device
+    providers: list[str] | None = None  # None: all of the op's
+    modes: tuple[str, ...] = MODES  # those the op does not have are dropped
+    timing: TimingOptions = TimingOptions()
+    on_mismatch: str = "error"  # "error": raise ProviderMismatchError; "skip": record and go on
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Skip:
+    shape: object
+    provider: str
+    mode: str  # "*" for all modes
+    reason: str
+
+
+@dataclass
+class BenchResult:
+    config: BenchConfig  # with the shapes, providers and modes that ran
+    rows: list[dict]
+    skipped: list[Skip]
+    notes: dict[str, str]  # provider -> what exactly ran (options, caveats)
+    matmul_tflops: float
+    device: str
+    date: str
+    op: str
+    flops_note: str
+    csv_columns: tuple[str, ...]
+
+
+def _resolved_config(benchmark: Benchmark, config: BenchConfig,
+                     device: torch.device) -> BenchConfig:
+    """``config`` with the op's defaults filled in; raises ValueError for what the op lacks."""
+    if config.on_mismatch not in ("error", "skip"):
+        raise ValueError(f"on_mismatch must be 'error' or 'skip', got {config.on_mismatch!r}")
+    modes = tuple(mode for mode in benchmark.modes if mode in config.modes)
+    if not modes:
+        raise ValueError(f"{benchmark.name} has modes {benchmark.modes}; none of {config.modes} "
+                         "is one")
+    names = list(config.providers or benchmark.providers)
+    unknown = [name for name in names if name not in benchmark.providers]
+    if unknown:
+        raise ValueError(f"unknown {benchmark.name} providers {unknown}; known: "
+                         f"{benchmark.providers}")
+    shapes = list(config.shapes or benchmark.default_shapes(device))
+    return dataclasses.replace(config, shapes=shapes, providers=names, modes=modes)
+
+
+def run_benchmark(benchmark: Benchmark, config: BenchConfig) -> BenchResult:
+    """Check, then time and measure, every (shape, provider, mode) of ``benchmark``.
+
+    Providers that cannot run, run out of memory or (peers only) fail are recorded as skipped;
+    a fastalign provider that fails or disagrees raises, unless ``config.on_mismatch`` is "skip".
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch.cuda.is_available() is False")
+    config = _resolved_config(benchmark, config, device)
+    env = versions()
+    date = datetime.date.today().isoformat()
+    dev_name = device_name(device)
+    rate = matmul_tflops(device, config.dtype, options=config.timing)
+    rows, skipped, notes = [], [], {}
+    modes = config.modes
+    bar = tqdm(total=len(config.shapes) * len(config.providers) * len(modes),
+               desc=f"bench {benchmark.name}", unit="run", disable=not config.progress,
+               file=sys.stderr, dynamic_ncols=True)
+
+    def skip(shape, name, reason, mode="*"):
+        skipped.append(Skip(shape, name, mode, reason))
+        bar.update(len(modes) if mode == "*" else 1)
+
+    for shape in config.shapes:
+        providers, unavailable = benchmark.build_providers(config.providers, device, config.dtype,
+                                                           shape.softcap)
+        for name, reason in unavailable.items():
+            skip(shape, name, reason)
+        # eager first: its own error against the ground truth sets the low-precision tolerance.
+        providers.sort(key=lambda p: p.name != "eager")
+        inputs = benchmark.make_inputs(shape, config.dtype, device, config.seed)
+        bar.set_postfix_str(f"{shape} ground truth")
+        reference = benchmark.reference(inputs)
+        eager_errors = (benchmark.eager_errors(inputs, reference)
+                        if "eager" not in config.providers else None)
+        for provider in providers:
+            ours = provider.name.startswith("fastalign")
+            bar.set_postfix_str(f"{shape} {provider.name} check")
+            try:
+                check = benchmark.check_provider(provider, inputs, reference, eager_errors)
+            except Exception as exc:  # noqa: BLE001 - recorded below, or re-raised
+                _free_memory(device)
+                reason = f"{type(exc).__name__}: {_first_line(exc)}"
+                if _is_oom(exc) or not ours:
+                    skip(shape, provider.name, reason)
+                    continue
+                if config.on_mismatch == "error":
+                    raise
+                print(f"\n!!! ERROR: {provider.name} at {shape}: {reason}; skipped",
+                      file=sys.stderr)
+                skip(shape, provider.name, f"ERROR {reason}")
+                continue
+            if provider.name == "eager":
+                eager_errors = check.errors
+            if not check.ok:
+                message = (f"{provider.name} disagrees with the {benchmark.truth} at {shape} "
+                           f"{dtype_name(config.dtype)}: {check.describe()}")
+                if config.on_mismatch == "error":
+                    raise ProviderMismatchError(message)
+                print(f"\n!!! MISMATCH: {message}; skipped", file=sys.stderr)
+                skip(shape, provider.name, f"MISMATCH: {check.describe()}")
+                continue
+            notes[provider.name] = provider.note
+            for mode in modes:
+                bar.set_postfix_str(f"{shape} {provider.name} {mode}")
+                try:
+                    metrics = benchmark.measure(provider, inputs, mode, config.timing, rate)
+                except Exception as exc:  # noqa: BLE001
+                    _free_memory(device)
+                    if not (_is_oom(exc) or config.on_mismatch == "skip" or not ours):
+                        raise
+                    skip(shape, provider.name, f"{type(exc).__name__}: {_first_line(exc)}", mode)
+                    continue
+                rows.append({
+                    "op": benchmark.name, "provider": provider.name, "mode": mode,
+                    **benchmark.shape_columns(shape), "dtype": dtype_name(config.dtype),
+                    **metrics, "device": dev_name, **env, "date": date, "shape": shape,
+                })
+                bar.update(1)
+            _free_memory(device)
+        del inputs, reference
+        _free_memory(device)
+    bar.close()
+    return BenchResult(config, rows, skipped, notes, rate, dev_name, date, op=benchmark.name,
+                       flops_note=benchmark.flops_note, csv_columns=benchmark.csv_columns)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs: CSV, table, plot
+# ----------------------------------------------------------------------------------------------
+
+_CSV_FORMATS = {"ms_median": "{:.4f}", "ms_p20": "{:.4f}", "ms_p80": "{:.4f}", "tflops": "{:.4f}",
+                "frac_of_matmul": "{:.4f}", "peak_mem_mb": "{:.1f}"}
+
+
+def write_csv(result: BenchResult, path: str | Path) -> None:
+    """One row per (shape, provider, mode), columns ``result.csv_columns``."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=result.csv_columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in result.rows:
+            writer.writerow({key: _CSV_FORMATS[key].format(value) if key in _CSV_FORMATS else value
+                             for key, value in row.items()})
+
+
+def _shapes_in_order(result: BenchResult) -> list:
+    seen = {}
+    for row in result.rows:
+        seen.setdefault(row["shape"], None)
+    for item in result.skipped:
+        seen.setdefault(item.shape, None)
+    return list(seen)
+
+
+def format_table(result: BenchResult) -> str:
+    """A markdown table (one block per shape) with time and memory ratios against eager."""
+    cfg = result.config
+    lines = [
+        f"## `{result.op}` on {result.device}, {dtype_name(cfg.dtype)} "
+        f"(torch {torch.__version__}, triton {versions()['triton']}, {result.date})",
+        "",
+        f"Matmul rate (`torch.mm`, {dtype_name(cfg.dtype)}): {result.matmul_tflops:.2f} TFLOP/s. "
+        f"{result.flops_note} "
+        "Ratios are provider ÷ eager (lower is better).",
+    ]
+    for shape in _shapes_in_order(result):
+        rows = [row for row in result.rows if row["shape"] == shape]
+        eager = {row["mode"]: row for row in rows if row["provider"] == "eager"}
+        lines += ["", f"### {shape}", "",
+                  "| provider | mode | ms median [p20, p80] | TFLOP/s | % of matmul | peak MB "
+                  "| time ÷ eager | mem ÷ eager |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        skips = [item for item in result.skipped if item.shape == shape]
+        order = dict.fromkeys([row["provider"] for row in rows] + [item.provider for item in skips])
+        for name in order:
+            for row in (row for row in rows if row["provider"] == name):
+                base = eager.get(row["mode"])
+                time_ratio = _ratio(row["ms_median"], base and base["ms_median"])
+                # Below 1 MB, CPU peaks are page-level noise: no memory ratio.
+                mem_ratio = _ratio(row["peak_mem_mb"], base and base["peak_mem_mb"], floor=1.0)
+                lines.append(
+                    f"| {name} | {row['mode']} | {row['ms_median']:.2f} "
+                    f"[{row['ms_p20']:.2f}, {row['ms_p80']:.2f}] | {row['tflops']:.3g} "
+                    f"| {100 * row['frac_of_matmul']:.1f} | {_format_mb(row['peak_mem_mb'])} "
+                    f"| {time_ratio} | {mem_ratio} |")
+            for item in (item for item in skips if item.provider == name):
+                modes = "all modes" if item.mode == "*" else item.mode
+                lines.append(f"| {name} | {modes} | skipped: {item.reason} | | | | | |")
+    if result.notes:
+        lines += ["", "Providers: " + "; ".join(
+            f"`{name}`: {note}" for name, note in result.notes.items() if note) + "."]
+    return "\n".join(lines)
+
+
+def _format_mb(value: float) -> str:
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
+def _ratio(value: float, base: float | None, floor: float = 0.0) -> str:
+    if not base or not math.isfinite(base) or base <= floor:
+        return "–"
+    return f"{value / base:.2f}×"
+
+
+def plot(result: BenchResult, path: str | Path) -> None:
+    """One row of two panels per shape: median ms (with p20–p80 whiskers) and peak memory, as
+    bars grouped by mode, one bar per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = [shape for shape in _shapes_in_order(result)
+              if any(row["shape"] == shape for row in result.rows)]
+    if not shapes:
+        return
+    providers = list(dict.fromkeys(row["provider"] for row in result.rows))
+    modes = list(result.config.modes)
+    width = 0.8 / max(1, len(providers))
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 3.6 * len(shapes)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, shape in enumerate(shapes):
+        rows = {(row["provider"], row["mode"]): row for row in result.rows
+                if row["shape"] == shape}
+        for j, provider in enumerate(providers):
+            xs, ms, lo, hi, mem = [], [], [], [], []
+            for k, mode in enumerate(modes):
+                row = rows.get((provider, mode))
+                if row is None:
+                    continue
+                xs.append(k + (j - (len(providers) - 1) / 2) * width)
+                ms.append(row["ms_median"])
+                lo.append(row["ms_median"] - row["ms_p20"])
+                hi.append(row["ms_p80"] - row["ms_median"])
+                mem.append(row["peak_mem_mb"])
+            color = colors[j % len(colors)]
+            axes[i, 0].bar(xs, ms, width, yerr=[lo, hi], capsize=2, color=color, label=provider)
+            axes[i, 1].bar(xs, mem, width, color=color, label=provider)
+        for ax, ylabel in zip(axes[i], ("ms (median, p20–p80)", "peak memory (MB)")):
+            ax.set_xticks(range(len(modes)), modes)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{shape} {dtype_name(result.config.dtype)}", fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
+            ax.set_ylim(bottom=0)
+    axes[0, 1].legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"{result.op} on {result.device} — torch {torch.__version__}, "
+                 f"triton {versions()['triton']}, {result.date}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(result: BenchResult, output_dir: str | Path) -> dict[str, Path]:
+    """Write ``<dir>/<op>_<device-slug>_<date>.{csv,png,md}``; returns the paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{result.op}_{device_slug(result.config.device)}_{result.date}"
+    paths = {ext: output_dir / f"{stem}.{ext}" for ext in ("csv", "png", "md")}
+    write_csv(result, paths["csv"])
+    paths["md"].write_text(format_table(result) + "\n")
+    if result.rows:
+        plot(result, paths["png"])
+    else:
+        del paths["png"]
+    return paths

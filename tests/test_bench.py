@@ -1,0 +1,129 @@
+"""The benchmark package: the registry drives ``fastalign bench``, one tiny run per op writes what
+it always wrote, and the DPO memory report stands apart from the trainers."""
+
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import impl_is_available
+
+from fastalign import assets, data
+from fastalign.bench import harness
+from fastalign.bench.memory import cpu_peak_supported
+from fastalign.bench.registry import BENCHMARKS, all_modes, all_providers
+from fastalign.cli import build_parser
+from fastalign.cli import main as cli_main
+
+# The CSV columns of each op, as written before the harness was split per op.
+CSV_COLUMNS = {
+    "linear_logprobs": "op,provider,mode,N,H,V,dtype,ms_median,ms_p20,ms_p80,tflops,"
+                       "frac_of_matmul,peak_mem_mb,device,torch,triton,date",
+    "linear_kl": "op,provider,mode,N,H,V,softcap,dtype,ms_median,ms_p20,ms_p80,tflops,"
+                 "frac_of_matmul,peak_mem_mb,device,torch,triton,date",
+    "dpo": "op,provider,mode,B,T,N,H,V,softcap,dtype,ms_median,ms_p20,ms_p80,tflops,"
+           "frac_of_matmul,peak_mem_mb,device,torch,triton,date",
+}
+# (shape, providers) of a run that takes a second or two on CPU.
+TINY_RUNS = {
+    "linear_logprobs": ("64,32,500,30", ["fastalign-cpp", "eager"]),
+    "linear_kl": ("64,32,500,30", ["fastalign-cpp", "eager"]),
+    "dpo": ("2,16,32,500", ["fastalign", "eager"]),
+}
+
+
+def _bench_help() -> str:
+    parser = build_parser()
+    (bench,) = [action.choices["bench"] for action in parser._subparsers._group_actions]
+    return bench.format_help()
+
+
+def test_every_op_declares_what_the_harness_needs():
+    assert list(BENCHMARKS) == ["linear_logprobs", "linear_kl", "dpo"]
+    for name, benchmark in BENCHMARKS.items():
+        assert benchmark.name == name
+        assert set(benchmark.modes) <= set(harness.MODES)
+        assert set(benchmark.flops_per_nhv) == set(benchmark.modes)
+        assert ",".join(benchmark.csv_columns) == CSV_COLUMNS[name]
+        shape = benchmark.parse_shape(benchmark.example_shapes)
+        assert benchmark.small_shape("cpu").n > 0 and benchmark.default_shapes("cpu")
+        assert benchmark.flops("full", shape) == (
+            benchmark.flops_per_nhv["full"] * shape.n * shape.h * shape.v)
+        with pytest.raises(ValueError, match="modes"):
+            benchmark.flops("sideways", shape)
+
+
+def test_bench_help_is_built_from_the_registry():
+    text = " ".join(_bench_help().split())
+    for benchmark in BENCHMARKS.values():
+        for fact in (benchmark.name, benchmark.shape_syntax, benchmark.shape_meaning,
+                     benchmark.default_shapes_help, benchmark.describe_flops(),
+                     benchmark.describe(), f"--shapes {benchmark.example_shapes}"):
+            assert " ".join(fact.split()) in text, fact
+    for name in all_providers() + all_modes():
+        assert name in text
+
+
+@pytest.mark.skipif(not impl_is_available("cpp"), reason="C++ extension not built")
+@pytest.mark.parametrize("op", list(BENCHMARKS))
+def test_tiny_bench_run_writes_csv_table_and_plot(op, tmp_path, capsys):
+    shape, providers = TINY_RUNS[op]
+    status = cli_main(["bench", "--op", op, "--device", "cpu", "--shapes", shape,
+                       "--providers", *providers, "--reps", "1", "--warmup", "0",
+                       "--no-progress", "--output", str(tmp_path)])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"## `{op}` on ")
+    (csv_path,) = tmp_path.glob(f"{op}_cpu-*.csv")
+    assert (csv_path.with_suffix(".md").read_text().strip() in printed)
+    assert csv_path.with_suffix(".png").stat().st_size > 1000
+    with open(csv_path) as handle:
+        rows = list(csv.DictReader(handle))
+    assert ",".join(rows[0]) == CSV_COLUMNS[op]
+    expected = {(provider, mode) for provider in providers for mode in BENCHMARKS[op].modes}
+    assert {(row["provider"], row["mode"]) for row in rows} == expected
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--op", "dpo", "--modes", "backward"], "--op dpo has modes forward, full, not backward"),
+    (["--op", "linear_kl", "--providers", "liger"], "--op linear_kl has providers"),
+    (["--op", "dpo", "--shapes", "1,2,3"], "a DPO shape is B,T,H,V or B,T,H,V,SOFTCAP"),
+    (["--shapes", "1,2"], "a shape is N,H,V or N,H,V,SOFTCAP"),
+])
+def test_bench_rejects_what_the_op_does_not_have(argv, message, capsys):
+    assert cli_main(["bench", "--device", "cpu", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dpo_memory_report_does_not_import_the_trainers():
+    code = ("import sys, fastalign.bench.dpo_memory; "
+            "print(sorted(m for m in sys.modules if m.startswith('fastalign.trainers')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(not cpu_peak_supported(), reason="needs /proc/self/clear_refs (Linux)")
+def test_dpo_memory_report_on_one_batch():
+    from fastalign.bench.dpo_memory import loss_memory_report
+
+    tokenizer = assets.load_default_tokenizer()
+    records = data.load_jsonl(assets.default_data_path("dpo"), "preference")[:4]
+    examples = data.encode_preference(records, tokenizer, max_length=64, max_prompt_length=32)
+    batch = data.PreferenceCollator(pad_token_id=tokenizer.pad_token_id)(examples)
+    model = assets.build_default_model()
+    report = loss_memory_report(model, batch, torch.zeros(4, 2), beta=0.1, large_vocab=1000)
+    lines = report.splitlines()
+    tokens = batch["labels"].numel()
+    assert lines[0] == (f"  DPO loss memory, forward + backward from the hidden states of 4 "
+                        f"pairs ({tokens} tokens), measured:")
+    number = r"\d+\.\d\d MiB"
+    assert re.fullmatch(rf"    this model's head \(V=\d+\): fused {number}, eager logits "
+                        rf"{number} \((\d+|inf)x less\)", lines[1]), lines[1]
+    assert lines[2].startswith("    a random 1000-token head (V=1000): fused ")
+    assert len(lines) == 3
