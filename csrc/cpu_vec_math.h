@@ -1,25 +1,18 @@
 // Vector math for fastalign's CPU kernels: exp and tanh as branch-free polynomials written once
-// over a type V that is a scalar (float, double) or a GCC vector of floats (`vector_size`), and
-// the run-time choice of instruction set.
+// over a type V that is a scalar (float, double) or a GCC vector of floats (`vector_size`).
 //
 // The elementwise passes of the kernels evaluate e^x once per logit in forward and again in
-// backward; libm's scalar expf would cost about a third of the matrix-product time. A kernel
-// instantiates its float32 loops for 16-, 8- and 4-lane vectors inside functions marked
-// FASTALIGN_AVX512, FASTALIGN_AVX2 (AVX2+FMA) and unmarked (baseline x86-64, i.e. SSE2), and calls
-// the widest one chosen_isa() allows, so the extension still runs on any x86-64. Auto-
-// vectorisation (`omp simd`) was tried first: GCC 12 kept the AVX2 exp loop scalar (4x slower,
-// and nothing warns), so the vector types are explicit. float64 goes through the same templates
-// with V = double and libm's exp/tanh (it is there for gradcheck).
+// backward; libm's scalar expf would cost about a third of the matrix-product time. The float32
+// loops run on explicit 16-, 8- and 4-lane vectors, one width per instruction set (dispatch.h
+// picks one at run time). Auto-vectorisation (`omp simd`) was tried first: GCC 12 kept the AVX2
+// exp loop scalar (4x slower, and nothing warns), so the vector types are explicit. float64 goes
+// through the same templates with V = double and libm's exp/tanh (it is there for gradcheck).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <type_traits>
-
-#include <c10/util/Exception.h>
 
 #if defined(__GNUC__)
 #define FASTALIGN_INLINE inline __attribute__((always_inline))
@@ -28,15 +21,6 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 #else
 #define FASTALIGN_INLINE inline
-#endif
-
-#if defined(FASTALIGN_VECTOR_TYPES) && defined(__x86_64__)
-#define FASTALIGN_X86_ISAS 1
-// GCC's target_clones would be shorter, but its "arch=" clones dispatch on the exact CPU model, so
-// on a CPU newer than the compiler (or a VM reporting an odd model) they silently fall back to
-// baseline. Explicit target attributes plus __builtin_cpu_supports (below) do not.
-#define FASTALIGN_AVX2 __attribute__((target("avx2,fma")))
-#define FASTALIGN_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
 #endif
 
 namespace fastalign {
@@ -217,45 +201,6 @@ FASTALIGN_INLINE V vsech2(const V& x) {
   const V u = vexp(ScalarOf<V>(-2) * abs_x);
   const V one_plus_u = ScalarOf<V>(1) + u;
   return ScalarOf<V>(4) * u / (one_plus_u * one_plus_u);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Instruction sets
-// ---------------------------------------------------------------------------------------------
-
-// FASTALIGN_CPU_ISA=avx512|avx2|baseline forces a narrower path than the CPU allows (to test each
-// one); asking for a wider one than the CPU has is an error.
-enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
-
-inline Isa best_isa() {
-#ifdef FASTALIGN_X86_ISAS
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")) {
-    return Isa::kAvx512;
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return Isa::kAvx2;
-  }
-#endif
-  return Isa::kBaseline;
-}
-
-inline Isa chosen_isa() {
-  Isa isa = best_isa();
-  const char* text = std::getenv("FASTALIGN_CPU_ISA");
-  if (text != nullptr && *text != '\0') {
-    const std::string name(text);
-    TORCH_CHECK_VALUE(name == "avx512" || name == "avx2" || name == "baseline",
-                      "FASTALIGN_CPU_ISA must be avx512, avx2 or baseline, got '", name, "'");
-    const Isa wanted = name == "avx512" ? Isa::kAvx512
-                       : name == "avx2" ? Isa::kAvx2
-                                        : Isa::kBaseline;
-    TORCH_CHECK_VALUE(static_cast<int>(wanted) <= static_cast<int>(isa), "FASTALIGN_CPU_ISA=",
-                      name, " is not supported by this CPU");
-    isa = wanted;
-  }
-  return isa;
 }
 
 }  // namespace cpu

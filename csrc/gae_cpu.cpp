@@ -8,13 +8,14 @@
 
 #include "gae_cpu.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include "cpu_common.h"
+#include "checks.h"
 
 namespace fastalign {
 namespace {

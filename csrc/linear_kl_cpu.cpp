@@ -13,8 +13,12 @@
 //
 // Work: forward 2·N·V·(H + H_ref) FLOPs; backward 2·N·V·(H + H_ref) to recompute plus 4·N·V·H per
 // head that needs gradients. The schedules (owned / shared) and block sizes are linear_logprobs'
-// (cpu_common.h); a thread's scratch is two logit tiles and, for bf16/fp16 heads, float32 copies of
+// (streaming.h); a thread's scratch is two logit tiles and, for bf16/fp16 heads, float32 copies of
 // the two weight blocks (and of the dW blocks being accumulated).
+//
+// This file holds the op's row math and its entry points; the block loops, schedules, problem,
+// scratch and row selection are streaming.h's, the choice of variant and instruction set
+// dispatch.h's.
 
 #include "linear_kl_cpu.h"
 
@@ -30,14 +34,17 @@
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 
-#include "cpu_common.h"
+#include "checks.h"
 #include "cpu_vec_math.h"
+#include "dispatch.h"
+#include "streaming.h"
 
 namespace fastalign {
 namespace {
 
-using namespace cpu;  // NOLINT(build/namespaces): cpu_vec_math.h and cpu_common.h
+using namespace cpu;  // NOLINT(build/namespaces): the headers above
 
+// The two heads, as streaming.h's Problem holds them.
 constexpr int kPolicy = 0;
 constexpr int kRef = 1;
 
@@ -320,191 +327,93 @@ FASTALIGN_INLINE void to_grads(const KlTile<ScalarOf<U>>& tile, ScalarOf<U>* __r
   }
 }
 
-template <typename V, bool HAS_BIAS, bool HAS_SOFTCAP>
-FASTALIGN_INLINE void forward_rows_impl(const KlTile<ScalarOf<V>>& tile, const KlState& state,
-                                        int64_t r0, int64_t r1) {
-  using T = ScalarOf<V>;
-  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  const int64_t cols = tile.cols;
-  const int64_t bulk = cols - cols % Lanes<V>::kCount;
-  for (int64_t row = r0; row < r1; ++row) {
-    T* z = tile.z + row * cols;
-    T* r = tile.r + row * cols;
-    V bulk_max_z = splat<V>(kNegInf), bulk_max_r = splat<V>(kNegInf), bulk_r_at{};
-    to_logits<V, HAS_BIAS, HAS_SOFTCAP>(tile, z, r, 0, bulk, bulk_max_z, bulk_max_r, bulk_r_at);
-    T max_z = kNegInf, r_at = T(0);
-    if constexpr (Lanes<V>::kCount == 1) {
-      max_z = bulk_max_z;
-      r_at = bulk_r_at;
-    } else {
-      for (int64_t l = 0; l < Lanes<V>::kCount; ++l) {
-        if (bulk_max_z[l] > max_z) {
-          max_z = bulk_max_z[l];
-          r_at = bulk_r_at[l];
+// The fused passes, as dispatch.h's run_rows takes them (switches: bias, softcap; backward also
+// which heads need gradients).
+struct ForwardKernel {
+  template <typename V, bool HAS_BIAS, bool HAS_SOFTCAP>
+  static FASTALIGN_INLINE void rows(const KlTile<ScalarOf<V>>& tile, const KlState& state,
+                                    int64_t r0, int64_t r1) {
+    using T = ScalarOf<V>;
+    constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+    const int64_t cols = tile.cols;
+    const int64_t bulk = cols - cols % Lanes<V>::kCount;
+    for (int64_t row = r0; row < r1; ++row) {
+      T* z = tile.z + row * cols;
+      T* r = tile.r + row * cols;
+      V bulk_max_z = splat<V>(kNegInf), bulk_max_r = splat<V>(kNegInf), bulk_r_at{};
+      to_logits<V, HAS_BIAS, HAS_SOFTCAP>(tile, z, r, 0, bulk, bulk_max_z, bulk_max_r, bulk_r_at);
+      T max_z = kNegInf, r_at = T(0);
+      if constexpr (Lanes<V>::kCount == 1) {
+        max_z = bulk_max_z;
+        r_at = bulk_r_at;
+      } else {
+        for (int64_t l = 0; l < Lanes<V>::kCount; ++l) {
+          if (bulk_max_z[l] > max_z) {
+            max_z = bulk_max_z[l];
+            r_at = bulk_r_at[l];
+          }
         }
       }
+      T max_r = lane_max(bulk_max_r);
+      to_logits<T, HAS_BIAS, HAS_SOFTCAP>(tile, z, r, bulk, cols, max_z, max_r, r_at);
+      // The center: z − r rounded at the largest z, exactly as block_sums rounds it there.
+      const T center = max_z - r_at;
+
+      V v_rest_z{}, v_ties_z{}, v_rest_r{}, v_ties_r{}, v_csum{}, v_diff{};
+      block_sums<V>(z, r, 0, bulk, max_z, max_r, center, v_rest_z, v_ties_z, v_rest_r, v_ties_r,
+                    v_csum, v_diff);
+      T rest_z = lane_sum(v_rest_z), ties_z = lane_sum(v_ties_z);
+      T rest_r = lane_sum(v_rest_r), ties_r = lane_sum(v_ties_r);
+      T csum = lane_sum(v_csum), diff = lane_sum(v_diff);
+      block_sums<T>(z, r, bulk, cols, max_z, max_r, center, rest_z, ties_z, rest_r, ties_r, csum,
+                    diff);
+      // rest = (ties − 1) + Σ_others: the ties are small integers, exact in any dtype.
+      merge_row(state, row,
+                {static_cast<double>(max_z),
+                 static_cast<double>(rest_z) + (static_cast<double>(ties_z) - 1.0),
+                 static_cast<double>(max_r),
+                 static_cast<double>(rest_r) + (static_cast<double>(ties_r) - 1.0),
+                 static_cast<double>(center), static_cast<double>(csum),
+                 static_cast<double>(diff)});
     }
-    T max_r = lane_max(bulk_max_r);
-    to_logits<T, HAS_BIAS, HAS_SOFTCAP>(tile, z, r, bulk, cols, max_z, max_r, r_at);
-    // The center: z − r rounded at the largest z, exactly as block_sums rounds it there.
-    const T center = max_z - r_at;
-
-    V v_rest_z{}, v_ties_z{}, v_rest_r{}, v_ties_r{}, v_csum{}, v_diff{};
-    block_sums<V>(z, r, 0, bulk, max_z, max_r, center, v_rest_z, v_ties_z, v_rest_r, v_ties_r,
-                  v_csum, v_diff);
-    T rest_z = lane_sum(v_rest_z), ties_z = lane_sum(v_ties_z);
-    T rest_r = lane_sum(v_rest_r), ties_r = lane_sum(v_ties_r);
-    T csum = lane_sum(v_csum), diff = lane_sum(v_diff);
-    block_sums<T>(z, r, bulk, cols, max_z, max_r, center, rest_z, ties_z, rest_r, ties_r, csum,
-                  diff);
-    // rest = (ties − 1) + Σ_others: the ties are small integers, exact in any dtype.
-    merge_row(state, row,
-              {static_cast<double>(max_z),
-               static_cast<double>(rest_z) + (static_cast<double>(ties_z) - 1.0),
-               static_cast<double>(max_r),
-               static_cast<double>(rest_r) + (static_cast<double>(ties_r) - 1.0),
-               static_cast<double>(center), static_cast<double>(csum),
-               static_cast<double>(diff)});
   }
-}
+};
 
-template <typename V, bool HAS_BIAS, bool HAS_SOFTCAP, bool GRAD_Z, bool GRAD_R>
-FASTALIGN_INLINE void backward_rows_impl(const KlTile<ScalarOf<V>>& tile,
-                                         const KlRows<ScalarOf<V>>& in, int64_t r0, int64_t r1) {
-  using T = ScalarOf<V>;
-  const int64_t cols = tile.cols;
-  const int64_t bulk = cols - cols % Lanes<V>::kCount;
-  for (int64_t row = r0; row < r1; ++row) {
-    T* z = tile.z + row * cols;
-    T* r = tile.r + row * cols;
-    const T g = in.grad[row];
-    const T lse_hi = in.lse_hi[row], lse_lo = in.lse_lo[row];
-    const T ref_lse_hi = in.ref_lse_hi[row], ref_lse_lo = in.ref_lse_lo[row];
-    const T c_hi = in.c_hi[row], c_lo = in.c_lo[row], kl = in.kl[row];
-    to_grads<V, HAS_BIAS, HAS_SOFTCAP, GRAD_Z, GRAD_R>(tile, z, r, 0, bulk, g, lse_hi, lse_lo,
-                                                       ref_lse_hi, ref_lse_lo, c_hi, c_lo, kl);
-    to_grads<T, HAS_BIAS, HAS_SOFTCAP, GRAD_Z, GRAD_R>(tile, z, r, bulk, cols, g, lse_hi, lse_lo,
-                                                       ref_lse_hi, ref_lse_lo, c_hi, c_lo, kl);
+// At least one of GRAD_Z, GRAD_R is true when it runs (the entry point returns early otherwise).
+struct BackwardKernel {
+  template <typename V, bool HAS_BIAS, bool HAS_SOFTCAP, bool GRAD_Z, bool GRAD_R>
+  static FASTALIGN_INLINE void rows(const KlTile<ScalarOf<V>>& tile, const KlRows<ScalarOf<V>>& in,
+                                    int64_t r0, int64_t r1) {
+    using T = ScalarOf<V>;
+    const int64_t cols = tile.cols;
+    const int64_t bulk = cols - cols % Lanes<V>::kCount;
+    for (int64_t row = r0; row < r1; ++row) {
+      T* z = tile.z + row * cols;
+      T* r = tile.r + row * cols;
+      const T g = in.grad[row];
+      const T lse_hi = in.lse_hi[row], lse_lo = in.lse_lo[row];
+      const T ref_lse_hi = in.ref_lse_hi[row], ref_lse_lo = in.ref_lse_lo[row];
+      const T c_hi = in.c_hi[row], c_lo = in.c_lo[row], kl = in.kl[row];
+      to_grads<V, HAS_BIAS, HAS_SOFTCAP, GRAD_Z, GRAD_R>(tile, z, r, 0, bulk, g, lse_hi, lse_lo,
+                                                         ref_lse_hi, ref_lse_lo, c_hi, c_lo, kl);
+      to_grads<T, HAS_BIAS, HAS_SOFTCAP, GRAD_Z, GRAD_R>(tile, z, r, bulk, cols, g, lse_hi, lse_lo,
+                                                         ref_lse_hi, ref_lse_lo, c_hi, c_lo, kl);
+    }
   }
-}
+};
 
-template <typename V>
-FASTALIGN_INLINE void forward_rows_dispatch(const KlTile<ScalarOf<V>>& tile, const KlState& state,
-                                            int64_t r0, int64_t r1, bool has_softcap) {
-  const bool has_bias = tile.bias != nullptr;
-  if (has_bias && has_softcap) {
-    forward_rows_impl<V, true, true>(tile, state, r0, r1);
-  } else if (has_bias) {
-    forward_rows_impl<V, true, false>(tile, state, r0, r1);
-  } else if (has_softcap) {
-    forward_rows_impl<V, false, true>(tile, state, r0, r1);
-  } else {
-    forward_rows_impl<V, false, false>(tile, state, r0, r1);
-  }
-}
-
-template <typename V, bool GRAD_Z, bool GRAD_R>
-FASTALIGN_INLINE void backward_rows_sides(const KlTile<ScalarOf<V>>& tile,
-                                          const KlRows<ScalarOf<V>>& in, int64_t r0, int64_t r1,
-                                          bool has_softcap) {
-  const bool has_bias = tile.bias != nullptr;
-  if (has_bias && has_softcap) {
-    backward_rows_impl<V, true, true, GRAD_Z, GRAD_R>(tile, in, r0, r1);
-  } else if (has_bias) {
-    backward_rows_impl<V, true, false, GRAD_Z, GRAD_R>(tile, in, r0, r1);
-  } else if (has_softcap) {
-    backward_rows_impl<V, false, true, GRAD_Z, GRAD_R>(tile, in, r0, r1);
-  } else {
-    backward_rows_impl<V, false, false, GRAD_Z, GRAD_R>(tile, in, r0, r1);
-  }
-}
-
-// At least one of grad_z, grad_r is true (the caller returns early otherwise).
-template <typename V>
-FASTALIGN_INLINE void backward_rows_dispatch(const KlTile<ScalarOf<V>>& tile,
-                                             const KlRows<ScalarOf<V>>& in, int64_t r0, int64_t r1,
-                                             bool has_softcap, bool grad_z, bool grad_r) {
-  if (grad_z && grad_r) {
-    backward_rows_sides<V, true, true>(tile, in, r0, r1, has_softcap);
-  } else if (grad_z) {
-    backward_rows_sides<V, true, false>(tile, in, r0, r1, has_softcap);
-  } else {
-    backward_rows_sides<V, false, true>(tile, in, r0, r1, has_softcap);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Instruction sets: the float32 row kernels once per ISA (see cpu_vec_math.h)
-// ---------------------------------------------------------------------------------------------
-
-void forward_rows_baseline(const KlTile<float>& tile, const KlState& state, int64_t r0,
-                           int64_t r1, bool has_softcap) {
-  forward_rows_dispatch<BaselineF32>(tile, state, r0, r1, has_softcap);
-}
-
-void backward_rows_baseline(const KlTile<float>& tile, const KlRows<float>& in, int64_t r0,
-                            int64_t r1, bool has_softcap, bool grad_z, bool grad_r) {
-  backward_rows_dispatch<BaselineF32>(tile, in, r0, r1, has_softcap, grad_z, grad_r);
-}
-
-#ifdef FASTALIGN_X86_ISAS
-FASTALIGN_AVX2 void forward_rows_avx2(const KlTile<float>& tile, const KlState& state, int64_t r0,
-                                      int64_t r1, bool has_softcap) {
-  forward_rows_dispatch<f32x8>(tile, state, r0, r1, has_softcap);
-}
-
-FASTALIGN_AVX2 void backward_rows_avx2(const KlTile<float>& tile, const KlRows<float>& in,
-                                       int64_t r0, int64_t r1, bool has_softcap, bool grad_z,
-                                       bool grad_r) {
-  backward_rows_dispatch<f32x8>(tile, in, r0, r1, has_softcap, grad_z, grad_r);
-}
-
-FASTALIGN_AVX512 void forward_rows_avx512(const KlTile<float>& tile, const KlState& state,
-                                          int64_t r0, int64_t r1, bool has_softcap) {
-  forward_rows_dispatch<f32x16>(tile, state, r0, r1, has_softcap);
-}
-
-FASTALIGN_AVX512 void backward_rows_avx512(const KlTile<float>& tile, const KlRows<float>& in,
-                                           int64_t r0, int64_t r1, bool has_softcap, bool grad_z,
-                                           bool grad_r) {
-  backward_rows_dispatch<f32x16>(tile, in, r0, r1, has_softcap, grad_z, grad_r);
-}
-#endif
-
+// The tiles of the fused passes for one tile of the stream (see streaming.h). Both biases are set
+// when either head has one (make_head gives the other zeros), else both nullptr.
 template <typename T>
-void forward_rows(const KlTile<T>& tile, const KlState& state, int64_t r0, int64_t r1,
-                  bool has_softcap, Isa isa) {
-  if constexpr (std::is_same_v<T, float>) {
-#ifdef FASTALIGN_X86_ISAS
-    if (isa == Isa::kAvx512) return forward_rows_avx512(tile, state, r0, r1, has_softcap);
-    if (isa == Isa::kAvx2) return forward_rows_avx2(tile, state, r0, r1, has_softcap);
-#endif
-    (void)isa;
-    forward_rows_baseline(tile, state, r0, r1, has_softcap);
-  } else {
-    (void)isa;
-    forward_rows_dispatch<T>(tile, state, r0, r1, has_softcap);
-  }
-}
-
-template <typename T>
-void backward_rows(const KlTile<T>& tile, const KlRows<T>& in, int64_t r0, int64_t r1,
-                   bool has_softcap, bool grad_z, bool grad_r, Isa isa) {
-  if constexpr (std::is_same_v<T, float>) {
-#ifdef FASTALIGN_X86_ISAS
-    if (isa == Isa::kAvx512) {
-      return backward_rows_avx512(tile, in, r0, r1, has_softcap, grad_z, grad_r);
-    }
-    if (isa == Isa::kAvx2) {
-      return backward_rows_avx2(tile, in, r0, r1, has_softcap, grad_z, grad_r);
-    }
-#endif
-    (void)isa;
-    backward_rows_baseline(tile, in, r0, r1, has_softcap, grad_z, grad_r);
-  } else {
-    (void)isa;
-    backward_rows_dispatch<T>(tile, in, r0, r1, has_softcap, grad_z, grad_r);
-  }
+KlTile<T> row_tile(const Problem<T, 2>& p, const TileSet<T, 2>& tiles) {
+  return {tiles.logits[kPolicy],
+          tiles.logits[kRef],
+          p.bias(kPolicy, tiles.v0),
+          p.bias(kRef, tiles.v0),
+          tiles.cols,
+          p.inv_t,
+          p.inv_cap,
+          p.cap_over_t};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -522,7 +431,7 @@ void check_head(const char* fn, const char* hidden_name, const char* weight_name
                    " must have hidden's dtype ", dtype, ", got ", weight.scalar_type());
   TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), fn, ": ", hidden_name, " has H = ",
                     hidden.size(1), " but ", weight_name, " has H = ", weight.size(1));
-  if (bias.has_value() && bias->defined()) {
+  if (has_tensor(bias)) {
     check_cpu_contiguous(fn, bias_name, *bias, 1);
     TORCH_CHECK_TYPE(bias->scalar_type() == dtype, fn, ": ", bias_name,
                      " must have hidden's dtype ", dtype, ", got ", bias->scalar_type());
@@ -537,9 +446,7 @@ void check_inputs(const char* fn, const at::Tensor& hidden, const at::Tensor& we
                   double temperature, double softcap) {
   check_cpu_contiguous(fn, "hidden [N, H]", hidden, 2);
   const auto dtype = hidden.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf ||
-                       dtype == at::kDouble,
-                   fn, ": hidden must be float32, bfloat16, float16 or float64, got ", dtype);
+  check_head_dtype(fn, dtype);
   check_head(fn, "hidden [N, H]", "weight [V, H]", "bias [V]", hidden, weight, bias, dtype);
   check_head(fn, "ref_hidden [N, H_ref]", "ref_weight [V, H_ref]", "ref_bias [V]", ref_hidden,
              ref_weight, ref_bias, dtype);
@@ -550,138 +457,12 @@ void check_inputs(const char* fn, const at::Tensor& hidden, const at::Tensor& we
   TORCH_CHECK_VALUE(ref_hidden.size(0) == hidden.size(0), fn,
                     ": hidden and ref_hidden must have the same number of rows N, got ",
                     hidden.size(0), " and ", ref_hidden.size(0));
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, fn,
-                    ": temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, fn,
-                    ": softcap must be finite and >= 0 (0 = no softcap), got ", softcap);
+  check_logit_options(fn, temperature, softcap);
 }
-
-bool has_tensor(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-// ---------------------------------------------------------------------------------------------
-// Problem and scratch
-// ---------------------------------------------------------------------------------------------
-
-struct Head {
-  at::Tensor h;       // [n, H] rows of hidden taking part, in the compute dtype
-  at::Tensor weight;  // [V, H] in the input dtype
-  at::Tensor bias;    // [V] in the compute dtype (zeros when only the other head has a bias), or
-                      // undefined
-  int64_t hidden;
-  bool convert_weight;  // bf16/fp16 weight: each block is converted to the compute dtype first
-};
-
-Head make_head(const at::Tensor& h, const at::Tensor& weight,
-               const c10::optional<at::Tensor>& bias, bool any_bias) {
-  Head head;
-  head.h = h;
-  head.weight = weight.detach();
-  const auto dtype = h.scalar_type();
-  if (has_tensor(bias)) {
-    head.bias = bias->detach().to(dtype).contiguous();
-  } else if (any_bias) {
-    head.bias = at::zeros({weight.size(0)}, h.options());
-  }
-  head.hidden = h.size(1);
-  head.convert_weight = weight.scalar_type() != dtype;
-  return head;
-}
-
-template <typename T>
-struct Problem {
-  Head head[2];  // kPolicy, kRef
-  int64_t n, vocab;
-  T inv_t, inv_cap, cap_over_t;
-  double alpha;  // 1/T as the alpha of the gradient products
-  bool has_softcap;
-  Isa isa;
-
-  Problem(Head policy, Head ref, double temperature, double softcap)
-      : head{std::move(policy), std::move(ref)},
-        n(head[kPolicy].h.size(0)),
-        vocab(head[kPolicy].weight.size(0)),
-        inv_t(static_cast<T>(1.0 / temperature)),
-        inv_cap(static_cast<T>(softcap > 0 ? 1.0 / softcap : 0.0)),
-        cap_over_t(static_cast<T>(softcap / temperature)),
-        alpha(1.0 / temperature),
-        has_softcap(softcap > 0),
-        isa(chosen_isa()) {}
-
-  KlTile<T> tile(T* z, T* r, int64_t v0, int64_t cols) const {
-    const bool has_bias = head[kPolicy].bias.defined();
-    return {z,
-            r,
-            has_bias ? head[kPolicy].bias.template data_ptr<T>() + v0 : nullptr,
-            has_bias ? head[kRef].bias.template data_ptr<T>() + v0 : nullptr,
-            cols,
-            inv_t,
-            inv_cap,
-            cap_over_t};
-  }
-
-  // Weight elements per vocabulary entry of a block (both heads), for make_plan.
-  int64_t block_width() const { return head[kPolicy].hidden + head[kRef].hidden; }
-};
-
-// The buffers one thread streams through: never larger than one block.
-template <typename T>
-struct Scratch {
-  at::Tensor tile[2];     // [rows · cols] logits, then gradients
-  at::Tensor weight[2];   // [cols, H] the weight block in T (bf16/fp16 weights only)
-  at::Tensor dweight[2];  // [cols, H] the dW block in T, cast into the output when complete
-
-  Scratch(const Problem<T>& p, const Plan& plan, const bool need_dweight[2]) {
-    const auto opts = p.head[kPolicy].h.options();
-    for (int side = 0; side < 2; ++side) {
-      tile[side] = at::empty({plan.rows * plan.cols}, opts);
-      if (p.head[side].convert_weight) {
-        weight[side] = at::empty({plan.cols, p.head[side].hidden}, opts);
-        if (need_dweight[side]) dweight[side] = at::empty({plan.cols, p.head[side].hidden}, opts);
-      }
-    }
-  }
-
-  at::Tensor weight_block(const Head& head, int side, int64_t v0, int64_t cols) {
-    const at::Tensor block = head.weight.narrow(0, v0, cols);
-    return head.convert_weight ? weight[side].narrow(0, 0, cols).copy_(block) : block;
-  }
-
-  // h[n0 : n0 + rows] @ w_blkᵀ of one head into its tile buffer.
-  at::Tensor logits(const Head& head, int side, const at::Tensor& w_blk, int64_t n0,
-                    int64_t rows) {
-    at::Tensor out = tile[side].narrow(0, 0, rows * w_blk.size(0)).view({rows, w_blk.size(0)});
-    return at::mm_out(out, head.h.narrow(0, n0, rows), w_blk.t());
-  }
-};
 
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
-
-// One vocabulary block through the state of every row; split_rows spreads the fused pass over
-// threads (shared schedule).
-template <typename T>
-void forward_block(const Problem<T>& p, const Plan& plan, Scratch<T>& scratch, int64_t block,
-                   const KlState& state, bool split_rows) {
-  const int64_t v0 = block * plan.cols, cols = std::min(plan.cols, p.vocab - v0);
-  const at::Tensor w_blk = scratch.weight_block(p.head[kPolicy], kPolicy, v0, cols);
-  const at::Tensor w_ref_blk = scratch.weight_block(p.head[kRef], kRef, v0, cols);
-  for (int64_t n0 = 0; n0 < p.n; n0 += plan.rows) {
-    const int64_t rows = std::min(plan.rows, p.n - n0);
-    at::Tensor z = scratch.logits(p.head[kPolicy], kPolicy, w_blk, n0, rows);
-    at::Tensor r = scratch.logits(p.head[kRef], kRef, w_ref_blk, n0, rows);
-    const KlTile<T> desc = p.tile(z.data_ptr<T>(), r.data_ptr<T>(), v0, cols);
-    const KlState rows_state = shifted(state, n0);
-    if (split_rows) {
-      at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / (2 * cols)),
-                       [&](int64_t r0, int64_t r1) {
-                         forward_rows<T>(desc, rows_state, r0, r1, p.has_softcap, p.isa);
-                       });
-    } else {
-      forward_rows<T>(desc, rows_state, 0, rows, p.has_softcap, p.isa);
-    }
-  }
-}
 
 // n rows of empty state in `storage` (kStateArrays·n doubles).
 KlState empty_state(double* storage, int64_t n) {
@@ -697,47 +478,38 @@ KlState empty_state(double* storage, int64_t n) {
   return st;
 }
 
+// The op's side of stream_forward: a KlState per slot.
 template <typename T>
-void forward_all(const Problem<T>& p, const KlState& state) {
-  const Plan plan = make_plan(p.n, p.vocab, p.block_width(), 0);
-  const bool no_dweight[2] = {false, false};
-  if (plan.schedule == Schedule::kShared) {
-    Scratch<T> scratch(p, plan, no_dweight);
-    for (int64_t block = 0; block < plan.blocks; ++block) {
-      forward_block(p, plan, scratch, block, state, /*split_rows=*/true);
+struct ForwardOp {
+  using State = KlState;
+  const Problem<T, 2>& p;
+  std::vector<KlState> slot_state;  // [0]: the output
+  std::vector<double> extra;        // the storage of slots 1, 2, ...
+
+  State state(int64_t slot) { return slot_state[slot]; }
+
+  void add_slots(int64_t slots) {
+    const int64_t n = p.n;
+    extra.resize(static_cast<size_t>((slots - 1) * kStateArrays * n));
+    slot_state.resize(static_cast<size_t>(slots));
+    for (int64_t slot = 1; slot < slots; ++slot) {
+      slot_state[slot] = empty_state(extra.data() + (slot - 1) * kStateArrays * n, n);
     }
-    return;
   }
-  // Slot 0 streams into `state`, the others into private states merged at the end in slot order.
-  const int64_t n = p.n;
-  std::vector<double> extra(static_cast<size_t>((plan.slots - 1) * kStateArrays * n));
-  std::vector<KlState> slot_state(static_cast<size_t>(plan.slots));
-  slot_state[0] = state;
-  for (int64_t slot = 1; slot < plan.slots; ++slot) {
-    slot_state[slot] = empty_state(extra.data() + (slot - 1) * kStateArrays * n, n);
+
+  void merge(int64_t slot, int64_t i) {
+    const KlState& st = slot_state[slot];
+    merge_row(slot_state[0], i,
+              {st.max_z[i], st.rest_z[i], st.max_r[i], st.rest_r[i], st.center[i], st.csum[i],
+               st.diff[i]});
   }
-  at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
-    at::NoGradGuard no_grad;
-    for (int64_t slot = s0; slot < s1; ++slot) {
-      Scratch<T> scratch(p, plan, no_dweight);
-      for (int64_t block = slot; block < plan.blocks; block += plan.slots) {
-        forward_block(p, plan, scratch, block, slot_state[slot], /*split_rows=*/false);
-      }
-    }
-  });
-  if (plan.slots > 1) {
-    at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t slot = 1; slot < plan.slots; ++slot) {
-        const KlState& st = slot_state[slot];
-        for (int64_t i = i0; i < i1; ++i) {
-          merge_row(state, i,
-                    {st.max_z[i], st.rest_z[i], st.max_r[i], st.rest_r[i], st.center[i],
-                     st.csum[i], st.diff[i]});
-        }
-      }
-    });
+
+  void rows(const TileSet<T, 2>& tiles, const State& st, int64_t r0, int64_t r1) const {
+    const KlTile<T> tile = row_tile(p, tiles);
+    const Switches<2> on{tile.bias != nullptr, p.has_softcap};
+    run_rows<ForwardKernel, T>(p.isa, on, tile, shifted(st, tiles.n0), r0, r1);
   }
-}
+};
 
 }  // namespace
 
@@ -763,20 +535,21 @@ std::vector<at::Tensor> linear_kl_forward(const at::Tensor& hidden, const at::Te
   const at::Tensor h = hidden.detach().to(dtype).contiguous();
   const at::Tensor h_ref = ref_hidden.detach().to(dtype).contiguous();
   const bool any_bias = has_tensor(bias) || has_tensor(ref_bias);
+  const Head heads[2] = {make_head(h, weight, bias, any_bias),
+                         make_head(h_ref, ref_weight, ref_bias, any_bias)};
 
   AT_DISPATCH_FLOATING_TYPES(dtype, fn, [&] {
     using T = scalar_t;
     std::vector<double> storage(static_cast<size_t>(kStateArrays * n));
     const KlState state = empty_state(storage.data(), n);
-    const Problem<T> problem(make_head(h, weight, bias, any_bias),
-                             make_head(h_ref, ref_weight, ref_bias, any_bias), temperature,
-                             softcap);
-    forward_all<T>(problem, state);
+    const Problem<T, 2> problem(heads, temperature, softcap);
+    ForwardOp<T> op{problem, {state}, {}};
+    stream_forward(problem, op);
 
     double* kl_out = kl.data_ptr<double>();
     double* lse_out = lse.data_ptr<double>();
     double* ref_lse_out = ref_lse.data_ptr<double>();
-    at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, n, kRowGrain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const double s_z = 1.0 + state.rest_z[i];
         const double log_s_z = std::log1p(state.rest_z[i]);
@@ -805,165 +578,6 @@ std::vector<at::Tensor> linear_kl_forward(const at::Tensor& hidden, const at::Te
 // Backward
 // ---------------------------------------------------------------------------------------------
 
-namespace {
-
-struct Grads {
-  bool needed[2];        // the head needs any gradient: its tile is turned into dL/da
-  at::Tensor dh[2];      // [n, H] accumulator in T (this thread's, see backward_all), or undefined
-  at::Tensor dweight[2]; // [V, H] output in weight's dtype, or undefined
-  at::Tensor db[2];      // [V] accumulator in T (zeros), or undefined
-};
-
-// Recomputes block `block` tile by tile and adds its share to every gradient. dh holds this
-// thread's accumulators; dh_fresh says they hold nothing yet (beta = 0 ignores their
-// uninitialised memory, NaN included, as documented for addmm).
-template <typename T>
-void backward_block(const Problem<T>& p, const Plan& plan, Scratch<T>& scratch, int64_t block,
-                    const KlRows<T>& in, const at::Tensor (&dh)[2], bool dh_fresh,
-                    const Grads& grads, bool split_rows) {
-  const int64_t v0 = block * plan.cols, cols = std::min(plan.cols, p.vocab - v0);
-  const at::Tensor w_blk[2] = {scratch.weight_block(p.head[kPolicy], kPolicy, v0, cols),
-                               scratch.weight_block(p.head[kRef], kRef, v0, cols)};
-  at::Tensor dw_blk[2];
-  for (int side = 0; side < 2; ++side) {
-    if (grads.dweight[side].defined()) {
-      dw_blk[side] = p.head[side].convert_weight ? scratch.dweight[side].narrow(0, 0, cols)
-                                                 : grads.dweight[side].narrow(0, v0, cols);
-    }
-  }
-  for (int64_t n0 = 0; n0 < p.n; n0 += plan.rows) {
-    const int64_t rows = std::min(plan.rows, p.n - n0);
-    const at::Tensor tile[2] = {
-        scratch.logits(p.head[kPolicy], kPolicy, w_blk[kPolicy], n0, rows),
-        scratch.logits(p.head[kRef], kRef, w_blk[kRef], n0, rows)};
-    const KlTile<T> desc =
-        p.tile(tile[kPolicy].data_ptr<T>(), tile[kRef].data_ptr<T>(), v0, cols);
-    const KlRows<T> rows_in = shifted(in, n0);
-    const bool grad_z = grads.needed[kPolicy], grad_r = grads.needed[kRef];
-    if (split_rows) {
-      at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / (2 * cols)),
-                       [&](int64_t r0, int64_t r1) {
-                         backward_rows<T>(desc, rows_in, r0, r1, p.has_softcap, grad_z, grad_r,
-                                          p.isa);
-                       });
-    } else {
-      backward_rows<T>(desc, rows_in, 0, rows, p.has_softcap, grad_z, grad_r, p.isa);
-    }
-    // A tile holds T·dL/da; the 1/T rides on alpha.
-    for (int side = 0; side < 2; ++side) {
-      if (!grads.needed[side]) continue;
-      if (dh[side].defined()) {
-        dh[side].narrow(0, n0, rows).addmm_(tile[side], w_blk[side], dh_fresh ? 0.0 : 1.0,
-                                             p.alpha);
-      }
-      if (dw_blk[side].defined()) {
-        dw_blk[side].addmm_(tile[side].t(), p.head[side].h.narrow(0, n0, rows),
-                            n0 == 0 ? 0.0 : 1.0, p.alpha);
-      }
-      if (grads.db[side].defined()) {
-        grads.db[side].narrow(0, v0, cols).add_(tile[side].sum(0), p.alpha);
-      }
-    }
-  }
-  for (int side = 0; side < 2; ++side) {
-    if (dw_blk[side].defined() && p.head[side].convert_weight) {
-      grads.dweight[side].narrow(0, v0, cols).copy_(dw_blk[side]);
-    }
-  }
-}
-
-template <typename T>
-void backward_all(const Problem<T>& p, const KlRows<T>& in, const Grads& grads) {
-  int64_t private_bytes = 0;
-  for (int side = 0; side < 2; ++side) {
-    if (grads.dh[side].defined()) {
-      private_bytes += p.n * p.head[side].hidden * static_cast<int64_t>(sizeof(T));
-    }
-  }
-  const Plan plan = make_plan(p.n, p.vocab, p.block_width(), private_bytes);
-  const bool need_dweight[2] = {grads.dweight[kPolicy].defined(), grads.dweight[kRef].defined()};
-  if (plan.schedule == Schedule::kShared) {
-    Scratch<T> scratch(p, plan, need_dweight);
-    for (int64_t block = 0; block < plan.blocks; ++block) {
-      backward_block(p, plan, scratch, block, in, grads.dh, block == 0, grads,
-                     /*split_rows=*/true);
-    }
-    return;
-  }
-  // Slot s owns blocks s, s + S, ...; slot 0 (which always owns block 0) accumulates dh into the
-  // output accumulators, the others into private copies added to them in slot order.
-  struct SlotDh {
-    at::Tensor dh[2];
-  };
-  std::vector<SlotDh> slot_dh(static_cast<size_t>(plan.slots));
-  slot_dh[0].dh[kPolicy] = grads.dh[kPolicy];
-  slot_dh[0].dh[kRef] = grads.dh[kRef];
-  at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
-    at::NoGradGuard no_grad;
-    for (int64_t slot = s0; slot < s1; ++slot) {
-      Scratch<T> scratch(p, plan, need_dweight);
-      for (int side = 0; side < 2; ++side) {
-        if (slot > 0 && grads.dh[side].defined()) {
-          slot_dh[slot].dh[side] = at::empty({p.n, p.head[side].hidden}, p.head[side].h.options());
-        }
-      }
-      for (int64_t block = slot; block < plan.blocks; block += plan.slots) {
-        backward_block(p, plan, scratch, block, in, slot_dh[slot].dh, block == slot, grads,
-                       /*split_rows=*/false);
-      }
-    }
-  });
-  for (int side = 0; side < 2; ++side) {
-    if (!grads.dh[side].defined()) continue;
-    for (int64_t slot = 1; slot < plan.slots; ++slot) {
-      grads.dh[side].add_(slot_dh[slot].dh[side]);
-    }
-  }
-}
-
-// Rows whose upstream gradient is not 0 (NaN counts as not 0, so that it propagates).
-struct RowSelection {
-  int64_t count = 0;
-  bool compact = false;  // true when some rows were dropped
-  at::Tensor index;      // [count] int64: original row of each kept row (compact only)
-};
-
-template <typename T>
-RowSelection select_rows(const at::Tensor& grad) {
-  const int64_t n = grad.size(0);
-  const T* g = grad.data_ptr<T>();
-  RowSelection sel;
-  for (int64_t i = 0; i < n; ++i) {
-    sel.count += g[i] != T(0) ? 1 : 0;
-  }
-  sel.compact = sel.count < n;
-  if (sel.compact) {
-    sel.index = at::empty({sel.count}, grad.options().dtype(at::kLong));
-    int64_t* index = sel.index.data_ptr<int64_t>();
-    for (int64_t i = 0, j = 0; i < n; ++i) {
-      if (g[i] != T(0)) index[j++] = i;
-    }
-  }
-  return sel;
-}
-
-// The kept rows of a per-row tensor, detached, in `dtype`; no copy when every row is kept and
-// the dtype already matches.
-at::Tensor kept_rows(const at::Tensor& t, const RowSelection& sel, at::ScalarType dtype) {
-  const at::Tensor rows = sel.compact ? t.index_select(0, sel.index) : t;
-  return rows.detach().to(dtype).contiguous();
-}
-
-// The full [N, H] gradient of a hidden input from the [count, H] one of the kept rows.
-at::Tensor scatter_rows(const at::Tensor& dh, const at::Tensor& like, const RowSelection& sel) {
-  if (!sel.compact) return dh.to(like.scalar_type());
-  at::Tensor out = at::zeros_like(like);
-  out.index_copy_(0, sel.index, dh.to(like.scalar_type()));
-  return out;
-}
-
-}  // namespace
-
 std::vector<at::Tensor> linear_kl_backward(
     const at::Tensor& grad_kl, const at::Tensor& hidden, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& ref_hidden,
@@ -986,15 +600,16 @@ std::vector<at::Tensor> linear_kl_backward(
 
   const bool need_policy = compute_dhidden || compute_dweight || compute_dbias;
   const bool need_ref = compute_dref_hidden || compute_dref_weight || compute_dref_bias;
+  // Rows whose upstream gradient is not 0 (NaN counts as not 0, so that it propagates).
   RowSelection sel;
-  AT_DISPATCH_FLOATING_TYPES(dtype, fn, [&] { sel = select_rows<scalar_t>(grad_kl); });
+  AT_DISPATCH_FLOATING_TYPES(dtype, fn, [&] {
+    const scalar_t* g = grad_kl.data_ptr<scalar_t>();
+    sel = select_rows(n, grad_kl.options(), [&](int64_t i) { return g[i] != scalar_t(0); });
+  });
   if (sel.count == 0 || !(need_policy || need_ref)) {
-    return {compute_dhidden ? at::zeros_like(hidden) : at::Tensor(),
-            compute_dweight ? at::zeros_like(weight) : at::Tensor(),
-            compute_dbias ? at::zeros_like(*bias) : at::Tensor(),
-            compute_dref_hidden ? at::zeros_like(ref_hidden) : at::Tensor(),
-            compute_dref_weight ? at::zeros_like(ref_weight) : at::Tensor(),
-            compute_dref_bias ? at::zeros_like(*ref_bias) : at::Tensor()};
+    return {zeros_if(compute_dhidden, hidden),         zeros_if(compute_dweight, weight),
+            zeros_if(compute_dbias, bias),             zeros_if(compute_dref_hidden, ref_hidden),
+            zeros_if(compute_dref_weight, ref_weight), zeros_if(compute_dref_bias, ref_bias)};
   }
 
   const at::Tensor h = kept_rows(hidden, sel, dtype);
@@ -1010,7 +625,7 @@ std::vector<at::Tensor> linear_kl_backward(
   const at::Tensor kl_t = kl_kept.to(dtype).contiguous();
 
   const auto opts = h.options();
-  Grads grads;
+  Gradients<2> grads;
   grads.needed[kPolicy] = need_policy;
   grads.needed[kRef] = need_ref;
   // dh accumulates in the compute dtype; dW goes block by block straight into the output.
@@ -1023,6 +638,8 @@ std::vector<at::Tensor> linear_kl_backward(
   if (compute_dbias) grads.db[kPolicy] = at::zeros({vocab}, opts);
   if (compute_dref_bias) grads.db[kRef] = at::zeros({vocab}, opts);
   const bool any_bias = has_tensor(bias) || has_tensor(ref_bias);
+  const Head heads[2] = {make_head(h, weight, bias, any_bias),
+                         make_head(h_ref, ref_weight, ref_bias, any_bias)};
 
   AT_DISPATCH_FLOATING_TYPES(dtype, fn, [&] {
     using T = scalar_t;
@@ -1030,10 +647,12 @@ std::vector<at::Tensor> linear_kl_backward(
                        lse_lo.data_ptr<T>(),     ref_lse_hi.data_ptr<T>(),
                        ref_lse_lo.data_ptr<T>(), c_hi.data_ptr<T>(),
                        c_lo.data_ptr<T>(),       kl_t.data_ptr<T>()};
-    const Problem<T> problem(make_head(h, weight, bias, any_bias),
-                             make_head(h_ref, ref_weight, ref_bias, any_bias), temperature,
-                             softcap);
-    backward_all<T>(problem, in, grads);
+    const Problem<T, 2> problem(heads, temperature, softcap);
+    stream_backward(problem, grads, [&](const TileSet<T, 2>& tiles, int64_t r0, int64_t r1) {
+      const KlTile<T> tile = row_tile(problem, tiles);
+      const Switches<4> on{tile.bias != nullptr, problem.has_softcap, need_policy, need_ref};
+      run_rows<BackwardKernel, T>(problem.isa, on, tile, shifted(in, tiles.n0), r0, r1);
+    });
   });
 
   return {compute_dhidden ? scatter_rows(grads.dh[kPolicy], hidden, sel) : at::Tensor(),

@@ -11,33 +11,35 @@
 // Memory beyond inputs and gradients: one logit tile and, for bf16/fp16 weights, a float32 copy of
 // the weight block (and of its dW block) per thread; the float32 copy of hidden (bf16/fp16 inputs,
 // or when some targets are ignored); the float32 dh accumulator, plus one per extra thread in the
-// owned schedule (bounded by kPrivateBudgetBytes, see "Schedules").
+// owned schedule (bounded by kPrivateBudgetBytes, see "Schedules" in streaming.h).
 //
 // Rows whose target is ignore_index are dropped up front (prompt tokens are often half the batch),
 // so they cost nothing and get exact zeros.
+//
+// This file holds the op's row math and its entry points; the block loops, schedules, problem and
+// scratch are streaming.h's, the choice of variant and instruction set dispatch.h's.
 
 #include "linear_logprobs_cpu.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
-#include <string>
-#include <type_traits>
-#include <utility>
+#include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 
-#include "cpu_common.h"
+#include "checks.h"
 #include "cpu_vec_math.h"
+#include "dispatch.h"
+#include "streaming.h"
 
 namespace fastalign {
 namespace {
 
-using namespace cpu;  // NOLINT(build/namespaces): cpu_vec_math.h and cpu_common.h
+using namespace cpu;  // NOLINT(build/namespaces): the headers above
 
 // ---------------------------------------------------------------------------------------------
 // Row kernels (one tile, a range of its rows)
@@ -182,181 +184,91 @@ FASTALIGN_INLINE void logits_to_grad(const Tile<ScalarOf<U>>& tile, ScalarOf<U>*
   }
 }
 
-template <typename V, bool HAS_BIAS, bool HAS_SOFTCAP>
-FASTALIGN_INLINE void forward_rows_impl(const Tile<ScalarOf<V>>& tile,
-                                        const ForwardState<ScalarOf<V>>& state, int64_t r0,
-                                        int64_t r1) {
-  using T = ScalarOf<V>;
-  const int64_t cols = tile.cols;
-  const int64_t bulk = cols - cols % Lanes<V>::kCount;
-  for (int64_t r = r0; r < r1; ++r) {
-    T* x = tile.data + r * cols;
-    V bulk_max = splat<V>(-std::numeric_limits<T>::infinity());
-    logits_to_z<V, HAS_BIAS, HAS_SOFTCAP>(tile, x, 0, bulk, bulk_max);
-    T block_max = lane_max(bulk_max);
-    logits_to_z<T, HAS_BIAS, HAS_SOFTCAP>(tile, x, bulk, cols, block_max);
-    V bulk_sum_exp{}, bulk_sum_exp_dz{};
-    exp_sums<V>(x, 0, bulk, block_max, bulk_sum_exp, bulk_sum_exp_dz);
-    T sum_exp = lane_sum(bulk_sum_exp), sum_exp_dz = lane_sum(bulk_sum_exp_dz);
-    exp_sums<T>(x, bulk, cols, block_max, sum_exp, sum_exp_dz);
+// The fused passes, as dispatch.h's run_rows takes them (switches: bias, softcap).
+struct ForwardKernel {
+  template <typename V, bool HAS_BIAS, bool HAS_SOFTCAP>
+  static FASTALIGN_INLINE void rows(const Tile<ScalarOf<V>>& tile,
+                                    const ForwardState<ScalarOf<V>>& state, int64_t r0,
+                                    int64_t r1) {
+    using T = ScalarOf<V>;
+    const int64_t cols = tile.cols;
+    const int64_t bulk = cols - cols % Lanes<V>::kCount;
+    for (int64_t r = r0; r < r1; ++r) {
+      T* x = tile.data + r * cols;
+      V bulk_max = splat<V>(-std::numeric_limits<T>::infinity());
+      logits_to_z<V, HAS_BIAS, HAS_SOFTCAP>(tile, x, 0, bulk, bulk_max);
+      T block_max = lane_max(bulk_max);
+      logits_to_z<T, HAS_BIAS, HAS_SOFTCAP>(tile, x, bulk, cols, block_max);
+      V bulk_sum_exp{}, bulk_sum_exp_dz{};
+      exp_sums<V>(x, 0, bulk, block_max, bulk_sum_exp, bulk_sum_exp_dz);
+      T sum_exp = lane_sum(bulk_sum_exp), sum_exp_dz = lane_sum(bulk_sum_exp_dz);
+      exp_sums<T>(x, bulk, cols, block_max, sum_exp, sum_exp_dz);
 
-    const int64_t y = tile.targets[r] - tile.v0;
-    if (y >= 0 && y < cols) {
-      state.z_target[r] = x[y];
+      const int64_t y = tile.targets[r] - tile.v0;
+      if (y >= 0 && y < cols) {
+        state.z_target[r] = x[y];
+      }
+      merge_state(state.max[r], state.sum_exp[r], state.sum_exp_dz[r], block_max, sum_exp,
+                  sum_exp_dz);
     }
-    merge_state(state.max[r], state.sum_exp[r], state.sum_exp_dz[r], block_max, sum_exp,
-                sum_exp_dz);
   }
-}
+};
 
-template <typename V, bool HAS_BIAS, bool HAS_SOFTCAP>
-FASTALIGN_INLINE void backward_rows_impl(const Tile<ScalarOf<V>>& tile,
-                                         const BackwardRows<ScalarOf<V>>& in, int64_t r0,
-                                         int64_t r1) {
-  using T = ScalarOf<V>;
-  const int64_t cols = tile.cols;
-  const int64_t bulk = cols - cols % Lanes<V>::kCount;
-  for (int64_t r = r0; r < r1; ++r) {
-    T* x = tile.data + r * cols;
-    const T g = in.grad_logp[r];
-    const T e = in.grad_entropy != nullptr ? in.grad_entropy[r] : T(0);
-    const T lse_hi = in.lse_hi[r], lse_lo = in.lse_lo[r];
-    const T sum_pz_hi = in.sum_pz_hi[r], sum_pz_lo = in.sum_pz_lo[r];
-    const int64_t y = tile.targets[r] - tile.v0;
-    const bool has_target = y >= 0 && y < cols;
-    T target_grad = g;  // the g·1[v=y] term, times the tanh factor at y
-    if constexpr (HAS_SOFTCAP) {
+struct BackwardKernel {
+  template <typename V, bool HAS_BIAS, bool HAS_SOFTCAP>
+  static FASTALIGN_INLINE void rows(const Tile<ScalarOf<V>>& tile,
+                                    const BackwardRows<ScalarOf<V>>& in, int64_t r0, int64_t r1) {
+    using T = ScalarOf<V>;
+    const int64_t cols = tile.cols;
+    const int64_t bulk = cols - cols % Lanes<V>::kCount;
+    for (int64_t r = r0; r < r1; ++r) {
+      T* x = tile.data + r * cols;
+      const T g = in.grad_logp[r];
+      const T e = in.grad_entropy != nullptr ? in.grad_entropy[r] : T(0);
+      const T lse_hi = in.lse_hi[r], lse_lo = in.lse_lo[r];
+      const T sum_pz_hi = in.sum_pz_hi[r], sum_pz_lo = in.sum_pz_lo[r];
+      const int64_t y = tile.targets[r] - tile.v0;
+      const bool has_target = y >= 0 && y < cols;
+      T target_grad = g;  // the g·1[v=y] term, times the tanh factor at y
+      if constexpr (HAS_SOFTCAP) {
+        if (has_target) {
+          T a = x[y];
+          if constexpr (HAS_BIAS) a += tile.bias[y];
+          target_grad = g * vsech2(a * tile.inv_cap);
+        }
+      }
+      logits_to_grad<V, HAS_BIAS, HAS_SOFTCAP>(tile, x, 0, bulk, g, e, lse_hi, lse_lo, sum_pz_hi,
+                                               sum_pz_lo);
+      logits_to_grad<T, HAS_BIAS, HAS_SOFTCAP>(tile, x, bulk, cols, g, e, lse_hi, lse_lo,
+                                               sum_pz_hi, sum_pz_lo);
       if (has_target) {
-        T a = x[y];
-        if constexpr (HAS_BIAS) a += tile.bias[y];
-        target_grad = g * vsech2(a * tile.inv_cap);
+        x[y] += target_grad;
       }
     }
-    logits_to_grad<V, HAS_BIAS, HAS_SOFTCAP>(tile, x, 0, bulk, g, e, lse_hi, lse_lo, sum_pz_hi,
-                                             sum_pz_lo);
-    logits_to_grad<T, HAS_BIAS, HAS_SOFTCAP>(tile, x, bulk, cols, g, e, lse_hi, lse_lo,
-                                             sum_pz_hi, sum_pz_lo);
-    if (has_target) {
-      x[y] += target_grad;
-    }
   }
-}
+};
 
-template <typename V>
-FASTALIGN_INLINE void forward_rows_dispatch(const Tile<ScalarOf<V>>& tile,
-                                            const ForwardState<ScalarOf<V>>& state, int64_t r0,
-                                            int64_t r1, bool has_softcap) {
-  const bool has_bias = tile.bias != nullptr;
-  if (has_bias && has_softcap) {
-    forward_rows_impl<V, true, true>(tile, state, r0, r1);
-  } else if (has_bias) {
-    forward_rows_impl<V, true, false>(tile, state, r0, r1);
-  } else if (has_softcap) {
-    forward_rows_impl<V, false, true>(tile, state, r0, r1);
-  } else {
-    forward_rows_impl<V, false, false>(tile, state, r0, r1);
-  }
-}
-
-template <typename V>
-FASTALIGN_INLINE void backward_rows_dispatch(const Tile<ScalarOf<V>>& tile,
-                                             const BackwardRows<ScalarOf<V>>& in, int64_t r0,
-                                             int64_t r1, bool has_softcap) {
-  const bool has_bias = tile.bias != nullptr;
-  if (has_bias && has_softcap) {
-    backward_rows_impl<V, true, true>(tile, in, r0, r1);
-  } else if (has_bias) {
-    backward_rows_impl<V, true, false>(tile, in, r0, r1);
-  } else if (has_softcap) {
-    backward_rows_impl<V, false, true>(tile, in, r0, r1);
-  } else {
-    backward_rows_impl<V, false, false>(tile, in, r0, r1);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Instruction sets
-// ---------------------------------------------------------------------------------------------
-//
-// The float32 row kernels, once per instruction set (the always-inline bodies take on the ISA of
-// the function they are inlined into); forward_rows_f32 / backward_rows_f32 pick one at run time.
-// See cpu_vec_math.h (and BaselineF32 in cpu_common.h).
-
-void forward_rows_baseline(const Tile<float>& tile, const ForwardState<float>& state, int64_t r0,
-                           int64_t r1, bool has_softcap) {
-  forward_rows_dispatch<BaselineF32>(tile, state, r0, r1, has_softcap);
-}
-
-void backward_rows_baseline(const Tile<float>& tile, const BackwardRows<float>& in, int64_t r0,
-                            int64_t r1, bool has_softcap) {
-  backward_rows_dispatch<BaselineF32>(tile, in, r0, r1, has_softcap);
-}
-
-#ifdef FASTALIGN_X86_ISAS
-FASTALIGN_AVX2 void forward_rows_avx2(const Tile<float>& tile, const ForwardState<float>& state,
-                                      int64_t r0, int64_t r1, bool has_softcap) {
-  forward_rows_dispatch<f32x8>(tile, state, r0, r1, has_softcap);
-}
-
-FASTALIGN_AVX2 void backward_rows_avx2(const Tile<float>& tile, const BackwardRows<float>& in,
-                                       int64_t r0, int64_t r1, bool has_softcap) {
-  backward_rows_dispatch<f32x8>(tile, in, r0, r1, has_softcap);
-}
-
-FASTALIGN_AVX512 void forward_rows_avx512(const Tile<float>& tile,
-                                          const ForwardState<float>& state, int64_t r0,
-                                          int64_t r1, bool has_softcap) {
-  forward_rows_dispatch<f32x16>(tile, state, r0, r1, has_softcap);
-}
-
-FASTALIGN_AVX512 void backward_rows_avx512(const Tile<float>& tile, const BackwardRows<float>& in,
-                                           int64_t r0, int64_t r1, bool has_softcap) {
-  backward_rows_dispatch<f32x16>(tile, in, r0, r1, has_softcap);
-}
-#endif
-
-void forward_rows_f32(const Tile<float>& tile, const ForwardState<float>& state, int64_t r0,
-                      int64_t r1, bool has_softcap, Isa isa) {
-#ifdef FASTALIGN_X86_ISAS
-  if (isa == Isa::kAvx512) return forward_rows_avx512(tile, state, r0, r1, has_softcap);
-  if (isa == Isa::kAvx2) return forward_rows_avx2(tile, state, r0, r1, has_softcap);
-#endif
-  forward_rows_baseline(tile, state, r0, r1, has_softcap);
-}
-
-void backward_rows_f32(const Tile<float>& tile, const BackwardRows<float>& in, int64_t r0,
-                       int64_t r1, bool has_softcap, Isa isa) {
-#ifdef FASTALIGN_X86_ISAS
-  if (isa == Isa::kAvx512) return backward_rows_avx512(tile, in, r0, r1, has_softcap);
-  if (isa == Isa::kAvx2) return backward_rows_avx2(tile, in, r0, r1, has_softcap);
-#endif
-  backward_rows_baseline(tile, in, r0, r1, has_softcap);
+template <typename T>
+ForwardState<T> shifted(const ForwardState<T>& s, int64_t n0) {
+  return {s.max + n0, s.sum_exp + n0, s.sum_exp_dz + n0, s.z_target + n0};
 }
 
 template <typename T>
-void forward_rows(const Tile<T>& tile, const ForwardState<T>& state, int64_t r0, int64_t r1,
-                  bool has_softcap, Isa isa) {
-  if constexpr (std::is_same_v<T, float>) {
-    forward_rows_f32(tile, state, r0, r1, has_softcap, isa);
-  } else {
-    (void)isa;
-    forward_rows_dispatch<T>(tile, state, r0, r1, has_softcap);
-  }
+BackwardRows<T> shifted(const BackwardRows<T>& in, int64_t n0) {
+  return {in.grad_logp + n0, in.grad_entropy != nullptr ? in.grad_entropy + n0 : nullptr,
+          in.lse_hi + n0,    in.lse_lo + n0,
+          in.sum_pz_hi + n0, in.sum_pz_lo + n0};
 }
 
+// The tile of the fused passes for one tile of the stream (see streaming.h).
 template <typename T>
-void backward_rows(const Tile<T>& tile, const BackwardRows<T>& in, int64_t r0, int64_t r1,
-                   bool has_softcap, Isa isa) {
-  if constexpr (std::is_same_v<T, float>) {
-    backward_rows_f32(tile, in, r0, r1, has_softcap, isa);
-  } else {
-    (void)isa;
-    backward_rows_dispatch<T>(tile, in, r0, r1, has_softcap);
-  }
+Tile<T> row_tile(const Problem<T, 1>& p, const int64_t* targets, const TileSet<T, 1>& tiles) {
+  return {tiles.logits[0], p.bias(0, tiles.v0), targets + tiles.n0, tiles.cols, tiles.v0,
+          p.inv_t,         p.inv_cap,           p.cap_over_t};
 }
 
 // ---------------------------------------------------------------------------------------------
-// Argument checks (compute_dtype, check_cpu_contiguous and check_row_stat: cpu_common.h)
+// Argument checks and the rows that take part (target != ignore_index)
 // ---------------------------------------------------------------------------------------------
 
 void check_inputs(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,
@@ -366,9 +278,7 @@ void check_inputs(const char* fn, const at::Tensor& hidden, const at::Tensor& we
   check_cpu_contiguous(fn, "weight [V, H]", weight, 2);
   check_cpu_contiguous(fn, "targets [N]", targets, 1);
   const auto dtype = hidden.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf ||
-                       dtype == at::kDouble,
-                   fn, ": hidden must be float32, bfloat16, float16 or float64, got ", dtype);
+  check_head_dtype(fn, dtype);
   TORCH_CHECK_TYPE(weight.scalar_type() == dtype, fn,
                    ": hidden and weight must have the same dtype, got ", dtype, " and ",
                    weight.scalar_type());
@@ -379,223 +289,83 @@ void check_inputs(const char* fn, const at::Tensor& hidden, const at::Tensor& we
                    targets.scalar_type());
   TORCH_CHECK_VALUE(targets.size(0) == hidden.size(0), fn, ": targets must have shape [N] = [",
                     hidden.size(0), "], got ", targets.sizes());
-  if (bias.has_value() && bias->defined()) {
+  if (has_tensor(bias)) {
     check_cpu_contiguous(fn, "bias [V]", *bias, 1);
     TORCH_CHECK_TYPE(bias->scalar_type() == dtype, fn, ": bias must have weight's dtype ", dtype,
                      ", got ", bias->scalar_type());
     TORCH_CHECK_VALUE(bias->size(0) == weight.size(0), fn, ": bias must have shape [V] = [",
                       weight.size(0), "], got ", bias->sizes());
   }
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, fn,
-                    ": temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, fn,
-                    ": softcap must be finite and >= 0 (0 = no softcap), got ", softcap);
+  check_logit_options(fn, temperature, softcap);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Rows that take part (target != ignore_index)
-// ---------------------------------------------------------------------------------------------
-
-struct RowSelection {
-  int64_t count = 0;
-  bool compact = false;  // true when some rows were dropped
-  at::Tensor index;      // [count] int64: original row of each kept row (compact only)
-  at::Tensor targets;    // [count] int64: targets of the kept rows
+// The rows whose target is not ignore_index, and their targets.
+struct TargetRows {
+  RowSelection sel;
+  at::Tensor targets;  // [count] int64
 };
 
-RowSelection select_rows(const char* fn, const at::Tensor& targets, int64_t ignore_index,
-                         int64_t vocab, bool off_shard_targets) {
+TargetRows select_target_rows(const char* fn, const at::Tensor& targets, int64_t ignore_index,
+                              int64_t vocab, bool off_shard_targets) {
   const int64_t n = targets.size(0);
   const int64_t* y = targets.data_ptr<int64_t>();
-  RowSelection sel;
   for (int64_t i = 0; i < n; ++i) {
-    if (y[i] == ignore_index) {
-      continue;
-    }
     // With off_shard_targets (a vocabulary shard), y >= V is a target held by another shard:
     // the row still counts in the normaliser, and no column here is its target.
-    TORCH_CHECK_VALUE(y[i] >= 0 && (y[i] < vocab || off_shard_targets), fn,
-                      ": targets must lie in [0, V) = [0, ", vocab, ") or equal ignore_index (",
-                      ignore_index, "); found ", y[i], " at position ", i);
-    ++sel.count;
+    TORCH_CHECK_VALUE(y[i] == ignore_index || (y[i] >= 0 && (y[i] < vocab || off_shard_targets)),
+                      fn, ": targets must lie in [0, V) = [0, ", vocab,
+                      ") or equal ignore_index (", ignore_index, "); found ", y[i],
+                      " at position ", i);
   }
-  sel.compact = sel.count < n;
-  if (!sel.compact) {
-    sel.targets = targets;
-    return sel;
-  }
-  sel.index = at::empty({sel.count}, targets.options());
-  sel.targets = at::empty({sel.count}, targets.options());
-  int64_t* index = sel.index.data_ptr<int64_t>();
-  int64_t* kept = sel.targets.data_ptr<int64_t>();
-  for (int64_t i = 0, j = 0; i < n; ++i) {
-    if (y[i] != ignore_index) {
-      index[j] = i;
-      kept[j] = y[i];
-      ++j;
-    }
-  }
-  return sel;
+  TargetRows rows;
+  rows.sel = select_rows(n, targets.options(), [&](int64_t i) { return y[i] != ignore_index; });
+  rows.targets = kept_rows(targets, rows.sel, at::kLong);
+  return rows;
 }
-
-// The kept rows of a per-row tensor (hidden, grad_logp, ...) in dtype `dtype`; no copy when every
-// row is kept and the dtype already matches.
-at::Tensor kept_rows(const at::Tensor& t, const RowSelection& sel, at::ScalarType dtype) {
-  const at::Tensor rows = sel.compact ? t.index_select(0, sel.index) : t;
-  // detach: worker threads run with autograd on (grad mode is thread-local), and out= products
-  // refuse inputs that require grad.
-  return rows.detach().to(dtype).contiguous();
-}
-
-// Schedules and block sizes (owned / shared, make_plan): cpu_common.h.
-
-// ---------------------------------------------------------------------------------------------
-// Tiles
-// ---------------------------------------------------------------------------------------------
-
-template <typename T>
-struct Problem {
-  at::Tensor h;            // [n, H] kept rows of hidden, in the compute dtype T
-  at::Tensor weight;       // [V, H] in the input dtype
-  const T* bias;           // [V] in T, or nullptr
-  const int64_t* targets;  // [n] targets of the kept rows
-  int64_t n, hidden, vocab;
-  T inv_t, inv_cap, cap_over_t;
-  double alpha;            // 1/T as the alpha of the gradient products
-  bool has_softcap;
-  bool convert_weight;     // bf16/fp16 weight: each block is converted to T before use
-  Isa isa;
-
-  Problem(const at::Tensor& h_, const at::Tensor& weight_, const at::Tensor& bias_,
-          const int64_t* targets_, double temperature, double softcap)
-      : h(h_),
-        weight(weight_.detach()),
-        bias(bias_.defined() ? bias_.data_ptr<T>() : nullptr),
-        targets(targets_),
-        n(h_.size(0)),
-        hidden(h_.size(1)),
-        vocab(weight_.size(0)),
-        inv_t(static_cast<T>(1.0 / temperature)),
-        inv_cap(static_cast<T>(softcap > 0 ? 1.0 / softcap : 0.0)),
-        cap_over_t(static_cast<T>(softcap / temperature)),
-        alpha(1.0 / temperature),
-        has_softcap(softcap > 0),
-        convert_weight(weight_.scalar_type() != h_.scalar_type()),
-        isa(chosen_isa()) {}
-
-  Tile<T> tile(T* data, int64_t n0, int64_t v0, int64_t cols) const {
-    return {data, bias != nullptr ? bias + v0 : nullptr, targets + n0, cols, v0, inv_t, inv_cap,
-            cap_over_t};
-  }
-};
-
-// The buffers one thread streams through: never larger than one block.
-template <typename T>
-struct Scratch {
-  at::Tensor tile;     // [rows · cols] logits, then gradients
-  at::Tensor weight;   // [cols, H] the weight block in T (bf16/fp16 weights only)
-  at::Tensor dweight;  // [cols, H] the dW block in T, cast into the output when complete (idem)
-
-  Scratch(const Problem<T>& p, const Plan& plan, bool need_dweight) {
-    const auto opts = p.h.options();
-    tile = at::empty({plan.rows * plan.cols}, opts);
-    if (p.convert_weight) {
-      weight = at::empty({plan.cols, p.hidden}, opts);
-      if (need_dweight) dweight = at::empty({plan.cols, p.hidden}, opts);
-    }
-  }
-
-  at::Tensor weight_block(const Problem<T>& p, int64_t v0, int64_t cols) {
-    const at::Tensor block = p.weight.narrow(0, v0, cols);
-    return p.convert_weight ? weight.narrow(0, 0, cols).copy_(block) : block;
-  }
-
-  // h[n0 : n0 + rows] @ w_blkᵀ into the tile buffer.
-  at::Tensor logits(const Problem<T>& p, const at::Tensor& w_blk, int64_t n0, int64_t rows) {
-    at::Tensor out = tile.narrow(0, 0, rows * w_blk.size(0)).view({rows, w_blk.size(0)});
-    return at::mm_out(out, p.h.narrow(0, n0, rows), w_blk.t());
-  }
-};
 
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
 
+// The op's side of stream_forward: (m, s, t) per row, z_target on the side (each row's target
+// lies in exactly one block, so no slot but the one streaming that block writes it).
 template <typename T>
-ForwardState<T> shifted(const ForwardState<T>& s, int64_t n0) {
-  return {s.max + n0, s.sum_exp + n0, s.sum_exp_dz + n0, s.z_target + n0};
-}
+struct ForwardOp {
+  using State = ForwardState<T>;
+  const Problem<T, 1>& p;
+  const int64_t* targets;
+  ForwardState<T> output;
+  std::vector<T> extra;  // (m, s, t) of slots 1, 2, ...
 
-// Streams vocabulary block `block` through the state of every row; split_rows spreads the fused
-// pass over threads (shared schedule).
-template <typename T>
-void forward_block(const Problem<T>& p, const Plan& plan, Scratch<T>& scratch, int64_t block,
-                   const ForwardState<T>& state, bool split_rows) {
-  const int64_t v0 = block * plan.cols, cols = std::min(plan.cols, p.vocab - v0);
-  const at::Tensor w_blk = scratch.weight_block(p, v0, cols);
-  for (int64_t n0 = 0; n0 < p.n; n0 += plan.rows) {
-    const int64_t rows = std::min(plan.rows, p.n - n0);
-    at::Tensor tile = scratch.logits(p, w_blk, n0, rows);
-    const Tile<T> desc = p.tile(tile.data_ptr<T>(), n0, v0, cols);
-    const ForwardState<T> rows_state = shifted(state, n0);
-    if (split_rows) {
-      at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / cols),
-                       [&](int64_t r0, int64_t r1) {
-                         forward_rows<T>(desc, rows_state, r0, r1, p.has_softcap, p.isa);
-                       });
-    } else {
-      forward_rows<T>(desc, rows_state, 0, rows, p.has_softcap, p.isa);
-    }
+  State state(int64_t slot) {
+    if (slot == 0) return output;
+    T* base = extra.data() + (slot - 1) * 3 * p.n;
+    return {base, base + p.n, base + 2 * p.n, output.z_target};
   }
-}
 
-template <typename T>
-void forward_all(const Problem<T>& p, const ForwardState<T>& state) {
-  const Plan plan = make_plan(p.n, p.vocab, p.hidden, 0);
-  if (plan.schedule == Schedule::kShared) {
-    Scratch<T> scratch(p, plan, false);
-    for (int64_t block = 0; block < plan.blocks; ++block) {
-      forward_block(p, plan, scratch, block, state, /*split_rows=*/true);
+  void add_slots(int64_t slots) {
+    const int64_t n = p.n;
+    extra.resize(static_cast<size_t>((slots - 1) * 3 * n));
+    for (int64_t slot = 1; slot < slots; ++slot) {
+      const State st = state(slot);
+      std::fill(st.max, st.max + n, -std::numeric_limits<T>::infinity());
+      std::fill(st.sum_exp, st.sum_exp + n, T(0));
+      std::fill(st.sum_exp_dz, st.sum_exp_dz + n, T(0));
     }
-    return;
   }
-  // Slot 0 streams into `state`, the others into private (m, s, t) arrays merged at the end in
-  // slot order. z_target needs no copy: each row's target lies in exactly one block.
-  const int64_t n = p.n;
-  std::vector<T> extra(static_cast<size_t>((plan.slots - 1) * 3 * n));
-  auto slot_state = [&](int64_t slot) -> ForwardState<T> {
-    if (slot == 0) return state;
-    T* base = extra.data() + (slot - 1) * 3 * n;
-    return {base, base + n, base + 2 * n, state.z_target};
-  };
-  for (int64_t slot = 1; slot < plan.slots; ++slot) {
-    const ForwardState<T> st = slot_state(slot);
-    std::fill(st.max, st.max + n, -std::numeric_limits<T>::infinity());
-    std::fill(st.sum_exp, st.sum_exp + n, T(0));
-    std::fill(st.sum_exp_dz, st.sum_exp_dz + n, T(0));
+
+  void merge(int64_t slot, int64_t i) {
+    const State st = state(slot);
+    merge_state(output.max[i], output.sum_exp[i], output.sum_exp_dz[i], st.max[i], st.sum_exp[i],
+                st.sum_exp_dz[i]);
   }
-  at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
-    at::NoGradGuard no_grad;
-    for (int64_t slot = s0; slot < s1; ++slot) {
-      Scratch<T> scratch(p, plan, false);
-      const ForwardState<T> st = slot_state(slot);
-      for (int64_t block = slot; block < plan.blocks; block += plan.slots) {
-        forward_block(p, plan, scratch, block, st, /*split_rows=*/false);
-      }
-    }
-  });
-  if (plan.slots > 1) {
-    at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t slot = 1; slot < plan.slots; ++slot) {
-        const ForwardState<T> st = slot_state(slot);
-        for (int64_t i = i0; i < i1; ++i) {
-          merge_state(state.max[i], state.sum_exp[i], state.sum_exp_dz[i], st.max[i],
-                      st.sum_exp[i], st.sum_exp_dz[i]);
-        }
-      }
-    });
+
+  void rows(const TileSet<T, 1>& tiles, const State& st, int64_t r0, int64_t r1) const {
+    const Tile<T> tile = row_tile(p, targets, tiles);
+    const Switches<2> on{tile.bias != nullptr, p.has_softcap};
+    run_rows<ForwardKernel, T>(p.isa, on, tile, shifted(st, tiles.n0), r0, r1);
   }
-}
+};
 
 }  // namespace
 
@@ -615,28 +385,31 @@ std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden, const 
   const auto stat_opts = hidden.options().dtype(at::kDouble);
   at::Tensor lse = at::zeros({n}, stat_opts), sum_pz = at::zeros({n}, stat_opts);
 
-  const RowSelection sel = select_rows(fn, targets, ignore_index, vocab, off_shard_targets);
+  const TargetRows kept = select_target_rows(fn, targets, ignore_index, vocab, off_shard_targets);
+  const RowSelection& sel = kept.sel;
   if (sel.count == 0) {
     return {logp, entropy, lse, sum_pz};
   }
-  const at::Tensor h = kept_rows(hidden, sel, dtype);
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor b = has_bias ? bias->detach().to(dtype).contiguous() : at::Tensor();
+  const Head head = make_head(kept_rows(hidden, sel, dtype), weight, bias);
 
   AT_DISPATCH_FLOATING_TYPES(dtype, fn, [&] {
     using T = scalar_t;
     const int64_t count = sel.count;
     std::vector<T> max(count, -std::numeric_limits<T>::infinity()), sum_exp(count, T(0)),
         sum_exp_dz(count, T(0)), z_target(count, T(0));
-    const Problem<T> problem(h, weight, b, sel.targets.data_ptr<int64_t>(), temperature, softcap);
-    forward_all<T>(problem, {max.data(), sum_exp.data(), sum_exp_dz.data(), z_target.data()});
+    const Problem<T, 1> problem({head}, temperature, softcap);
+    ForwardOp<T> op{problem,
+                    kept.targets.data_ptr<int64_t>(),
+                    {max.data(), sum_exp.data(), sum_exp_dz.data(), z_target.data()},
+                    {}};
+    stream_forward(problem, op);
 
     T* logp_out = logp.data_ptr<T>();
     T* entropy_out = entropy.data_ptr<T>();
     double* lse_out = lse.data_ptr<double>();
     double* sum_pz_out = sum_pz.data_ptr<double>();
     const int64_t* index = sel.compact ? sel.index.data_ptr<int64_t>() : nullptr;
-    at::parallel_for(0, count, 4096, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, count, kRowGrain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t row = index != nullptr ? index[i] : i;
         const T log_sum_exp = std::log(sum_exp[i]);
@@ -658,102 +431,6 @@ std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden, const 
 // Backward
 // ---------------------------------------------------------------------------------------------
 
-namespace {
-
-template <typename T>
-BackwardRows<T> shifted(const BackwardRows<T>& in, int64_t n0) {
-  return {in.grad_logp + n0, in.grad_entropy != nullptr ? in.grad_entropy + n0 : nullptr,
-          in.lse_hi + n0,    in.lse_lo + n0,
-          in.sum_pz_hi + n0, in.sum_pz_lo + n0};
-}
-
-struct Grads {
-  at::Tensor dweight;  // [V, H] output in weight's dtype, or undefined
-  at::Tensor db;       // [V] accumulator in the compute dtype (zeros), or undefined
-};
-
-// Recomputes block `block` tile by tile and adds its share to every gradient. dh is this thread's
-// accumulator (undefined if not wanted); dh_fresh says it holds nothing yet (beta = 0 ignores
-// its uninitialised memory, NaN included, as documented for addmm).
-template <typename T>
-void backward_block(const Problem<T>& p, const Plan& plan, Scratch<T>& scratch, int64_t block,
-                    const BackwardRows<T>& in, const at::Tensor& dh, bool dh_fresh,
-                    const Grads& grads, bool split_rows) {
-  const int64_t v0 = block * plan.cols, cols = std::min(plan.cols, p.vocab - v0);
-  const at::Tensor w_blk = scratch.weight_block(p, v0, cols);
-  at::Tensor dw_blk;
-  if (grads.dweight.defined()) {
-    dw_blk = p.convert_weight ? scratch.dweight.narrow(0, 0, cols)
-                              : grads.dweight.narrow(0, v0, cols);
-  }
-  for (int64_t n0 = 0; n0 < p.n; n0 += plan.rows) {
-    const int64_t rows = std::min(plan.rows, p.n - n0);
-    at::Tensor tile = scratch.logits(p, w_blk, n0, rows);
-    const Tile<T> desc = p.tile(tile.data_ptr<T>(), n0, v0, cols);
-    const BackwardRows<T> rows_in = shifted(in, n0);
-    if (split_rows) {
-      at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / cols),
-                       [&](int64_t r0, int64_t r1) {
-                         backward_rows<T>(desc, rows_in, r0, r1, p.has_softcap, p.isa);
-                       });
-    } else {
-      backward_rows<T>(desc, rows_in, 0, rows, p.has_softcap, p.isa);
-    }
-    // The tile holds T·dL/da; the 1/T rides on alpha.
-    if (dh.defined()) {
-      dh.narrow(0, n0, rows).addmm_(tile, w_blk, dh_fresh ? 0.0 : 1.0, p.alpha);
-    }
-    if (dw_blk.defined()) {
-      dw_blk.addmm_(tile.t(), p.h.narrow(0, n0, rows), n0 == 0 ? 0.0 : 1.0, p.alpha);
-    }
-    if (grads.db.defined()) {
-      grads.db.narrow(0, v0, cols).add_(tile.sum(0), p.alpha);
-    }
-  }
-  if (dw_blk.defined() && p.convert_weight) {
-    grads.dweight.narrow(0, v0, cols).copy_(dw_blk);
-  }
-}
-
-template <typename T>
-void backward_all(const Problem<T>& p, const BackwardRows<T>& in, const at::Tensor& dh,
-                  const Grads& grads) {
-  const int64_t private_bytes =
-      dh.defined() ? p.n * p.hidden * static_cast<int64_t>(sizeof(T)) : 0;
-  const Plan plan = make_plan(p.n, p.vocab, p.hidden, private_bytes);
-  if (plan.schedule == Schedule::kShared) {
-    Scratch<T> scratch(p, plan, grads.dweight.defined());
-    for (int64_t block = 0; block < plan.blocks; ++block) {
-      backward_block(p, plan, scratch, block, in, dh, block == 0, grads, /*split_rows=*/true);
-    }
-    return;
-  }
-  // Slot s owns blocks s, s + S, ...; slot 0 (which always owns block 0) accumulates dh into the
-  // output, the others into private copies added to it in slot order.
-  std::vector<at::Tensor> slot_dh(static_cast<size_t>(plan.slots));
-  slot_dh[0] = dh;
-  at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
-    at::NoGradGuard no_grad;
-    for (int64_t slot = s0; slot < s1; ++slot) {
-      Scratch<T> scratch(p, plan, grads.dweight.defined());
-      if (slot > 0 && dh.defined()) {
-        slot_dh[slot] = at::empty({p.n, p.hidden}, p.h.options());
-      }
-      for (int64_t block = slot; block < plan.blocks; block += plan.slots) {
-        backward_block(p, plan, scratch, block, in, slot_dh[slot], block == slot, grads,
-                       /*split_rows=*/false);
-      }
-    }
-  });
-  if (dh.defined()) {
-    for (int64_t slot = 1; slot < plan.slots; ++slot) {
-      dh.add_(slot_dh[slot]);
-    }
-  }
-}
-
-}  // namespace
-
 std::vector<at::Tensor> linear_logprobs_backward(
     const at::Tensor& grad_logp, const c10::optional<at::Tensor>& grad_entropy,
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -765,57 +442,52 @@ std::vector<at::Tensor> linear_logprobs_backward(
   const int64_t n = hidden.size(0), hidden_size = hidden.size(1), vocab = weight.size(0);
   const at::ScalarType dtype = compute_dtype(hidden.scalar_type());
   check_row_stat(fn, "grad_logp", grad_logp, n, dtype);
-  const bool has_grad_entropy = grad_entropy.has_value() && grad_entropy->defined();
+  const bool has_grad_entropy = has_tensor(grad_entropy);
   if (has_grad_entropy) {
     check_row_stat(fn, "grad_entropy", *grad_entropy, n, dtype);
   }
   check_row_stat(fn, "lse", lse, n, at::kDouble);
   check_row_stat(fn, "sum_pz", sum_pz, n, at::kDouble);
-  const bool has_bias = bias.has_value() && bias->defined();
-  TORCH_CHECK_VALUE(!compute_dbias || has_bias, fn, ": compute_dbias needs a bias");
+  TORCH_CHECK_VALUE(!compute_dbias || has_tensor(bias), fn, ": compute_dbias needs a bias");
   at::NoGradGuard no_grad;
 
-  const RowSelection sel = select_rows(fn, targets, ignore_index, vocab, off_shard_targets);
+  const TargetRows kept = select_target_rows(fn, targets, ignore_index, vocab, off_shard_targets);
+  const RowSelection& sel = kept.sel;
   const auto opts = hidden.options().dtype(dtype);
   if (sel.count == 0 || !(compute_dhidden || compute_dweight || compute_dbias)) {
-    return {compute_dhidden ? at::zeros_like(hidden) : at::Tensor(),
-            compute_dweight ? at::zeros_like(weight) : at::Tensor(),
-            compute_dbias ? at::zeros_like(*bias) : at::Tensor()};
+    return {zeros_if(compute_dhidden, hidden), zeros_if(compute_dweight, weight),
+            zeros_if(compute_dbias, bias)};
   }
 
-  const at::Tensor h = kept_rows(hidden, sel, dtype);
+  const Head head = make_head(kept_rows(hidden, sel, dtype), weight, bias);
   const at::Tensor g = kept_rows(grad_logp, sel, dtype);
   const at::Tensor e = has_grad_entropy ? kept_rows(*grad_entropy, sel, dtype) : at::Tensor();
   const auto [lse_hi, lse_lo] = split_hi_lo(kept_rows(lse, sel, at::kDouble), dtype);
   const auto [sum_pz_hi, sum_pz_lo] = split_hi_lo(kept_rows(sum_pz, sel, at::kDouble), dtype);
-  const at::Tensor b = has_bias ? bias->detach().to(dtype).contiguous() : at::Tensor();
 
   // dh accumulates in the compute dtype; dW goes block by block straight into the output.
-  at::Tensor dh = compute_dhidden ? at::empty({sel.count, hidden_size}, opts) : at::Tensor();
-  Grads grads;
-  if (compute_dweight) grads.dweight = at::empty({vocab, hidden_size}, weight.options());
-  if (compute_dbias) grads.db = at::zeros({vocab}, opts);
+  Gradients<1> grads;
+  grads.needed[0] = true;
+  if (compute_dhidden) grads.dh[0] = at::empty({sel.count, hidden_size}, opts);
+  if (compute_dweight) grads.dweight[0] = at::empty({vocab, hidden_size}, weight.options());
+  if (compute_dbias) grads.db[0] = at::zeros({vocab}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(dtype, fn, [&] {
     using T = scalar_t;
     const BackwardRows<T> in{g.data_ptr<T>(),      e.defined() ? e.data_ptr<T>() : nullptr,
                              lse_hi.data_ptr<T>(),    lse_lo.data_ptr<T>(),
                              sum_pz_hi.data_ptr<T>(), sum_pz_lo.data_ptr<T>()};
-    const Problem<T> problem(h, weight, b, sel.targets.data_ptr<int64_t>(), temperature, softcap);
-    backward_all<T>(problem, in, dh, grads);
+    const Problem<T, 1> problem({head}, temperature, softcap);
+    const int64_t* kept_targets = kept.targets.data_ptr<int64_t>();
+    stream_backward(problem, grads, [&](const TileSet<T, 1>& tiles, int64_t r0, int64_t r1) {
+      const Tile<T> tile = row_tile(problem, kept_targets, tiles);
+      const Switches<2> on{tile.bias != nullptr, problem.has_softcap};
+      run_rows<BackwardKernel, T>(problem.isa, on, tile, shifted(in, tiles.n0), r0, r1);
+    });
   });
 
-  at::Tensor dhidden;
-  if (compute_dhidden) {
-    if (sel.compact) {
-      dhidden = at::zeros_like(hidden);
-      dhidden.index_copy_(0, sel.index, dh.to(hidden.scalar_type()));
-    } else {
-      dhidden = dh.to(hidden.scalar_type());
-    }
-  }
-  at::Tensor dbias = compute_dbias ? grads.db.to(bias->scalar_type()) : at::Tensor();
-  return {dhidden, grads.dweight, dbias};
+  return {compute_dhidden ? scatter_rows(grads.dh[0], hidden, sel) : at::Tensor(),
+          grads.dweight[0], compute_dbias ? grads.db[0].to(bias->scalar_type()) : at::Tensor()};
 }
 
 }  // namespace fastalign

@@ -1,0 +1,57 @@
+// Argument checks shared by the entry points of fastalign's C++ extension. Each entry point checks
+// everything it is given before it allocates anything; the messages name the function and the
+// argument, as the Python layer shows them to the user.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+namespace fastalign {
+namespace cpu {
+
+// Kernels compute in float32, or in float64 for float64 inputs.
+inline at::ScalarType compute_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline bool has_tensor(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+inline void check_cpu_contiguous(const char* fn, const char* name, const at::Tensor& t,
+                                 int64_t dim) {
+  TORCH_CHECK_VALUE(t.defined(), fn, ": ", name, " is an undefined tensor");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got device ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.dim() == dim, fn, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), fn, ": ", name, " must be contiguous");
+}
+
+// A per-row tensor of n entries (an upstream gradient, a saved row statistic).
+inline void check_row_stat(const char* fn, const char* name, const at::Tensor& t, int64_t n,
+                           at::ScalarType dtype) {
+  check_cpu_contiguous(fn, name, t, 1);
+  TORCH_CHECK_VALUE(t.size(0) == n, fn, ": ", name, " must have shape [N] = [", n, "], got ",
+                    t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, fn, ": ", name, " must be ", dtype, ", got ",
+                   t.scalar_type());
+}
+
+// The dtypes the LM-head ops take (they compute in compute_dtype of it).
+inline void check_head_dtype(const char* fn, at::ScalarType dtype) {
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf ||
+                       dtype == at::kDouble,
+                   fn, ": hidden must be float32, bfloat16, float16 or float64, got ", dtype);
+}
+
+// The logit transform of the LM-head ops: z = softcap · tanh(a / softcap) / temperature.
+inline void check_logit_options(const char* fn, double temperature, double softcap) {
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, fn,
+                    ": temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, fn,
+                    ": softcap must be finite and >= 0 (0 = no softcap), got ", softcap);
+}
+
+}  // namespace cpu
+}  // namespace fastalign
