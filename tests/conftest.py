@@ -16,8 +16,9 @@ import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 # `make test` runs the "ci" profile: 2000 examples for each property test of
-# tests/test_properties*.py (a tenth for the Triton-interpreter ones, which scale their count from
-# max_examples), derandomized so that CI runs the same examples every time.
+# tests/ops/test_ops_properties.py and tests/losses/test_losses_properties.py (a tenth for the
+# Triton-interpreter ones, which scale their count from max_examples), derandomized so that CI
+# runs the same examples every time.
 # HYPOTHESIS_PROFILE=thorough runs ten times as many, from fresh random seeds, for local use.
 settings.register_profile("ci", max_examples=2000, deadline=None, derandomize=True,
                           print_blob=True)

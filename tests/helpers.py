@@ -1,12 +1,18 @@
-"""Shared test helpers: linear_logprobs inputs, runs and dtype-aware comparisons, and the eager
-(logits-based) sequence log-probs that the trainers are checked against."""
+"""Shared test helpers: linear_logprobs inputs, runs and dtype-aware comparisons, the eager
+(logits-based) sequence log-probs that the trainers are checked against, and the example counts
+and C++ tilings of the property tests."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 
+import pytest
 import torch
+from hypothesis import settings
+from hypothesis import strategies as st
 
 import fastalign
 from fastalign import linear_logprobs, linear_logprobs_reference
@@ -179,3 +185,50 @@ def eager_sequence_logps(model, input_ids, attention_mask, labels, *, entropy=Fa
     if not entropy:
         return token.sum(-1), mask
     return token.sum(-1), mask, -(logp.exp() * logp).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Property tests (tests/ops/test_ops_properties.py, tests/losses/test_losses_properties.py)
+# ----------------------------------------------------------------------------------------------
+
+EXAMPLES = settings.default.max_examples
+# Without a GPU the Triton kernels run in the interpreter, about 0.1 s an example on a 2-core
+# machine: a tenth of the examples keeps each Triton property under half a minute in CI (200 in
+# "ci", 2000 in "thorough"). Compiled on a GPU they take the full count.
+TRITON_EXAMPLES = EXAMPLES if torch.cuda.is_available() else max(EXAMPLES // 10, 1)
+
+requires_cpp = pytest.mark.skipif(not impl_is_available("cpp"), reason="C++ extension not built")
+requires_triton = pytest.mark.skipif(not impl_is_available("triton"),
+                                     reason="triton not available")
+
+
+# Block sizes, schedule and thread count of the C++ kernels (None: their own choice).
+cpu_tiling = st.one_of(st.none(), st.fixed_dictionaries({
+    "FASTALIGN_CPU_SCHEDULE": st.sampled_from(["owned", "shared"]),
+    "FASTALIGN_CPU_BLOCK_N": st.integers(1, 5),
+    "FASTALIGN_CPU_BLOCK_V": st.integers(1, 16),
+    "threads": st.integers(1, 2),
+}))
+
+
+@contextlib.contextmanager
+def tiled(tiling):
+    """Run the C++ kernels with the given block sizes, schedule and threads, then restore."""
+    if tiling is None:
+        yield
+        return
+    names = [name for name in tiling if name.startswith("FASTALIGN_")]
+    saved = {name: os.environ.get(name) for name in names}
+    threads = torch.get_num_threads()
+    try:
+        for name in names:
+            os.environ[name] = str(tiling[name])
+        torch.set_num_threads(tiling["threads"])
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

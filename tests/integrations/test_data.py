@@ -29,7 +29,7 @@ from fastalign.data import (
 )
 from fastalign.losses.kto import kto_mismatched_indices
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BOS, EOS, PAD = 1, 2, 0  # the shipped tokenizer's <|bos|>, <|end|>, <|pad|>
 
 

@@ -15,13 +15,20 @@ tenth: 200 in "ci") rather than minutes of CI time; on a GPU they run compiled, 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
-import pytest
 import torch
-from helpers import impl_device, impl_is_available, make_inputs, max_abs_error
+from helpers import (
+    EXAMPLES,
+    TRITON_EXAMPLES,
+    cpu_tiling,
+    impl_device,
+    make_inputs,
+    max_abs_error,
+    requires_cpp,
+    requires_triton,
+    tiled,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,52 +42,6 @@ from fastalign import (
     sequence_logprobs,
     sequence_logprobs_from_labels,
 )
-
-EXAMPLES = settings.default.max_examples
-# Without a GPU the Triton kernels run in the interpreter, about 0.1 s an example on a 2-core
-# machine: a tenth of the examples keeps each Triton property under half a minute in CI (200 in
-# "ci", 2000 in "thorough"). Compiled on a GPU they take the full count.
-TRITON_EXAMPLES = EXAMPLES if torch.cuda.is_available() else max(EXAMPLES // 10, 1)
-
-requires_cpp = pytest.mark.skipif(not impl_is_available("cpp"), reason="C++ extension not built")
-requires_triton = pytest.mark.skipif(not impl_is_available("triton"),
-                                     reason="triton not available")
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared pieces
-# ---------------------------------------------------------------------------------------------
-
-# Block sizes, schedule and thread count of the C++ kernels (None: their own choice).
-cpu_tiling = st.one_of(st.none(), st.fixed_dictionaries({
-    "FASTALIGN_CPU_SCHEDULE": st.sampled_from(["owned", "shared"]),
-    "FASTALIGN_CPU_BLOCK_N": st.integers(1, 5),
-    "FASTALIGN_CPU_BLOCK_V": st.integers(1, 16),
-    "threads": st.integers(1, 2),
-}))
-
-
-@contextlib.contextmanager
-def tiled(tiling):
-    """Run the C++ kernels with the given block sizes, schedule and threads, then restore."""
-    if tiling is None:
-        yield
-        return
-    names = [name for name in tiling if name.startswith("FASTALIGN_")]
-    saved = {name: os.environ.get(name) for name in names}
-    threads = torch.get_num_threads()
-    try:
-        for name in names:
-            os.environ[name] = str(tiling[name])
-        torch.set_num_threads(tiling["threads"])
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def max_magnitude(tensor):

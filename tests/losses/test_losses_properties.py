@@ -11,7 +11,7 @@ function documents that padding may hold anything.
 The fused loss modules are checked against their unfused composition: the materialising
 ``linear_logprobs_reference`` / ``linear_kl_reference`` with a causal shift and masked sums written
 here, then the loss functions. They run the C++ kernels in float64 on tiny shapes with random
-block sizes (see ``test_properties``).
+block sizes (see ``helpers.cpu_tiling``).
 
 Every test runs the profile's max_examples: 2000 in "ci" (``make test``), 20000 with
 ``HYPOTHESIS_PROFILE=thorough``.
@@ -23,9 +23,9 @@ import math
 
 import pytest
 import torch
+from helpers import EXAMPLES, cpu_tiling, requires_cpp, tiled
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_properties import EXAMPLES, cpu_tiling, requires_cpp, tiled
 
 from fastalign import (
     AdaptiveKLController,
@@ -1117,11 +1117,13 @@ def _check_fused_reference_free(draw, tiling, module_cls, loss_fn, options, aver
     condition = 1.0
     if loss_fn is orpo_loss:
         # log odds = x − log(1 − eˣ) ≈ −log|x| near p = 1: a mean log-prob x of −1e-8 (a peaked
-        # head) carries the rounding of z_y − lse (~1e-16) at a relative 1e-8 into the gradient;
-        # where p rounds to 1 (x = 0, clamped) only finiteness is left to check.
+        # head) carries the rounding of z_y − lse (~1e-16·|z|, |z| up to ~100 here) at a relative
+        # 1e-8·|z| into the gradient; where p rounds to 1 (x = 0, clamped) only finiteness is
+        # left to check. (1e-6 here assumed |z| ~ 1: derandomized example 1 of this test then
+        # fails by 5% on an AVX-512 build, on main as well, where the kernel rounds differently.)
         scored = per_sequence.detach()[policy["lengths"] > 0]
         smallest = float(scored.abs().min()) if scored.numel() else 1.0
-        condition += 1e-6 / max(smallest, 1e-300)
+        condition += 1e-4 / max(smallest, 1e-300)
     _check_fused(loss, metrics, expected, expected_metrics, inputs, ref_inputs,
                  ["hidden", "weight", "bias"], condition)
 

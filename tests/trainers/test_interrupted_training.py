@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 
 from fastalign.trainers.checkpoint import checkpoint_dirs, load_latest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 10
 TRAIN_ARGS = [
     "--max-steps", str(MAX_STEPS), "--save-steps", "1", "--save-total-limit", "2",
