@@ -111,13 +111,15 @@ def test_dpo_memory_report_does_not_import_the_trainers():
 @pytest.mark.skipif(not cpu_peak_supported(), reason="needs /proc/self/clear_refs (Linux)")
 def test_dpo_memory_report_on_one_batch():
     from fastalign.bench.dpo_memory import loss_memory_report
+    from fastalign.losses import DPOOptions
 
     tokenizer = assets.load_default_tokenizer()
     records = data.load_jsonl(assets.default_data_path("dpo"), "preference")[:4]
     examples = data.encode_preference(records, tokenizer, max_length=64, max_prompt_length=32)
     batch = data.PreferenceCollator(pad_token_id=tokenizer.pad_token_id)(examples)
     model = assets.build_default_model()
-    report = loss_memory_report(model, batch, torch.zeros(4, 2), beta=0.1, large_vocab=1000)
+    report = loss_memory_report(model, batch, torch.zeros(4, 2), options=DPOOptions(beta=0.1),
+                                large_vocab=1000)
     lines = report.splitlines()
     tokens = batch["labels"].numel()
     assert lines[0] == (f"  DPO loss memory, forward + backward from the hidden states of 4 "
