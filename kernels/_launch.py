@@ -7,7 +7,7 @@ checks → allocates → launches; what those launchers share lives here:
   the autotuning space (``config_space``) and the ``FASTALIGN_AUTOTUNE=1`` switch;
 - ``autotuned``, the autotune wrapper, with a pre-hook that zeroes the gradient buffers an op
   names (its backward accumulates with atomics) and a host timer under the interpreter;
-- ``launch``, which runs the pinned config or the autotuned kernel;
+- ``run_kernel``, which launches a kernel at its pinned config, or autotuned;
 - launch helpers: the CUDA device guard, the SM count, the forward's vocabulary splits;
 - cheap layout checks (dims, shape, dtype, contiguity, device). The values of the arguments
   (temperature, softcap, target range, ...) are validated once, at the public entry points in
@@ -33,11 +33,21 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SPLIT_GRANULE = 256
 
 
-def dot_in_fp32(args: dict) -> bool:
-    """The DOT_IN_FP32 heuristic of the logit-tile kernels (see ``_tile.tile_dot``): float32
-    inputs, and bfloat16 under the interpreter, whose tl.dot gets bfloat16 wrong."""
-    return args["h_ptr"].dtype == torch.float32 or (INTERPRET
-                                                     and args["h_ptr"].dtype == torch.bfloat16)
+def head_heuristics(**more: Callable[[dict], object]) -> dict:
+    """The variant flags of a logit-tile kernel, derived from its arguments ``h_ptr``, ``b_ptr``,
+    ``softcap``, ``H``, ``V`` and its BLOCK_H / BLOCK_V, for ``triton.heuristics``; ``more`` adds
+    the kernel's own."""
+    return {
+        "HAS_BIAS": lambda args: args["b_ptr"] is not None,
+        "HAS_SOFTCAP": lambda args: args["softcap"] > 0.0,
+        "EVEN_H": lambda args: args["H"] % args["BLOCK_H"] == 0,
+        "EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0,
+        # Exact IEEE dots for float32 (see ``_tile.tile_dot``), and for bfloat16 under the
+        # interpreter, whose tl.dot gets bfloat16 wrong.
+        "DOT_IN_FP32": lambda args: args["h_ptr"].dtype == torch.float32
+        or (INTERPRET and args["h_ptr"].dtype == torch.bfloat16),
+        **more,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,8 +136,9 @@ def autotuned(kernel, configs: list[triton.Config], key: list[str],
     )(kernel)
 
 
-def launch(kind: str, kernel, tuned_kernel, grid, args: tuple, dtype: torch.dtype, n_tokens: int,
-           default_config: Callable[[str, torch.dtype, int], triton.Config]) -> None:
+def run_kernel(kind: str, kernel, tuned_kernel, grid, args: tuple, dtype: torch.dtype,
+               n_tokens: int,
+               default_config: Callable[[str, torch.dtype, int], triton.Config]) -> None:
     """Launch ``kernel`` at ``default_config(kind, dtype, n_tokens)``, or ``tuned_kernel`` (its
     ``autotuned`` wrapper) under FASTALIGN_AUTOTUNE=1. ``grid`` maps the config's kwargs to the
     grid."""

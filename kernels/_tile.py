@@ -3,9 +3,9 @@
 Each op's kernels live in their own module; what both ops compute the same way lives here, once:
 the logit tile of one LM head (``raw_logits``, ``scaled_logits``), the running softmax statistics
 (``tile_stats``, ``merge_stats``, ``log1p``), the float64 → float32-pair split of saved
-statistics (``split_f64``), the head gradients (``accumulate_head_grads``) and the grouped tile
-order of the backward grids (``grouped_tile``). The derivations behind the statistics are in the
-docstring of ``linear_logprobs`` and ``docs/ALGORITHMS.md`` §1.
+statistics (``split_f64``), the head gradients (``accumulate_head_grads``) and the order of the
+tiles in the grids (``split_tile`` forward, ``grouped_tile`` backward). The derivations behind the
+statistics are in the docstring of ``linear_logprobs`` and ``docs/ALGORITHMS.md`` §1.
 
 Pure ``@triton.jit`` functions: no launch logic, no configs (those are in ``_launch``).
 """
@@ -241,3 +241,19 @@ def grouped_tile(pid, N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     pid_v = first_v_tile + (pid % programs_per_group) % group_size
     pid_n = (pid % programs_per_group) // group_size
     return pid_n, pid_v
+
+
+@triton.jit
+def split_tile(N, BLOCK_N: tl.constexpr):
+    """(token tile, vocabulary split, number of splits) of this program of a forward grid of
+    (token tiles × vocabulary splits).
+
+    Token tiles vary fastest, so the programs running together read the same slice of W (of
+    each head) from L2.
+    """
+    pid = tl.program_id(0)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % num_n_tiles
+    pid_split = pid // num_n_tiles
+    num_splits = tl.num_programs(0) // num_n_tiles
+    return pid_n, pid_split, num_splits

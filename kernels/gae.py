@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastalign.kernels._launch import check_layout, check_one_device, device_guard
+from fastalign.kernels import _launch
 
 __all__ = ["gae_forward"]
 
@@ -75,11 +75,11 @@ def gae_forward(
     Equal to ``gae_reference(rewards, values, mask, gamma=gamma, lam=lam)`` up to float32
     rounding; both outputs are 0 outside the mask.
     """
-    check_layout("rewards", rewards, torch.float32, (None, None))
+    _launch.check_layout("rewards", rewards, torch.float32, (None, None))
     shape = tuple(rewards.shape)
-    check_layout("values", values, torch.float32, shape)
-    check_layout("mask", mask, torch.bool, shape)
-    check_one_device(rewards, values, mask)
+    _launch.check_layout("values", values, torch.float32, shape)
+    _launch.check_layout("mask", mask, torch.bool, shape)
+    _launch.check_one_device(rewards, values, mask)
 
     batch, length = shape
     advantages = torch.empty_like(rewards)
@@ -88,7 +88,7 @@ def gae_forward(
         return advantages, returns
     config = _default_config(batch)
     grid = (triton.cdiv(batch, config["BLOCK_B"]),)
-    with device_guard(rewards.device):
+    with _launch.device_guard(rewards.device):
         _gae_kernel[grid](
             rewards, values, mask.view(torch.uint8), advantages, returns,
             batch, length, float(gamma), float(gamma) * float(lam),

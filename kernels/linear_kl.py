@@ -47,26 +47,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fastalign.kernels._launch import (
-    autotuned,
-    check_head_layout,
-    check_layout,
-    check_one_device,
-    config_space,
-    device_guard,
-    dot_in_fp32,
-    float32_accumulator,
-    launch,
-    n_bucket,
-    pinned_config,
-    vocab_splits,
-)
+from fastalign.kernels import _launch
 from fastalign.kernels._tile import (
     accumulate_head_grads,
     grouped_tile,
     log1p,
     scaled_logits,
     split_f64,
+    split_tile,
     tile_stats,
 )
 
@@ -140,15 +128,10 @@ def _merge_kl_stats(m1, r1, y1, t1, m2, r2, y2, t2):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.heuristics({
-    "HAS_BIAS": lambda args: args["b_ptr"] is not None,
-    "HAS_REF_BIAS": lambda args: args["ref_b_ptr"] is not None,
-    "HAS_SOFTCAP": lambda args: args["softcap"] > 0.0,
-    "EVEN_H": lambda args: args["H"] % args["BLOCK_H"] == 0,
-    "EVEN_H_REF": lambda args: args["H_REF"] % args["BLOCK_H"] == 0,
-    "EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0,
-    "DOT_IN_FP32": dot_in_fp32,
-})
+@triton.heuristics(_launch.head_heuristics(
+    HAS_REF_BIAS=lambda args: args["ref_b_ptr"] is not None,
+    EVEN_H_REF=lambda args: args["H_REF"] % args["BLOCK_H"] == 0,
+))
 @triton.jit
 def _forward_kernel(
     # pointers
@@ -167,12 +150,7 @@ def _forward_kernel(
     EVEN_H: tl.constexpr, EVEN_H_REF: tl.constexpr, EVEN_V: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
-    # Token tiles vary fastest, so programs running together read the same slices of W and W'.
-    pid = tl.program_id(0)
-    num_n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_n = pid % num_n_tiles
-    pid_split = pid // num_n_tiles
-    num_splits = tl.num_programs(0) // num_n_tiles
+    pid_n, pid_split, num_splits = split_tile(N, BLOCK_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -274,23 +252,18 @@ def _forward_merge_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.heuristics({
-    "HAS_BIAS": lambda args: args["b_ptr"] is not None,
-    "HAS_REF_BIAS": lambda args: args["ref_b_ptr"] is not None,
-    "HAS_SOFTCAP": lambda args: args["softcap"] > 0.0,
-    "COMPUTE_DH": lambda args: args["dh_ptr"] is not None,
-    "COMPUTE_DW": lambda args: args["dw_ptr"] is not None,
-    "COMPUTE_DB": lambda args: args["db_ptr"] is not None,
-    "COMPUTE_REF_DH": lambda args: args["ref_dh_ptr"] is not None,
-    "COMPUTE_REF_DW": lambda args: args["ref_dw_ptr"] is not None,
-    "COMPUTE_REF_DB": lambda args: args["ref_db_ptr"] is not None,
-    "COMPUTE_GRAD": lambda args: any(args[name] is not None for name in _GRAD_BUFFERS),
-    "COMPUTE_REF_GRAD": lambda args: any(args[name] is not None for name in _REF_GRAD_BUFFERS),
-    "EVEN_H": lambda args: args["H"] % args["BLOCK_H"] == 0,
-    "EVEN_H_REF": lambda args: args["H_REF"] % args["BLOCK_H"] == 0,
-    "EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0,
-    "DOT_IN_FP32": dot_in_fp32,
-})
+@triton.heuristics(_launch.head_heuristics(
+    HAS_REF_BIAS=lambda args: args["ref_b_ptr"] is not None,
+    COMPUTE_DH=lambda args: args["dh_ptr"] is not None,
+    COMPUTE_DW=lambda args: args["dw_ptr"] is not None,
+    COMPUTE_DB=lambda args: args["db_ptr"] is not None,
+    COMPUTE_REF_DH=lambda args: args["ref_dh_ptr"] is not None,
+    COMPUTE_REF_DW=lambda args: args["ref_dw_ptr"] is not None,
+    COMPUTE_REF_DB=lambda args: args["ref_db_ptr"] is not None,
+    COMPUTE_GRAD=lambda args: any(args[name] is not None for name in _GRAD_BUFFERS),
+    COMPUTE_REF_GRAD=lambda args: any(args[name] is not None for name in _REF_GRAD_BUFFERS),
+    EVEN_H_REF=lambda args: args["H_REF"] % args["BLOCK_H"] == 0,
+))
 @triton.jit
 def _backward_kernel(
     # pointers: inputs
@@ -394,19 +367,21 @@ def _default_config(kind: str, dtype: torch.dtype, n_tokens: int) -> triton.Conf
     vocabulary tile is half that of linear_logprobs: 16-bit inputs take 128×64 logit tiles
     ((128 + 64)·64·2 B = 24 KiB a stage); float32 is as in linear_logprobs.
     """
-    return pinned_config(kind, dtype, n_tokens, block_v_16bit=64)
+    return _launch.pinned_config(kind, dtype, n_tokens, block_v_16bit=64)
 
 
 def _autotune_configs(kind: str) -> list[triton.Config]:
     """The search space of FASTALIGN_AUTOTUNE=1, keyed on (N_BUCKET, V, H, H_REF) and dtypes."""
-    return config_space(kind, ((64, 64), (128, 64), (64, 128), (128, 128), (32, 128),
-                               (16, 128)))
+    return _launch.config_space(kind, ((64, 64), (128, 64), (64, 128), (128, 128), (32, 128),
+                                       (16, 128)))
 
 
 _AUTOTUNE_KEY = ["N_BUCKET", "V", "H", "H_REF"]  # plus the dtypes of the tensor arguments
-_forward_kernel_tuned = autotuned(_forward_kernel, _autotune_configs("forward"), _AUTOTUNE_KEY)
-_backward_kernel_tuned = autotuned(_backward_kernel, _autotune_configs("backward"), _AUTOTUNE_KEY,
-                                   zeroed=_GRAD_BUFFERS + _REF_GRAD_BUFFERS)
+_forward_kernel_tuned = _launch.autotuned(_forward_kernel, _autotune_configs("forward"),
+                                          _AUTOTUNE_KEY)
+_backward_kernel_tuned = _launch.autotuned(_backward_kernel, _autotune_configs("backward"),
+                                           _AUTOTUNE_KEY,
+                                           zeroed=_GRAD_BUFFERS + _REF_GRAD_BUFFERS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,12 +390,12 @@ _backward_kernel_tuned = autotuned(_backward_kernel, _autotune_configs("backward
 
 
 def _check_layout(hidden, weight, bias, ref_hidden, ref_weight, ref_bias) -> None:
-    check_head_layout(hidden, weight, bias)
-    check_head_layout(ref_hidden, ref_weight, ref_bias, prefix="ref_")
+    _launch.check_head_layout(hidden, weight, bias)
+    _launch.check_head_layout(ref_hidden, ref_weight, ref_bias, prefix="ref_")
     # One dtype for both heads (the kernels take one DOT_IN_FP32), one N and one V.
-    check_layout("ref_hidden", ref_hidden, hidden.dtype, (hidden.shape[0], None))
-    check_layout("ref_weight", ref_weight, hidden.dtype, (weight.shape[0], None))
-    check_one_device(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    _launch.check_layout("ref_hidden", ref_hidden, hidden.dtype, (hidden.shape[0], None))
+    _launch.check_layout("ref_weight", ref_weight, hidden.dtype, (weight.shape[0], None))
+    _launch.check_one_device(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
 
 
 def linear_kl_forward(
@@ -446,17 +421,18 @@ def linear_kl_forward(
 
     nominal_n_tiles = triton.cdiv(n_tokens, _default_config("forward", hidden.dtype,
                                                             n_tokens).kwargs["BLOCK_N"])
-    v_per_split, num_splits = vocab_splits(vocab_size, nominal_n_tiles, device)
+    v_per_split, num_splits = _launch.vocab_splits(vocab_size, nominal_n_tiles, device)
     partials = torch.empty((6, num_splits, n_tokens), dtype=torch.float32, device=device)
 
     args = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, partials,
-            n_tokens, vocab_size, hidden_size, ref_hidden_size, v_per_split, n_bucket(n_tokens),
+            n_tokens, vocab_size, hidden_size, ref_hidden_size, v_per_split,
+            _launch.n_bucket(n_tokens),
             hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
             1.0 / float(temperature), float(softcap))
-    with device_guard(device):
-        launch("forward", _forward_kernel, _forward_kernel_tuned,
-               lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * num_splits,),
-               args, hidden.dtype, n_tokens, _default_config)
+    with _launch.device_guard(device):
+        _launch.run_kernel("forward", _forward_kernel, _forward_kernel_tuned,
+                           lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * num_splits,),
+                           args, hidden.dtype, n_tokens, _default_config)
         merge_block = 1024
         _forward_merge_kernel[(triton.cdiv(n_tokens, merge_block),)](
             partials, kl, lse, ref_lse, n_tokens, num_splits, BLOCK=merge_block, num_warps=4,
@@ -485,12 +461,12 @@ def linear_kl_backward(
     device = hidden.device
     for name, x, dtype in (("grad_kl", grad_kl, torch.float32), ("kl", kl, torch.float64),
                            ("lse", lse, torch.float64), ("ref_lse", ref_lse, torch.float64)):
-        check_layout(name, x, dtype, (n_tokens,))
-    check_one_device(hidden, grad_kl, kl, lse, ref_lse)
+        _launch.check_layout(name, x, dtype, (n_tokens,))
+    _launch.check_one_device(hidden, grad_kl, kl, lse, ref_lse)
     compute_dbias = compute_dbias and bias is not None
     compute_dref_bias = compute_dref_bias and ref_bias is not None
 
-    grads = tuple(float32_accumulator(wanted, shape, device) for wanted, shape in (
+    grads = tuple(_launch.float32_accumulator(wanted, shape, device) for wanted, shape in (
         (compute_dhidden, (n_tokens, hidden_size)),
         (compute_dweight, (vocab_size, hidden_size)),
         (compute_dbias, (vocab_size,)),
@@ -500,13 +476,13 @@ def linear_kl_backward(
     if n_tokens > 0 and any(x is not None for x in grads):
         args = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl, lse, ref_lse, grad_kl,
                 *grads,
-                n_tokens, vocab_size, hidden_size, ref_hidden_size, n_bucket(n_tokens),
+                n_tokens, vocab_size, hidden_size, ref_hidden_size, _launch.n_bucket(n_tokens),
                 hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
                 1.0 / float(temperature), float(softcap))
-        with device_guard(device):
-            launch("backward", _backward_kernel, _backward_kernel_tuned,
-                   lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"])
-                                 * triton.cdiv(vocab_size, meta["BLOCK_V"]),),
-                   args, hidden.dtype, n_tokens, _default_config)
+        with _launch.device_guard(device):
+            _launch.run_kernel("backward", _backward_kernel, _backward_kernel_tuned,
+                               lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"])
+                                             * triton.cdiv(vocab_size, meta["BLOCK_V"]),),
+                               args, hidden.dtype, n_tokens, _default_config)
     like = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, like))

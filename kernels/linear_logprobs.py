@@ -39,20 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastalign.kernels._launch import (
-    autotuned,
-    check_head_layout,
-    check_layout,
-    check_one_device,
-    config_space,
-    device_guard,
-    dot_in_fp32,
-    float32_accumulator,
-    launch,
-    n_bucket,
-    pinned_config,
-    vocab_splits,
-)
+from fastalign.kernels import _launch
 from fastalign.kernels._tile import (
     accumulate_head_grads,
     grouped_tile,
@@ -60,6 +47,7 @@ from fastalign.kernels._tile import (
     merge_stats,
     raw_logits,
     split_f64,
+    split_tile,
     tanh_sech2,
     tile_stats,
 )
@@ -72,13 +60,7 @@ __all__ = ["linear_logprobs_forward", "linear_logprobs_backward"]
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.heuristics({
-    "HAS_BIAS": lambda args: args["b_ptr"] is not None,
-    "HAS_SOFTCAP": lambda args: args["softcap"] > 0.0,
-    "EVEN_H": lambda args: args["H"] % args["BLOCK_H"] == 0,
-    "EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0,
-    "DOT_IN_FP32": dot_in_fp32,
-})
+@triton.heuristics(_launch.head_heuristics())
 @triton.jit
 def _forward_kernel(
     # pointers
@@ -95,12 +77,7 @@ def _forward_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_H: tl.constexpr, EVEN_V: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
-    # Token tiles vary fastest, so programs running together read the same slice of W (from L2).
-    pid = tl.program_id(0)
-    num_n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_n = pid % num_n_tiles
-    pid_split = pid // num_n_tiles
-    num_splits = tl.num_programs(0) // num_n_tiles
+    pid_n, pid_split, num_splits = split_tile(N, BLOCK_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -205,17 +182,12 @@ def _forward_merge_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.heuristics({
-    "HAS_BIAS": lambda args: args["b_ptr"] is not None,
-    "HAS_SOFTCAP": lambda args: args["softcap"] > 0.0,
-    "HAS_GRAD_ENTROPY": lambda args: args["grad_entropy_ptr"] is not None,
-    "COMPUTE_DH": lambda args: args["dh_ptr"] is not None,
-    "COMPUTE_DW": lambda args: args["dw_ptr"] is not None,
-    "COMPUTE_DB": lambda args: args["db_ptr"] is not None,
-    "EVEN_H": lambda args: args["H"] % args["BLOCK_H"] == 0,
-    "EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0,
-    "DOT_IN_FP32": dot_in_fp32,
-})
+@triton.heuristics(_launch.head_heuristics(
+    HAS_GRAD_ENTROPY=lambda args: args["grad_entropy_ptr"] is not None,
+    COMPUTE_DH=lambda args: args["dh_ptr"] is not None,
+    COMPUTE_DW=lambda args: args["dw_ptr"] is not None,
+    COMPUTE_DB=lambda args: args["db_ptr"] is not None,
+))
 @triton.jit
 def _backward_kernel(
     # pointers: inputs
@@ -294,19 +266,20 @@ def _default_config(kind: str, dtype: torch.dtype, n_tokens: int) -> triton.Conf
 
     16-bit inputs: 128×128 logit tiles ((128 + 128)·64·2 B = 32 KiB a pipeline stage).
     """
-    return pinned_config(kind, dtype, n_tokens, block_v_16bit=128)
+    return _launch.pinned_config(kind, dtype, n_tokens, block_v_16bit=128)
 
 
 def _autotune_configs(kind: str) -> list[triton.Config]:
     """The search space of FASTALIGN_AUTOTUNE=1, keyed on (N_BUCKET, V, H) and the dtypes."""
-    return config_space(kind, ((64, 128), (128, 128), (128, 256), (256, 128), (64, 256),
-                               (32, 128), (16, 256)))
+    return _launch.config_space(kind, ((64, 128), (128, 128), (128, 256), (256, 128),
+                                       (64, 256), (32, 128), (16, 256)))
 
 
 _AUTOTUNE_KEY = ["N_BUCKET", "V", "H"]  # plus the dtypes of the tensor arguments, always
-_forward_kernel_tuned = autotuned(_forward_kernel, _autotune_configs("forward"), _AUTOTUNE_KEY)
-_backward_kernel_tuned = autotuned(_backward_kernel, _autotune_configs("backward"), _AUTOTUNE_KEY,
-                                   zeroed=("dh_ptr", "dw_ptr", "db_ptr"))
+_forward_kernel_tuned = _launch.autotuned(_forward_kernel, _autotune_configs("forward"),
+                                          _AUTOTUNE_KEY)
+_backward_kernel_tuned = _launch.autotuned(_backward_kernel, _autotune_configs("backward"),
+                                           _AUTOTUNE_KEY, zeroed=("dh_ptr", "dw_ptr", "db_ptr"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,9 +288,9 @@ _backward_kernel_tuned = autotuned(_backward_kernel, _autotune_configs("backward
 
 
 def _check_layout(hidden, weight, bias, targets) -> None:
-    check_head_layout(hidden, weight, bias)
-    check_layout("targets", targets, torch.int64, (hidden.shape[0],))
-    check_one_device(hidden, weight, bias, targets)
+    _launch.check_head_layout(hidden, weight, bias)
+    _launch.check_layout("targets", targets, torch.int64, (hidden.shape[0],))
+    _launch.check_one_device(hidden, weight, bias, targets)
 
 
 def linear_logprobs_forward(
@@ -349,17 +322,17 @@ def linear_logprobs_forward(
 
     nominal_n_tiles = triton.cdiv(n_tokens, _default_config("forward", hidden.dtype,
                                                             n_tokens).kwargs["BLOCK_N"])
-    v_per_split, num_splits = vocab_splits(vocab_size, nominal_n_tiles, device)
+    v_per_split, num_splits = _launch.vocab_splits(vocab_size, nominal_n_tiles, device)
     partials = torch.empty((4, num_splits, n_tokens), dtype=torch.float32, device=device)
 
     args = (hidden, weight, bias, targets, partials,
-            n_tokens, vocab_size, hidden_size, v_per_split, n_bucket(n_tokens),
+            n_tokens, vocab_size, hidden_size, v_per_split, _launch.n_bucket(n_tokens),
             hidden.stride(0), weight.stride(0),
             1.0 / float(temperature), float(softcap), int(ignore_index))
-    with device_guard(device):
-        launch("forward", _forward_kernel, _forward_kernel_tuned,
-               lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * num_splits,),
-               args, hidden.dtype, n_tokens, _default_config)
+    with _launch.device_guard(device):
+        _launch.run_kernel("forward", _forward_kernel, _forward_kernel_tuned,
+                           lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * num_splits,),
+                           args, hidden.dtype, n_tokens, _default_config)
         merge_block = 1024
         _forward_merge_kernel[(triton.cdiv(n_tokens, merge_block),)](
             partials, targets, logp, entropy, lse, sum_pz,
@@ -393,24 +366,24 @@ def linear_logprobs_backward(
                            ("grad_entropy", grad_entropy, torch.float32),
                            ("lse", lse, torch.float64), ("sum_pz", sum_pz, torch.float64)):
         if x is not None or name != "grad_entropy":
-            check_layout(name, x, dtype, (n_tokens,))
-    check_one_device(hidden, grad_logp, grad_entropy, lse, sum_pz)
+            _launch.check_layout(name, x, dtype, (n_tokens,))
+    _launch.check_one_device(hidden, grad_logp, grad_entropy, lse, sum_pz)
     compute_dbias = compute_dbias and bias is not None
 
-    dh = float32_accumulator(compute_dhidden, (n_tokens, hidden_size), device)
-    dw = float32_accumulator(compute_dweight, (vocab_size, hidden_size), device)
-    db = float32_accumulator(compute_dbias, (vocab_size,), device)
+    dh = _launch.float32_accumulator(compute_dhidden, (n_tokens, hidden_size), device)
+    dw = _launch.float32_accumulator(compute_dweight, (vocab_size, hidden_size), device)
+    db = _launch.float32_accumulator(compute_dbias, (vocab_size,), device)
     if n_tokens > 0 and (dh is not None or dw is not None or db is not None):
         args = (hidden, weight, bias, targets, lse, sum_pz, grad_logp, grad_entropy,
                 dh, dw, db,
-                n_tokens, vocab_size, hidden_size, n_bucket(n_tokens),
+                n_tokens, vocab_size, hidden_size, _launch.n_bucket(n_tokens),
                 hidden.stride(0), weight.stride(0),
                 1.0 / float(temperature), float(softcap), int(ignore_index))
-        with device_guard(device):
-            launch("backward", _backward_kernel, _backward_kernel_tuned,
-                   lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"])
-                                 * triton.cdiv(vocab_size, meta["BLOCK_V"]),),
-                   args, hidden.dtype, n_tokens, _default_config)
+        with _launch.device_guard(device):
+            _launch.run_kernel("backward", _backward_kernel, _backward_kernel_tuned,
+                               lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"])
+                                             * triton.cdiv(vocab_size, meta["BLOCK_V"]),),
+                               args, hidden.dtype, n_tokens, _default_config)
     return (
         None if dh is None else dh.to(hidden.dtype),
         None if dw is None else dw.to(weight.dtype),
