@@ -1,6 +1,6 @@
 """Triton kernel for generalised advantage estimation (GAE) as a batched reverse scan.
 
-Math in ``docs/ALGORITHMS.md`` §8; the semantics are those of ``fastalign.reference.gae_reference``.
+Math in ``docs/ALGORITHMS.md`` §8; the semantics are those of ``fastalign.ops.gae.gae_reference``.
 Per row b of [B, T] rewards r, values V and a bool mask M, only the positions with M true take
 part. Walking them from the last to the first, with V_next the value at the next masked position
 of the row (0 after the last one):
@@ -18,13 +18,11 @@ parallelism is over rows.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from fastalign.kernels.linear_logprobs import _device_guard
+from fastalign.kernels import _launch
 
 __all__ = ["gae_forward"]
 
@@ -68,18 +66,6 @@ def _default_config(batch: int) -> dict:
     return dict(BLOCK_B=min(32, max(16, triton.next_power_of_2(batch))), num_warps=1)
 
 
-def _check(name: str, x, dtype: torch.dtype, shape: tuple[int, ...] | None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype}, got {x.dtype}")
-    if x.dim() != 2 or (shape is not None and tuple(x.shape) != shape):
-        want = "[B, T]" if shape is None else f"{list(shape)}"
-        raise ValueError(f"{name} must be 2-D {want}, got {tuple(x.shape)}")
-    if not x.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
 def gae_forward(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,16 +75,11 @@ def gae_forward(
     Equal to ``gae_reference(rewards, values, mask, gamma=gamma, lam=lam)`` up to float32
     rounding; both outputs are 0 outside the mask.
     """
-    _check("rewards", rewards, torch.float32, None)
+    _launch.check_layout("rewards", rewards, torch.float32, (None, None))
     shape = tuple(rewards.shape)
-    _check("values", values, torch.float32, shape)
-    _check("mask", mask, torch.bool, shape)
-    devices = {rewards.device, values.device, mask.device}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    for name, x in (("gamma", gamma), ("lam", lam)):
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-            raise ValueError(f"{name} must be a finite float, got {x!r}")
+    _launch.check_layout("values", values, torch.float32, shape)
+    _launch.check_layout("mask", mask, torch.bool, shape)
+    _launch.check_one_device(rewards, values, mask)
 
     batch, length = shape
     advantages = torch.empty_like(rewards)
@@ -107,7 +88,7 @@ def gae_forward(
         return advantages, returns
     config = _default_config(batch)
     grid = (triton.cdiv(batch, config["BLOCK_B"]),)
-    with _device_guard(rewards.device):
+    with _launch.device_guard(rewards.device):
         _gae_kernel[grid](
             rewards, values, mask.view(torch.uint8), advantages, returns,
             batch, length, float(gamma), float(gamma) * float(lam),

@@ -8,8 +8,9 @@ kernels compute KL(p‖q) per token (the caller swaps the two heads for KL(q‖p
     KL = Σ_v p_v (z_v − z'_v) − lse(z) + lse(z')
 
 Nothing here holds an [N, V] tensor: each logit tile exists only in registers. The building blocks
-(logit tiles, softcap, tile statistics, head gradients, float64 splits, configs) are the ones of
-``linear_logprobs``; this file holds what is specific to two heads.
+(logit tiles, softcap, tile statistics, head gradients, float64 splits) are shared with
+``linear_logprobs`` in ``_tile``, the configs and launch helpers in ``_launch``; this file holds
+what is specific to two heads.
 
 Forward (2·N·V·(H + H') FLOPs), two launches, as in ``linear_logprobs``:
   1. ``_forward_kernel``, grid (token tiles × vocabulary splits). Each program streams the
@@ -42,65 +43,30 @@ head normally has none); its logits are still needed for p or q.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from fastalign.kernels.linear_logprobs import (
-    _INTERPRET,
-    _accumulate_head_grads,
-    _autotuned,
-    _check_head,
-    _check_per_token,
-    _config_space,
-    _device_guard,
-    _grouped_tile,
-    _launch,
-    _log1p,
-    _n_bucket,
-    _pinned_config,
-    _raw_logits,
-    _split_f64,
-    _tanh_sech2,
-    _tile_stats,
-    _vocab_splits,
+from fastalign.kernels import _launch
+from fastalign.kernels._tile import (
+    accumulate_head_grads,
+    grouped_tile,
+    log1p,
+    scaled_logits,
+    split_f64,
+    split_tile,
+    tile_stats,
 )
 
 __all__ = ["linear_kl_forward", "linear_kl_backward"]
 
+# The backward's float32 gradient accumulators, by kernel argument name, of each head.
+_GRAD_BUFFERS = ("dh_ptr", "dw_ptr", "db_ptr")
+_REF_GRAD_BUFFERS = ("ref_dh_ptr", "ref_dw_ptr", "ref_db_ptr")
+
 # ----------------------------------------------------------------------------------------------
 # Device functions
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _scaled_logits(
-    h_ptr, w_ptr, b_ptr,              # pointers: hidden [N, H], weight [V, H], bias [V] or None
-    offs_n, offs_v, n_mask, v_mask,   # the tile's rows (tokens) and columns (vocabulary)
-    H, stride_hn, stride_wv,
-    inv_temperature, softcap,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_H: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
-):
-    """z = c·tanh(a/c)/T (or a/T) for one tile of one head, and ∂z/∂a.
-
-    Forward and backward both go through here, so that backward recomputes the very bits of z
-    that forward saw (identical heads must give p = q exactly).
-    """
-    a = _raw_logits(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask,
-                    H, stride_hn, stride_wv, BLOCK_N, BLOCK_V, BLOCK_H,
-                    HAS_BIAS, EVEN_H, DOT_IN_FP32)
-    if HAS_SOFTCAP:
-        th, sech2 = _tanh_sech2(a * (1.0 / softcap))
-        z = th * (softcap * inv_temperature)
-        dz_da = sech2 * inv_temperature
-    else:
-        z = a * inv_temperature
-        dz_da = inv_temperature
-    return z, dz_da
 
 
 @triton.jit
@@ -117,7 +83,7 @@ def _two_diff(a, b):
 def _tile_kl_stats(z, z_ref, v_mask, EVEN_V: tl.constexpr):
     """The statistics (m, r, y, t) of one tile (see _merge_kl_stats): z [BLOCK_N, BLOCK_V] is −inf
     on padding columns, z_ref finite everywhere."""
-    m, z_rel, e, r = _tile_stats(z)
+    m, z_rel, e, r = tile_stats(z)
     # The anchor y: z' at the maximum of z (the largest such z' if several columns tie).
     y = tl.max(tl.where(z == m[:, None], z_ref, float("-inf")), axis=1)
     # (z − m) − (z' − y): both differences are exact near the anchor, and 0 at it (up to a
@@ -132,8 +98,8 @@ def _tile_kl_stats(z, z_ref, v_mask, EVEN_V: tl.constexpr):
 def _merge_kl_stats(m1, r1, y1, t1, m2, r2, y2, t2):
     """Merge the statistics of two disjoint sets of columns.
 
-    Each set is (m, r, y, t): m = max z and r = Σ e^{z−m} − 1 as in linear_logprobs'
-    ``_merge_stats``; y = z' at the maximum of z (the anchor) and
+    Each set is (m, r, y, t): m = max z and r = Σ e^{z−m} − 1 as in
+    ``_tile.merge_stats``; y = z' at the maximum of z (the anchor) and
     t = Σ e^{z−m}·((z − m) − (z' − y)).
     Then Σ p·(z − z') = (m − y) + t/s, and KL = t/s + (m' − y) + log s' − log s: the large part
     of Σ p·(z − z') is carried exactly by (m, y), as r keeps the maximum's own 1 apart, and t/s is
@@ -162,16 +128,10 @@ def _merge_kl_stats(m1, r1, y1, t1, m2, r2, y2, t2):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.heuristics({
-    "HAS_BIAS": lambda args: args["b_ptr"] is not None,
-    "HAS_REF_BIAS": lambda args: args["ref_b_ptr"] is not None,
-    "HAS_SOFTCAP": lambda args: args["softcap"] > 0.0,
-    "EVEN_H": lambda args: args["H"] % args["BLOCK_H"] == 0,
-    "EVEN_H_REF": lambda args: args["H_REF"] % args["BLOCK_H"] == 0,
-    "EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0,
-    "DOT_IN_FP32": lambda args: args["h_ptr"].dtype == torch.float32
-    or (_INTERPRET and args["h_ptr"].dtype == torch.bfloat16),
-})
+@triton.heuristics(_launch.head_heuristics(
+    HAS_REF_BIAS=lambda args: args["ref_b_ptr"] is not None,
+    EVEN_H_REF=lambda args: args["H_REF"] % args["BLOCK_H"] == 0,
+))
 @triton.jit
 def _forward_kernel(
     # pointers
@@ -190,12 +150,7 @@ def _forward_kernel(
     EVEN_H: tl.constexpr, EVEN_H_REF: tl.constexpr, EVEN_V: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
-    # Token tiles vary fastest, so programs running together read the same slices of W and W'.
-    pid = tl.program_id(0)
-    num_n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_n = pid % num_n_tiles
-    pid_split = pid // num_n_tiles
-    num_splits = tl.num_programs(0) // num_n_tiles
+    pid_n, pid_split, num_splits = split_tile(N, BLOCK_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -215,22 +170,22 @@ def _forward_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < V
-        z, _ = _scaled_logits(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask,
-                              H, stride_hn, stride_wv, inv_temperature, softcap,
-                              BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, EVEN_H,
-                              DOT_IN_FP32)
-        z_ref, _ = _scaled_logits(ref_h_ptr, ref_w_ptr, ref_b_ptr, offs_n, offs_v, n_mask, v_mask,
-                                  H_REF, stride_ref_hn, stride_ref_wv, inv_temperature, softcap,
-                                  BLOCK_N, BLOCK_V, BLOCK_H, HAS_REF_BIAS, HAS_SOFTCAP,
-                                  EVEN_H_REF, DOT_IN_FP32)
+        z, _ = scaled_logits(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask,
+                             H, stride_hn, stride_wv, inv_temperature, softcap,
+                             BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, EVEN_H,
+                             DOT_IN_FP32)
+        z_ref, _ = scaled_logits(ref_h_ptr, ref_w_ptr, ref_b_ptr, offs_n, offs_v, n_mask, v_mask,
+                                 H_REF, stride_ref_hn, stride_ref_wv, inv_temperature, softcap,
+                                 BLOCK_N, BLOCK_V, BLOCK_H, HAS_REF_BIAS, HAS_SOFTCAP,
+                                 EVEN_H_REF, DOT_IN_FP32)
         # Every tile has a real column, so the tile maxima are finite.
         if EVEN_V:
             m_tile, r_tile, y_tile, t_tile = _tile_kl_stats(z, z_ref, v_mask, EVEN_V)
-            m_ref_tile, _, _, r_ref_tile = _tile_stats(z_ref)
+            m_ref_tile, _, _, r_ref_tile = tile_stats(z_ref)
         else:  # padding columns are −inf (e^{z−m} = 0), never 0
             m_tile, r_tile, y_tile, t_tile = _tile_kl_stats(
                 tl.where(v_mask[None, :], z, float("-inf")), z_ref, v_mask, EVEN_V)
-            m_ref_tile, _, _, r_ref_tile = _tile_stats(
+            m_ref_tile, _, _, r_ref_tile = tile_stats(
                 tl.where(v_mask[None, :], z_ref, float("-inf")))
         m, r, y, t = _merge_kl_stats(m, r, y, t, m_tile, r_tile, y_tile, t_tile)
         m_ref, r_ref, _, _ = _merge_kl_stats(m_ref, r_ref, zero, zero, m_ref_tile, r_ref_tile,
@@ -278,8 +233,8 @@ def _forward_merge_kernel(
         m_ref, r_ref, _, _ = _merge_kl_stats(m_ref, r_ref, zero, zero, m_ref_i, r_ref_i,
                                              zero, zero)
 
-    log_s = _log1p(r).to(tl.float64)
-    log_s_ref = _log1p(r_ref).to(tl.float64)
+    log_s = log1p(r).to(tl.float64)
+    log_s_ref = log1p(r_ref).to(tl.float64)
     m64 = m.to(tl.float64)
     m_ref64 = m_ref.to(tl.float64)
     # KL = t/s + (m' − y) + (log s' − log s), in float64 from float32 pieces: m' − y is exact,
@@ -297,26 +252,18 @@ def _forward_merge_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.heuristics({
-    "HAS_BIAS": lambda args: args["b_ptr"] is not None,
-    "HAS_REF_BIAS": lambda args: args["ref_b_ptr"] is not None,
-    "HAS_SOFTCAP": lambda args: args["softcap"] > 0.0,
-    "COMPUTE_DH": lambda args: args["dh_ptr"] is not None,
-    "COMPUTE_DW": lambda args: args["dw_ptr"] is not None,
-    "COMPUTE_DB": lambda args: args["db_ptr"] is not None,
-    "COMPUTE_REF_DH": lambda args: args["ref_dh_ptr"] is not None,
-    "COMPUTE_REF_DW": lambda args: args["ref_dw_ptr"] is not None,
-    "COMPUTE_REF_DB": lambda args: args["ref_db_ptr"] is not None,
-    "COMPUTE_GRAD": lambda args: any(args[name] is not None
-                                     for name in ("dh_ptr", "dw_ptr", "db_ptr")),
-    "COMPUTE_REF_GRAD": lambda args: any(args[name] is not None
-                                         for name in ("ref_dh_ptr", "ref_dw_ptr", "ref_db_ptr")),
-    "EVEN_H": lambda args: args["H"] % args["BLOCK_H"] == 0,
-    "EVEN_H_REF": lambda args: args["H_REF"] % args["BLOCK_H"] == 0,
-    "EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0,
-    "DOT_IN_FP32": lambda args: args["h_ptr"].dtype == torch.float32
-    or (_INTERPRET and args["h_ptr"].dtype == torch.bfloat16),
-})
+@triton.heuristics(_launch.head_heuristics(
+    HAS_REF_BIAS=lambda args: args["ref_b_ptr"] is not None,
+    COMPUTE_DH=lambda args: args["dh_ptr"] is not None,
+    COMPUTE_DW=lambda args: args["dw_ptr"] is not None,
+    COMPUTE_DB=lambda args: args["db_ptr"] is not None,
+    COMPUTE_REF_DH=lambda args: args["ref_dh_ptr"] is not None,
+    COMPUTE_REF_DW=lambda args: args["ref_dw_ptr"] is not None,
+    COMPUTE_REF_DB=lambda args: args["ref_db_ptr"] is not None,
+    COMPUTE_GRAD=lambda args: any(args[name] is not None for name in _GRAD_BUFFERS),
+    COMPUTE_REF_GRAD=lambda args: any(args[name] is not None for name in _REF_GRAD_BUFFERS),
+    EVEN_H_REF=lambda args: args["H_REF"] % args["BLOCK_H"] == 0,
+))
 @triton.jit
 def _backward_kernel(
     # pointers: inputs
@@ -342,7 +289,7 @@ def _backward_kernel(
     EVEN_H: tl.constexpr, EVEN_H_REF: tl.constexpr, EVEN_V: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
-    pid_n, pid_v = _grouped_tile(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_V)
+    pid_n, pid_v = grouped_tile(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_V)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     n_mask = offs_n < N
@@ -352,18 +299,18 @@ def _backward_kernel(
     else:
         tile_mask = n_mask[:, None] & v_mask[None, :]
 
-    z, dz_da = _scaled_logits(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask,
-                              H, stride_hn, stride_wv, inv_temperature, softcap,
-                              BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, EVEN_H,
-                              DOT_IN_FP32)
-    z_ref, dz_ref_da = _scaled_logits(ref_h_ptr, ref_w_ptr, ref_b_ptr, offs_n, offs_v, n_mask,
-                                      v_mask, H_REF, stride_ref_hn, stride_ref_wv,
-                                      inv_temperature, softcap, BLOCK_N, BLOCK_V, BLOCK_H,
-                                      HAS_REF_BIAS, HAS_SOFTCAP, EVEN_H_REF, DOT_IN_FP32)
+    z, dz_da = scaled_logits(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask,
+                             H, stride_hn, stride_wv, inv_temperature, softcap,
+                             BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, EVEN_H,
+                             DOT_IN_FP32)
+    z_ref, dz_ref_da = scaled_logits(ref_h_ptr, ref_w_ptr, ref_b_ptr, offs_n, offs_v, n_mask,
+                                     v_mask, H_REF, stride_ref_hn, stride_ref_wv,
+                                     inv_temperature, softcap, BLOCK_N, BLOCK_V, BLOCK_H,
+                                     HAS_REF_BIAS, HAS_SOFTCAP, EVEN_H_REF, DOT_IN_FP32)
     # p (and q) from the float64 lse as a float32 pair hi + lo: z − hi is exact where it matters
     # (a dominant token, z within a factor of 2 of hi). Rows past N get hi = 1e30, a finite
     # +inf: p = q = 0 there without inf − inf anywhere.
-    lse_hi, lse_lo = _split_f64(lse_ptr + offs_n, n_mask, 1e30)
+    lse_hi, lse_lo = split_f64(lse_ptr + offs_n, n_mask, 1e30)
     p = tl.exp((z - lse_hi[:, None]) - lse_lo[:, None])
     g = tl.load(grad_ptr + offs_n, mask=n_mask, other=0.0)
 
@@ -390,21 +337,21 @@ def _backward_kernel(
         da = tl.where(tile_mask, dz * dz_da, 0.0)   # ∂z/∂a = (1/T)·(1 − tanh²(a/c)) or 1/T
     if COMPUTE_REF_GRAD:
         # ∂KL/∂z'_u = −p_u + ∂lse'/∂z'_u = q_u − p_u.
-        ref_lse_hi, ref_lse_lo = _split_f64(ref_lse_ptr + offs_n, n_mask, 1e30)
+        ref_lse_hi, ref_lse_lo = split_f64(ref_lse_ptr + offs_n, n_mask, 1e30)
         q = tl.exp((z_ref - ref_lse_hi[:, None]) - ref_lse_lo[:, None])
         da_ref = tl.where(tile_mask, (g[:, None] * (q - p)) * dz_ref_da, 0.0)
     if COMPUTE_GRAD:
-        _accumulate_head_grads(da, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr,
-                               offs_n, offs_v, n_mask, n_mask, v_mask, H, stride_hn, stride_wv,
-                               BLOCK_N, BLOCK_V, BLOCK_H, COMPUTE_DH, COMPUTE_DW, COMPUTE_DB,
-                               EVEN_H, DOT_IN_FP32)
+        accumulate_head_grads(da, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr,
+                              offs_n, offs_v, n_mask, n_mask, v_mask, H, stride_hn, stride_wv,
+                              BLOCK_N, BLOCK_V, BLOCK_H, COMPUTE_DH, COMPUTE_DW, COMPUTE_DB,
+                              EVEN_H, DOT_IN_FP32)
     if COMPUTE_REF_GRAD:
-        _accumulate_head_grads(da_ref, ref_h_ptr, ref_w_ptr, ref_dh_ptr, ref_dw_ptr, ref_db_ptr,
-                               offs_n, offs_v, n_mask, n_mask, v_mask,
-                               H_REF, stride_ref_hn, stride_ref_wv,
-                               BLOCK_N, BLOCK_V, BLOCK_H,
-                               COMPUTE_REF_DH, COMPUTE_REF_DW, COMPUTE_REF_DB,
-                               EVEN_H_REF, DOT_IN_FP32)
+        accumulate_head_grads(da_ref, ref_h_ptr, ref_w_ptr, ref_dh_ptr, ref_dw_ptr, ref_db_ptr,
+                              offs_n, offs_v, n_mask, n_mask, v_mask,
+                              H_REF, stride_ref_hn, stride_ref_wv,
+                              BLOCK_N, BLOCK_V, BLOCK_H,
+                              COMPUTE_REF_DH, COMPUTE_REF_DW, COMPUTE_REF_DB,
+                              EVEN_H_REF, DOT_IN_FP32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,20 +367,21 @@ def _default_config(kind: str, dtype: torch.dtype, n_tokens: int) -> triton.Conf
     vocabulary tile is half that of linear_logprobs: 16-bit inputs take 128×64 logit tiles
     ((128 + 64)·64·2 B = 24 KiB a stage); float32 is as in linear_logprobs.
     """
-    return _pinned_config(kind, dtype, n_tokens, block_v_16bit=64)
+    return _launch.pinned_config(kind, dtype, n_tokens, block_v_16bit=64)
 
 
 def _autotune_configs(kind: str) -> list[triton.Config]:
     """The search space of FASTALIGN_AUTOTUNE=1, keyed on (N_BUCKET, V, H, H_REF) and dtypes."""
-    return _config_space(kind, ((64, 64), (128, 64), (64, 128), (128, 128), (32, 128),
-                                (16, 128)))
+    return _launch.config_space(kind, ((64, 64), (128, 64), (64, 128), (128, 128), (32, 128),
+                                       (16, 128)))
 
 
 _AUTOTUNE_KEY = ["N_BUCKET", "V", "H", "H_REF"]  # plus the dtypes of the tensor arguments
-_forward_kernel_tuned = _autotuned(_forward_kernel, "forward", _autotune_configs("forward"),
-                                   _AUTOTUNE_KEY)
-_backward_kernel_tuned = _autotuned(_backward_kernel, "backward", _autotune_configs("backward"),
-                                    _AUTOTUNE_KEY)
+_forward_kernel_tuned = _launch.autotuned(_forward_kernel, _autotune_configs("forward"),
+                                          _AUTOTUNE_KEY)
+_backward_kernel_tuned = _launch.autotuned(_backward_kernel, _autotune_configs("backward"),
+                                           _AUTOTUNE_KEY,
+                                           zeroed=_GRAD_BUFFERS + _REF_GRAD_BUFFERS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,30 +389,13 @@ _backward_kernel_tuned = _autotuned(_backward_kernel, "backward", _autotune_conf
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias) -> None:
-    _check_head(hidden, weight, bias)
-    _check_head(ref_hidden, ref_weight, ref_bias, names=("ref_hidden", "ref_weight", "ref_bias"))
-    if ref_hidden.dtype != hidden.dtype:
-        raise TypeError(f"ref_hidden ({ref_hidden.dtype}) and hidden ({hidden.dtype}) dtypes "
-                        "differ; the kernels take one dtype for both heads")
-    if ref_hidden.shape[0] != hidden.shape[0]:
-        raise ValueError(f"ref_hidden must have hidden's {hidden.shape[0]} rows, "
-                         f"got {tuple(ref_hidden.shape)}")
-    if ref_weight.shape[0] != weight.shape[0]:
-        raise ValueError(f"ref_weight must have weight's vocabulary size {weight.shape[0]}, "
-                         f"got {tuple(ref_weight.shape)}")
-    tensors = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    devices = {x.device for x in tensors if x is not None}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-
-
-def _check_options(temperature: float, softcap: float) -> None:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-            and temperature > 0):
-        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
-    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
-        raise ValueError(f"softcap must be a finite float >= 0 (0 = none), got {softcap!r}")
+def _check_layout(hidden, weight, bias, ref_hidden, ref_weight, ref_bias) -> None:
+    _launch.check_head_layout(hidden, weight, bias)
+    _launch.check_head_layout(ref_hidden, ref_weight, ref_bias, prefix="ref_")
+    # One dtype for both heads (the kernels take one DOT_IN_FP32), one N and one V.
+    _launch.check_layout("ref_hidden", ref_hidden, hidden.dtype, (hidden.shape[0], None))
+    _launch.check_layout("ref_weight", ref_weight, hidden.dtype, (weight.shape[0], None))
+    _launch.check_one_device(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
 
 
 def linear_kl_forward(
@@ -479,8 +410,7 @@ def linear_kl_forward(
     float32 / bfloat16 / float16 for all, contiguous, one device. ``softcap`` 0.0 means none.
     lse and ref_lse are what ``linear_kl_backward`` needs besides kl (module docstring).
     """
-    _check_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    _check_options(temperature, softcap)
+    _check_layout(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     n_tokens, hidden_size = hidden.shape
     vocab_size, ref_hidden_size = ref_weight.shape
     device = hidden.device
@@ -491,17 +421,18 @@ def linear_kl_forward(
 
     nominal_n_tiles = triton.cdiv(n_tokens, _default_config("forward", hidden.dtype,
                                                             n_tokens).kwargs["BLOCK_N"])
-    v_per_split, num_splits = _vocab_splits(vocab_size, nominal_n_tiles, device)
+    v_per_split, num_splits = _launch.vocab_splits(vocab_size, nominal_n_tiles, device)
     partials = torch.empty((6, num_splits, n_tokens), dtype=torch.float32, device=device)
 
     args = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, partials,
-            n_tokens, vocab_size, hidden_size, ref_hidden_size, v_per_split, _n_bucket(n_tokens),
+            n_tokens, vocab_size, hidden_size, ref_hidden_size, v_per_split,
+            _launch.n_bucket(n_tokens),
             hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
             1.0 / float(temperature), float(softcap))
-    with _device_guard(device):
-        _launch("forward", _forward_kernel, _forward_kernel_tuned,
-                lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * num_splits,),
-                args, hidden.dtype, n_tokens, default_config=_default_config)
+    with _launch.device_guard(device):
+        _launch.run_kernel("forward", _forward_kernel, _forward_kernel_tuned,
+                           lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * num_splits,),
+                           args, hidden.dtype, n_tokens, _default_config)
         merge_block = 1024
         _forward_merge_kernel[(triton.cdiv(n_tokens, merge_block),)](
             partials, kl, lse, ref_lse, n_tokens, num_splits, BLOCK=merge_block, num_warps=4,
@@ -524,40 +455,34 @@ def linear_kl_backward(
     gradient comes back in its input's dtype, accumulated in float32; the others (and the bias
     gradients of absent biases) are None, and a head with none requested costs no gradient work.
     """
-    _check_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    _check_options(temperature, softcap)
+    _check_layout(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     n_tokens, hidden_size = hidden.shape
     vocab_size, ref_hidden_size = ref_weight.shape
     device = hidden.device
-    upstream = "upstream gradients reach the kernels in float32 for every input dtype"
-    saved = "as linear_kl_forward returns it; float32 loses the digits of z - lse"
-    for name, x, dtype, why in (("grad_kl", grad_kl, torch.float32, upstream),
-                                ("kl", kl, torch.float64, saved),
-                                ("lse", lse, torch.float64, saved),
-                                ("ref_lse", ref_lse, torch.float64, saved)):
-        _check_per_token(name, x, dtype, why, n_tokens, device)
+    for name, x, dtype in (("grad_kl", grad_kl, torch.float32), ("kl", kl, torch.float64),
+                           ("lse", lse, torch.float64), ("ref_lse", ref_lse, torch.float64)):
+        _launch.check_layout(name, x, dtype, (n_tokens,))
+    _launch.check_one_device(hidden, grad_kl, kl, lse, ref_lse)
     compute_dbias = compute_dbias and bias is not None
     compute_dref_bias = compute_dref_bias and ref_bias is not None
 
-    def buffer(wanted: bool, *shape: int) -> torch.Tensor | None:
-        return torch.zeros(shape, dtype=torch.float32, device=device) if wanted else None
-
-    grads = (buffer(compute_dhidden, n_tokens, hidden_size),
-             buffer(compute_dweight, vocab_size, hidden_size),
-             buffer(compute_dbias, vocab_size),
-             buffer(compute_dref_hidden, n_tokens, ref_hidden_size),
-             buffer(compute_dref_weight, vocab_size, ref_hidden_size),
-             buffer(compute_dref_bias, vocab_size))
+    grads = tuple(_launch.float32_accumulator(wanted, shape, device) for wanted, shape in (
+        (compute_dhidden, (n_tokens, hidden_size)),
+        (compute_dweight, (vocab_size, hidden_size)),
+        (compute_dbias, (vocab_size,)),
+        (compute_dref_hidden, (n_tokens, ref_hidden_size)),
+        (compute_dref_weight, (vocab_size, ref_hidden_size)),
+        (compute_dref_bias, (vocab_size,))))
     if n_tokens > 0 and any(x is not None for x in grads):
         args = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl, lse, ref_lse, grad_kl,
                 *grads,
-                n_tokens, vocab_size, hidden_size, ref_hidden_size, _n_bucket(n_tokens),
+                n_tokens, vocab_size, hidden_size, ref_hidden_size, _launch.n_bucket(n_tokens),
                 hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
                 1.0 / float(temperature), float(softcap))
-        with _device_guard(device):
-            _launch("backward", _backward_kernel, _backward_kernel_tuned,
-                    lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"])
-                                  * triton.cdiv(vocab_size, meta["BLOCK_V"]),),
-                    args, hidden.dtype, n_tokens, default_config=_default_config)
+        with _launch.device_guard(device):
+            _launch.run_kernel("backward", _backward_kernel, _backward_kernel_tuned,
+                               lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"])
+                                             * triton.cdiv(vocab_size, meta["BLOCK_V"]),),
+                               args, hidden.dtype, n_tokens, _default_config)
     like = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, like))
