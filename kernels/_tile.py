@@ -108,6 +108,22 @@ def tanh_sech2(x):
 
 
 @triton.jit
+def empty_stats(BLOCK: tl.constexpr):
+    """Running statistics (m, r, t) of a block of tokens that has seen no logit yet: m = −inf,
+    r = −1 (s = 0), t = 0 (see merge_stats)."""
+    return (tl.full([BLOCK], float("-inf"), dtype=tl.float32),
+            tl.full([BLOCK], -1.0, dtype=tl.float32),
+            tl.zeros([BLOCK], dtype=tl.float32))
+
+
+@triton.jit
+def split_range(pid_split, V_PER_SPLIT, V):
+    """The vocabulary columns [v_begin, v_end) that split ``pid_split`` streams."""
+    v_begin = pid_split * V_PER_SPLIT
+    return v_begin, tl.minimum(v_begin + V_PER_SPLIT, V)
+
+
+@triton.jit
 def merge_stats(m1, r1, t1, m2, r2, t2):
     """Merge the softmax statistics of two disjoint sets of logits.
 

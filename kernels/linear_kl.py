@@ -50,10 +50,12 @@ import triton.language as tl
 from fastalign.kernels import _launch
 from fastalign.kernels._tile import (
     accumulate_head_grads,
+    empty_stats,
     grouped_tile,
     log1p,
     scaled_logits,
     split_f64,
+    split_range,
     split_tile,
     tile_stats,
 )
@@ -157,16 +159,12 @@ def _forward_kernel(
     # Running statistics, "nothing yet" = (−inf, −1, 0, 0); see _merge_kl_stats. The reference
     # side goes through the same merge (so that identical heads give identical bits), without
     # y and t.
-    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    r = tl.full([BLOCK_N], -1.0, dtype=tl.float32)
+    m, r, t = empty_stats(BLOCK_N)
     y = tl.zeros([BLOCK_N], dtype=tl.float32)
-    t = tl.zeros([BLOCK_N], dtype=tl.float32)
-    m_ref = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    r_ref = tl.full([BLOCK_N], -1.0, dtype=tl.float32)
+    m_ref, r_ref, _ = empty_stats(BLOCK_N)
     zero = tl.zeros([BLOCK_N], dtype=tl.float32)
 
-    v_begin = pid_split * V_PER_SPLIT
-    v_end = tl.minimum(v_begin + V_PER_SPLIT, V)
+    v_begin, v_end = split_range(pid_split, V_PER_SPLIT, V)
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < V
@@ -213,12 +211,9 @@ def _forward_merge_kernel(
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    r = tl.full([BLOCK], -1.0, dtype=tl.float32)
+    m, r, t = empty_stats(BLOCK)
     y = tl.zeros([BLOCK], dtype=tl.float32)
-    t = tl.zeros([BLOCK], dtype=tl.float32)
-    m_ref = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    r_ref = tl.full([BLOCK], -1.0, dtype=tl.float32)
+    m_ref, r_ref, _ = empty_stats(BLOCK)
     zero = tl.zeros([BLOCK], dtype=tl.float32)
     split_stride = NUM_SPLITS * N
     for i in range(0, NUM_SPLITS):  # every split holds a real column: its statistics are finite

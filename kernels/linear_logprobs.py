@@ -42,13 +42,14 @@ import triton.language as tl
 from fastalign.kernels import _launch
 from fastalign.kernels._tile import (
     accumulate_head_grads,
+    empty_stats,
     grouped_tile,
     log1p,
     merge_stats,
-    raw_logits,
+    scaled_logits,
     split_f64,
+    split_range,
     split_tile,
-    tanh_sech2,
     tile_stats,
 )
 
@@ -86,25 +87,18 @@ def _forward_kernel(
 
     # Running statistics of the tokens' logits seen so far (see merge_stats); "nothing yet" is
     # m = −inf, r = −1 (s = 0), t = 0.
-    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    r = tl.full([BLOCK_N], -1.0, dtype=tl.float32)
-    t = tl.zeros([BLOCK_N], dtype=tl.float32)
+    m, r, t = empty_stats(BLOCK_N)
     z_target = tl.zeros([BLOCK_N], dtype=tl.float32)
     # A tile of ignored tokens only (prompts, padding) needs no logits at all.
     if tl.max(valid.to(tl.int32), axis=0) > 0:
-        v_begin = pid_split * V_PER_SPLIT
-        v_end = tl.minimum(v_begin + V_PER_SPLIT, V)
+        v_begin, v_end = split_range(pid_split, V_PER_SPLIT, V)
         for v0 in range(v_begin, v_end, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
             v_mask = offs_v < V
-            z = raw_logits(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask,
-                           H, stride_hn, stride_wv, BLOCK_N, BLOCK_V, BLOCK_H,
-                           HAS_BIAS, EVEN_H, DOT_IN_FP32)
-            if HAS_SOFTCAP:
-                th, _ = tanh_sech2(z * (1.0 / softcap))
-                z = th * (softcap * inv_temperature)
-            else:
-                z = z * inv_temperature
+            z, _ = scaled_logits(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask,
+                                 H, stride_hn, stride_wv, inv_temperature, softcap,
+                                 BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, EVEN_H,
+                                 DOT_IN_FP32)
             if not EVEN_V:  # padding columns are −inf (e^{z−m} = 0), never 0
                 z = tl.where(v_mask[None, :], z, float("-inf"))
             z_target += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
@@ -145,9 +139,7 @@ def _forward_merge_kernel(
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    r = tl.full([BLOCK], -1.0, dtype=tl.float32)
-    t = tl.zeros([BLOCK], dtype=tl.float32)
+    m, r, t = empty_stats(BLOCK)
     z_target = tl.zeros([BLOCK], dtype=tl.float32)
     split_stride = NUM_SPLITS * N
     for i in range(0, NUM_SPLITS):
@@ -217,14 +209,10 @@ def _backward_kernel(
     valid = n_mask & (targets != ignore_index)
     # Ignored tokens get no gradient: a tile of them only is skipped outright.
     if tl.max(valid.to(tl.int32), axis=0) > 0:
-        a = raw_logits(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask,
-                       H, stride_hn, stride_wv, BLOCK_N, BLOCK_V, BLOCK_H,
-                       HAS_BIAS, EVEN_H, DOT_IN_FP32)
-        if HAS_SOFTCAP:
-            th, sech2 = tanh_sech2(a * (1.0 / softcap))
-            z = th * (softcap * inv_temperature)
-        else:
-            z = a * inv_temperature
+        z, dz_da = scaled_logits(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask,
+                                 H, stride_hn, stride_wv, inv_temperature, softcap,
+                                 BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, EVEN_H,
+                                 DOT_IN_FP32)
         # lse as a float32 pair hi + lo, and p = e^{(z − hi) − lo}: z − hi is exact when z is
         # near hi (a dominant token), where one rounding of lse to float32 would cost up to
         # ulp(|z|)/2 absolute in p. hi = +inf on ignored rows gives them p = 0 (their saved lse
@@ -241,10 +229,7 @@ def _backward_kernel(
             dz -= e[:, None] * p * ((z - spz_hi[:, None]) - spz_lo[:, None])
         # ∂z/∂a = (1/T)·(1 − tanh²(a/c)), or 1/T without softcap. Padding columns (v ≥ V) have
         # a = 0, so p = e^{−lse} ≠ 0 there: they are masked out here.
-        if HAS_SOFTCAP:
-            da = dz * (sech2 * inv_temperature)
-        else:
-            da = dz * inv_temperature
+        da = dz * dz_da
         if EVEN_V:
             da = tl.where(valid[:, None], da, 0.0)
         else:
