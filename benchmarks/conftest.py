@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from fastalign.bench import harness
+from fastalign.bench import harness, measure
 from fastalign.bench.registry import BENCHMARKS, get_benchmark
 
 SHAPE_IDS = ("small", "default")
@@ -93,7 +93,7 @@ class BenchState:
     @property
     def matmul_tflops(self) -> float:
         if self._matmul is None:
-            self._matmul = harness.matmul_tflops(self.device, self.dtype)
+            self._matmul = measure.matmul_tflops(self.device, self.dtype)
         return self._matmul
 
 
@@ -159,16 +159,16 @@ def _run_op_benchmark(benchmark, state: BenchState, full: bool, op_name: str, sh
     provider = _checked_provider(state, op_name, shape, provider_name)
     device = torch.device(state.device)
     fn = op.make_mode_fn(provider, state.case(op_name, shape).inputs, mode)
-    peak_bytes = harness.measure_mode_memory(fn, device)
+    peak_bytes = measure.measure_mode_memory(fn, device)
 
     def setup():
         arg = fn.setup()
-        harness.synchronize(device)  # the forward of mode "backward" stays outside the timing
+        measure.synchronize(device)  # the forward of mode "backward" stays outside the timing
         return (arg,), {}
 
     def target(arg):
         fn.run(arg)
-        harness.synchronize(device)
+        measure.synchronize(device)
 
     rounds = int(os.environ.get("FASTALIGN_BENCH_ROUNDS", "10" if shape_id == "small" else "3"))
     benchmark.group = f"{op_name} {shape} {harness.dtype_name(state.dtype)} {mode}"
@@ -176,7 +176,7 @@ def _run_op_benchmark(benchmark, state: BenchState, full: bool, op_name: str, sh
     benchmark.extra_info.update({
         "op": op_name, "provider": provider_name, "mode": mode, "softcap": shape.softcap,
         **op.shape_columns(shape), "dtype": harness.dtype_name(state.dtype),
-        "device": harness.device_name(device), "peak_mem_mb": peak_bytes / 2**20,
+        "device": measure.device_name(device), "peak_mem_mb": peak_bytes / 2**20,
         "note": provider.note,
     })
     if benchmark.stats is not None:  # None under --benchmark-disable

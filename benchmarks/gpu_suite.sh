@@ -51,7 +51,7 @@ for op in $ops; do
     [ "$rc" -eq 0 ] || bench_rc=$rc
 done
 
-slug=$($py -c 'from fastalign.bench import harness; print(harness.device_slug("cuda"))' 2>/dev/null)
+slug=$($py -c 'from fastalign.bench import measure; print(measure.device_slug("cuda"))' 2>/dev/null)
 torch_v=$($py -c 'import torch; print(torch.__version__)')
 triton_v=$($py -c 'import triton; print(triton.__version__)')
 name="${slug:-gpu}_torch${torch_v/+/-}_triton${triton_v}_$(date +%F)"

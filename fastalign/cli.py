@@ -138,7 +138,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fastalign.bench import harness, registry
+    from fastalign.bench import harness, measure, registry, report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -163,13 +163,13 @@ def _run_bench(args: argparse.Namespace) -> int:
     dtype = harness.DTYPES[args.dtype] if args.dtype else harness.default_dtype(device)
     config = harness.BenchConfig(
         device=device, dtype=dtype, shapes=shapes, providers=args.providers, modes=modes,
-        timing=harness.TimingOptions(warmup=args.warmup, reps=args.reps,
+        timing=measure.TimingOptions(warmup=args.warmup, reps=args.reps,
                                      cuda_rep_ms=args.rep_ms),
         on_mismatch=args.on_mismatch, seed=args.seed, progress=not args.no_progress,
     )
     result = harness.run_benchmark(benchmark, config)
-    paths = harness.write_outputs(result, args.output)
-    print(harness.format_table(result))
+    paths = report.write_outputs(result, args.output)
+    print(report.format_table(result))
     print()
     for path in paths.values():
         print(f"wrote {path}")

@@ -29,7 +29,6 @@ import torch
 from fastalign.bench import heads
 from fastalign.bench.harness import (
     Benchmark,
-    ModeFn,
     Outputs,
     Provider,
     ProviderMismatchError,
@@ -37,6 +36,7 @@ from fastalign.bench.harness import (
     fused_impl,
     parse_dims,
 )
+from fastalign.bench.measure import ModeFn
 from fastalign.losses.dpo import dpo_loss
 
 DPO_BETA = 0.1

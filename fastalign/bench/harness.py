@@ -19,29 +19,33 @@ ground truth and help text. The harness does the rest, alike for every op:
 * **Credit FLOPs** from the op's written formula, the same for every provider, so that TFLOP/s
   ranks like time, and compare with the device's own ``torch.mm`` rate.
 * **Write** ``<op>_<device>_<date>.csv`` (with the hardware and versions), ``.png`` and ``.md``.
+
+Timing, memory and the machine's description are in ``bench.measure``; the CSV, table and plot
+writers in ``bench.report``.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
-import gc
 import math
-import os
-import platform
-import re
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 import fastalign
-from fastalign.bench.memory import measure_peak_memory
+from fastalign.bench.measure import (
+    ModeFn,
+    TimingOptions,
+    device_name,
+    free_memory,
+    is_oom,
+    matmul_tflops,
+    measure_mode_fn,
+    versions,
+)
 
 MODES = ("forward", "backward", "full")  # every mode an op may have, in the order shown
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -194,173 +198,6 @@ def check_outputs(outputs: Outputs, reference: Outputs, value_key: str, toleranc
 
 
 # ----------------------------------------------------------------------------------------------
-# Modes and timing
-# ----------------------------------------------------------------------------------------------
-
-
-def _no_setup() -> None:
-    return None
-
-
-@dataclass(frozen=True)
-class ModeFn:
-    """One call of a mode is ``run(setup())``; only ``run`` is timed and memory-measured."""
-
-    run: Callable[[object], object]
-    setup: Callable[[], object] = _no_setup
-
-    @property
-    def has_setup(self) -> bool:
-        return self.setup is not _no_setup
-
-    def __call__(self) -> object:
-        return self.run(self.setup())
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass(frozen=True)
-class TimingOptions:
-    """CPU: ``warmup`` + ``reps`` timed calls. CUDA: ``triton.testing.do_bench`` budgets in ms."""
-
-    warmup: int = 1
-    reps: int = 5
-    cuda_warmup_ms: int = 25
-    cuda_rep_ms: int = 100
-
-
-def time_fn(fn: Callable[[], object] | ModeFn, device: torch.device | str,
-            options: TimingOptions = TimingOptions()) -> tuple[float, float, float]:
-    """(median, 20th, 80th percentile) milliseconds of ``fn()``, or of ``fn.run`` for a ModeFn
-    with a setup (the setup runs before every call, untimed)."""
-    device = torch.device(device)
-    setup = fn.setup if isinstance(fn, ModeFn) and fn.has_setup else None
-    run = fn.run if setup is not None else (lambda _: fn())
-    if device.type == "cuda" and setup is None:
-        import triton.testing
-
-        median, p20, p80 = triton.testing.do_bench(
-            fn, warmup=options.cuda_warmup_ms, rep=options.cuda_rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return float(median), float(p20), float(p80)
-    if device.type == "cuda":
-        times = _cuda_times_with_setup(run, setup or _no_setup, device, options)
-    else:
-        for _ in range(options.warmup):
-            run((setup or _no_setup)())
-        times = []
-        for _ in range(max(1, options.reps)):
-            state = (setup or _no_setup)()
-            start = time.perf_counter()
-            run(state)
-            times.append((time.perf_counter() - start) * 1e3)
-            del state
-    return _quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8)
-
-
-def _cuda_times_with_setup(run: Callable[[object], object], setup: Callable[[], object],
-                           device: torch.device, options: TimingOptions) -> list[float]:
-    """do_bench's recipe (flush L2, warm up and repeat for time budgets) with CUDA events around
-    ``run`` only; ``setup`` is enqueued before the start event, so its GPU work is not counted."""
-    flush = torch.empty(256 * _MiB, dtype=torch.int8, device=device)
-
-    def once() -> float:
-        state = setup()
-        flush.zero_()
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        run(state)
-        end.record()
-        del state
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end)
-
-    estimate = statistics.median(once() for _ in range(5))
-    for _ in range(max(1, int(options.cuda_warmup_ms / max(estimate, 1e-3)))):
-        once()
-    return [once() for _ in range(max(1, int(options.cuda_rep_ms / max(estimate, 1e-3))))]
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between order statistics (as ``torch.quantile`` / ``do_bench``)."""
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    pos = q * (len(ordered) - 1)
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-def matmul_tflops(device: torch.device | str, dtype: torch.dtype, size: int | None = None,
-                  options: TimingOptions = TimingOptions()) -> float:
-    """The device's own matrix-product rate: a square ``torch.mm`` of random data in ``dtype``."""
-    device = torch.device(device)
-    size = size or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    median, _, _ = time_fn(lambda: torch.mm(a, b), device, options)
-    return 2 * size**3 / (median * 1e-3) / 1e12
-
-
-# ----------------------------------------------------------------------------------------------
-# Memory
-# ----------------------------------------------------------------------------------------------
-
-
-def _tensor_bytes(value: object) -> int:
-    """Bytes held by the tensors in ``value`` (a tensor or nested tuples/lists of them)."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (tuple, list)):
-        return sum(_tensor_bytes(item) for item in value)
-    return 0
-
-
-def measure_mode_memory(fn: ModeFn, device: torch.device | str) -> int:
-    """Workspace: the peak bytes that ``fn.run`` adds on top of the memory in use after
-    ``fn.setup`` (the inputs, and for ``backward`` the saved graph), beyond what it returns.
-
-    What a call returns (the op's value; the gradients of its inputs) is the same for every
-    provider and is needed by the caller anyway, so it is left out: the number is the memory the
-    op itself costs. For ``full`` that excludes the inputs and the returned gradients.
-    """
-    state = fn.setup()
-    synchronize(torch.device(device))
-    result, peak_bytes = measure_peak_memory(lambda: fn.run(state), device)
-    state = None  # noqa: F841 - drop the graph now
-    return max(0, peak_bytes - _tensor_bytes(result))
-
-
-def measure_mode_fn(fn: ModeFn, device: torch.device, n_flops: int, timing: TimingOptions,
-                    matmul_rate: float | None = None) -> dict:
-    """Peak memory (one separate, un-timed call) then time of ``fn``; returns the metrics."""
-    peak_bytes = measure_mode_memory(fn, device)
-    ms_median, ms_p20, ms_p80 = time_fn(fn, device, timing)
-    tflops = n_flops / (ms_median * 1e-3) / 1e12
-    return {
-        "ms_median": ms_median, "ms_p20": ms_p20, "ms_p80": ms_p80, "tflops": tflops,
-        "frac_of_matmul": tflops / matmul_rate if matmul_rate else math.nan,
-        "peak_mem_mb": peak_bytes / _MiB,
-    }
-
-
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------------------
 # What an op declares
 # ----------------------------------------------------------------------------------------------
 
@@ -460,8 +297,8 @@ class Benchmark:
             eager = self.make_provider("eager", inputs.device, inputs.dtype)
             return self.check_provider(eager, inputs, reference).errors
         except Exception as exc:  # noqa: BLE001
-            if _is_oom(exc):
-                _free_memory(inputs.device)
+            if is_oom(exc):
+                free_memory(inputs.device)
                 return None
             raise
 
@@ -492,58 +329,6 @@ class Benchmark:
         """The summary and the modes, for --help."""
         modes = ", ".join(self.modes) + (f" {self.modes_note}" if self.modes_note else "")
         return f"{self.summary}; modes {modes}."
-
-
-# ----------------------------------------------------------------------------------------------
-# Environment
-# ----------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            match = re.search(r"^model name\s*:\s*(.+)$", info.read(), re.MULTILINE)
-        if match:
-            return match.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def device_name(device: torch.device | str) -> str:
-    """GPU name, or the CPU model string with the number of cores this process may use."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({cpu_cores()} cores)"
-
-
-def device_slug(device: torch.device | str) -> str:
-    """File-name-safe form of ``device_name``: "nvidia-h100-80gb-hbm3", "cpu-intel-xeon-2c"."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        text = torch.cuda.get_device_name(device)
-    else:
-        text = f"cpu {cpu_model()} {cpu_cores()}c"
-    text = re.sub(r"\((r|tm|c)\)|\b(cpu @|processor)\b", " ", text.lower())
-    return re.sub(r"[^a-z0-9.]+", "-", text).strip("-.") or device.type
-
-
-def versions() -> dict[str, str]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    return {"torch": torch.__version__, "triton": triton_version}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -648,9 +433,9 @@ def run_benchmark(benchmark: Benchmark, config: BenchConfig) -> BenchResult:
             try:
                 check = benchmark.check_provider(provider, inputs, reference, eager_errors)
             except Exception as exc:  # noqa: BLE001 - recorded below, or re-raised
-                _free_memory(device)
+                free_memory(device)
                 reason = f"{type(exc).__name__}: {_first_line(exc)}"
-                if _is_oom(exc) or not ours:
+                if is_oom(exc) or not ours:
                     skip(shape, provider.name, reason)
                     continue
                 if config.on_mismatch == "error":
@@ -675,8 +460,8 @@ def run_benchmark(benchmark: Benchmark, config: BenchConfig) -> BenchResult:
                 try:
                     metrics = benchmark.measure(provider, inputs, mode, config.timing, rate)
                 except Exception as exc:  # noqa: BLE001
-                    _free_memory(device)
-                    if not (_is_oom(exc) or config.on_mismatch == "skip" or not ours):
+                    free_memory(device)
+                    if not (is_oom(exc) or config.on_mismatch == "skip" or not ours):
                         raise
                     skip(shape, provider.name, f"{type(exc).__name__}: {_first_line(exc)}", mode)
                     continue
@@ -686,9 +471,9 @@ def run_benchmark(benchmark: Benchmark, config: BenchConfig) -> BenchResult:
                     **metrics, "device": dev_name, **env, "date": date, "shape": shape,
                 })
                 bar.update(1)
-            _free_memory(device)
+            free_memory(device)
         del inputs, reference
-        _free_memory(device)
+        free_memory(device)
     bar.close()
     return BenchResult(config, rows, skipped, notes, rate, dev_name, date, op=benchmark.name,
                        flops_note=benchmark.flops_note, csv_columns=benchmark.csv_columns)
@@ -697,143 +482,3 @@ def run_benchmark(benchmark: Benchmark, config: BenchConfig) -> BenchResult:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else ""
-
-
-# ----------------------------------------------------------------------------------------------
-# Outputs: CSV, table, plot
-# ----------------------------------------------------------------------------------------------
-
-_CSV_FORMATS = {"ms_median": "{:.4f}", "ms_p20": "{:.4f}", "ms_p80": "{:.4f}", "tflops": "{:.4f}",
-                "frac_of_matmul": "{:.4f}", "peak_mem_mb": "{:.1f}"}
-
-
-def write_csv(result: BenchResult, path: str | Path) -> None:
-    """One row per (shape, provider, mode), columns ``result.csv_columns``."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=result.csv_columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in result.rows:
-            writer.writerow({key: _CSV_FORMATS[key].format(value) if key in _CSV_FORMATS else value
-                             for key, value in row.items()})
-
-
-def _shapes_in_order(result: BenchResult) -> list:
-    seen = {}
-    for row in result.rows:
-        seen.setdefault(row["shape"], None)
-    for item in result.skipped:
-        seen.setdefault(item.shape, None)
-    return list(seen)
-
-
-def format_table(result: BenchResult) -> str:
-    """A markdown table (one block per shape) with time and memory ratios against eager."""
-    cfg = result.config
-    lines = [
-        f"## `{result.op}` on {result.device}, {dtype_name(cfg.dtype)} "
-        f"(torch {torch.__version__}, triton {versions()['triton']}, {result.date})",
-        "",
-        f"Matmul rate (`torch.mm`, {dtype_name(cfg.dtype)}): {result.matmul_tflops:.2f} TFLOP/s. "
-        f"{result.flops_note} "
-        "Ratios are provider ÷ eager (lower is better).",
-    ]
-    for shape in _shapes_in_order(result):
-        rows = [row for row in result.rows if row["shape"] == shape]
-        eager = {row["mode"]: row for row in rows if row["provider"] == "eager"}
-        lines += ["", f"### {shape}", "",
-                  "| provider | mode | ms median [p20, p80] | TFLOP/s | % of matmul | peak MB "
-                  "| time ÷ eager | mem ÷ eager |",
-                  "|---|---|---|---:|---:|---:|---:|---:|"]
-        skips = [item for item in result.skipped if item.shape == shape]
-        order = dict.fromkeys([row["provider"] for row in rows] + [item.provider for item in skips])
-        for name in order:
-            for row in (row for row in rows if row["provider"] == name):
-                base = eager.get(row["mode"])
-                time_ratio = _ratio(row["ms_median"], base and base["ms_median"])
-                # Below 1 MB, CPU peaks are page-level noise: no memory ratio.
-                mem_ratio = _ratio(row["peak_mem_mb"], base and base["peak_mem_mb"], floor=1.0)
-                lines.append(
-                    f"| {name} | {row['mode']} | {row['ms_median']:.2f} "
-                    f"[{row['ms_p20']:.2f}, {row['ms_p80']:.2f}] | {row['tflops']:.3g} "
-                    f"| {100 * row['frac_of_matmul']:.1f} | {_format_mb(row['peak_mem_mb'])} "
-                    f"| {time_ratio} | {mem_ratio} |")
-            for item in (item for item in skips if item.provider == name):
-                modes = "all modes" if item.mode == "*" else item.mode
-                lines.append(f"| {name} | {modes} | skipped: {item.reason} | | | | | |")
-    if result.notes:
-        lines += ["", "Providers: " + "; ".join(
-            f"`{name}`: {note}" for name, note in result.notes.items() if note) + "."]
-    return "\n".join(lines)
-
-
-def _format_mb(value: float) -> str:
-    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
-
-
-def _ratio(value: float, base: float | None, floor: float = 0.0) -> str:
-    if not base or not math.isfinite(base) or base <= floor:
-        return "–"
-    return f"{value / base:.2f}×"
-
-
-def plot(result: BenchResult, path: str | Path) -> None:
-    """One row of two panels per shape: median ms (with p20–p80 whiskers) and peak memory, as
-    bars grouped by mode, one bar per provider."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shapes = [shape for shape in _shapes_in_order(result)
-              if any(row["shape"] == shape for row in result.rows)]
-    if not shapes:
-        return
-    providers = list(dict.fromkeys(row["provider"] for row in result.rows))
-    modes = list(result.config.modes)
-    width = 0.8 / max(1, len(providers))
-    fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 3.6 * len(shapes)), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, shape in enumerate(shapes):
-        rows = {(row["provider"], row["mode"]): row for row in result.rows
-                if row["shape"] == shape}
-        for j, provider in enumerate(providers):
-            xs, ms, lo, hi, mem = [], [], [], [], []
-            for k, mode in enumerate(modes):
-                row = rows.get((provider, mode))
-                if row is None:
-                    continue
-                xs.append(k + (j - (len(providers) - 1) / 2) * width)
-                ms.append(row["ms_median"])
-                lo.append(row["ms_median"] - row["ms_p20"])
-                hi.append(row["ms_p80"] - row["ms_median"])
-                mem.append(row["peak_mem_mb"])
-            color = colors[j % len(colors)]
-            axes[i, 0].bar(xs, ms, width, yerr=[lo, hi], capsize=2, color=color, label=provider)
-            axes[i, 1].bar(xs, mem, width, color=color, label=provider)
-        for ax, ylabel in zip(axes[i], ("ms (median, p20–p80)", "peak memory (MB)")):
-            ax.set_xticks(range(len(modes)), modes)
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{shape} {dtype_name(result.config.dtype)}", fontsize=9)
-            ax.grid(axis="y", alpha=0.3)
-            ax.set_ylim(bottom=0)
-    axes[0, 1].legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"{result.op} on {result.device} — torch {torch.__version__}, "
-                 f"triton {versions()['triton']}, {result.date}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_outputs(result: BenchResult, output_dir: str | Path) -> dict[str, Path]:
-    """Write ``<dir>/<op>_<device-slug>_<date>.{csv,png,md}``; returns the paths."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{result.op}_{device_slug(result.config.device)}_{result.date}"
-    paths = {ext: output_dir / f"{stem}.{ext}" for ext in ("csv", "png", "md")}
-    write_csv(result, paths["csv"])
-    paths["md"].write_text(format_table(result) + "\n")
-    if result.rows:
-        plot(result, paths["png"])
-    else:
-        del paths["png"]
-    return paths

@@ -27,7 +27,6 @@ import fastalign
 from fastalign.bench import heads
 from fastalign.bench.harness import (
     Benchmark,
-    ModeFn,
     Outputs,
     Provider,
     ProviderMismatchError,
@@ -36,6 +35,7 @@ from fastalign.bench.harness import (
     fused_impl,
 )
 from fastalign.bench.heads import Shape
+from fastalign.bench.measure import ModeFn
 from fastalign.ops.linear_kl import linear_kl_reference
 
 

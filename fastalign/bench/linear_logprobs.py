@@ -46,7 +46,6 @@ import fastalign
 from fastalign.bench import heads
 from fastalign.bench.harness import (
     Benchmark,
-    ModeFn,
     Outputs,
     Provider,
     ProviderMismatchError,
@@ -57,6 +56,7 @@ from fastalign.bench.harness import (
     require_impl,
 )
 from fastalign.bench.heads import Shape
+from fastalign.bench.measure import ModeFn
 from fastalign.ops.linear_logprobs import linear_logprobs_reference
 
 FASTALIGN_IMPLS = ("triton", "cpp")

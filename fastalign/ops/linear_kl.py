@@ -191,14 +191,7 @@ def linear_kl(
         check_finite_tensors(hidden=hidden, weight=weight, bias=bias, ref_hidden=ref_hidden,
                              ref_weight=ref_weight, ref_bias=ref_bias)
     chosen = resolve_impl(impl, hidden.device, hidden.dtype)
-    if process_group is not None:
-        vocab_parallel.check_vocab_shards(process_group, vocab_start_index, weight)
-        if chosen == "reference":
-            raise ValueError("process_group needs a fused implementation (impl='auto', 'cpp' or "
-                             "'triton'); the reference materialises one unsharded head")
-    elif vocab_start_index != 0:
-        raise ValueError(f"vocab_start_index={vocab_start_index!r} needs a process_group (the "
-                         "heads' vocabulary sharded across ranks); without one it must be 0")
+    vocab_parallel.check_sharding(process_group, vocab_start_index, weight, chosen)
     options = dict(temperature=float(temperature),
                    softcap=None if softcap is None else float(softcap))
     lead_shape = hidden.shape[:-1]

@@ -206,16 +206,7 @@ def linear_logprobs(
     if check_finite:
         check_finite_tensors(hidden=hidden, weight=weight, bias=bias)
     chosen = resolve_impl(impl, hidden.device, hidden.dtype)
-    if process_group is not None:
-        vocab_size = vocab_parallel.check_vocab_shards(process_group, vocab_start_index, weight)
-        if chosen == "reference":
-            raise ValueError("process_group needs a fused implementation (impl='auto', 'cpp' or "
-                             "'triton'); the reference materialises one unsharded head")
-    elif vocab_start_index != 0:
-        raise ValueError(f"vocab_start_index={vocab_start_index!r} needs a process_group (the "
-                         "head's vocabulary sharded across ranks); without one it must be 0")
-    else:
-        vocab_size = weight.shape[0]
+    vocab_size = vocab_parallel.check_sharding(process_group, vocab_start_index, weight, chosen)
     check_token_range("targets", targets, vocab_size, ignore_index)
     return compute_linear_logprobs(
         hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,

@@ -65,6 +65,26 @@ def check_vocab_shards(process_group, vocab_start_index, weight: torch.Tensor) -
     return expected_start
 
 
+def check_sharding(process_group, vocab_start_index, weight: torch.Tensor, impl: str) -> int:
+    """The whole vocabulary's size V, after checking the sharding arguments of an op call.
+
+    Without a process group the head is whole: ``vocab_start_index`` must be 0 and V is
+    ``weight``'s rows. With one, the shards must tile [0, V) (``check_vocab_shards``) and the op
+    needs a fused implementation.
+    """
+    if process_group is None:
+        if vocab_start_index != 0:
+            raise ValueError(f"vocab_start_index={vocab_start_index!r} needs a process_group "
+                             "(the head's vocabulary sharded across ranks); without one it must "
+                             "be 0")
+        return weight.shape[0]
+    vocab_size = check_vocab_shards(process_group, vocab_start_index, weight)
+    if impl == "reference":
+        raise ValueError("process_group needs a fused implementation (impl='auto', 'cpp' or "
+                         "'triton'); the reference materialises one unsharded head")
+    return vocab_size
+
+
 def shard_local_targets(targets: torch.Tensor, vocab_start: int, shard_size: int,
                    ignore_index: int) -> torch.Tensor:
     """Shard-local target ids: y − v0 on this shard, ``shard_size`` (one past the shard: "on

@@ -23,6 +23,10 @@ __all__ = ["LR_SCHEDULES", "REFERENCE_MODES", "TrainingConfig", "check_choice", 
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
 REFERENCE_MODES = ("auto", "copy", "precomputed", "adapters")
+# The --reference help of the trainers that can take a precomputed reference (DPO, KTO).
+REFERENCE_HELP = ("the reference model: copy (a frozen copy), precomputed (log-probs computed "
+                  "once), adapters (a PEFT policy with its adapters disabled) or auto (adapters "
+                  "for PEFT, else copy)")
 
 
 def option(default, help: str):

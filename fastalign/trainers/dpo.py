@@ -20,6 +20,7 @@ from fastalign.data import PreferenceCollator
 from fastalign.losses.dpo import dpo_loss
 from fastalign.losses.options import DPO_LOSS_TYPES, DPOOptions
 from fastalign.trainers.config import (
+    REFERENCE_HELP,
     REFERENCE_MODES,
     TrainingConfig,
     check_choice,
@@ -43,9 +44,7 @@ class DPOConfig(TrainingConfig):
                                                     "comma-separated ('none': all 1)")
     label_smoothing: float = option(0.0, "probability that a preference label is flipped "
                                     "(cDPO, robust DPO)")
-    reference: str = option("auto", "the reference model: copy (a frozen copy), precomputed "
-                            "(log-probs computed once), adapters (a PEFT policy with its adapters "
-                            "disabled) or auto (adapters for PEFT, else copy)")
+    reference: str = option("auto", REFERENCE_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()

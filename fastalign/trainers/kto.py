@@ -37,6 +37,7 @@ from fastalign.data import KTOCollator
 from fastalign.losses.kto import kto_loss
 from fastalign.losses.options import KTOOptions
 from fastalign.trainers.config import (
+    REFERENCE_HELP,
     REFERENCE_MODES,
     TrainingConfig,
     check_choice,
@@ -61,9 +62,7 @@ class KTOConfig(TrainingConfig):
     beta: float = option(0.1, "strength of the KL regularisation toward the reference")
     desirable_weight: float = option(1.0, "weight of the desirable examples' losses")
     undesirable_weight: float = option(1.0, "weight of the undesirable examples' losses")
-    reference: str = option("auto", "the reference model: copy (a frozen copy), precomputed "
-                            "(log-probs computed once), adapters (a PEFT policy with its adapters "
-                            "disabled) or auto (adapters for PEFT, else copy)")
+    reference: str = option("auto", REFERENCE_HELP)
     kl_pairing: str = option("auto", "the mismatched completion of each KL pair: batch (another "
                              "example of the micro-batch), dataset (one fixed partner per "
                              "example) or auto (dataset when precomputed, else batch)")
