@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import torch  # noqa: F401  (the extension links against libtorch: load it first)
 
 try:
-    EXTENSION = importlib.import_module("fastalign._C")  # built by setup.py from csrc/
+    from fastalign import _C as EXTENSION  # built by setup.py from csrc/
     EXTENSION_ERROR: str | None = None
 except ImportError as exc:  # not built (FASTALIGN_BUILD_EXT=0, build isolation) or broken
     EXTENSION = None
