@@ -351,3 +351,40 @@ def check_max_len(max_len) -> int | None:
     if max_len <= 0:
         raise ValueError(f"max_len must be > 0, got {max_len}")
     return max_len
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration fields (the trainers' configs). Always ValueError, whatever is wrong: these
+# values come from a command line or a config file, where a wrong kind is a usage error too.
+# ----------------------------------------------------------------------------------------------
+
+
+def check_field_int(name: str, value, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_field_float(name: str, value, *, positive: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got "
+                         f"{value!r}")
+
+
+def check_field_choice(name: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_field_number(name: str, value, *, low: float, high: float | None = None,
+                 inclusive: bool = False, high_inclusive: bool = False) -> None:
+    """A finite number above ``low`` (or equal, ``inclusive``) and below ``high`` if given."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = value >= low if inclusive else value > low
+        if high is not None:
+            ok = ok and (value <= high if high_inclusive else value < high)
+    if not ok:
+        bounds = f"{'[' if inclusive else '('}{low}, "
+        bounds += f"{high}{']' if high_inclusive else ')'}" if high is not None else "inf)"
+        raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")

@@ -7,7 +7,7 @@ import warnings
 import torch  # noqa: F401  (the extension links against libtorch: load it first)
 
 try:
-    from fastalign import _C as EXTENSION  # built by setup.py from csrc/
+    import fastalign._C as EXTENSION  # built by setup.py from csrc/
     EXTENSION_ERROR: str | None = None
 except ImportError as exc:  # not built (FASTALIGN_BUILD_EXT=0, build isolation) or broken
     EXTENSION = None

@@ -9,17 +9,19 @@ fails on construction with a message naming the option, never halfway through a 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fastalign import IMPLEMENTATIONS
+from fastalign.ops._checks import (
+    check_field_choice,
+    check_field_float,
+    check_field_int,
+)
 from fastalign.trainers.distributed import STRATEGIES
 
-__all__ = ["LR_SCHEDULES", "REFERENCE_MODES", "TrainingConfig", "check_choice", "check_float",
-           "check_int", "check_number", "option", "pad_token_id"]
+__all__ = ["LR_SCHEDULES", "REFERENCE_MODES", "TrainingConfig", "option", "pad_token_id"]
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
 REFERENCE_MODES = ("auto", "copy", "precomputed", "adapters")
@@ -82,22 +84,22 @@ class TrainingConfig:
         positive = ("max_steps", "batch_size", "grad_accum_steps", "max_length",
                     "max_prompt_length", "logging_steps")
         for name in positive:
-            check_int(name, getattr(self, name), minimum=1)
+            check_field_int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps", "eval_steps", "save_steps", "seed"):
-            check_int(name, getattr(self, name), minimum=0)
+            check_field_int(name, getattr(self, name), minimum=0)
         if self.save_total_limit is not None:
-            check_int("save_total_limit", self.save_total_limit, minimum=1)
-        check_float("lr", self.lr, positive=True)
-        check_float("temperature", self.temperature, positive=True)
-        check_float("weight_decay", self.weight_decay, positive=False)
+            check_field_int("save_total_limit", self.save_total_limit, minimum=1)
+        check_field_float("lr", self.lr, positive=True)
+        check_field_float("temperature", self.temperature, positive=True)
+        check_field_float("weight_decay", self.weight_decay, positive=False)
         if self.max_grad_norm is not None:
-            check_float("max_grad_norm", self.max_grad_norm, positive=True)
+            check_field_float("max_grad_norm", self.max_grad_norm, positive=True)
         if (not isinstance(self.adam_betas, (tuple, list)) or len(self.adam_betas) != 2
                 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas)):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
-        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        check_choice("distributed", self.distributed, STRATEGIES)
-        check_choice("impl", self.impl, IMPLEMENTATIONS)
+        check_field_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_field_choice("distributed", self.distributed, STRATEGIES)
+        check_field_choice("impl", self.impl, IMPLEMENTATIONS)
         for field in dataclasses.fields(self):  # subclasses' switches too
             value = getattr(self, field.name)
             if field.type in ("bool", bool) and not isinstance(value, bool):
@@ -108,37 +110,6 @@ class TrainingConfig:
             except (RuntimeError, TypeError):
                 raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got "
                                  f"{self.device!r}") from None
-
-
-def check_int(name: str, value, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_float(name: str, value, *, positive: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got "
-                         f"{value!r}")
-
-
-def check_choice(name: str, value, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def check_number(name: str, value, *, low: float, high: float | None = None,
-                 inclusive: bool = False, high_inclusive: bool = False) -> None:
-    """A finite number above ``low`` (or equal, ``inclusive``) and below ``high`` if given."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = value >= low if inclusive else value > low
-        if high is not None:
-            ok = ok and (value <= high if high_inclusive else value < high)
-    if not ok:
-        bounds = f"{'[' if inclusive else '('}{low}, "
-        bounds += f"{high}{']' if high_inclusive else ')'}" if high is not None else "inf)"
-        raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")
 
 
 def pad_token_id(tokenizer) -> int:

@@ -19,12 +19,14 @@ from fastalign import hf
 from fastalign.data import PreferenceCollator
 from fastalign.losses.dpo import dpo_loss
 from fastalign.losses.options import DPO_LOSS_TYPES, DPOOptions
+from fastalign.ops._checks import (
+    check_field_choice,
+    check_field_float,
+)
 from fastalign.trainers.config import (
     REFERENCE_HELP,
     REFERENCE_MODES,
     TrainingConfig,
-    check_choice,
-    check_float,
     option,
     pad_token_id,
 )
@@ -55,8 +57,8 @@ class DPOConfig(TrainingConfig):
         if not names or unknown:
             raise ValueError(f"loss_type must be one or more of {', '.join(DPO_LOSS_TYPES)}, got "
                              f"{self.loss_type!r}")
-        check_choice("reference", self.reference, REFERENCE_MODES)
-        check_float("beta", self.beta, positive=True)
+        check_field_choice("reference", self.reference, REFERENCE_MODES)
+        check_field_float("beta", self.beta, positive=True)
         if self.loss_weights is not None:
             self.loss_weights = tuple(self.loss_weights)
         # The loss's own options object checks the rest (label smoothing and the types that use

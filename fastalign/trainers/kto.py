@@ -36,12 +36,14 @@ from fastalign import hf
 from fastalign.data import KTOCollator
 from fastalign.losses.kto import kto_loss
 from fastalign.losses.options import KTOOptions
+from fastalign.ops._checks import (
+    check_field_choice,
+    check_field_float,
+)
 from fastalign.trainers.config import (
     REFERENCE_HELP,
     REFERENCE_MODES,
     TrainingConfig,
-    check_choice,
-    check_float,
     option,
     pad_token_id,
 )
@@ -72,16 +74,16 @@ class KTOConfig(TrainingConfig):
         if self.batch_size < 2:
             raise ValueError(f"KTO needs batch_size >= 2 (its KL pairs each prompt with another "
                              f"example's completion), got {self.batch_size}")
-        check_float("beta", self.beta, positive=True)
+        check_field_float("beta", self.beta, positive=True)
         for name in ("desirable_weight", "undesirable_weight"):
-            check_float(name, getattr(self, name), positive=False)
+            check_field_float(name, getattr(self, name), positive=False)
         if self.desirable_weight == 0 and self.undesirable_weight == 0:
             raise ValueError("desirable_weight and undesirable_weight are both 0: nothing to "
                              "train")
         self.loss_options = KTOOptions(beta=self.beta, desirable_weight=self.desirable_weight,
                                        undesirable_weight=self.undesirable_weight)
-        check_choice("reference", self.reference, REFERENCE_MODES)
-        check_choice("kl_pairing", self.kl_pairing, KL_PAIRINGS)
+        check_field_choice("reference", self.reference, REFERENCE_MODES)
+        check_field_choice("kl_pairing", self.kl_pairing, KL_PAIRINGS)
         if self.reference == "precomputed" and self.kl_pairing == "batch":
             raise ValueError("reference='precomputed' needs kl_pairing='dataset' (or 'auto'): "
                              "in-batch KL pairs change with every batch, so their reference "

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from fastalign.losses.kl import KL_ESTIMATORS
 from fastalign.losses.masked import AGGREGATION_NAMES
 from fastalign.losses.options import PPOOptions
+from fastalign.ops._checks import (
+    check_field_choice,
+    check_field_int,
+    check_field_number,
+)
 from fastalign.trainers.config import (
     TrainingConfig,
-    check_choice,
-    check_int,
-    check_number,
     option,
 )
 from fastalign.trainers.reward_functions import BUILTIN_REWARDS, resolve_reward_fn
@@ -75,10 +77,10 @@ class PPOConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("mode", self.mode, MODES)
+        check_field_choice("mode", self.mode, MODES)
         for name in ("num_generations", "max_new_tokens", "ppo_epochs", "num_minibatches"):
-            check_int(name, getattr(self, name), minimum=1)
-        check_int("top_k", self.top_k, minimum=0)
+            check_field_int(name, getattr(self, name), minimum=1)
+        check_field_int("top_k", self.top_k, minimum=0)
         if self.mode in ("grpo", "rloo") and self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 for mode={self.mode!r} (the advantage "
                              f"compares the completions of a prompt), got {self.num_generations}")
@@ -91,34 +93,36 @@ class PPOConfig(TrainingConfig):
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than "
                              f"max_length ({self.max_length}) to leave room for the completion")
-        check_number("clip", self.clip, low=0.0, high=1.0)
+        check_field_number("clip", self.clip, low=0.0, high=1.0)
         if self.clip_high is not None:
-            check_number("clip_high", self.clip_high, low=0.0)
-        check_number("kl_coef", self.kl_coef, low=0.0, inclusive=True)
-        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATOR_NAMES)
+            check_field_number("clip_high", self.clip_high, low=0.0)
+        check_field_number("kl_coef", self.kl_coef, low=0.0, inclusive=True)
+        check_field_choice("kl_estimator", self.kl_estimator, KL_ESTIMATOR_NAMES)
         if self.kl_target is not None:
-            check_number("kl_target", self.kl_target, low=0.0)
+            check_field_number("kl_target", self.kl_target, low=0.0)
             if self.kl_coef == 0:
                 raise ValueError("kl_coef must be > 0 with kl_target (the adaptive controller "
                                  "scales it)")
-        check_number("kl_horizon", self.kl_horizon, low=0.0)
-        check_number("vf_coef", self.vf_coef, low=0.0, inclusive=True)
+        check_field_number("kl_horizon", self.kl_horizon, low=0.0)
+        check_field_number("vf_coef", self.vf_coef, low=0.0, inclusive=True)
         if self.vf_clip is not None:
-            check_number("vf_clip", self.vf_clip, low=0.0)
-        check_number("gamma", self.gamma, low=0.0, high=1.0, inclusive=True, high_inclusive=True)
-        check_number("lam", self.lam, low=0.0, high=1.0, inclusive=True, high_inclusive=True)
+            check_field_number("vf_clip", self.vf_clip, low=0.0)
+        for name in ("gamma", "lam"):
+            check_field_number(name, getattr(self, name), low=0.0, high=1.0, inclusive=True,
+                               high_inclusive=True)
         if not isinstance(self.whiten_advantages, bool):
             raise ValueError(f"whiten_advantages must be True or False, got "
                              f"{self.whiten_advantages!r}")
-        check_choice("loss_agg", self.loss_agg, AGGREGATION_NAMES)
-        check_number("ent_coef", self.ent_coef, low=0.0, inclusive=True)
+        check_field_choice("loss_agg", self.loss_agg, AGGREGATION_NAMES)
+        check_field_number("ent_coef", self.ent_coef, low=0.0, inclusive=True)
         if self.missing_eos_penalty is not None:
-            check_number("missing_eos_penalty", self.missing_eos_penalty, low=0.0, inclusive=True)
+            check_field_number("missing_eos_penalty", self.missing_eos_penalty, low=0.0,
+                               inclusive=True)
         if self.reference == "precomputed":
             raise ValueError("reference='precomputed' is impossible for online training: the "
                              "completions are sampled during training, so their reference "
                              "log-probs cannot be computed beforehand; use 'copy' or 'adapters'")
-        check_choice("reference", self.reference, ROLLOUT_REFERENCE_MODES)
+        check_field_choice("reference", self.reference, ROLLOUT_REFERENCE_MODES)
         if self.reward_fn is not None:
             resolve_reward_fn(self.reward_fn)  # an unknown name fails now, not after loading
         # What the update's loss takes, passed to it whole; kl_coef is the start value (the

@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from fastalign import SequenceLogprobs, hf
-from fastalign.trainers.config import REFERENCE_MODES, TrainingConfig, check_choice
+from fastalign.ops._checks import (
+    check_field_choice,
+)
+from fastalign.trainers.config import (
+    REFERENCE_MODES,
+    TrainingConfig,
+)
 from fastalign.trainers.loop import Trainer
 
 __all__ = ["ReferencePolicy", "ReferenceTrainer"]
@@ -37,7 +43,7 @@ class ReferencePolicy:
 
     def __init__(self, policy: nn.Module, ref_model: nn.Module | None, mode: str, *,
                  device: torch.device | None = None):
-        check_choice("reference", mode, REFERENCE_MODES)
+        check_field_choice("reference", mode, REFERENCE_MODES)
         if mode == "auto":
             mode = "adapters" if ref_model is None and hf.is_peft_model(policy) else "copy"
         if mode == "adapters":
