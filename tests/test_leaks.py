@@ -21,6 +21,8 @@ is the same. One shorter run per C++ head op keeps the default thread count (the
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import os
 from dataclasses import dataclass
@@ -47,6 +49,24 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * PAGE_SIZE
 
 
+def _libc_malloc_trim():
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return getattr(libc, "malloc_trim", None)
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim), so that memory the
+    measured loop keeps must fault in new pages and show in the RSS. Without it, a process that
+    has just freed hundreds of MiB (an earlier test in the same run) serves a leak from pages it
+    already holds, and the RSS does not move."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def live_tensors() -> int:
     # type(), not isinstance(): isinstance consults __class__, which some modules' lazy
     # attributes turn into deprecation warnings.
@@ -67,6 +87,10 @@ class Growth:
 
 def measure(step, iterations: int = N_ITERATIONS, warmup: int = WARMUP) -> Growth:
     for _ in range(warmup):
+        step()
+    gc.collect()
+    release_free_heap()
+    for _ in range(min(warmup, 10)):  # fault the steps' own working set back in
         step()
     gc.collect()
     tensors_before = live_tensors()
