@@ -35,6 +35,7 @@ aligned with ``input_ids`` (the scored token ids, -100 on prompt and padding).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,19 @@ from fastalign.losses.kto import kto_mismatched_indices
 
 IGNORE_INDEX = -100
 KINDS = ("sft", "preference", "kto", "prompt")
+# The `fastalign train` kinds, accepted wherever a data kind is asked for: the CLI's `dpo` reads
+# preference data, so `load_jsonl(path, "dpo")` should too.
+KIND_ALIASES = {"dpo": "preference", "rm": "preference", "ppo": "prompt", "grpo": "prompt"}
+
+
+def _data_kind(kind) -> str:
+    if kind in KIND_ALIASES:
+        return KIND_ALIASES[kind]
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS} (or a training kind: "
+                         f"{', '.join(f'{k} = {v}' for k, v in KIND_ALIASES.items())}), "
+                         f"got {kind!r}")
+    return kind
 _KEYS = {"preference": ("prompt", "chosen", "rejected"), "kto": ("prompt", "completion", "label"),
          "prompt": ("prompt",)}
 
@@ -108,8 +122,7 @@ def validate_record(record, kind: str) -> tuple[dict, str]:
     "conversational/messages", "<style>/prompt-completion"). An implicit-prompt preference record
     comes back with its shared message prefix as ``prompt`` and the rest as chosen/rejected.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    kind = _data_kind(kind)
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
     record = dict(record)
@@ -151,7 +164,8 @@ def validate_record(record, kind: str) -> tuple[dict, str]:
 
 
 def load_jsonl(path: str | Path, kind: str) -> list[dict]:
-    """Read and validate a whole JSONL file of ``kind`` ("sft", "preference", "kto", "prompt").
+    """Read and validate a whole JSONL file of ``kind`` ("sft", "preference", "kto", "prompt", or
+    a training kind: "dpo" and "rm" read preference data, "ppo" and "grpo" prompts).
 
     Every line is checked before anything is returned, so a bad line fails the run before training
     starts: invalid JSON or UTF-8, a line that is not an object, missing keys, wrong types, empty
@@ -159,8 +173,7 @@ def load_jsonl(path: str | Path, kind: str) -> list[dict]:
     with ``path:line``. Blank lines are skipped. Returns the normalised records
     (see :func:`validate_record`).
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    kind = _data_kind(kind)
     path = Path(path)
     records, first = [], None
     for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
@@ -266,6 +279,21 @@ def _encode(records, kind: str, tokenizer, max_length, max_prompt_length, encode
         except DataError as err:
             raise DataError(f"example {i}: {err}") from None
     return out
+
+
+# The token ids an example of each kind is scored on: what a training step learns from.
+_SCORED_IDS = {"sft": ("completion_ids",), "preference": ("chosen_ids", "rejected_ids"),
+               "kto": ("completion_ids",), "prompt": ("prompt_ids",)}
+
+
+def check_tokens_to_train_on(examples: Sequence[dict], kind: str, path) -> None:
+    """Refuse encoded examples that hold no token to train on (an empty tokenizer, or every
+    completion truncated away): training would report a loss and learn nothing."""
+    fields = _SCORED_IDS[_data_kind(kind)]
+    if not any(example.get(name) for example in examples for name in fields):
+        raise DataError(f"{path}: no token to train on in {len(examples)} examples after "
+                        f"tokenisation ({' and '.join(fields)} are all empty): is the tokenizer "
+                        f"empty, or max-length too short?")
 
 
 def encode_sft(records, tokenizer, *, max_length: int | None = None,

@@ -45,7 +45,9 @@ def _option_type(annotation: str):
     base = annotation.replace("| None", "").replace("None |", "").strip()
     if base.startswith("tuple"):
         item = float if "float" in base else str
-        parse = lambda text: tuple(item(part) for part in text.split(",") if part)  # noqa: E731
+        # "sigmoid, sft" as well as "sigmoid,sft": spaces around the commas are not part of a value
+        parse = lambda text: tuple(item(part.strip()) for part in text.split(",")  # noqa: E731
+                                   if part.strip())
     else:
         parse = {"int": int, "float": float, "str": str}.get(base.split("|")[0].strip(), str)
 

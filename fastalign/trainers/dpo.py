@@ -47,6 +47,10 @@ class DPOConfig(TrainingConfig):
     label_smoothing: float = option(0.0, "probability that a preference label is flipped "
                                     "(cDPO, robust DPO)")
     reference: str = option("auto", REFERENCE_HELP)
+    memory_report: bool = option(False, "after training, measure the DPO loss's peak memory on one "
+                                 "batch, fused against eager logits, on the model's head and on "
+                                 "a random 128256-token head (one process only; the eager side "
+                                 "builds the whole [tokens x vocab] logits)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -145,6 +146,17 @@ class Trainer:
             call = distributed.ModelCall(self.model, self.modules_to_save())
             self._engine = distributed.wrap(call, self.dist, self.device)
         return self._engine
+
+    def release_engine(self) -> None:
+        """Drop the DDP / FSDP wrapper while the process group is still alive.
+
+        DDP's reducer sits in reference cycles, so without this it is freed only at interpreter
+        exit, after the process group is gone; with gloo its communication threads then abort
+        the process ("terminate called without an active exception"), now and then, on a loaded
+        machine. ``self.engine`` rebuilds it if it is used again.
+        """
+        self._engine = None
+        gc.collect()
 
     def local_indices(self, indices: Sequence[int]) -> list[int]:
         """This rank's slice of a global micro-batch."""

@@ -126,7 +126,20 @@ def load_tokenizer(model: str | None):
     _check_model_source(model)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (ValueError, OSError) as error:  # e.g. a Llama folder without tokenizer.model
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise ValueError(f"--model {model}: no usable tokenizer there ({first_line}); copy the "
+                         f"base model's tokenizer files into the folder") from None
+    # transformers builds an empty tokenizer for a folder without tokenizer files (GPT-2,
+    # Qwen2): every text would encode to no tokens and training would run on nothing.
+    if not tokenizer("Hello, world.", add_special_tokens=False)["input_ids"]:
+        raise ValueError(f"--model {model}: its tokenizer encodes text to no tokens (a "
+                         f"vocabulary of {len(tokenizer)}): the folder has no tokenizer files "
+                         f"(tokenizer.json, or vocab.json and merges.txt); copy the base "
+                         f"model's tokenizer files into it")
+    return tokenizer
 
 
 def load_model(model: str | None, *, seed: int, sequence_classifier: bool = False,
@@ -171,8 +184,10 @@ def add_lora(model: torch.nn.Module, *, r: int, targets: str) -> torch.nn.Module
 
 def _load_examples(job: Job, path, tokenizer, config: TrainingConfig) -> list[dict]:
     records = data.load_jsonl(path, job.data_kind)
-    return job.encode(records, tokenizer, max_length=config.max_length,
-                      max_prompt_length=config.max_prompt_length)
+    examples = job.encode(records, tokenizer, max_length=config.max_length,
+                          max_prompt_length=config.max_prompt_length)
+    data.check_tokens_to_train_on(examples, job.data_kind, path)
+    return examples
 
 
 def run_job(job: Job, config: TrainingConfig, *, model: str | None = None,
@@ -211,8 +226,10 @@ def run_job(job: Job, config: TrainingConfig, *, model: str | None = None,
         if print_summary and trainer.dist.is_main:
             print(format_summary(job, trainer, result))
     except BaseException:
+        trainer.release_engine()
         distributed.shutdown(wait_for_others=False)
         raise
+    trainer.release_engine()
     distributed.shutdown()
     return result
 
@@ -229,7 +246,8 @@ def format_summary(job: Job, trainer: Trainer, result: TrainResult) -> str:
                  if prefix + key in metrics]
         if shown:
             lines.append(f"  {title}: " + ", ".join(f"{key} {value:.4f}" for key, value in shown))
-    if isinstance(trainer, DPOTrainer) and not trainer.dist.enabled:
+    if isinstance(trainer, DPOTrainer) and trainer.config.memory_report \
+            and not trainer.dist.enabled:
         config = trainer.config
         batch = trainer.batch(range(min(config.batch_size, len(trainer.train_examples))))
         lines.append(loss_memory_report(

@@ -332,3 +332,29 @@ def test_make_assets_reproduces_shipped_files(tmp_path):
     assert generated, "make_assets wrote nothing"
     for rel in generated:
         assert (tmp_path / rel).read_bytes() == (ASSETS_DIR / rel).read_bytes(), rel
+
+
+def test_load_jsonl_takes_the_training_kinds_too():
+    """`fastalign train dpo` reads preference data: so does load_jsonl(path, "dpo")."""
+    from fastalign import assets, data
+
+    path = assets.default_data_path("dpo")
+    assert data.load_jsonl(path, "dpo") == data.load_jsonl(path, "preference")
+    assert data.load_jsonl(path, "rm") == data.load_jsonl(path, "preference")
+    prompts = assets.default_data_path("ppo")
+    assert data.load_jsonl(prompts, "grpo") == data.load_jsonl(prompts, "prompt")
+
+
+def test_examples_without_a_token_to_train_on_are_refused():
+    """What an empty tokenizer (or max-length 1) leaves: a run would log a loss of 0 and exit 0."""
+    from fastalign import assets, data
+
+    records = data.load_jsonl(assets.default_data_path("sft"), "sft")[:3]
+
+    examples = [{"prompt_ids": [], "completion_ids": []} for _ in records]
+    with pytest.raises(data.DataError, match=r"sft\.jsonl: no token to train on in 3 examples"):
+        data.check_tokens_to_train_on(examples, "sft", "sft.jsonl")
+    data.check_tokens_to_train_on([{"prompt_ids": [], "completion_ids": [5]}], "sft", "x")
+    with pytest.raises(data.DataError, match="chosen_ids and rejected_ids are all empty"):
+        data.check_tokens_to_train_on([{"prompt_ids": [1], "chosen_ids": [],
+                                        "rejected_ids": []}], "dpo", "prefs.jsonl")

@@ -7,6 +7,7 @@ eager ground truth is written here independently: the model's own ``logits``, ``
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import warnings
@@ -306,7 +307,8 @@ def test_cli_train_dpo_writes_model_metrics_and_plots(tmp_path, capsys):
     out = tmp_path / "run"
     status = cli_main(["train", "dpo", "--output", str(out), "--max-steps", "3",
                        "--batch-size", "4", "--lr", "1e-3", "--no-progress",
-                       "--loss-type", "sigmoid,sft", "--loss-weights", "1,0.1"])
+                       "--loss-type", "sigmoid,sft", "--loss-weights", "1,0.1",
+                       "--memory-report"])
     assert status == 0
     printed = capsys.readouterr().out
     assert "rewards/accuracies" in printed and "loss memory" in printed
@@ -371,3 +373,49 @@ def test_cli_lora_trains_adapters_and_saves_a_merged_model(tmp_path):
     assert not torch.equal(layer.self_attn.q_proj.weight, base_layer.self_attn.q_proj.weight)
     assert torch.equal(layer.mlp.up_proj.weight, base_layer.mlp.up_proj.weight)
     assert cli_main(["train", "dpo", "--output", str(out), "--lora-r", "0"]) == 2
+
+
+def test_cli_train_dpo_measures_loss_memory_only_when_asked(tmp_path, capsys):
+    """The memory report builds a whole batch's eager logits, on a random 128k-token head too:
+    it is opt-in (--memory-report), never part of a plain training run."""
+    status = cli_main(["train", "dpo", "--output", str(tmp_path / "run"), "--max-steps", "1",
+                       "--batch-size", "2", "--no-progress", "--no-plots"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "rewards/accuracies" in printed and "loss memory" not in printed
+
+
+def test_cli_list_options_may_have_spaces(tmp_path):
+    """``--loss-type "sigmoid, sft"`` is two loss types, as a user would write it."""
+    from fastalign.trainers.cli import add_config_options, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_options(parser, DPOConfig)
+    args = parser.parse_args(["--loss-type", "sigmoid, sft", "--loss-weights", "1, 0.5"])
+    config = config_from_args(DPOConfig, args, str(tmp_path))
+    assert config.loss_type == ("sigmoid", "sft") and config.loss_weights == (1.0, 0.5)
+
+
+def test_cli_refuses_a_model_folder_without_tokenizer_files(tmp_path, capsys):
+    """transformers 5 builds an empty tokenizer for such a folder; training would run on no
+    tokens and exit 0. It is a usage error instead, naming the folder."""
+    from transformers import GPT2Config
+
+    folder = tmp_path / "no-tokenizer"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100).save_pretrained(folder)
+    status = cli_main(["train", "sft", "--model", str(folder), "--output", str(tmp_path / "run"),
+                       "--max-steps", "1", "--no-progress"])
+    assert status == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert str(folder) in error and "tokenizer encodes text to no tokens" in error
+
+
+def test_python_dash_m_fastalign_runs_the_cli():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fastalign", "train", "--help"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "dpo" in result.stdout and "sft" in result.stdout
