@@ -260,7 +260,7 @@ def test_non_utf8_and_empty_files(tmp_path):
         with pytest.raises(DataError, match=rf"{path}: no records"):
             load_jsonl(path, "preference")
     with pytest.raises(ValueError, match="kind must be one of"):
-        load_jsonl(path, "dpo")
+        load_jsonl(path, "orpo")  # "dpo" is a training kind, read as preference data
 
 
 def test_blank_lines_and_extra_keys(tmp_path):
