@@ -131,10 +131,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if _sha256(state_path) != expected["sha256"]:
         raise CheckpointError(f"checkpoint {path}: {_STATE_FILE} does not match the SHA-256 "
                               "of its manifest (corrupted)")
+    # weights_only: a checkpoint holds tensors and plain data only, so loading one never runs
+    # code, even from a folder someone else wrote (the manifest's SHA-256 catches damage, not a
+    # deliberate edit). Anything else in the pickle is refused here.
     try:
-        return torch.load(state_path, map_location="cpu", weights_only=False)
+        return torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  (any unpickling failure means unusable)
-        raise CheckpointError(f"checkpoint {path}: cannot load {_STATE_FILE} ({error})") from None
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise CheckpointError(f"checkpoint {path}: cannot load {_STATE_FILE} as tensors and "
+                              f"plain data ({first_line})") from None
 
 
 def load_latest(root: str | Path) -> tuple[int, dict[str, Any]] | None:

@@ -419,3 +419,42 @@ def test_python_dash_m_fastalign_runs_the_cli():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "dpo" in result.stdout and "sft" in result.stdout
+
+
+class _RunsCodeWhenUnpickled:
+    """A pickle payload that creates a file when loaded: what a doctored checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (Path(self.marker),)
+
+
+def test_a_checkpoint_that_would_run_code_on_load_is_refused(tmp_path):
+    """Checkpoints hold tensors and plain data and are loaded with weights_only=True: a state.pt
+    edited to run code (its manifest rewritten to match, as a deliberate edit would) is refused,
+    and the code never runs."""
+    from fastalign.trainers.checkpoint import save_checkpoint
+
+    marker = tmp_path / "code-ran"
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, 3, {"step": 3, "model": {"w": torch.ones(2)},
+                              "payload": _RunsCodeWhenUnpickled(marker)})
+    with warnings.catch_warnings(record=True), \
+            pytest.raises(CheckpointError, match="cannot load state.pt as tensors and plain data"):
+        load_latest(root)
+    assert not marker.exists(), "loading the checkpoint ran code"
+
+
+def test_a_real_training_checkpoint_loads_as_plain_data(tmp_path):
+    """Everything a trainer saves (model, optimizer, scheduler, data order, RNG states, config)
+    passes weights_only loading: a resume needs nothing else."""
+    out = tmp_path / "run"
+    status = cli_main(["train", "dpo", "--output", str(out), "--max-steps", "2", "--batch-size",
+                       "2", "--save-steps", "1", "--no-progress", "--no-plots"])
+    assert status == 0
+    step, state = load_latest(out / "checkpoints")
+    assert step == 2 and state["step"] == 2 and state["trainer"] == "dpo"
