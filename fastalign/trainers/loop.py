@@ -24,6 +24,7 @@ import contextlib
 import copy
 import gc
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ class Trainer:
     def __init__(self, model: nn.Module, tokenizer, train_examples: Sequence[dict],
                  config: TrainingConfig, *, collator: Callable[[list[dict]], dict],
                  eval_examples: Sequence[dict] | None = None) -> None:
+        _check_model_and_examples(model, train_examples, eval_examples)
         self.config = config
         self.dist, self.device = distributed.init(config.distributed, config.device)
         if self.dist.strategy == "fsdp" and hf.is_peft_model(model):
@@ -376,3 +378,24 @@ class Trainer:
                     files[f"plot:{path.stem}"] = path
         distributed.barrier(self.dist)
         return files
+
+
+def _check_model_and_examples(model, train_examples, eval_examples) -> None:
+    """A loaded model and encoded examples, said plainly before anything starts: a path string
+    or raw JSONL records would otherwise fail deep inside (``'str' object has no attribute
+    'to'``, ``KeyError: 'prompt_ids'``)."""
+    if not isinstance(model, nn.Module):
+        hint = ""
+        if isinstance(model, (str, os.PathLike)):
+            hint = (f"; load it first, e.g. AutoModelForCausalLM.from_pretrained({str(model)!r}) "
+                    f"(or `fastalign train --model {model}`)")
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
+    for name, examples in (("train_examples", train_examples),
+                           ("eval_examples", eval_examples or [])):
+        first = next(iter(examples), None)
+        if first is not None and (not isinstance(first, dict) or "prompt_ids" not in first):
+            got = f"keys {sorted(first)}" if isinstance(first, dict) else type(first).__name__
+            raise ValueError(
+                f"{name} must be encoded examples (token ids such as 'prompt_ids'), got {got}: "
+                f"encode the records first with fastalign.data's encode_sft, encode_preference, "
+                f"encode_kto or encode_prompts")

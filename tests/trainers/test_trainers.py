@@ -458,3 +458,17 @@ def test_a_real_training_checkpoint_loads_as_plain_data(tmp_path):
     assert status == 0
     step, state = load_latest(out / "checkpoints")
     assert step == 2 and state["step"] == 2 and state["trainer"] == "dpo"
+
+
+def test_the_python_api_says_what_to_pass_instead_of_failing_deep_inside(tmp_path):
+    """A model path string or raw JSONL records get an error that says what to do."""
+    tokenizer = assets.load_default_tokenizer()
+    records = data.load_jsonl(assets.default_data_path("dpo"), "dpo")[:4]
+    pairs = data.encode_preference(records, tokenizer, max_length=64, max_prompt_length=32)
+    config = DPOConfig(output_dir=str(tmp_path), max_steps=1, batch_size=2, progress=False)
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got str; load it "
+                                        r"first, e\.g\. AutoModelForCausalLM\.from_pretrained"):
+        DPOTrainer("./my-model", tokenizer, pairs, config)
+    with pytest.raises(ValueError, match=r"train_examples must be encoded examples .*got keys "
+                                         r"\['chosen', 'prompt', 'rejected'\].*encode_preference"):
+        DPOTrainer(assets.build_default_model(), tokenizer, records, config)
