@@ -85,7 +85,15 @@ def resolve_device(device: str) -> torch.device:
     """The device of a one-process run: ``auto`` is cuda when there is one, else cpu."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _check_cuda(device)
     return torch.device(device)
+
+
+def _check_cuda(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}, but torch.cuda.is_available() is False (a CPU "
+                         f"build of torch {torch.__version__}, or no GPU visible); use --device "
+                         f"cpu or auto")
 
 
 def init(strategy: str, device: str) -> tuple[DistributedState, torch.device]:
@@ -94,6 +102,7 @@ def init(strategy: str, device: str) -> tuple[DistributedState, torch.device]:
     if strategy == "none":
         return DistributedState(), resolve_device(device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    _check_cuda(device)
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"with several processes, device must be auto, cpu or cuda (each rank "

@@ -472,3 +472,12 @@ def test_the_python_api_says_what_to_pass_instead_of_failing_deep_inside(tmp_pat
     with pytest.raises(ValueError, match=r"train_examples must be encoded examples .*got keys "
                                          r"\['chosen', 'prompt', 'rejected'\].*encode_preference"):
         DPOTrainer(assets.build_default_model(), tokenizer, records, config)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_device_cuda_without_cuda_is_a_usage_error(tmp_path, capsys):
+    status = cli_main(["train", "sft", "--device", "cuda", "--output", str(tmp_path / "run"),
+                       "--max-steps", "1", "--no-progress"])
+    assert status == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--device cuda" in error and "--device cpu" in error
