@@ -149,6 +149,12 @@ def _run_train(args: argparse.Namespace) -> int:
     except (DataError, CheckpointError, ValueError, FileNotFoundError, OSError) as error:
         print(f"fastalign train {args.kind}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        saved = (f"the checkpoints written every --save-steps {args.save_steps}" if
+                 args.save_steps else "nothing: this run wrote no checkpoints (--save-steps 0)")
+        print(f"fastalign train {args.kind}: interrupted; {args.output} keeps {saved}; run the "
+              f"same command with --resume to continue from the newest one", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
     return 0
 
 

@@ -481,3 +481,18 @@ def test_cli_device_cuda_without_cuda_is_a_usage_error(tmp_path, capsys):
     assert status == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "--device cuda" in error and "--device cpu" in error
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    """Ctrl-C ends the run with one line that points at --resume, and exit status 130."""
+    from fastalign.trainers import run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "run_job", interrupted)
+    status = cli_main(["train", "dpo", "--output", str(tmp_path / "run"), "--save-steps", "5"])
+    assert status == 130
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert "interrupted" in error and "--resume" in error and "--save-steps 5" in error
