@@ -120,9 +120,10 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
                                 help="train LoRA adapters of rank R instead of the full model "
                                      "(needs peft); the reference is then the model with its "
                                      "adapters disabled")
-            parser.add_argument("--lora-targets", default="q_proj,v_proj",
-                                help="comma-separated module names that get LoRA adapters "
-                                     "(default: q_proj,v_proj)")
+            parser.add_argument("--lora-targets", default="auto",
+                                help="comma-separated module names that get LoRA adapters, or "
+                                     "auto: PEFT's default for the architecture (q_proj,v_proj "
+                                     "for Llama, c_attn for GPT-2) (default: auto)")
         for name, help_text in job.extra_arguments.items():
             parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
                                 help=help_text)

@@ -164,11 +164,13 @@ def load_model(model: str | None, *, seed: int, sequence_classifier: bool = Fals
     return AutoModelForCausalLM.from_pretrained(model)
 
 
-def add_lora(model: torch.nn.Module, *, r: int, targets: str) -> torch.nn.Module:
-    """Wrap ``model`` with PEFT LoRA adapters of rank ``r`` on the comma-separated ``targets``.
+def add_lora(model: torch.nn.Module, *, r: int, targets: str = "auto") -> torch.nn.Module:
+    """Wrap ``model`` with PEFT LoRA adapters of rank ``r`` on the comma-separated ``targets``
+    (``auto``: PEFT's default modules for the model's architecture).
 
     Only the adapters train, and the reference is the same model with the adapters disabled (no
-    second copy of the weights)."""
+    second copy of the weights). The LM head cannot take adapters: the fused ops read its weight
+    directly."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"lora_r must be an integer >= 1, got {r!r}")
     try:
@@ -178,8 +180,22 @@ def add_lora(model: torch.nn.Module, *, r: int, targets: str) -> torch.nn.Module
     modules = [name.strip() for name in targets.split(",") if name.strip()]
     if not modules:
         raise ValueError(f"lora_targets must name at least one module, got {targets!r}")
-    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=modules, lora_dropout=0.0)
-    return peft.get_peft_model(model, config)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                  if head is not None and module is head}
+    on_head = [name for name in modules if name in head_names]
+    if on_head:
+        raise ValueError(f"--lora-targets {targets}: LoRA on the LM head ({', '.join(on_head)}) "
+                         f"is not supported, the fused ops read its weight directly; target the "
+                         f"attention or MLP projections (or auto)")
+    target_modules = None if modules == ["auto"] else modules
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules,
+                             lora_dropout=0.0)
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as error:  # unknown module names, or no default for the architecture
+        first_line = str(error).strip().splitlines()[0]
+        raise ValueError(f"--lora-targets {targets}: {first_line}") from None
 
 
 def _load_examples(job: Job, path, tokenizer, config: TrainingConfig) -> list[dict]:
@@ -192,7 +208,7 @@ def _load_examples(job: Job, path, tokenizer, config: TrainingConfig) -> list[di
 
 def run_job(job: Job, config: TrainingConfig, *, model: str | None = None,
             data: str | Path | None = None, eval_data: str | Path | None = None,
-            lora_r: int | None = None, lora_targets: str = "q_proj,v_proj",
+            lora_r: int | None = None, lora_targets: str = "auto",
             print_summary: bool = True, **extra) -> TrainResult:
     """Load, validate, encode, train and summarise; see the module docstring."""
     if not isinstance(config, job.config_class):

@@ -496,3 +496,38 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1
     assert "interrupted" in error and "--resume" in error and "--save-steps 5" in error
+
+
+def _gpt2_folder(path):
+    """A tiny GPT-2 (tied head) with the shipped tokenizer, saved as a user's model folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = assets.load_default_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2,
+                        n_positions=512, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_cli_lora_takes_peft_default_targets_for_the_architecture(tmp_path):
+    """GPT-2 has no q_proj / v_proj: the default --lora-targets auto lets PEFT pick (c_attn)."""
+    pytest.importorskip("peft")
+    folder = _gpt2_folder(tmp_path / "gpt2")
+    out = tmp_path / "lora"
+    assert cli_main(["train", "dpo", "--model", str(folder), "--output", str(out),
+                     "--max-steps", "1", "--batch-size", "2", "--lora-r", "4",
+                     "--no-progress", "--no-plots"]) == 0
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == ["c_attn"]
+
+
+def test_cli_lora_on_the_head_is_a_usage_error(tmp_path, capsys):
+    pytest.importorskip("peft")
+    status = cli_main(["train", "dpo", "--output", str(tmp_path / "run"), "--max-steps", "1",
+                       "--lora-r", "4", "--lora-targets", "lm_head", "--no-progress"])
+    assert status == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "LoRA on the LM head (lm_head)" in error
