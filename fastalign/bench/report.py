@@ -138,10 +138,17 @@ def plot(result: BenchResult, path: str | Path) -> None:
 
 
 def write_outputs(result: BenchResult, output_dir: str | Path) -> dict[str, Path]:
-    """Write ``<dir>/<op>_<device-slug>_<date>.{csv,png,md}``; returns the paths."""
+    """Write ``<dir>/<op>_<device-slug>_<date>.{csv,png,md}``; returns the paths.
+
+    A second run on the same day gets ``..._<date>-2.*`` (then ``-3``, ...): earlier results are
+    never overwritten."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{result.op}_{device_slug(result.config.device)}_{result.date}"
+    base = f"{result.op}_{device_slug(result.config.device)}_{result.date}"
+    stem, number = base, 1
+    while any((output_dir / f"{stem}.{ext}").exists() for ext in ("csv", "png", "md")):
+        number += 1
+        stem = f"{base}-{number}"
     paths = {ext: output_dir / f"{stem}.{ext}" for ext in ("csv", "png", "md")}
     write_csv(result, paths["csv"])
     paths["md"].write_text(format_table(result) + "\n")

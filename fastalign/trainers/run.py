@@ -8,6 +8,7 @@ summary of the final metrics.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +215,28 @@ def run_job(job: Job, config: TrainingConfig, *, model: str | None = None,
     if not isinstance(config, job.config_class):
         raise TypeError(f"{job.kind} takes a {job.config_class.__name__}, got "
                         f"{type(config).__name__}")
+    with _transformers_progress_bars(config.progress):
+        return _run_job(job, config, model=model, data=data, eval_data=eval_data, lora_r=lora_r,
+                        lora_targets=lora_targets, print_summary=print_summary, **extra)
+
+
+@contextlib.contextmanager
+def _transformers_progress_bars(enabled: bool):
+    """With ``progress`` off, transformers' own bars (loading and writing model shards) go too."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    if not enabled:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def _run_job(job: Job, config: TrainingConfig, *, model, data, eval_data, lora_r, lora_targets,
+             print_summary, **extra) -> TrainResult:
     if eval_data is None and data is None and job.default_eval_data:
         eval_data = assets.default_data_path(job.default_eval_data)
     if data is None:

@@ -129,3 +129,18 @@ def test_dpo_memory_report_on_one_batch():
                         rf"{number} \((\d+|inf)x less\)", lines[1]), lines[1]
     assert lines[2].startswith("    a random 1000-token head (V=1000): fused ")
     assert len(lines) == 3
+
+
+@pytest.mark.skipif(not impl_is_available("cpp"), reason="C++ extension not built")
+def test_a_second_run_on_the_same_day_keeps_the_first_ones_files(tmp_path, capsys):
+    shape, providers = TINY_RUNS["linear_logprobs"]
+    argv = ["bench", "--device", "cpu", "--shapes", shape, "--providers", *providers,
+            "--reps", "1", "--warmup", "0", "--no-progress", "--output", str(tmp_path)]
+    assert cli_main(argv) == 0
+    (first,) = tmp_path.glob("linear_logprobs_cpu-*.csv")
+    written = first.read_bytes()
+    assert cli_main(argv) == 0
+    second = first.with_name(first.stem + "-2.csv")
+    assert first.read_bytes() == written and second.exists()
+    assert second.with_suffix(".md").exists() and second.with_suffix(".png").exists()
+    assert f"wrote {second}" in capsys.readouterr().out

@@ -531,3 +531,15 @@ def test_cli_lora_on_the_head_is_a_usage_error(tmp_path, capsys):
     assert status == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "LoRA on the LM head (lm_head)" in error
+
+
+def test_no_progress_silences_transformers_bars_too(tmp_path, capsys):
+    """--no-progress: no tqdm bar at all, transformers' "Writing model shards" included."""
+    from transformers.utils import logging as transformers_logging
+
+    status = cli_main(["train", "dpo", "--output", str(tmp_path / "run"), "--max-steps", "1",
+                       "--batch-size", "2", "--no-progress", "--no-plots"])
+    assert status == 0
+    captured = capsys.readouterr()
+    assert "Writing model shards" not in captured.err and "it/s" not in captured.err
+    assert transformers_logging.is_progress_bar_enabled()  # restored for the rest of the process
