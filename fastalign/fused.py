@@ -38,7 +38,7 @@ from fastalign.losses.options import (
 )
 from fastalign.losses.ppo import ppo_policy_loss, ppo_value_loss
 from fastalign.ops._backends import IMPLEMENTATIONS
-from fastalign.ops._checks import check_head, check_positive_float
+from fastalign.ops._checks import check_head, check_positive
 from fastalign.ops.linear_kl import linear_kl
 from fastalign.ops.sequence import SequenceLogprobs, sequence_logprobs_from_labels
 
@@ -52,8 +52,8 @@ class _FusedSequenceLoss(nn.Module):
                  ignore_index: int = -100, impl: str = "auto") -> None:
         super().__init__()
         # Bad options fail here, at construction, not at the first batch of a training run.
-        check_positive_float("temperature", temperature)
-        check_positive_float("softcap", softcap, optional=True)
+        check_positive("temperature", temperature)
+        check_positive("softcap", softcap, optional=True)
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         if impl not in IMPLEMENTATIONS:

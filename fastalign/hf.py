@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastalign.ops._checks import check_mask, check_positive_float
+from fastalign.ops._checks import check_mask, check_positive
 from fastalign.ops.linear_kl import linear_kl
 from fastalign.ops.linear_logprobs import linear_logprobs
 from fastalign.ops.sequence import SequenceLogprobs, sequence_logprobs_from_labels
@@ -75,7 +75,7 @@ class LMHead:
         The fused ops compute softcap·tanh(a/softcap)/temperature; a scale s gives s·a/T =
         a/(T/s), so it is folded into the temperature. Scale and softcap together do not fold.
         """
-        check_positive_float("temperature", temperature)
+        check_positive("temperature", temperature)
         if self.logit_scale == 1.0:
             return {"temperature": float(temperature), "softcap": self.softcap}
         if self.softcap is not None:
@@ -392,7 +392,7 @@ def eager_token_logprobs(model: nn.Module, input_ids: torch.Tensor,
     Runs ``model(...).logits`` (transformers applies softcap and logit scale itself), then
     ``log_softmax`` in float32 and a gather. Holds [B, T, V] logits: for tests and baselines.
     """
-    check_positive_float("temperature", temperature)
+    check_positive("temperature", temperature)
     _check_batch(model, input_ids, attention_mask, model_kwargs.get("position_ids"))
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    **{**model_kwargs, "use_cache": False}).logits

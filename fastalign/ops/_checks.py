@@ -32,28 +32,23 @@ def _check_number(name: str, value) -> float:
     return value
 
 
-def check_positive(name: str, value) -> float:
-    """A finite number > 0 (e.g. ``beta``); returned as a float."""
-    value = _check_number(name, value)
-    if not value > 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
+def check_positive(name: str, value, *, optional: bool = False) -> float | None:
+    """A finite number > 0 (``beta``, ``temperature``), returned as a float; with ``optional``,
+    None too (``softcap``).
 
-
-def check_positive_float(name: str, value, *, optional: bool = False) -> None:
-    """A head option (temperature, softcap): a finite number > 0, or None when ``optional``.
-
-    Unlike :func:`check_positive` the message always states the bound, infinities included:
-    ``softcap=inf`` reads as "no cap" to some users, and the error should say it is not.
+    The message states the bound for infinities as well: ``softcap=inf`` reads as "no cap" to
+    some users, and the error should say it is not.
     """
     if optional and value is None:
-        return
+        return None
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         kind = "a float or None" if optional else "a float"
         raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    value = float(value)
     if not (math.isfinite(value) and value > 0):
         extra = "None or " if optional else ""
         raise ValueError(f"{name} must be {extra}a finite number > 0, got {value}")
+    return value
 
 
 def check_non_negative(name: str, value) -> float:

@@ -36,7 +36,7 @@ from fastalign.ops._checks import (
     check_finite_tensors,
     check_head,
     check_mask,
-    check_positive_float,
+    check_positive,
     check_same_device,
 )
 from fastalign.ops.linear_logprobs import reference_logits
@@ -131,8 +131,8 @@ def _check_inputs(hidden, weight, ref_hidden, ref_weight, mask, bias, ref_bias, 
             )
     check_same_device(hidden=hidden, weight=weight, bias=bias, ref_hidden=ref_hidden,
                       ref_weight=ref_weight, ref_bias=ref_bias, mask=mask)
-    check_positive_float("temperature", temperature)
-    check_positive_float("softcap", softcap, optional=True)
+    check_positive("temperature", temperature)
+    check_positive("softcap", softcap, optional=True)
     check_bool("reverse", reverse)
 
 

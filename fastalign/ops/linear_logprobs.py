@@ -43,7 +43,7 @@ from fastalign.ops._checks import (
     check_finite_tensors,
     check_head,
     check_int,
-    check_positive_float,
+    check_positive,
     check_same_device,
     check_token_ids,
     check_token_range,
@@ -150,8 +150,8 @@ def check_linear_logprobs_args(hidden, weight, targets, bias, temperature, softc
             f"got {tuple(targets.shape)}"
         )
     check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
-    check_positive_float("temperature", temperature)
-    check_positive_float("softcap", softcap, optional=True)
+    check_positive("temperature", temperature)
+    check_positive("softcap", softcap, optional=True)
     check_int("ignore_index", ignore_index)
 
 
