@@ -61,27 +61,18 @@ def _libc():
     return ctypes.CDLL(name) if name else None
 
 
-_LIBC = _libc()
-_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)
-_MALLINFO2 = getattr(_LIBC, "mallinfo2", None)
+_MALLINFO2 = getattr(_libc(), "mallinfo2", None)
 if _MALLINFO2 is not None:
     _MALLINFO2.restype = _MallInfo2
-
-
-def release_free_heap() -> None:
-    """Hand the heap's free pages back to the system (glibc's malloc_trim), so that memory the
-    measured loop keeps must fault in new pages and show in the RSS."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def heap_bytes() -> int:
     """Bytes malloc has handed out and not had back (glibc's mallinfo2), 0 where unknown.
 
     The RSS alone can miss a leak: a process that has just freed hundreds of MiB (an earlier test
-    in the same run) serves new allocations from pages it still holds, partly even after
-    malloc_trim, and the RSS hardly moves. Tensors' memory comes from malloc, so this counts it
-    whatever the pages' state."""
+    in the same run) serves new allocations from pages it still holds (partly even after
+    glibc's malloc_trim), and the RSS hardly moves. Tensors' memory comes from malloc, so this
+    counts it whatever the pages' state."""
     if _MALLINFO2 is None:
         return 0
     info = _MALLINFO2()
@@ -115,10 +106,6 @@ class Growth:
 
 def measure(step, iterations: int = N_ITERATIONS, warmup: int = WARMUP) -> Growth:
     for _ in range(warmup):
-        step()
-    gc.collect()
-    release_free_heap()
-    for _ in range(min(warmup, 10)):  # fault the steps' own working set back in
         step()
     gc.collect()
     tensors_before = live_tensors()

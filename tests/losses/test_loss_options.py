@@ -126,3 +126,23 @@ def test_trainer_configs_build_their_loss_options_once(tmp_path):
     assert "loss_options" not in {field.name for field in dataclasses.fields(DPOConfig)}
     with pytest.raises(ValueError, match=r"'exo_pair' needs label_smoothing"):
         DPOConfig(output_dir=str(tmp_path), loss_type=("exo_pair",))
+
+
+@pytest.mark.parametrize("function, options_class", [
+    (dpo_loss, opt.DPOOptions), (simpo_loss, opt.SimPOOptions), (cpo_loss, opt.CPOOptions),
+    (orpo_loss, opt.ORPOOptions), (kto_loss, opt.KTOOptions),
+    (FusedDPOLoss.__init__, opt.DPOOptions), (FusedKTOLoss.__init__, opt.KTOOptions),
+    (FusedPPOLoss.__init__, opt.PPOOptions),
+])
+def test_each_loss_keyword_defaults_to_its_options_default(function, options_class):
+    """The keywords and the options object spell the same defaults: a call with neither set
+    builds the default options, and options= alone never looks like a conflict."""
+    import inspect
+
+    parameters = inspect.signature(function).parameters
+    takes_more = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    for field in dataclasses.fields(options_class):
+        if field.name not in parameters:  # FusedDPOLoss takes the rarer ones through **options
+            assert takes_more, field.name
+            continue
+        assert parameters[field.name].default == field.default, field.name
