@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 
 demo: setup
 	$(BIN)/fastalign train dpo --output $(DEMO_OUT) --max-steps 40 --batch-size 8 --lr 5e-4 \
-		--eval-steps 10 --seed 0 --memory-report
+		--eval-steps 10 --seed 0 --memory-report --overwrite
 
 bench: setup
 	$(BIN)/fastalign bench --output $(BENCH_OUT)

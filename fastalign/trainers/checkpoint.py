@@ -14,6 +14,12 @@ A trainer's state (:func:`save_training_checkpoint`, :func:`resume_training`) is
 optimizer, scheduler, every random generator of every rank and the data position, so that
 resuming gives the same weights and metrics as an uninterrupted run (on CPU, where kernels are
 deterministic).
+
+A run never continues another run by accident (:func:`prepare_output_dir`): a fresh run refuses
+an output directory that holds an earlier one unless told to overwrite it, ``resume`` refuses a
+directory with no checkpoint, and a checkpoint records the options and a fingerprint of the
+training data, which a resumed run must match (:data:`~fastalign.trainers.config.
+RESUMABLE_CHANGES` lists the options it may change).
 """
 
 from __future__ import annotations
@@ -26,20 +32,25 @@ import random
 import re
 import shutil
 import warnings
+from array import array
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fastalign.trainers import distributed
+from fastalign.trainers.config import RESUMABLE_CHANGES
 
-__all__ = ["CheckpointError", "checkpoint_dirs", "gathered_states", "load_latest",
-           "resume_training", "rng_state", "save_checkpoint", "save_training_checkpoint",
-           "seed_everything", "set_rng_state"]
+__all__ = ["CheckpointError", "checkpoint_dirs", "data_fingerprint", "gathered_states",
+           "load_latest", "prepare_output_dir", "resume_training", "rng_state", "save_checkpoint",
+           "save_training_checkpoint", "seed_everything", "set_rng_state"]
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STATE_FILE = "state.pt"
 _MANIFEST_FILE = "manifest.json"
+# What a run writes into its output directory and ``overwrite`` deletes; the model and tokenizer
+# files are replaced by the new run's own at its end, and anything else is left alone.
+_RUN_RECORDS = ("checkpoints", "metrics.jsonl", "metrics.csv", "plots")
 
 
 class CheckpointError(RuntimeError):
@@ -183,6 +194,7 @@ def save_training_checkpoint(trainer) -> Path | None:
         "stream": trainer.stream.state_dict(),
         "rng": distributed.gather_objects(rng_state(), dist),
         "extra": trainer.extra_state(),
+        "data": data_fingerprint(trainer.train_examples),
     }
     path = None
     if dist.is_main:
@@ -216,6 +228,7 @@ def resume_training(trainer) -> bool:
     if state.get("trainer") != trainer.name:
         raise ValueError(f"{root} holds a {state.get('trainer')!r} run, not "
                          f"{trainer.name!r}; use another --output directory")
+    _check_same_run(trainer, step, state)
     layout = "distributed" if dist.enabled else "single"
     rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one rank
     if state.get("layout", "single") != layout or len(rngs) != dist.world_size:
@@ -229,7 +242,13 @@ def resume_training(trainer) -> bool:
         distributed.load_full_state_dicts(trainer.engine, trainer.optimizer, full,
                                           state["optimizer"])
     else:
-        trainer.model.load_state_dict(state["model"])
+        try:
+            trainer.model.load_state_dict(state["model"])
+        except RuntimeError as error:  # another architecture or size: a wall of key names
+            first_line = str(error).strip().splitlines()[0]
+            raise ValueError(f"{root}: the checkpoint of step {step} does not fit this model "
+                             f"({first_line}); resume with the --model the run started "
+                             f"from") from None
         for name, module in trainer.modules_to_save().items():
             module.load_state_dict(state["modules"][name])
         trainer.optimizer.load_state_dict(state["optimizer"])
@@ -241,6 +260,94 @@ def resume_training(trainer) -> bool:
     if dist.is_main:
         trainer.metrics_log.restore(step)
     return True
+
+
+def prepare_output_dir(trainer) -> None:
+    """Refuse an output directory that would mix two runs; clear it when asked to overwrite.
+
+    A fresh run into a directory holding an earlier run's metrics or checkpoints would otherwise
+    overwrite the metrics but keep the checkpoints, which a later ``resume`` would continue; and
+    ``resume`` with nothing to resume would silently start from scratch. Every rank checks before
+    rank 0 deletes anything, so that all of them see the same directory.
+    """
+    config, output = trainer.config, trainer.output_dir
+    checkpoints = checkpoint_dirs(trainer.checkpoint_root)
+    metrics = output / "metrics.jsonl"
+    logged = metrics.is_file() and metrics.stat().st_size > 0
+    if config.resume and not checkpoints:
+        held = " (it holds an earlier run's metrics: add --overwrite to start over)" \
+            if logged else ""
+        raise ValueError(f"--resume: {trainer.checkpoint_root} holds no checkpoint to continue "
+                         f"from{held}; run without --resume to start a new run (checkpoints are "
+                         f"written every --save-steps)")
+    if not config.resume and not config.overwrite and (checkpoints or logged):
+        held = [f"checkpoints up to step {checkpoints[-1][0]}"] if checkpoints else []
+        if logged:
+            held.append("metrics.jsonl")
+        raise ValueError(f"--output {output} already holds a run ({', '.join(held)}); add "
+                         f"--resume to continue it, --overwrite to replace it, or choose "
+                         f"another --output")
+    distributed.barrier(trainer.dist)
+    if config.overwrite and trainer.dist.is_main:
+        for name in _RUN_RECORDS:
+            path = output / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    distributed.barrier(trainer.dist)
+
+
+def data_fingerprint(examples) -> dict[str, Any]:
+    """The number and a SHA-256 of the encoded training examples: a resumed run must train on
+    the same data in the same order, or its saved data position points into other examples."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for key in sorted(example):
+            value = example[key]
+            digest.update(key.encode())
+            if isinstance(value, torch.Tensor):
+                digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+            elif isinstance(value, (list, tuple)) and all(type(v) is int for v in value):
+                digest.update(array("q", value).tobytes())  # token ids: fast and exact
+            else:
+                digest.update(repr(value).encode())
+    return {"examples": len(examples), "sha256": digest.hexdigest()}
+
+
+def _check_same_run(trainer, step: int, state: dict[str, Any]) -> None:
+    """The checkpoint's options and data are this run's, except what may change on resume."""
+    saved, current = state.get("config", {}), dataclasses.asdict(trainer.config)
+    changed = [name for name in current if name in saved and name not in RESUMABLE_CHANGES
+               and _plain(saved[name]) != _plain(current[name])]
+    if changed:
+        def flag(name):
+            return "--" + name.replace("_", "-")
+
+        differences = "; ".join(f"{flag(name)} was {_shown(saved[name])}, now "
+                                f"{_shown(current[name])}" for name in changed)
+        raise ValueError(f"--resume: the checkpoint of step {step} in {trainer.checkpoint_root} "
+                         f"was trained with other options ({differences}); resume with the same "
+                         f"values, or start over with --overwrite")
+    fingerprint = data_fingerprint(trainer.train_examples)
+    if "data" in state and state["data"] != fingerprint:
+        saved_count = state["data"]["examples"]
+        raise ValueError(f"--resume: the checkpoint of step {step} in {trainer.checkpoint_root} "
+                         f"was trained on other data ({saved_count} examples, this run has "
+                         f"{fingerprint['examples']}, or the same number with other contents); "
+                         f"resume with the same --data and tokenizer, or start over with "
+                         f"--overwrite")
+
+
+def _plain(value):
+    """Tuples and lists compare alike (a checkpoint may hold either)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _shown(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value).lower() if value is None else str(value)
 
 
 def seed_everything(seed: int) -> None:

@@ -21,7 +21,8 @@ from fastalign.ops._checks import (
 )
 from fastalign.trainers.distributed import STRATEGIES
 
-__all__ = ["LR_SCHEDULES", "REFERENCE_MODES", "TrainingConfig", "option", "pad_token_id"]
+__all__ = ["LR_SCHEDULES", "REFERENCE_MODES", "RESUMABLE_CHANGES", "TrainingConfig", "option",
+           "pad_token_id"]
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
 REFERENCE_MODES = ("auto", "copy", "precomputed", "adapters")
@@ -29,6 +30,15 @@ REFERENCE_MODES = ("auto", "copy", "precomputed", "adapters")
 REFERENCE_HELP = ("the reference model: copy (a frozen copy), precomputed (log-probs computed "
                   "once), adapters (a PEFT policy with its adapters disabled) or auto (adapters "
                   "for PEFT, else copy)")
+
+# The options a resumed run may change: where and how it runs, how long, and what it writes.
+# Every other option shapes the trajectory (data order, batches, the loss, the optimizer), so a
+# resumed run that changed one would silently continue a different run than the checkpoint's.
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "resume", "overwrite", "max_steps", "logging_steps", "eval_steps",
+    "save_steps", "save_total_limit", "progress", "plots", "device", "impl", "distributed",
+    "memory_report",
+})
 
 
 def option(default, help: str):
@@ -71,7 +81,10 @@ class TrainingConfig:
     eval_steps: int = option(0, "evaluate on the eval data every N steps (0: only at the end)")
     save_steps: int = option(0, "write a checkpoint every N steps (0: none)")
     save_total_limit: int | None = option(2, "keep only the newest N checkpoints ('none': all)")
-    resume: bool = option(False, "continue from the newest good checkpoint in output-dir")
+    resume: bool = option(False, "continue the run in output-dir from its newest good "
+                          "checkpoint (its options must match this run's)")
+    overwrite: bool = option(False, "start over in an output-dir that holds an earlier run, "
+                             "deleting its checkpoints, metrics and plots")
     progress: bool = option(True, "show a tqdm progress bar")
     plots: bool = option(True, "write PNG training curves at the end")
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
@@ -97,6 +110,9 @@ class TrainingConfig:
         if (not isinstance(self.adam_betas, (tuple, list)) or len(self.adam_betas) != 2
                 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas)):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run "
+                             "in output_dir, overwrite deletes it")
         check_field_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_field_choice("distributed", self.distributed, STRATEGIES)
         check_field_choice("impl", self.impl, IMPLEMENTATIONS)

@@ -295,6 +295,7 @@ class Trainer:
         """Run (or resume) training to ``max_steps``; save the model, metrics and plots."""
         config = self.config
         main = self.dist.is_main
+        checkpoint.prepare_output_dir(self)
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         distributed.barrier(self.dist)

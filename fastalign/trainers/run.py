@@ -9,6 +9,7 @@ summary of the final metrics.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,14 @@ from fastalign.trainers.dpo import DPOConfig, DPOTrainer
 from fastalign.trainers.kto import KTOConfig, KTOTrainer
 from fastalign.trainers.loop import Trainer, TrainResult
 from fastalign.trainers.ppo import GRPOConfig, PPOConfig, PPOTrainer, encode_prompt_examples
+from fastalign.trainers.reference_free import (
+    CPOConfig,
+    CPOTrainer,
+    ORPOConfig,
+    ORPOTrainer,
+    SimPOConfig,
+    SimPOTrainer,
+)
 from fastalign.trainers.reward import RewardConfig, RewardTrainer
 from fastalign.trainers.sft import SFTConfig, SFTTrainer
 
@@ -54,6 +63,9 @@ _REWARD_MODEL_HELP = ("a sequence-classifier directory (num_labels=1, the policy
                       "e.g. the output of `fastalign train rm`) scoring prompt + completion; "
                       "replaces --reward-fn")
 
+_REFERENCE_FREE_SUMMARY = ("rewards/accuracies", "rewards/margins", "rewards/chosen",
+                           "rewards/rejected", "nll_loss", "loss")
+
 JOBS: dict[str, Job] = {
     "sft": Job(
         kind="sft", help="supervised fine-tuning",
@@ -81,6 +93,34 @@ JOBS: dict[str, Job] = {
         extra_arguments={"ref_model": _REF_MODEL_HELP},
         summary_keys=("rewards/accuracies", "rewards/margins", "rewards/chosen",
                       "rewards/rejected", "loss"),
+    ),
+    "simpo": Job(
+        kind="simpo", help="SimPO: reference-free, length-normalised, with a target margin",
+        description="SimPO on prompt/chosen/rejected pairs: no reference model; the reward is "
+                    "beta times the mean answer log-prob (TRL's CPOTrainer with loss_type "
+                    "simpo; --cpo-alpha > 0 adds the NLL term of CPO-SimPO).",
+        config_class=SimPOConfig, trainer_class=SimPOTrainer, data_kind="preference",
+        encode=data.encode_preference, default_data="dpo", default_eval_data="dpo_eval",
+        summary_keys=_REFERENCE_FREE_SUMMARY,
+    ),
+    "cpo": Job(
+        kind="cpo", help="CPO: reference-free DPO plus NLL on the chosen answers",
+        description="CPO on prompt/chosen/rejected pairs: no reference model; the sigmoid loss "
+                    "of beta times the summed log-prob difference, plus --cpo-alpha times the "
+                    "NLL of the chosen answers.",
+        config_class=CPOConfig, trainer_class=CPOTrainer, data_kind="preference",
+        encode=data.encode_preference, default_data="dpo", default_eval_data="dpo_eval",
+        summary_keys=_REFERENCE_FREE_SUMMARY,
+    ),
+    "orpo": Job(
+        kind="orpo", help="ORPO: NLL plus an odds-ratio preference term, no reference",
+        description="ORPO on prompt/chosen/rejected pairs: no reference model; the NLL of the "
+                    "chosen answers minus beta times log sigmoid of the log odds ratio of the "
+                    "mean answer log-probs.",
+        config_class=ORPOConfig, trainer_class=ORPOTrainer, data_kind="preference",
+        encode=data.encode_preference, default_data="dpo", default_eval_data="dpo_eval",
+        summary_keys=("rewards/accuracies", "rewards/margins", "log_odds_ratio", "nll_loss",
+                      "loss"),
     ),
     "kto": Job(
         kind="kto", help="Kahneman-Tversky Optimization",
@@ -113,26 +153,71 @@ JOBS: dict[str, Job] = {
 }
 
 
-def _check_model_source(model: str) -> None:
-    """A local path that does not exist is named as such (not as a bad hub repository id)."""
+def _check_model_source(model: str, flag: str = "--model") -> dict:
+    """The ``from_pretrained`` options that load ``model`` without a long wait or a riddle.
+
+    A local path that does not exist is named as such (not as a bad hub repository id). A hub
+    id is looked up once, quickly: transformers would retry every file of a mistyped id or an
+    unreachable hub for about a minute before failing. With the hub unreachable, a cached copy
+    is loaded from the cache alone.
+    """
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1  # hub: 'org/name'
-    if looks_local and not Path(model).expanduser().exists():
-        raise ValueError(f"--model {model!r}: no such directory (give a model directory or a "
+    if Path(model).expanduser().exists():
+        return {}
+    if looks_local:
+        raise ValueError(f"{flag} {model!r}: no such directory (give a model directory or a "
                          "Hugging Face hub id such as 'org/name')")
+    return _hub_source_options(model, flag)
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_source_options(model: str, flag: str) -> dict:
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        cached = isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except HFValidationError as error:
+        raise ValueError(f"{flag} {model!r}: neither a local directory nor a valid hub id "
+                         f"({_first_line(error)})") from None
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return {"local_files_only": True}
+        raise ValueError(f"{flag} {model}: not a local directory, and not in the Hugging Face "
+                         f"cache (HF_HUB_OFFLINE is set); give a model directory")
+    try:
+        model_info(model, timeout=10)
+    except RepositoryNotFoundError:
+        raise ValueError(f"{flag} {model}: no such model on the Hugging Face hub (check the id; "
+                         f"a private one needs `hf auth login`), and no such local "
+                         f"directory") from None
+    except HfHubHTTPError:
+        return {}  # the hub answered (gated, rate-limited, ...): loading says what is wrong
+    except Exception as error:  # noqa: BLE001  (no connection: the HTTP client's own errors)
+        if cached:
+            return {"local_files_only": True}
+        raise ValueError(f"{flag} {model}: not a local directory, and the Hugging Face hub "
+                         f"cannot be reached ({_first_line(error)}) with no cached copy; give "
+                         f"a model directory, or check the id and the network") from None
+    return {}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)
 
 
 def load_tokenizer(model: str | None):
     if model is None:
         return assets.load_default_tokenizer()
-    _check_model_source(model)
+    source = _check_model_source(model)
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(model, **source)
     except (ValueError, OSError) as error:  # e.g. a Llama folder without tokenizer.model
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise ValueError(f"--model {model}: no usable tokenizer there ({first_line}); copy the "
-                         f"base model's tokenizer files into the folder") from None
+        raise ValueError(f"--model {model}: no usable tokenizer there ({_first_line(error)}); "
+                         f"copy the base model's tokenizer files into the folder") from None
     # transformers builds an empty tokenizer for a folder without tokenizer files (GPT-2,
     # Qwen2): every text would encode to no tokens and training would run on nothing.
     if not tokenizer("Hello, world.", add_special_tokens=False)["input_ids"]:
@@ -144,25 +229,26 @@ def load_tokenizer(model: str | None):
 
 
 def load_model(model: str | None, *, seed: int, sequence_classifier: bool = False,
-               pad_token_id: int | None = None) -> torch.nn.Module:
+               pad_token_id: int | None = None, flag: str = "--model") -> torch.nn.Module:
     """A causal LM (or, for the reward model, a sequence classifier with one output)."""
+    source = {} if model is None else _check_model_source(model, flag)
     if sequence_classifier:
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
-        source = str(assets.default_model_dir()) if model is None else model
-        config = AutoConfig.from_pretrained(source, num_labels=1)
+        config = AutoConfig.from_pretrained(
+            str(assets.default_model_dir()) if model is None else model, num_labels=1, **source)
         if config.pad_token_id is None:
             config.pad_token_id = pad_token_id  # finds each sequence's last token
         if model is None:  # random init from the shipped config, seeded
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
                 return AutoModelForSequenceClassification.from_config(config)
-        return AutoModelForSequenceClassification.from_pretrained(model, config=config)
+        return AutoModelForSequenceClassification.from_pretrained(model, config=config, **source)
     if model is None:
         return assets.build_default_model(seed=seed)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model)
+    return AutoModelForCausalLM.from_pretrained(model, **source)
 
 
 def add_lora(model: torch.nn.Module, *, r: int, targets: str = "auto") -> torch.nn.Module:
@@ -255,7 +341,7 @@ def _run_job(job: Job, config: TrainingConfig, *, model, data, eval_data, lora_r
         if value is None:
             continue
         if name in ("ref_model", "reward_model"):
-            value = load_model(value, seed=config.seed,
+            value = load_model(value, seed=config.seed, flag="--" + name.replace("_", "-"),
                                sequence_classifier=name == "reward_model", pad_token_id=pad_id)
         kwargs[name] = value
     trainer = job.trainer_class(policy, tokenizer, train_examples, config,
