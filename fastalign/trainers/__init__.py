@@ -7,16 +7,28 @@ from fastalign.trainers.kto import KTOConfig, KTOTrainer
 from fastalign.trainers.loop import Trainer, TrainResult
 from fastalign.trainers.ppo import GRPOConfig, PPOConfig, PPOTrainer
 from fastalign.trainers.reference import ReferencePolicy
+from fastalign.trainers.reference_free import (
+    CPOConfig,
+    CPOTrainer,
+    ORPOConfig,
+    ORPOTrainer,
+    SimPOConfig,
+    SimPOTrainer,
+)
 from fastalign.trainers.reward import RewardConfig, RewardTrainer
 from fastalign.trainers.sft import SFTConfig, SFTTrainer
 
 __all__ = [
+    "CPOConfig",
+    "CPOTrainer",
     "CheckpointError",
     "DPOConfig",
     "DPOTrainer",
     "GRPOConfig",
     "KTOConfig",
     "KTOTrainer",
+    "ORPOConfig",
+    "ORPOTrainer",
     "PPOConfig",
     "PPOTrainer",
     "ReferencePolicy",
@@ -24,6 +36,8 @@ __all__ = [
     "RewardTrainer",
     "SFTConfig",
     "SFTTrainer",
+    "SimPOConfig",
+    "SimPOTrainer",
     "TrainResult",
     "Trainer",
     "TrainingConfig",

@@ -1,4 +1,4 @@
-"""``fastalign train {sft,rm,dpo,kto,ppo,grpo}``: the command line of the trainers.
+"""``fastalign train {sft,rm,dpo,simpo,cpo,orpo,kto,ppo,grpo}``: the command line of the trainers.
 
 Each trainer's options are the fields of its config dataclass; the parser is built from them (the
 field's ``help`` metadata, its type and default), so the CLI, the Python API and ``--help`` never
@@ -20,7 +20,8 @@ and the small dataset shipped with fastalign: no download needed.
 
 Data (TRL's JSONL formats, one JSON object per line, plain strings or chat messages):
   sft         {"prompt", "completion"}, {"text"} or {"messages": [...]}
-  rm, dpo     {"prompt", "chosen", "rejected"}
+  rm, dpo, simpo, cpo, orpo
+              {"prompt", "chosen", "rejected"}
   kto         {"prompt", "completion", "label": true|false}
   ppo, grpo   {"prompt"}
 
@@ -96,7 +97,8 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     from fastalign.trainers.run import JOBS
 
     train = subparsers.add_parser(
-        "train", help="train a model with a fused alignment loss (sft, rm, dpo, kto, ppo, grpo)",
+        "train", help="train a model with a fused alignment loss (sft, rm, dpo, simpo, cpo, "
+                      "orpo, kto, ppo, grpo)",
         description=_TRAIN_DESCRIPTION, epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = train.add_subparsers(dest="kind", metavar="KIND", required=True)

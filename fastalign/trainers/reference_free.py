@@ -1,0 +1,151 @@
+"""The reference-free preference trainers: SimPO, CPO and ORPO on a causal LM.
+
+They take DPO's data (prompt / chosen / rejected, collated as ``[2B, T]``: the chosen sequences
+stacked on the rejected ones) and its fused head (``fastalign.hf.sequence_logprobs``, no
+[tokens × vocab] logits), but no reference model: the loss is a function of the policy's own
+log-probs, ``fastalign.losses``' :func:`~fastalign.losses.simpo_loss`,
+:func:`~fastalign.losses.cpo_loss` or :func:`~fastalign.losses.orpo_loss`. The options and metric
+names are TRL's (``CPOConfig``'s ``simpo_gamma`` and ``cpo_alpha``; TRL runs SimPO as
+``CPOTrainer(loss_type="simpo")``).
+
+What each loss reads of a sequence: SimPO and ORPO the *mean* log-prob of its answer tokens (the
+length-normalised reward of their papers), CPO the *sum*. The NLL term on the chosen answers
+(CPO, ORPO, and SimPO with ``cpo_alpha > 0``) is the token mean over the batch's chosen answers,
+as TRL's cross-entropy on the chosen half of the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastalign import hf
+from fastalign.data import PreferenceCollator
+from fastalign.losses.dpo import cpo_loss, orpo_loss, simpo_loss
+from fastalign.losses.options import CPOOptions, ORPOOptions, SimPOOptions
+from fastalign.ops._checks import check_field_float, check_field_number
+from fastalign.trainers.config import TrainingConfig, option, pad_token_id
+from fastalign.trainers.loop import Trainer
+
+__all__ = ["CPOConfig", "CPOTrainer", "ORPOConfig", "ORPOTrainer", "SimPOConfig", "SimPOTrainer"]
+
+_SMOOTHING_HELP = "probability that a preference label is flipped (robust, conservative loss)"
+_ALPHA_HELP = "weight of the NLL term on the chosen answers"
+
+
+def _check_label_smoothing(value) -> None:
+    check_field_number("label_smoothing", value, low=0.0, high=0.5, inclusive=True)
+
+
+@dataclass
+class SimPOConfig(TrainingConfig):
+    """SimPO options on top of :class:`TrainingConfig` (TRL's ``CPOConfig`` names)."""
+
+    beta: float = option(2.0, "the reward scale of the mean answer log-prob")
+    simpo_gamma: float = option(0.5, "the target reward margin gamma")
+    label_smoothing: float = option(0.0, _SMOOTHING_HELP)
+    cpo_alpha: float = option(0.0, _ALPHA_HELP + " (0: pure SimPO; > 0: CPO-SimPO)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_field_float("beta", self.beta, positive=True)
+        finite = isinstance(self.simpo_gamma, (int, float)) and not isinstance(
+            self.simpo_gamma, bool) and math.isfinite(self.simpo_gamma)
+        if not finite:
+            raise ValueError(f"simpo_gamma must be a finite number, got {self.simpo_gamma!r}")
+        _check_label_smoothing(self.label_smoothing)
+        check_field_float("cpo_alpha", self.cpo_alpha, positive=False)
+        self.loss_options = SimPOOptions(beta=self.beta, gamma=self.simpo_gamma,
+                                         label_smoothing=self.label_smoothing,
+                                         alpha=self.cpo_alpha)
+
+
+@dataclass
+class CPOConfig(TrainingConfig):
+    """CPO options on top of :class:`TrainingConfig` (TRL's names)."""
+
+    beta: float = option(0.1, "the scale of the summed answer log-prob difference")
+    label_smoothing: float = option(0.0, _SMOOTHING_HELP)
+    cpo_alpha: float = option(1.0, _ALPHA_HELP + " (behaviour cloning)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_field_float("beta", self.beta, positive=True)
+        _check_label_smoothing(self.label_smoothing)
+        check_field_float("cpo_alpha", self.cpo_alpha, positive=False)
+        self.loss_options = CPOOptions(beta=self.beta, label_smoothing=self.label_smoothing,
+                                       alpha=self.cpo_alpha)
+
+
+@dataclass
+class ORPOConfig(TrainingConfig):
+    """ORPO options on top of :class:`TrainingConfig` (TRL's names)."""
+
+    beta: float = option(0.1, "weight of the odds-ratio term (lambda in the paper)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_field_float("beta", self.beta, positive=True)
+        self.loss_options = ORPOOptions(beta=self.beta)
+
+
+class _ReferenceFreeTrainer(Trainer):
+    """The shared step: policy log-probs of both answers through the fused head, then the loss."""
+
+    loss_fn: Callable
+    mean_logps: bool  # the loss reads each answer's mean token log-prob (else the sum)
+
+    def __init__(self, model: nn.Module, tokenizer, train_examples: Sequence[dict],
+                 config: TrainingConfig, *, eval_examples: Sequence[dict] | None = None) -> None:
+        super().__init__(model, tokenizer, train_examples, config,
+                         collator=PreferenceCollator(pad_token_id=pad_token_id(tokenizer)),
+                         eval_examples=eval_examples)
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        config = self.config
+        policy = hf.sequence_logprobs(
+            self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+            temperature=config.temperature, impl=config.impl)
+        logps = policy.sum_logps
+        if self.mean_logps:  # an answer truncated to no tokens has log-prob 0, averaged to 0
+            logps = logps / policy.lengths.clamp(min=1)
+        chosen_logps, rejected_logps = logps.chunk(2)
+        chosen_sums, chosen_lengths = policy.sum_logps.chunk(2)[0], policy.lengths.chunk(2)[0]
+        chosen_nll = -chosen_sums.sum() / chosen_lengths.sum().clamp(min=1)
+        return type(self).loss_fn(chosen_logps, rejected_logps, chosen_nll=chosen_nll,
+                                  options=config.loss_options)
+
+
+class SimPOTrainer(_ReferenceFreeTrainer):
+    """SimPO (Meng, Xia & Chen, 2024): the length-normalised reward with a target margin.
+
+    Example::
+
+        trainer = SimPOTrainer(model, tokenizer, encode_preference(records, tokenizer, ...),
+                               SimPOConfig(output_dir="out", max_steps=100))
+        trainer.train()
+    """
+
+    name = "simpo"
+    loss_fn = staticmethod(simpo_loss)
+    mean_logps = True
+
+
+class CPOTrainer(_ReferenceFreeTrainer):
+    """CPO (Xu et al., 2024): DPO without the reference, plus NLL on the chosen answers."""
+
+    name = "cpo"
+    loss_fn = staticmethod(cpo_loss)
+    mean_logps = False
+
+
+class ORPOTrainer(_ReferenceFreeTrainer):
+    """ORPO (Hong, Lee & Thorne, 2024): NLL on the chosen answers minus β·log σ(log odds ratio)."""
+
+    name = "orpo"
+    loss_fn = staticmethod(orpo_loss)
+    mean_logps = True
