@@ -8,6 +8,7 @@ from fastalign.fused import (
     FusedPPOLoss,
     FusedSimPOLoss,
 )
+from fastalign.integrations import patch_model, unpatch_model
 from fastalign.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -90,5 +91,8 @@ __all__ = [
     "FusedORPOLoss",
     "FusedPPOLoss",
     "FusedSimPOLoss",
+    # drop-in: a transformers model's labels= loss through the fused op
+    "patch_model",
+    "unpatch_model",
     "__version__",
 ]
