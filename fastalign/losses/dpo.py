@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -87,23 +88,63 @@ def _check_optional_nll(chosen_nll, batch_size: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Pairs:
+    """A batch of preference pairs as the DPO-family formulas read it, all [B] in one dtype.
+
+    ρ_w, ρ_l are the chosen / rejected log-ratios log π_θ − log π_ref; s_w, s_l the scores
+    f'(exp ρ) of the chosen f-divergence (ρ itself for DPO's reverse KL); n_w, n_l the answer
+    lengths where given.
+    """
+
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    rho_w: torch.Tensor
+    rho_l: torch.Tensor
+    s_w: torch.Tensor
+    s_l: torch.Tensor
+    n_w: torch.Tensor | None
+    n_l: torch.Tensor | None
+
+
+# exp() of a larger float32 or bfloat16 argument overflows; float16's limit is lower.
+_EXP_LIMIT = {torch.float16: 11.0}
+
+
+def _f_divergence_scores(logratios: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
+    """s = f'(t) at t = π_θ/π_ref = exp(ρ), constants dropped (Wang et al., 2023, "Beyond Reverse
+    KL: Generalizing Direct Preference Optimization with Diverse Divergence Constraints"):
+    reverse KL ρ (DPO), forward KL −e^{−ρ}, Jensen-Shannon log σ(ρ), α-divergence
+    e^{(α−1)ρ}/(α−1) (ρ again at α = 1, its limit). TRL drops the same constants, which matter
+    only to the loss types that score each answer on its own (nca_pair, bco_pair, sppo_hard)."""
+    if kind == "reverse_kl":
+        return logratios
+    if kind == "forward_kl":
+        return -torch.exp(-logratios)
+    if kind == "js_divergence":
+        return F.logsigmoid(logratios)
+    if abs(alpha - 1.0) < 1e-6:
+        return logratios
+    # The exponent is clamped where exp() would overflow (as TRL): an inf would make the loss NaN.
+    exponent = ((alpha - 1.0) * logratios).clamp(max=_EXP_LIMIT.get(logratios.dtype, 80.0))
+    return torch.exp(exponent) / (alpha - 1.0)
+
+
 def _dpo_per_example(
     loss_type: str,
-    chosen_logratios: torch.Tensor,
-    rejected_logratios: torch.Tensor,
-    policy_chosen_logps: torch.Tensor,
-    chosen_lengths: torch.Tensor | None,
-    rejected_lengths: torch.Tensor | None,
+    pairs: _Pairs,
     *,
     beta: float,
     label_smoothing: float,
     discopop_tau: float,
     bco_delta: float,
 ) -> torch.Tensor:
-    """The [B] per-example loss of one loss type; ρ_w, ρ_l are the chosen/rejected log-ratios."""
-    rho_w, rho_l = chosen_logratios, rejected_logratios
+    """The [B] per-example loss of one loss type (see :func:`dpo_loss` for the formulas)."""
+    s_w, s_l = pairs.s_w, pairs.s_l
     eps = label_smoothing
-    u = beta * (rho_w - rho_l)  # β·Δ, the DPO logit
+    u = beta * (s_w - s_l)  # β·Δ, the DPO logit
     if loss_type == "sigmoid":
         return _smoothed_logistic(u, eps)
     if loss_type == "robust":
@@ -112,20 +153,23 @@ def _dpo_per_example(
     if loss_type == "hinge":
         return torch.relu(1 - u)
     if loss_type == "ipo":
-        if chosen_lengths is not None:  # (policy − ref)/n = policy/n − ref/n: the averaged ratio
-            rho_w, rho_l = rho_w / chosen_lengths, rho_l / rejected_lengths
-        return (rho_w - rho_l - 1 / (2 * beta)) ** 2
+        if pairs.n_w is not None:  # (policy − ref)/n = policy/n − ref/n: the averaged ratio
+            s_w, s_l = s_w / pairs.n_w, s_l / pairs.n_l
+        return (s_w - s_l - 1 / (2 * beta)) ** 2
+    if loss_type == "sigmoid_norm":  # the DPO logit on length-averaged scores
+        return -F.logsigmoid(beta * (s_w / pairs.n_w - s_l / pairs.n_l))
     if loss_type == "exo_pair":
         # Reverse KL between the model's pair distribution σ(±u) and the smoothed labels (1−ε, ε).
         return (torch.sigmoid(u) * (F.logsigmoid(u) - math.log(1 - eps))
                 + torch.sigmoid(-u) * (F.logsigmoid(-u) - math.log(eps)))
     if loss_type == "nca_pair":
-        return (-F.logsigmoid(beta * rho_w) - 0.5 * F.logsigmoid(-beta * rho_w)
-                - 0.5 * F.logsigmoid(-beta * rho_l))
+        return (-F.logsigmoid(beta * s_w) - 0.5 * F.logsigmoid(-beta * s_w)
+                - 0.5 * F.logsigmoid(-beta * s_l))
     if loss_type == "bco_pair":
-        return -F.logsigmoid(beta * rho_w - bco_delta) - F.logsigmoid(-(beta * rho_l - bco_delta))
+        return -F.logsigmoid(beta * s_w - bco_delta) - F.logsigmoid(-(beta * s_l - bco_delta))
     if loss_type == "sppo_hard":
-        return (rho_w - 1 / (2 * beta)) ** 2 + (rho_l + 1 / (2 * beta)) ** 2
+        return (s_w - 1 / (2 * beta)) ** 2 + (s_l + 1 / (2 * beta)) ** 2
+    rho_w, rho_l = pairs.rho_w, pairs.rho_l
     if loss_type == "apo_zero":  # push chosen up, rejected down: (1 − σ(βρ_w)) + σ(βρ_l)
         return torch.sigmoid(-beta * rho_w) + torch.sigmoid(beta * rho_l)
     if loss_type == "apo_down":  # push chosen down, rejected further down: σ(βρ_w) + (1 − σ(u))
@@ -135,8 +179,19 @@ def _dpo_per_example(
         # for u ≪ 0, e^{−u} alone overflows and 0·inf would give NaN; the product itself is tiny.
         modulation_log = F.logsigmoid(u / discopop_tau)
         return torch.sigmoid(-u / discopop_tau) * -F.logsigmoid(u) + torch.exp(modulation_log - u)
+    if loss_type in ("aot", "aot_unpaired"):
+        # Distributional dominance by optimal transport in one dimension: the batch's sorted
+        # margins are compared quantile by quantile, so the k-th term pairs the k-th smallest
+        # values, not the k-th example.
+        if loss_type == "aot":  # the policy's chosen−rejected margins over the reference's
+            first = pairs.policy_chosen - pairs.policy_rejected
+            second = pairs.ref_chosen - pairs.ref_rejected
+        else:  # the chosen log-ratios over the rejected ones, each sorted on its own
+            first, second = rho_w, rho_l
+        delta = torch.sort(first).values - torch.sort(second).values
+        return _smoothed_logistic(beta * delta, eps)
     if loss_type == "sft":
-        return -policy_chosen_logps / chosen_lengths
+        return -pairs.policy_chosen / pairs.n_w
     raise AssertionError(f"unhandled loss type {loss_type!r}")  # normalize_names refused it
 
 
@@ -186,6 +241,19 @@ def dpo_loss(
       "Discovering Preference Optimization Algorithms with and for Large Language Models".
     - sft: −log π_θ(y_w|x) / |y_w|, the length-averaged NLL of the chosen answer; combined with
       sigmoid it is RPO (Pang et al., 2024, "Iterative Reasoning Preference Optimization").
+    - sigmoid_norm: −log σ(β·(ρ_w/|y_w| − ρ_l/|y_l|)), DPO on length-averaged log-ratios (TRL's
+      name; needs both lengths).
+    - aot: −(1−ε)·log σ(βδ_k) − ε·log σ(−βδ_k), δ_k = sort(logp_w − logp_l)_k −
+      sort(ref_w − ref_l)_k: the policy's margins dominate the reference's quantile by quantile;
+      aot_unpaired: the same with δ_k = sort(ρ_w)_k − sort(ρ_l)_k. Melnyk et al., 2024,
+      "Distributional Preference Alignment of LLMs via Optimal Transport". Both couple the
+      examples of a batch through the sort.
+
+    With ``f_divergence_type`` other than reverse_kl (Wang et al., 2023, "Beyond Reverse KL:
+    Generalizing Direct Preference Optimization with Diverse Divergence Constraints"), every
+    formula above except apo_zero, apo_down's first term, aot and aot_unpaired reads the scores
+    s = f'(π_θ/π_ref) in place of ρ: forward_kl −e^{−ρ}, js_divergence log σ(ρ), alpha_divergence
+    e^{(α−1)ρ}/(α−1) (constants dropped, as TRL; the exponent clamped at 80, 11 in float16).
 
     Args:
         policy_chosen_logps: [B] float, log π_θ(y_w|x) summed over the answer's tokens.
@@ -201,12 +269,14 @@ def dpo_loss(
         loss_weights: one finite weight per entry of ``loss_type`` (default all 1.0): the loss is
             the mean over the batch of Σ_k w_k·loss_k.
         chosen_lengths: optional [B] number of answer tokens in y_w (integer or float, each > 0).
-            Required by sft. ipo divides the policy and reference log-probs by the lengths when
-            both ``chosen_lengths`` and ``rejected_lengths`` are given; without lengths it takes
-            the inputs as already length-averaged (as TRL, which averages them before the loss).
+            Required by sft and sigmoid_norm. ipo divides the policy and reference log-probs by
+            the lengths when both ``chosen_lengths`` and ``rejected_lengths`` are given; without
+            lengths it takes the inputs as already length-averaged (as TRL, which averages them
+            before the loss).
             Zero lengths raise rather than being clamped (a sequence with no answer tokens is a
             data bug); the check costs one device sync.
-        rejected_lengths: optional [B] number of answer tokens in y_l (used by ipo only).
+        rejected_lengths: optional [B] number of answer tokens in y_l (used by ipo and
+            sigmoid_norm).
         discopop_tau: τ > 0, the temperature of DiscoPOP's modulation σ(u/τ).
         bco_delta: δ, the reward shift of bco_pair. TRL passes a running mean of the rewards
             β·ρ (kept by the trainer across steps); the default 0 is ALGORITHMS.md's formula.
@@ -214,7 +284,8 @@ def dpo_loss(
             over every chosen token of the batch) or [B]; then sft needs no ``chosen_lengths``.
         options: a prepared :class:`~fastalign.losses.DPOOptions` instead of ``beta``,
             ``loss_type``, ``label_smoothing``, ``loss_weights``, ``discopop_tau`` and
-            ``bco_delta`` (which must then be left at their defaults).
+            ``bco_delta`` (which must then be left at their defaults); the f-divergence
+            (``f_divergence_type``, ``f_alpha_divergence_coef``) is set only there.
 
     Returns:
         ``(loss, metrics)``: loss is 0-d float32 (float64 for float64 inputs). Metrics, detached
@@ -241,6 +312,11 @@ def dpo_loss(
             "loss_type 'sft' needs chosen_lengths ([B] answer token counts) to average the NLL, "
             "or chosen_nll"
         )
+    if "sigmoid_norm" in loss_types and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError(
+            "loss_type 'sigmoid_norm' needs chosen_lengths and rejected_lengths ([B] answer token "
+            "counts) to length-average the log-ratios"
+        )
     if (chosen_lengths is None) != (rejected_lengths is None) and "ipo" in loss_types:
         raise ValueError(
             "loss_type 'ipo' needs both chosen_lengths and rejected_lengths (to length-average "
@@ -259,6 +335,11 @@ def dpo_loss(
     rejected_logratios = policy_rejected - ref_rejected_logps.to(dtype)
     n_w = None if chosen_lengths is None else chosen_lengths.to(dtype)
     n_l = None if rejected_lengths is None else rejected_lengths.to(dtype)
+    f_kind, f_alpha = options.f_divergence_type, options.f_alpha_divergence_coef
+    pairs = _Pairs(policy_chosen, policy_rejected, ref_chosen_logps.to(dtype),
+                   ref_rejected_logps.to(dtype), chosen_logratios, rejected_logratios,
+                   _f_divergence_scores(chosen_logratios, f_kind, f_alpha),
+                   _f_divergence_scores(rejected_logratios, f_kind, f_alpha), n_w, n_l)
 
     total = None
     terms = {}
@@ -268,8 +349,7 @@ def dpo_loss(
             total = weight * terms[name] if total is None else total + weight * terms[name]
             continue
         term = _dpo_per_example(
-            name, chosen_logratios, rejected_logratios, policy_chosen, n_w, n_l,
-            beta=beta, label_smoothing=options.label_smoothing,
+            name, pairs, beta=beta, label_smoothing=options.label_smoothing,
             discopop_tau=options.discopop_tau, bco_delta=options.bco_delta,
         )
         terms[name] = term

@@ -28,6 +28,7 @@ __all__ = [
     "CPOOptions",
     "DPOOptions",
     "DPO_LOSS_TYPES",
+    "F_DIVERGENCES",
     "KTOOptions",
     "ORPOOptions",
     "PPOOptions",
@@ -36,10 +37,12 @@ __all__ = [
 
 DPO_LOSS_TYPES = (
     "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-    "apo_zero", "apo_down", "discopop", "sft",
+    "apo_zero", "apo_down", "discopop", "sft", "aot", "aot_unpaired", "sigmoid_norm",
 )
-# The loss types whose formula contains the label smoothing ε (TRL's list); the others ignore it.
-SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "exo_pair")
+# The loss types whose formula contains the label smoothing ε; the others ignore it.
+SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
+# The f-divergence that regularises toward the reference (Wang et al., 2023): reverse KL is DPO's.
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
 class _Options:
@@ -83,8 +86,15 @@ class DPOOptions(_Options):
     loss_weights: tuple[float, ...] | None = None
     discopop_tau: float = 0.05
     bco_delta: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, got "
+                             f"{self.f_divergence_type!r}")
+        self._set("f_alpha_divergence_coef",
+                  check_finite("f_alpha_divergence_coef", self.f_alpha_divergence_coef))
         loss_types = tuple(normalize_names("loss_type", self.loss_type, DPO_LOSS_TYPES))
         self._set("loss_type", loss_types)
         self._set("beta", check_positive("beta", self.beta))

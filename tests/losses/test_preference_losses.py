@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from fastalign.losses.dpo import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from fastalign.losses.kto import kto_loss, kto_mismatched_indices
+from fastalign.losses.options import DPOOptions
 from fastalign.losses.reward import reward_loss, votes_to_score
 
 # ----------------------------------------------------------------------------------------------
@@ -71,9 +72,24 @@ def ref_dpo_one(kind, pc, pr, rc, rr, *, beta, eps=0.0, tau=0.05, n_w=None, n_l=
         m = sig(bd / tau)
         # m underflows to exactly 0 long before e^{−u} overflows a Python float (u < −709).
         return (1 - m) * -log_sig(bd) + (0.0 if m == 0.0 else m * math.exp(-bd))
+    if kind == "sigmoid_norm":
+        return -log_sig(beta * (rho_w / n_w - rho_l / n_l))
     if kind == "sft":
         return -pc / n_w
     raise ValueError(kind)
+
+
+def ref_aot_batch(kind, pc, pr, rc, rr, *, beta, eps=0.0):
+    """AOT (Melnyk et al., 2024) over lists: the sorted margins compared quantile by quantile."""
+    if kind == "aot":
+        first = sorted(a - b for a, b in zip(pc, pr))
+        second = sorted(a - b for a, b in zip(rc, rr))
+    else:
+        first = sorted(a - b for a, b in zip(pc, rc))
+        second = sorted(a - b for a, b in zip(pr, rr))
+    losses = [-(1 - eps) * log_sig(beta * (a - b)) - eps * log_sig(-beta * (a - b))
+              for a, b in zip(first, second)]
+    return sum(losses) / len(losses)
 
 
 def ref_orpo_one(lw, ll, *, beta, nll=None):
@@ -159,9 +175,11 @@ def check_metrics_are_detached_floats(metrics):
 # ----------------------------------------------------------------------------------------------
 
 SMOOTHED = ("sigmoid", "robust", "exo_pair")
+# Losses of one pair at a time (aot and aot_unpaired couple the batch through a sort).
+PAIRWISE_TYPES = [kind for kind in DPO_LOSS_TYPES if kind not in ("aot", "aot_unpaired")]
 DPO_CASES = [
     (kind, beta, eps)
-    for kind in DPO_LOSS_TYPES
+    for kind in PAIRWISE_TYPES
     for beta in (0.1, 0.5, 2.0)
     for eps in ((0.0, 0.1, 0.3) if kind in ("sigmoid", "robust") else
                 (1e-3, 0.2) if kind == "exo_pair" else (0.0,))
@@ -176,7 +194,7 @@ def test_dpo_matches_reference(kind, beta, eps, dtype):
     tensors = make_pairs(batch, dtype, seed=DPO_CASES.index((kind, beta, eps)))
     lengths_w = torch.randint(1, 40, (batch,), generator=torch.Generator().manual_seed(1))
     lengths_l = torch.randint(1, 40, (batch,), generator=torch.Generator().manual_seed(2))
-    with_lengths = kind in ("ipo", "sft")
+    with_lengths = kind in ("ipo", "sft", "sigmoid_norm")
     kwargs = dict(chosen_lengths=lengths_w, rejected_lengths=lengths_l) if with_lengths else {}
     loss, metrics = dpo_loss(*tensors, beta=beta, loss_type=kind, label_smoothing=eps, **kwargs)
     upstream = 0.5 + random.Random(kind).random()
@@ -828,3 +846,103 @@ def test_orpo_property_matches_reference(rows, beta):
     expected = sum(ref_orpo_one(a, b, beta=beta) for a, b in rows) / len(rows)
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-9, abs=1e-9)
     assert torch.isfinite(w.grad).all() and torch.isfinite(lose.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# AOT (batch-coupled) and the f-divergences
+# ----------------------------------------------------------------------------------------------
+
+
+def _batch_finite_difference(fn, columns, h=1e-6):
+    """Central differences of fn(*columns) (lists of floats) in every entry of every column."""
+    grads = []
+    for j, column in enumerate(columns):
+        grads.append([])
+        for i in range(len(column)):
+            up = [list(c) for c in columns]
+            down = [list(c) for c in columns]
+            up[j][i] += h
+            down[j][i] -= h
+            grads[j].append((fn(*up) - fn(*down)) / (2 * h))
+    return grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["aot", "aot_unpaired"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_aot_matches_the_sorted_reference(kind, eps, dtype):
+    tensors = make_pairs(7, dtype, seed=11)
+    loss, metrics = dpo_loss(*tensors, beta=0.5, loss_type=kind, label_smoothing=eps)
+    loss.backward()
+    columns = [as_floats(t) for t in tensors]
+
+    def reference(*cols):
+        return ref_aot_batch(kind, *cols, beta=0.5, eps=eps)
+
+    v_atol, v_rtol, g_atol, g_rtol = TOLERANCES[dtype]
+    check_close(loss, reference(*columns), v_atol, v_rtol, "loss")
+    for t, g in zip(tensors, _batch_finite_difference(reference, columns)):
+        check_close(t.grad, g, g_atol, g_rtol, "gradient")
+    check_metrics_are_detached_floats(metrics)
+    # The sort couples the batch: shuffling the pairs keeps the loss (unlike one pair alone).
+    order = torch.randperm(7, generator=torch.Generator().manual_seed(0))
+    shuffled, _ = dpo_loss(*(t.detach()[order] for t in tensors), beta=0.5, loss_type=kind,
+                           label_smoothing=eps)
+    check_close(shuffled, reference(*columns), v_atol, v_rtol, "shuffled")
+
+
+def _ref_f_scores(rho, kind, alpha):
+    if kind == "forward_kl":
+        return -math.exp(-rho)
+    if kind == "js_divergence":
+        return log_sig(rho)
+    if kind == "alpha_divergence":
+        return math.exp((alpha - 1) * rho) / (alpha - 1)
+    return rho
+
+
+@pytest.mark.parametrize("f_kind, alpha", [("forward_kl", 0.5), ("js_divergence", 0.5),
+                                           ("alpha_divergence", 0.3),
+                                           ("alpha_divergence", 1.7)])
+@pytest.mark.parametrize("kind", ["sigmoid", "hinge", "ipo", "nca_pair", "apo_zero",
+                                  "apo_down", "sigmoid_norm"])
+def test_f_divergence_scores_replace_the_log_ratios(kind, f_kind, alpha):
+    """Wang et al. (2023): s = f'(π/π_ref) in place of ρ; apo_zero and apo_down's first term
+    keep ρ. Checked against the per-pair formulas of this file, on the scores."""
+    dtype = torch.float64
+    pc, pr, rc, rr = make_pairs(6, dtype, seed=21, spread=0.5)
+    n_w, n_l = torch.arange(3, 9), torch.arange(5, 11)
+    options = DPOOptions(beta=0.4, loss_type=kind, f_divergence_type=f_kind,
+                         f_alpha_divergence_coef=alpha)
+    loss, _ = dpo_loss(pc, pr, rc, rr, chosen_lengths=n_w, rejected_lengths=n_l,
+                       options=options)
+    expected = []
+    for i, (a, b, c, d) in enumerate(zip(*map(as_floats, (pc, pr, rc, rr)))):
+        s_w, s_l = _ref_f_scores(a - c, f_kind, alpha), _ref_f_scores(b - d, f_kind, alpha)
+        if kind == "apo_zero":
+            expected.append(ref_dpo_one(kind, a, b, c, d, beta=0.4))
+        elif kind == "apo_down":
+            expected.append(sig(0.4 * (a - c)) + (1 - sig(0.4 * (s_w - s_l))))
+        else:  # the pairwise formula on scores: ρ_w = s_w, ρ_l = s_l (references 0)
+            expected.append(ref_dpo_one(kind, s_w, s_l, 0.0, 0.0, beta=0.4,
+                                        n_w=float(n_w[i]), n_l=float(n_l[i])))
+    check_close(loss, sum(expected) / 6, 1e-10, 1e-10, f"{kind} under {f_kind}")
+
+
+def test_reverse_kl_and_the_alpha_limit_are_dpo():
+    tensors = make_pairs(5, torch.float64, seed=2)
+    dpo, _ = dpo_loss(*tensors, beta=0.3)
+    for options in (DPOOptions(beta=0.3, f_divergence_type="reverse_kl"),
+                    DPOOptions(beta=0.3, f_divergence_type="alpha_divergence",
+                               f_alpha_divergence_coef=1.0)):
+        same, _ = dpo_loss(*tensors, options=options)
+        torch.testing.assert_close(same, dpo)
+
+
+def test_bad_f_divergence_and_missing_lengths_are_named():
+    with pytest.raises(ValueError, match="f_divergence_type must be one of reverse_kl"):
+        DPOOptions(f_divergence_type="kl")
+    with pytest.raises(ValueError, match="f_alpha_divergence_coef must be"):
+        DPOOptions(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=float("nan"))
+    with pytest.raises(ValueError, match="'sigmoid_norm' needs chosen_lengths and rejected"):
+        dpo_loss(*make_pairs(3, torch.float32, seed=0), loss_type="sigmoid_norm")
