@@ -188,7 +188,8 @@ def _dpo_per_example(
             second = pairs.ref_chosen - pairs.ref_rejected
         else:  # the chosen log-ratios over the rejected ones, each sorted on its own
             first, second = rho_w, rho_l
-        delta = torch.sort(first).values - torch.sort(second).values
+        # Stable: tied values keep their order, so each gets a well-defined gradient.
+        delta = torch.sort(first, stable=True).values - torch.sort(second, stable=True).values
         return _smoothed_logistic(beta * delta, eps)
     if loss_type == "sft":
         return -pairs.policy_chosen / pairs.n_w
@@ -209,6 +210,8 @@ def dpo_loss(
     rejected_lengths: torch.Tensor | None = None,
     discopop_tau: float = 0.05,
     bco_delta: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
     chosen_nll: torch.Tensor | None = None,
     options: DPOOptions | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
@@ -280,12 +283,15 @@ def dpo_loss(
         discopop_tau: τ > 0, the temperature of DiscoPOP's modulation σ(u/τ).
         bco_delta: δ, the reward shift of bco_pair. TRL passes a running mean of the rewards
             β·ρ (kept by the trainer across steps); the default 0 is ALGORITHMS.md's formula.
+        f_divergence_type: the divergence to the reference: reverse_kl (DPO), forward_kl,
+            js_divergence or alpha_divergence (see above).
+        f_alpha_divergence_coef: α of alpha_divergence (any finite number; 1 is reverse KL).
         chosen_nll: optional NLL of the chosen answers for the sft term, 0-d (TRL's token mean
             over every chosen token of the batch) or [B]; then sft needs no ``chosen_lengths``.
         options: a prepared :class:`~fastalign.losses.DPOOptions` instead of ``beta``,
             ``loss_type``, ``label_smoothing``, ``loss_weights``, ``discopop_tau`` and
-            ``bco_delta`` (which must then be left at their defaults); the f-divergence
-            (``f_divergence_type``, ``f_alpha_divergence_coef``) is set only there.
+            ``bco_delta``, ``f_divergence_type`` and ``f_alpha_divergence_coef`` (which must
+            then be left at their defaults).
 
     Returns:
         ``(loss, metrics)``: loss is 0-d float32 (float64 for float64 inputs). Metrics, detached
@@ -304,7 +310,8 @@ def dpo_loss(
     )
     options = DPOOptions.from_arguments(
         options, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-        loss_weights=loss_weights, discopop_tau=discopop_tau, bco_delta=bco_delta)
+        loss_weights=loss_weights, discopop_tau=discopop_tau, bco_delta=bco_delta,
+        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef)
     loss_types, beta = options.loss_type, options.beta
     _check_optional_nll(chosen_nll, batch_size)
     if "sft" in loss_types and chosen_lengths is None and chosen_nll is None:

@@ -61,7 +61,7 @@ from fastalign.losses.kl import KL_ESTIMATORS
 from fastalign.losses.masked import AGGREGATION_NAMES
 
 F64 = torch.float64
-SMOOTHED_DPO_TYPES = ("sigmoid", "robust", "exo_pair")
+SMOOTHED_DPO_TYPES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
 # verl's spellings of the three aggregation modes, mapped to ALGORITHMS.md's names.
 CANONICAL_MODE = {"grpo": "grpo", "seq_mean_token_mean": "grpo", "dapo": "dapo",
                   "token_mean": "dapo", "dr_grpo": "dr_grpo", "seq_mean_token_sum_norm": "dr_grpo"}
@@ -114,6 +114,12 @@ def _ref_dpo_term(name, pc, pr, rc, rr, *, beta, eps, tau, delta, n_w, n_l, nll)
     if name == "discopop":  # m·e^{−u} = exp(log m − u): e^{−u} alone overflows for u ≪ 0
         m = _sigmoid(u / tau)
         return (1 - m) * -_log_sigmoid(u) + torch.exp(_log_sigmoid(u / tau) - u)
+    if name == "sigmoid_norm":
+        return -_log_sigmoid(beta * (rho_w / n_w - rho_l / n_l))
+    if name in ("aot", "aot_unpaired"):  # quantile by quantile across the batch (ties: by index)
+        first, second = (pc - pr, rc - rr) if name == "aot" else (rho_w, rho_l)
+        delta = torch.sort(first, stable=True).values - torch.sort(second, stable=True).values
+        return -(1 - eps) * _log_sigmoid(beta * delta) - eps * _log_sigmoid(-beta * delta)
     assert name == "sft"
     return -pc / n_w if nll is None else nll.expand(pc.shape)
 
@@ -326,6 +332,8 @@ def test_dpo_loss_property(data):
     nll_kind = draw(st.sampled_from(["none", "0d", "vector"]))
     if "sft" in names and lengths == "none" and nll_kind == "none":
         lengths = "int"  # sft needs the lengths (or an NLL) to average over
+    if "sigmoid_norm" in names and lengths == "none":
+        lengths = "int"
     n_w = n_l = None
     if lengths == "int":
         n_w, n_l = (torch.tensor(draw(st.lists(st.integers(1, 60), min_size=batch,
