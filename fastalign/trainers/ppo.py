@@ -252,6 +252,9 @@ class PPOTrainer(Trainer):
         if self.dist.enabled:  # the spread of every rank's scores, not a mean of spreads
             scores = torch.cat(self.gathered([rollout.raw_scores.float().cpu()]))
             rollout_metrics["reward/std"] = float(scores.std()) if len(scores) > 1 else 0.0
+            if rollout.reward_scores is not None:
+                rollout_metrics |= self.rewards.metrics(
+                    torch.cat(self.gathered([rollout.reward_scores])))
         self.kl_controller.update(rollout_metrics["kl/sequence"],
                                   len(rollout) * self.dist.world_size)
         return rollout_metrics | mean_metrics(updates) | {"kl_coef": kl_coef}
@@ -331,9 +334,10 @@ class PPOTrainer(Trainer):
         completion_ids, has_eos = self.generate(prompt_ids, prompt_mask, sample=True)
         input_ids, attention_mask, labels = self._sequences(prompt_ids, prompt_lengths,
                                                             completion_ids)
-        prompts, completions, raw_scores, rollout_metrics = self.score(
+        prompts, completions, raw_scores, reward_scores = self.score(
             prompt_ids, prompt_lengths, completion_ids, input_ids, attention_mask,
             examples=examples)
+        rollout_metrics = {} if reward_scores is None else self.rewards.metrics(reward_scores)
         scores = raw_scores.clone()
         if config.missing_eos_penalty is not None:
             scores = scores - config.missing_eos_penalty * (~has_eos).to(scores.dtype)
@@ -402,7 +406,7 @@ class PPOTrainer(Trainer):
                        raw_scores=raw_scores,
                        ref_logps=ref_logps, ref_hidden=exact_ref_hidden, old_values=old_values,
                        returns=returns, prompts=prompts, completions=completions,
-                       metrics=rollout_metrics)
+                       reward_scores=reward_scores, metrics=rollout_metrics)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                  sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,13 +452,14 @@ class PPOTrainer(Trainer):
     def score(self, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor,
               completion_ids: torch.Tensor, input_ids: torch.Tensor,
               attention_mask: torch.Tensor, *, examples: Sequence[dict] | None = None
-              ) -> tuple[list, list, torch.Tensor, Metrics]:
-        """(prompts, completions, float32 scores [N], per-function metrics) from the reward model
-        or the reward functions. ``examples`` (one per row) give the functions the data's
-        prompts and other columns; without them the prompts are the decoded prompt ids."""
+              ) -> tuple[list, list, torch.Tensor, torch.Tensor | None]:
+        """(prompts, completions, float32 scores [N], each function's scores [N, F] on the CPU
+        with NaN for None, or None for the reward model) from the reward model or the reward
+        functions. ``examples`` (one per row) give the functions the data's prompts and other
+        columns; without them the prompts are the decoded prompt ids."""
         prompts, completions = decode_texts(self.tokenizer, prompt_ids, prompt_lengths,
                                             completion_ids, eos_id=self.eos_id)
-        metrics: Metrics = {}
+        per_function = None
         if examples is not None:
             # The data's own prompt (chat prompts stay message lists, as TRL passes them); a
             # copy, since a reward function may edit it.
@@ -480,16 +485,9 @@ class PPOTrainer(Trainer):
                 prompts=prompts, completions=completions, completion_ids=ids, columns=columns,
                 trainer_state=TrainingProgress(self.step, self.config.max_steps))
             scores = scores.to(self.device)
-            # TRL's names; a function's None scores are left out of its statistics.
-            for name, column in zip(self.rewards.names, per_function.unbind(1)):
-                values = column[~column.isnan()]
-                if len(values):
-                    metrics[f"rewards/{name}/mean"] = float(values.mean())
-                    metrics[f"rewards/{name}/std"] = float(values.std()) if len(values) > 1 \
-                        else 0.0
         if not bool(torch.isfinite(scores).all()):
             raise ValueError(f"the reward is not finite: {scores.tolist()}")
-        return prompts, completions, scores, metrics
+        return prompts, completions, scores, per_function
 
     # -- helpers --------------------------------------------------------------------------------
 

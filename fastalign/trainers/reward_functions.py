@@ -268,6 +268,17 @@ class RewardFunctions:
         weights = torch.tensor(self.weights, dtype=torch.float32)
         return (scores * weights).nansum(1), scores
 
+    def metrics(self, scores: torch.Tensor) -> dict[str, float]:
+        """TRL's per-function metrics of ``scores`` [N, F]: ``rewards/{name}/mean`` and
+        ``/std``, None scores left out (a function with none in ``scores`` gets no entry)."""
+        metrics = {}
+        for name, column in zip(self.names, scores.unbind(1)):
+            values = column[~column.isnan()]
+            if len(values):
+                metrics[f"rewards/{name}/mean"] = float(values.mean())
+                metrics[f"rewards/{name}/std"] = float(values.std()) if len(values) > 1 else 0.0
+        return metrics
+
     @staticmethod
     def _scores(fn, name: str, parameters, arguments: dict, count: int) -> torch.Tensor:
         if parameters is _EVERYTHING:

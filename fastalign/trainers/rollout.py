@@ -44,6 +44,7 @@ class Rollout:
     returns: torch.Tensor | None = None
     prompts: list | None = None  # as the reward functions saw them: texts or message lists
     completions: list | None = None
+    reward_scores: torch.Tensor | None = None  # [N, F] per reward function (NaN: None), CPU
     metrics: Metrics | None = None
 
     def __len__(self) -> int:
