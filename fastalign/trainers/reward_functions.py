@@ -191,7 +191,7 @@ def resolve_reward_fn(spec: str | RewardFn) -> RewardFn:
     return target
 
 
-def reward_specs(spec) -> list:
+def _reward_specs(spec) -> list:
     """The entries of a ``reward_fn`` value: a comma-separated string, a callable, or a list of
     names and callables (names in a list may not hold commas)."""
     if isinstance(spec, str):
@@ -208,7 +208,7 @@ def reward_specs(spec) -> list:
     return entries
 
 
-def check_reward_weights(weights, count: int) -> tuple[float, ...]:
+def _check_reward_weights(weights, count: int) -> tuple[float, ...]:
     """``reward_weights`` as floats, one per reward function (None: 1 each)."""
     if weights is None:
         return (1.0,) * count
@@ -232,15 +232,15 @@ class RewardFunctions:
     of their scores (None scores left out).
 
     Args:
-        spec: what ``reward_fn`` takes (see :func:`reward_specs`); names are resolved by
+        spec: what ``reward_fn`` takes (see :func:`_reward_specs`); names are resolved by
             :func:`resolve_reward_fn`.
         weights: one finite weight per function (default: 1 each).
     """
 
     def __init__(self, spec, weights: Sequence[float] | None = None) -> None:
-        entries = reward_specs(spec)
+        entries = _reward_specs(spec)
         self.functions = [resolve_reward_fn(entry) for entry in entries]
-        self.weights = check_reward_weights(weights, len(self.functions))
+        self.weights = _check_reward_weights(weights, len(self.functions))
         self.names = _unique_names([entry if isinstance(entry, str) and entry in BUILTIN_REWARDS
                                     else _function_name(fn)
                                     for entry, fn in zip(entries, self.functions)])
