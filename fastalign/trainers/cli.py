@@ -23,7 +23,7 @@ Data (TRL's JSONL formats, one JSON object per line, plain strings or chat messa
   rm, dpo, simpo, cpo, orpo
               {"prompt", "chosen", "rejected"}
   kto         {"prompt", "completion", "label": true|false}
-  ppo, grpo   {"prompt"}
+  ppo, grpo   {"prompt"}; other keys (an "answer", say) reach the --reward-fn functions
 
 The output directory receives the model (save_pretrained: load it back with
 transformers.AutoModelForCausalLM.from_pretrained(OUTPUT)), metrics.jsonl and metrics.csv (one

@@ -5,14 +5,16 @@ options are in ``ppo_config.py``, the rollout record and its token bookkeeping i
 
 1. **Rollout.** ``batch_size`` prompts (left-padded, ``PromptCollator``), each repeated
    ``num_generations`` times (G consecutive rows per prompt), are completed by
-   ``model.generate`` (sampling at ``temperature``, optionally ``top_k``, at most
-   ``max_new_tokens``). A completion ends at its first eos; the rows are re-laid as prompt +
-   completion, right-padded, with ``labels`` = the completion ids and -100 on prompt and padding.
+   ``model.generate`` (sampling at ``temperature``, then optionally ``top_k`` and ``top_p``, as
+   transformers applies them; at most ``max_new_tokens``). A completion ends at its first eos;
+   the rows are re-laid as prompt + completion, right-padded, with ``labels`` = the completion
+   ids and -100 on prompt and padding.
 2. **Evaluation.** The old log-probs (and entropies) of the sampled tokens come from the fused
    head on the policy's final hidden states (``fastalign.hf``; never ``generate``'s scores, never
    [tokens × vocab] logits), the reference log-probs from ``ReferencePolicy`` (a frozen copy, or
-   the PEFT policy with its adapters disabled), the scores from a reward function on the decoded
-   text or from a reward model on the token ids.
+   the PEFT policy with its adapters disabled), the scores from the weighted reward functions
+   (called as TRL calls them, with the data's other columns; ``reward_functions.py``) or from a
+   reward model on the token ids.
 3. **Advantages.** ``ppo``: per-token rewards = −β·KL on every completion token plus the score on
    the last one (``kl_shaped_rewards``; with ``kl_estimator="exact"`` the KL is the exact one of
    ``linear_kl``), values from a value head ``nn.Linear(H, 1)`` on the policy's final hidden
@@ -30,13 +32,15 @@ state is checkpointed. Sampling draws from the global torch generator, which che
 restore, and minibatches are shuffled by a generator seeded from (seed, step, epoch): a resumed
 run repeats the uninterrupted one exactly.
 
-The log-probs score the full softmax at ``temperature`` (as TRL does), even when ``top_k``
-truncates what is sampled. Dropout makes the rollout log-probs random: use a model without it.
+The log-probs score the full softmax at ``temperature`` (as TRL does), even when ``top_k`` or
+``top_p`` truncates what is sampled. Dropout makes the rollout log-probs random: use a model
+without it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -64,7 +68,7 @@ from fastalign.trainers.loop import Trainer
 from fastalign.trainers.metrics import Metrics, as_floats, mean_metrics
 from fastalign.trainers.ppo_config import GRPOConfig, PPOConfig
 from fastalign.trainers.reference import ReferencePolicy
-from fastalign.trainers.reward_functions import RewardFn, resolve_reward_fn
+from fastalign.trainers.reward_functions import RewardFn, RewardFunctions, TrainingProgress
 from fastalign.trainers.rollout import (
     Rollout,
     completion_length,
@@ -77,14 +81,19 @@ __all__ = ["GRPOConfig", "PPOConfig", "PPOTrainer", "Rollout", "encode_prompt_ex
 
 # Aggregations that average over every token of the batch (the others average per sequence).
 _TOKEN_AGGREGATIONS = ("dapo", "token_mean")
+# Keys of an example that are not data columns handed to the reward functions (TRL's list, and
+# the token ids the encoding adds).
+_NOT_COLUMNS = ("prompt", "prompt_ids", "completion", "completion_ids")
 
 
 def encode_prompt_examples(records, tokenizer, *, max_length: int | None = None,
                            max_prompt_length: int | None = None) -> list[dict]:
     """``data.encode_prompts`` with the signature ``run._load_examples`` calls (``max_length`` is
-    the rollout's limit, applied when generating)."""
+    the rollout's limit, applied when generating). Each example keeps its record's ``prompt``
+    and other columns (a reference ``answer``, say): the reward functions receive them."""
     del max_length
-    return encode_prompts(records, tokenizer, max_prompt_length=max_prompt_length)
+    encoded = encode_prompts(records, tokenizer, max_prompt_length=max_prompt_length)
+    return [{**record, **example} for record, example in zip(records, encoded)]
 
 
 class PPOTrainer(Trainer):
@@ -100,8 +109,10 @@ class PPOTrainer(Trainer):
         reward_model: a sequence classifier with one output (``num_labels=1``, the policy's
             tokenizer, ``config.pad_token_id`` set) scoring prompt + completion ids; replaces
             ``config.reward_fn``.
-        reward_fn: a Python ``fn(prompts, completions) -> list[float]`` overriding
-            ``config.reward_fn``.
+        reward_fn: reward functions overriding ``config.reward_fn`` (and its weights): a
+            callable, a name, or a list of them (see ``reward_functions.py`` for how they are
+            called).
+        reward_weights: one weight per function of ``reward_fn`` (default: 1 each).
         eval_examples: prompts whose greedy completions are scored every ``eval_steps`` and at
             the end (``eval/reward``, ``eval/completion_length``).
 
@@ -117,7 +128,9 @@ class PPOTrainer(Trainer):
 
     def __init__(self, model: nn.Module, tokenizer, train_examples: Sequence[dict],
                  config: PPOConfig, *, ref_model: nn.Module | None = None,
-                 reward_model: nn.Module | None = None, reward_fn: RewardFn | None = None,
+                 reward_model: nn.Module | None = None,
+                 reward_fn: RewardFn | str | Sequence[RewardFn | str] | None = None,
+                 reward_weights: Sequence[float] | None = None,
                  eval_examples: Sequence[dict] | None = None) -> None:
         if not isinstance(config, PPOConfig):
             raise TypeError(f"PPOTrainer takes a PPOConfig, got {type(config).__name__}")
@@ -144,20 +157,30 @@ class PPOTrainer(Trainer):
 
         if reward_model is not None and reward_fn is not None:
             raise ValueError("pass either reward_model or reward_fn, not both")
+        if reward_weights is not None and reward_fn is None:
+            raise ValueError("reward_weights= weighs the functions of reward_fn=, which is not "
+                             "given (config.reward_weights weighs config.reward_fn)")
         self.reward_model = reward_model
-        self.reward_fn: RewardFn | None = None
+        self.rewards: RewardFunctions | None = None
         if reward_model is not None:
+            # The reward functions left at their default give way to the model; chosen ones
+            # would be ignored, so they are refused.
+            chosen = [f"{name}={getattr(config, name)!r}" for name in ("reward_fn",
+                                                                         "reward_weights")
+                      if getattr(config, name) != getattr(type(config), name)]
+            if chosen:
+                raise ValueError(f"a reward model replaces the reward functions, but "
+                                 f"{' and '.join(chosen)} were given too: drop --reward-fn and "
+                                 f"--reward-weights, or --reward-model")
             if getattr(reward_model.config, "pad_token_id", None) is None:
                 raise ValueError("reward_model.config.pad_token_id is not set: the classifier "
                                  "finds each sequence's last token by it (set it to the "
                                  "tokenizer's pad token id)")
             self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
         elif reward_fn is not None:
-            if not callable(reward_fn):
-                raise TypeError(f"reward_fn must be callable, got {type(reward_fn).__name__}")
-            self.reward_fn = reward_fn
+            self.rewards = RewardFunctions(reward_fn, reward_weights)
         elif config.reward_fn is not None:
-            self.reward_fn = resolve_reward_fn(config.reward_fn)
+            self.rewards = RewardFunctions(config.reward_fn, config.reward_weights)
         else:
             raise ValueError("no reward: pass reward_model or reward_fn, or set "
                              "config.reward_fn to a builtin or 'module:function'")
@@ -229,6 +252,9 @@ class PPOTrainer(Trainer):
         if self.dist.enabled:  # the spread of every rank's scores, not a mean of spreads
             scores = torch.cat(self.gathered([rollout.raw_scores.float().cpu()]))
             rollout_metrics["reward/std"] = float(scores.std()) if len(scores) > 1 else 0.0
+            if rollout.reward_scores is not None:
+                rollout_metrics |= self.rewards.metrics(
+                    torch.cat(self.gathered([rollout.reward_scores])))
         self.kl_controller.update(rollout_metrics["kl/sequence"],
                                   len(rollout) * self.dist.world_size)
         return rollout_metrics | mean_metrics(updates) | {"kl_coef": kl_coef}
@@ -304,11 +330,14 @@ class PPOTrainer(Trainer):
         prompt_ids = batch["input_ids"].repeat_interleave(group, dim=0)
         prompt_mask = batch["attention_mask"].repeat_interleave(group, dim=0)
         prompt_lengths = batch["prompt_lengths"].repeat_interleave(group, dim=0)
+        examples = [self.train_examples[i] for i in indices for _ in range(group)]
         completion_ids, has_eos = self.generate(prompt_ids, prompt_mask, sample=True)
         input_ids, attention_mask, labels = self._sequences(prompt_ids, prompt_lengths,
                                                             completion_ids)
-        prompts, completions, raw_scores = self.score(prompt_ids, prompt_lengths, completion_ids,
-                                                      input_ids, attention_mask)
+        prompts, completions, raw_scores, reward_scores = self.score(
+            prompt_ids, prompt_lengths, completion_ids, input_ids, attention_mask,
+            examples=examples)
+        rollout_metrics = {} if reward_scores is None else self.rewards.metrics(reward_scores)
         scores = raw_scores.clone()
         if config.missing_eos_penalty is not None:
             scores = scores - config.missing_eos_penalty * (~has_eos).to(scores.dtype)
@@ -339,7 +368,6 @@ class PPOTrainer(Trainer):
         token_kl = torch.where(mask, token_kl, 0.0)
         old_logps = old.token_logps
 
-        rollout_metrics: Metrics = {}
         returns = None
         if config.mode == "ppo":
             # token_kl is already k(t) (or the exact KL), and k1 of (kl, 0) is kl itself.
@@ -378,7 +406,7 @@ class PPOTrainer(Trainer):
                        raw_scores=raw_scores,
                        ref_logps=ref_logps, ref_hidden=exact_ref_hidden, old_values=old_values,
                        returns=returns, prompts=prompts, completions=completions,
-                       metrics=rollout_metrics)
+                       reward_scores=reward_scores, metrics=rollout_metrics)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                  sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,7 +423,8 @@ class PPOTrainer(Trainer):
                              f"for a completion within max_length={config.max_length}")
         generation = GenerationConfig(
             do_sample=sample, temperature=config.temperature if sample else 1.0,
-            top_k=config.top_k if sample else 0, top_p=1.0, typical_p=1.0,
+            top_k=config.top_k if sample else 0, top_p=config.top_p if sample else 1.0,
+            typical_p=1.0,
             repetition_penalty=1.0, num_beams=1, max_new_tokens=min(config.max_new_tokens, room),
             pad_token_id=self.pad_id, eos_token_id=self.eos_id, use_cache=True)
         was_training = self.model.training
@@ -422,11 +451,22 @@ class PPOTrainer(Trainer):
 
     def score(self, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor,
               completion_ids: torch.Tensor, input_ids: torch.Tensor,
-              attention_mask: torch.Tensor) -> tuple[list[str], list[str], torch.Tensor]:
-        """(prompt texts, completion texts, float32 scores [N]) from the reward model or
-        function."""
+              attention_mask: torch.Tensor, *, examples: Sequence[dict] | None = None
+              ) -> tuple[list, list, torch.Tensor, torch.Tensor | None]:
+        """(prompts, completions, float32 scores [N], each function's scores [N, F] on the CPU
+        with NaN for None, or None for the reward model) from the reward model or the reward
+        functions. ``examples`` (one per row) give the functions the data's prompts and other
+        columns; without them the prompts are the decoded prompt ids."""
         prompts, completions = decode_texts(self.tokenizer, prompt_ids, prompt_lengths,
                                             completion_ids, eos_id=self.eos_id)
+        per_function = None
+        if examples is not None:
+            # The data's own prompt (chat prompts stay message lists, as TRL passes them); a
+            # copy, since a reward function may edit it.
+            prompts = [copy.deepcopy(example["prompt"]) if "prompt" in example else text
+                       for example, text in zip(examples, prompts)]
+        if any(not isinstance(prompt, str) for prompt in prompts):
+            completions = [[{"role": "assistant", "content": text}] for text in completions]
         if self.reward_model is not None:
             with self.autocast():
                 logits = self.reward_model(input_ids=input_ids,
@@ -436,20 +476,18 @@ class PPOTrainer(Trainer):
                                  f"(num_labels=1), got logits of shape {tuple(logits.shape)}")
             scores = logits[:, 0].float()
         else:
-            values = self.reward_fn(prompts, completions)
-            name = getattr(self.reward_fn, "__name__", repr(self.reward_fn))
-            try:
-                scores = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
-            except (TypeError, ValueError):
-                raise ValueError(f"reward_fn {name} must return a list of numbers, got "
-                                 f"{type(values).__name__}") from None
-            if scores.shape != (len(completions),):
-                raise ValueError(f"reward_fn {name} returned {scores.numel()} scores for "
-                                 f"{len(completions)} completions")
+            columns = {}
+            for key in dict.fromkeys(k for example in examples or () for k in example):
+                if key not in _NOT_COLUMNS:
+                    columns[key] = [example.get(key) for example in examples]
+            ids = [row[:completion_length(row, self.eos_id)] for row in completion_ids.tolist()]
+            scores, per_function = self.rewards(
+                prompts=prompts, completions=completions, completion_ids=ids, columns=columns,
+                trainer_state=TrainingProgress(self.step, self.config.max_steps))
             scores = scores.to(self.device)
         if not bool(torch.isfinite(scores).all()):
             raise ValueError(f"the reward is not finite: {scores.tolist()}")
-        return prompts, completions, scores
+        return prompts, completions, scores, per_function
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -489,14 +527,15 @@ class PPOTrainer(Trainer):
         scores, lengths = [], []
         size = self.config.batch_size
         for start in range(0, len(self.eval_examples), size):
-            batch = self.batch(range(start, min(start + size, len(self.eval_examples))),
-                               self.eval_examples)
+            rows = range(start, min(start + size, len(self.eval_examples)))
+            batch = self.batch(rows, self.eval_examples)
             completion_ids, _ = self.generate(batch["input_ids"], batch["attention_mask"],
                                               sample=False)
             input_ids, attention_mask, _ = self._sequences(
                 batch["input_ids"], batch["prompt_lengths"], completion_ids)
-            _, _, batch_scores = self.score(batch["input_ids"], batch["prompt_lengths"],
-                                            completion_ids, input_ids, attention_mask)
+            _, _, batch_scores, _ = self.score(
+                batch["input_ids"], batch["prompt_lengths"], completion_ids, input_ids,
+                attention_mask, examples=[self.eval_examples[i] for i in rows])
             scores.append(batch_scores.float().cpu())
             lengths += [completion_length(ids, self.eos_id) for ids in completion_ids.tolist()]
         scores = torch.cat(scores)

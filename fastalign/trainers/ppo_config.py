@@ -22,7 +22,10 @@ from fastalign.trainers.config import (
     TrainingConfig,
     option,
 )
-from fastalign.trainers.reward_functions import BUILTIN_REWARDS, resolve_reward_fn
+from fastalign.trainers.reward_functions import (
+    BUILTIN_REWARDS,
+    RewardFunctions,
+)
 
 __all__ = ["KL_ESTIMATOR_NAMES", "MODES", "ROLLOUT_REFERENCE_MODES", "GRPOConfig", "PPOConfig"]
 
@@ -45,6 +48,9 @@ class PPOConfig(TrainingConfig):
                                   "rloo, >= 2 there)")
     max_new_tokens: int = option(16, "longest completion in tokens (also capped by max-length)")
     top_k: int = option(0, "sample from the k most likely tokens only (0: the whole vocabulary)")
+    top_p: float = option(1.0, "nucleus sampling: sample from the most likely tokens whose "
+                          "probabilities reach top-p, applied after temperature and top-k, in "
+                          "(0, 1] (1: off)")
     ppo_epochs: int = option(4, "passes over each rollout")
     num_minibatches: int = option(1, "optimizer steps per pass over a rollout")
     clip: float = option(0.2, "PPO clip range epsilon of the probability ratio, in (0, 1)")
@@ -65,9 +71,14 @@ class PPOConfig(TrainingConfig):
     loss_agg: str = option("token_mean", "token aggregation of the loss: token_mean (= dapo), "
                            "grpo (per-sequence mean, then mean) or dr_grpo")
     ent_coef: float = option(0.0, "entropy bonus coefficient")
-    reward_fn: str | None = option("polite", "reward function: a builtin (" + ", ".join(
-        BUILTIN_REWARDS) + "), package.module:function or file.py:function (unused with "
-        "--reward-model)")
+    reward_fn: str | None = option("polite", "reward functions, comma-separated: builtins (" +
+        ", ".join(BUILTIN_REWARDS) + "), module:function (a module importable or in the working "
+        "directory) or path/to/file.py:function, called TRL's way: fn(prompts=, completions=, "
+        "completion_ids=, every other data column=, trainer_state=); see --reward-weights "
+        "(replaced by --reward-model)")
+    reward_weights: tuple[float, ...] | None = option(None, "weights of the reward functions, as "
+                                                      "W1,W2,...: the reward is their weighted "
+                                                      "sum ('none': 1 each)")
     missing_eos_penalty: float | None = option(None, "subtract this from the score of a "
                                                "completion that ends without eos ('none': no "
                                                "penalty)")
@@ -81,6 +92,7 @@ class PPOConfig(TrainingConfig):
         for name in ("num_generations", "max_new_tokens", "ppo_epochs", "num_minibatches"):
             check_field_int(name, getattr(self, name), minimum=1)
         check_field_int("top_k", self.top_k, minimum=0)
+        check_field_number("top_p", self.top_p, low=0.0, high=1.0, high_inclusive=True)
         if self.mode in ("grpo", "rloo") and self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 for mode={self.mode!r} (the advantage "
                              f"compares the completions of a prompt), got {self.num_generations}")
@@ -123,8 +135,11 @@ class PPOConfig(TrainingConfig):
                              "completions are sampled during training, so their reference "
                              "log-probs cannot be computed beforehand; use 'copy' or 'adapters'")
         check_field_choice("reference", self.reference, ROLLOUT_REFERENCE_MODES)
-        if self.reward_fn is not None:
-            resolve_reward_fn(self.reward_fn)  # an unknown name fails now, not after loading
+        if self.reward_fn is not None:  # an unknown name fails now, not after loading
+            RewardFunctions(self.reward_fn, self.reward_weights)
+        elif self.reward_weights is not None:
+            raise ValueError("reward_weights weighs the functions of reward_fn, which is None "
+                             "(PPOTrainer's reward_fn= takes its own reward_weights=)")
         # What the update's loss takes, passed to it whole; kl_coef is the start value (the
         # adaptive controller and mode ppo, whose KL is in the rewards, override it per update).
         self.loss_options = PPOOptions(

@@ -42,8 +42,9 @@ class Rollout:
     ref_hidden: torch.Tensor | None = None  # [N, T, H_ref], for kl_estimator="exact"
     old_values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
-    prompts: list[str] | None = None
-    completions: list[str] | None = None
+    prompts: list | None = None  # as the reward functions saw them: texts or message lists
+    completions: list | None = None
+    reward_scores: torch.Tensor | None = None  # [N, F] per reward function (NaN: None), CPU
     metrics: Metrics | None = None
 
     def __len__(self) -> int:

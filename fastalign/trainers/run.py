@@ -61,7 +61,8 @@ _REF_MODEL_HELP = ("a model directory for the frozen reference (default: a copy 
                    "at the start, or see --reference)")
 _REWARD_MODEL_HELP = ("a sequence-classifier directory (num_labels=1, the policy's tokenizer; "
                       "e.g. the output of `fastalign train rm`) scoring prompt + completion; "
-                      "replaces --reward-fn")
+                      "replaces the reward functions (with it, --reward-fn and "
+                      "--reward-weights are errors)")
 
 _REFERENCE_FREE_SUMMARY = ("rewards/accuracies", "rewards/margins", "rewards/chosen",
                            "rewards/rejected", "nll_loss", "loss")
