@@ -9,11 +9,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Metrics", "MetricsLog", "as_floats", "mean_metrics"]
+__all__ = ["Metrics", "MetricsLog", "as_floats", "mean_metrics", "metric_panels"]
 
 Metrics = dict[str, float]
 
@@ -59,34 +59,59 @@ class MetricsLog:
         return path
 
     def plot(self, plots_dir: Path, title: str) -> list[Path]:
-        """One PNG per metric family (the part of the name before '/'), one line per metric."""
+        """One PNG per metric family (``rewards.png`` holds every ``rewards/...``; see
+        :func:`metric_panels`), one panel per metric, each with its own y axis."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
-        families: dict[str, list[str]] = {}
-        for key in sorted({key for record in self.records for key in record} - {"step"}):
-            families.setdefault(key.split("/")[0] if "/" in key else key, []).append(key)
         plots_dir.mkdir(parents=True, exist_ok=True)
+        keys = {key for record in self.records for key in record} - {"step"}
         paths = []
-        for family, keys in families.items():
-            figure, axes = plt.subplots(figsize=(6, 3.5))
-            for key in keys:
-                points = [(r["step"], r[key]) for r in self.records if key in r]
-                if points:
+        for family, panels in metric_panels(keys).items():
+            columns = min(len(panels), 3)
+            rows = -(-len(panels) // columns)
+            figure, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3 * rows),
+                                        squeeze=False)
+            for axes, (metric, lines) in zip(grid.flat, panels.items()):
+                for key in lines:
+                    points = [(r["step"], r[key]) for r in self.records if key in r]
                     steps, values = zip(*points)
                     axes.plot(steps, values, marker="." if len(points) < 40 else None, label=key)
-            axes.set_xlabel("step")
-            axes.set_title(f"{title}: {family}")
-            axes.grid(alpha=0.3)
-            axes.legend(fontsize=8)
+                axes.set_title(metric, fontsize=9)
+                axes.grid(alpha=0.3)
+                axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
+                if len(lines) > 1:
+                    axes.legend(fontsize=7)
+            for axes in grid.flat[len(panels):]:
+                axes.set_visible(False)
+            figure.suptitle(f"{title}: {family}")
+            figure.supxlabel("step", fontsize=9)
             figure.tight_layout()
-            path = plots_dir / f"{family.replace('/', '_')}.png"
+            path = plots_dir / f"{family}.png"
             figure.savefig(path, dpi=100)
             plt.close(figure)
             paths.append(path)
         return paths
+
+
+def metric_panels(keys: Iterable[str]) -> dict[str, dict[str, list[str]]]:
+    """How the plots lay out metrics: {family: {metric: [keys drawn on its panel]}}.
+
+    Metrics of one family (the part of the name before the first '/') share a figure but never
+    an axis, since they differ in scale (log-probs near −70 beside accuracies in [0, 1], a
+    probability ratio near 1 beside KLs near 0). A training metric and its ``eval/`` twin are
+    the same quantity on the same scale, so they share a panel; an ``eval/`` metric without a
+    training twin gets a panel of its own in its family.
+    """
+    panels: dict[str, dict[str, list[str]]] = {}
+    for key in sorted(keys, key=lambda key: (key.startswith("eval/"), key)):
+        metric = key.removeprefix("eval/")
+        family = metric.split("/")[0]
+        panels.setdefault(family, {}).setdefault(metric, []).append(key)
+    return panels
 
 
 def mean_metrics(parts: Sequence[tuple[dict[str, float], int]]) -> Metrics:
