@@ -9,7 +9,7 @@ same inputs have a clear winner; ties are tested separately with exactly equal i
 import pytest
 import torch
 
-from fastalign import linear_argmax, linear_argmax_reference
+from fastalign import linear_argmax, linear_argmax_reference, sequence_logprobs_from_labels
 from fastalign.ops.linear_logprobs import reference_logits
 
 # (id, leading shape, H, V, bias, options, block_rows, block_vocab): small blocks give many
@@ -108,3 +108,26 @@ def test_bad_arguments_name_the_argument():
         linear_argmax(hidden, weight, block_vocab=0)
     with pytest.raises((TypeError, ValueError), match="dtype"):
         linear_argmax(hidden.double(), weight)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_sequence_logprobs_predictions_are_the_argmax_at_scored_positions(packed):
+    hidden, weight, bias = _inputs((2, 9), 16, 70, True, torch.float32)
+    labels = torch.randint(0, 70, (2, 9), generator=torch.Generator().manual_seed(1))
+    labels[0, :4] = -100  # a prompt
+    cu_seqlens = None
+    if packed:
+        hidden, labels, cu_seqlens = hidden.reshape(18, 16), labels.reshape(18), torch.tensor(
+            [0, 9, 18])
+    out = sequence_logprobs_from_labels(hidden, weight, labels, cu_seqlens=cu_seqlens, bias=bias,
+                                        softcap=3.0, return_predictions=True)
+    expected = linear_argmax_reference(hidden, weight, bias=bias, softcap=3.0)
+    expected = expected if packed else expected[:, :-1]  # position T - 1 predicts nothing
+    clear = _clear_winner(hidden, weight, bias)
+    clear = clear if packed else clear[:, :-1]
+    mask = out.token_mask
+    assert mask.sum() > 8 and (~mask).sum() >= 3
+    assert torch.equal(out.token_predictions[mask & clear], expected[mask & clear])
+    assert (out.token_predictions[~mask] == -100).all()
+    assert sequence_logprobs_from_labels(hidden, weight, labels, cu_seqlens=cu_seqlens,
+                                         bias=bias).token_predictions is None
