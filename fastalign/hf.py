@@ -349,13 +349,15 @@ def token_kl(model: nn.Module, ref_model: nn.Module | None, input_ids: torch.Ten
 
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                       attention_mask: torch.Tensor | None = None, *, temperature: float = 1.0,
-                      return_entropy: bool = False, impl: str = "auto",
-                      **model_kwargs) -> SequenceLogprobs:
+                      return_entropy: bool = False, return_predictions: bool = False,
+                      impl: str = "auto", **model_kwargs) -> SequenceLogprobs:
     """Per-token and per-sequence log-probs of the labelled tokens, as the trainers need them.
 
     ``labels`` [B, T] are aligned with ``input_ids`` as in Hugging Face: the token id where a
     token is scored, -100 on prompt and padding. Returns a ``SequenceLogprobs`` with float32
-    ``token_logps`` [B, T − 1] and ``sum_logps`` / ``mean_logps`` / ``lengths`` [B].
+    ``token_logps`` [B, T − 1] and ``sum_logps`` / ``mean_logps`` / ``lengths`` [B];
+    ``return_predictions`` adds the arg-max token of each scored position, from the same hidden
+    states (one backbone run).
     """
     head = lm_head(model)
     if not isinstance(labels, torch.Tensor) or labels.shape != getattr(input_ids, "shape", None):
@@ -366,7 +368,8 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.T
     with no_autocast(hidden.device.type):
         return sequence_logprobs_from_labels(hidden, weight, labels, bias=bias,
                                              ignore_index=IGNORE_INDEX,
-                                             return_entropy=return_entropy, impl=impl,
+                                             return_entropy=return_entropy,
+                                             return_predictions=return_predictions, impl=impl,
                                              **head.options(temperature))
 
 

@@ -26,6 +26,7 @@ from fastalign.ops._checks import (
     check_token_ids,
     check_token_range,
 )
+from fastalign.ops.linear_argmax import linear_argmax
 from fastalign.ops.linear_logprobs import check_linear_logprobs_args, compute_linear_logprobs
 
 
@@ -42,6 +43,8 @@ class SequenceLogprobs:
             sequence without any).
         lengths: [B] (or [S]) int64, the number of response tokens of each sequence.
         token_entropy: like ``token_logps``, or None unless asked for.
+        token_predictions: int64, same shape: the arg-max token of the next-token distribution
+            where ``token_mask`` is set, ``ignore_index`` elsewhere; None unless asked for.
     """
 
     token_logps: torch.Tensor
@@ -50,6 +53,7 @@ class SequenceLogprobs:
     mean_logps: torch.Tensor
     lengths: torch.Tensor
     token_entropy: torch.Tensor | None = None
+    token_predictions: torch.Tensor | None = None
 
 
 def _check_mask_like(name: str, value: torch.Tensor, like: torch.Tensor) -> None:
@@ -110,6 +114,7 @@ def sequence_logprobs_from_labels(
     softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    return_predictions: bool = False,
     impl: str = "auto",
 ) -> SequenceLogprobs:
     """Like :func:`sequence_logprobs`, with Hugging Face style ``labels`` (ignore_index = masked).
@@ -118,6 +123,8 @@ def sequence_logprobs_from_labels(
         hidden: [B, T, H] final hidden states (or [total, H] / [1, total, H] with cu_seqlens).
         weight: [V, H] LM head. labels: [B, T] (or [total] / [1, total]) token ids aligned with
             the input, ``ignore_index`` where a token is not scored.
+        return_predictions: also fill ``token_predictions``, the arg-max token at each scored
+            position (``linear_argmax``: streamed, no gradient), e.g. for a token accuracy.
     """
     check_token_ids("labels", labels)
     packed = cu_seqlens is not None
@@ -146,6 +153,7 @@ def sequence_logprobs_from_labels(
     targets = next_token_targets(labels, cu_seqlens=cu_seqlens, ignore_index=ignore_index)
     check_linear_logprobs_args(hidden, weight, targets, bias, temperature, softcap, ignore_index)
     check_bool("return_entropy", return_entropy)
+    check_bool("return_predictions", return_predictions)
     chosen = resolve_impl(impl, hidden.device, hidden.dtype)
     # The one label check (and device sync) of the call, named as the user passed the ids: the
     # shifted targets hold the same ids.
@@ -156,6 +164,12 @@ def sequence_logprobs_from_labels(
     )
     token_logps, token_entropy = result if return_entropy else (result, None)
     token_mask = targets != ignore_index
+    token_predictions = None
+    if return_predictions:
+        with torch.no_grad():  # only the scored positions: prompts and padding are left out
+            token_predictions = torch.full_like(targets, ignore_index)
+            token_predictions[token_mask] = linear_argmax(
+                hidden[token_mask], weight, bias=bias, temperature=temperature, softcap=softcap)
 
     if packed:
         lengths_of_sequences = (cu_seqlens[1:] - cu_seqlens[:-1]).to(labels.device)
@@ -172,11 +186,13 @@ def sequence_logprobs_from_labels(
         token_logps, token_mask = token_logps[:, :-1], token_mask[:, :-1]
         if token_entropy is not None:
             token_entropy = token_entropy[:, :-1]
+        if token_predictions is not None:
+            token_predictions = token_predictions[:, :-1]
         sum_logps = token_logps.sum(-1)
         lengths = token_mask.sum(-1)
     mean_logps = sum_logps / lengths.clamp(min=1).to(sum_logps.dtype)
     return SequenceLogprobs(token_logps, token_mask, sum_logps, mean_logps, lengths,
-                            token_entropy)
+                            token_entropy, token_predictions)
 
 
 def sequence_logprobs(

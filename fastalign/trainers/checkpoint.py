@@ -50,7 +50,7 @@ _STATE_FILE = "state.pt"
 _MANIFEST_FILE = "manifest.json"
 # What a run writes into its output directory and ``overwrite`` deletes; the model and tokenizer
 # files are replaced by the new run's own at its end, and anything else is left alone.
-_RUN_RECORDS = ("checkpoints", "metrics.jsonl", "metrics.csv", "plots")
+_RUN_RECORDS = ("checkpoints", "metrics.jsonl", "metrics.csv", "plots", "runs")
 
 
 class CheckpointError(RuntimeError):

@@ -20,6 +20,7 @@ from fastalign.ops._checks import (
     check_field_int,
 )
 from fastalign.trainers.distributed import STRATEGIES
+from fastalign.trainers.metrics import report_targets
 
 __all__ = ["LR_SCHEDULES", "REFERENCE_MODES", "RESUMABLE_CHANGES", "TrainingConfig", "option",
            "pad_token_id"]
@@ -37,7 +38,7 @@ REFERENCE_HELP = ("the reference model: copy (a frozen copy), precomputed (log-p
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "resume", "overwrite", "max_steps", "logging_steps", "eval_steps",
     "save_steps", "save_total_limit", "progress", "plots", "device", "impl", "distributed",
-    "memory_report",
+    "memory_report", "report_to",
 })
 
 
@@ -84,9 +85,11 @@ class TrainingConfig:
     resume: bool = option(False, "continue the run in output-dir from its newest good "
                           "checkpoint (its options must match this run's)")
     overwrite: bool = option(False, "start over in an output-dir that holds an earlier run, "
-                             "deleting its checkpoints, metrics and plots")
+                             "deleting its checkpoints, metrics, plots and TensorBoard events")
     progress: bool = option(True, "show a tqdm progress bar")
     plots: bool = option(True, "write PNG training curves at the end")
+    report_to: str = option("none", "also send every logged metric to: none, or tensorboard "
+                            "(event files in output-dir/runs; needs pip install tensorboard)")
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     impl: str = option("auto", "fused-op implementation: auto, triton, cpp or reference")
     distributed: str = option("auto", "several processes (torchrun, accelerate launch): ddp, "
@@ -116,6 +119,7 @@ class TrainingConfig:
         check_field_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_field_choice("distributed", self.distributed, STRATEGIES)
         check_field_choice("impl", self.impl, IMPLEMENTATIONS)
+        report_targets(self.report_to)
         for field in dataclasses.fields(self):  # subclasses' switches too
             value = getattr(self, field.name)
             if field.type in ("bool", bool) and not isinstance(value, bool):

@@ -37,7 +37,13 @@ from fastalign import hf
 from fastalign.trainers import checkpoint, distributed
 from fastalign.trainers.config import TrainingConfig
 from fastalign.trainers.data_order import BatchStream
-from fastalign.trainers.metrics import Metrics, MetricsLog, as_floats, mean_metrics
+from fastalign.trainers.metrics import (
+    Metrics,
+    MetricsLog,
+    as_floats,
+    mean_metrics,
+    report_targets,
+)
 
 __all__ = ["TrainResult", "Trainer"]
 
@@ -98,7 +104,9 @@ class Trainer:
                                   config.batch_size * self.dist.world_size, config.seed,
                                   drop_last=self.drop_last or self.dist.enabled)
         self.step = 0
-        self.metrics_log = MetricsLog(self.output_dir)
+        tensorboard = "tensorboard" in report_targets(config.report_to)
+        self.metrics_log = MetricsLog(
+            self.output_dir, tensorboard_dir=self.output_dir / "runs" if tensorboard else None)
         self._engine: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._scheduler = None
@@ -327,6 +335,7 @@ class Trainer:
             if config.save_steps and self.step % config.save_steps == 0:
                 self.save_checkpoint()
         bar.close()
+        self.metrics_log.close()
         if self.eval_examples and not (config.eval_steps and self.step % config.eval_steps == 0):
             eval_metrics = self.evaluate()
         files = self.save_outputs()
@@ -372,6 +381,8 @@ class Trainer:
             for name, module in self.modules_to_save().items():
                 torch.save(module.state_dict(), self.output_dir / f"{name}.pt")
         files = {"model": self.output_dir, "metrics": self.metrics_log.path}
+        if self.metrics_log.tensorboard_dir is not None:
+            files["tensorboard"] = self.metrics_log.tensorboard_dir
         if self.metrics_log.records:
             files["metrics_csv"] = self.metrics_log.write_csv()
             if self.config.plots:

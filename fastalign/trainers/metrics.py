@@ -1,29 +1,67 @@
 """Training metrics: one JSON line per step while training, then a CSV table and PNG curves.
 
 ``metrics.jsonl`` is appended to and flushed step by step, so a killed run keeps what it
-logged; a resumed run drops the lines after its checkpoint and writes them again.
+logged; a resumed run drops the lines after its checkpoint and writes them again. With
+``report_to="tensorboard"`` every record also goes to TensorBoard event files, under the same
+names and steps.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Metrics", "MetricsLog", "as_floats", "mean_metrics"]
+__all__ = ["REPORT_TO", "Metrics", "MetricsLog", "as_floats", "mean_metrics", "metric_panels",
+           "report_targets"]
 
 Metrics = dict[str, float]
+REPORT_TO = ("none", "tensorboard")
+
+
+def report_targets(report_to: str) -> tuple[str, ...]:
+    """The trackers a ``report_to`` value names ("none", "tensorboard" or a comma list), checked:
+    an unknown name, or a tracker whose package is missing, is a ValueError naming the option."""
+    if not isinstance(report_to, str):
+        raise ValueError(f"report_to must be a string such as 'none' or 'tensorboard', got "
+                         f"{report_to!r}")
+    names = tuple(dict.fromkeys(name.strip() for name in report_to.split(",") if name.strip()))
+    unknown = [name for name in names if name not in REPORT_TO]
+    if unknown or not names or ("none" in names and len(names) > 1):
+        raise ValueError(f"report_to must be 'none' or a comma list of {', '.join(REPORT_TO[1:])}, "
+                         f"got {report_to!r}")
+    if "tensorboard" in names and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("report_to (--report-to) tensorboard needs the tensorboard package: "
+                         "pip install tensorboard (or report to none)")
+    return tuple(name for name in names if name != "none")
 
 
 class MetricsLog:
     """Per-step metrics: ``metrics.jsonl`` during training, ``metrics.csv`` and plots after."""
 
-    def __init__(self, output_dir: Path):
+    def __init__(self, output_dir: Path, *, tensorboard_dir: Path | None = None):
         self.path = output_dir / "metrics.jsonl"
         self.records: list[dict[str, Any]] = []
+        self.tensorboard_dir = tensorboard_dir
+        self._tensorboard = None
+
+    def _open_tensorboard(self, purge_step: int) -> None:
+        """A TensorBoard writer that first hides the events at steps >= ``purge_step`` of earlier
+        writers in the same directory (TensorBoard's own purge), as ``metrics.jsonl`` drops them."""
+        self.close()
+        if self.tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(self.tensorboard_dir), purge_step=purge_step)
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
     def restore(self, up_to_step: int) -> None:
         """Keep the records of steps ≤ ``up_to_step`` (a resumed run rewrites the ones after)."""
@@ -37,16 +75,23 @@ class MetricsLog:
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(record) + "\n" for record in self.records))
         os.replace(tmp, self.path)
+        self._open_tensorboard(purge_step=up_to_step + 1)
 
     def reset(self) -> None:
         self.records = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")
+        self._open_tensorboard(purge_step=0)  # a fresh run: none of an earlier one's curves
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         with open(self.path, "a") as file:
             file.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self._tensorboard.add_scalar(key, value, global_step=record["step"])
+            self._tensorboard.flush()  # like metrics.jsonl: a killed run keeps what it logged
 
     def write_csv(self) -> Path:
         path = self.path.with_suffix(".csv")
@@ -59,34 +104,59 @@ class MetricsLog:
         return path
 
     def plot(self, plots_dir: Path, title: str) -> list[Path]:
-        """One PNG per metric family (the part of the name before '/'), one line per metric."""
+        """One PNG per metric family (``rewards.png`` holds every ``rewards/...``; see
+        :func:`metric_panels`), one panel per metric, each with its own y axis."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
-        families: dict[str, list[str]] = {}
-        for key in sorted({key for record in self.records for key in record} - {"step"}):
-            families.setdefault(key.split("/")[0] if "/" in key else key, []).append(key)
         plots_dir.mkdir(parents=True, exist_ok=True)
+        keys = {key for record in self.records for key in record} - {"step"}
         paths = []
-        for family, keys in families.items():
-            figure, axes = plt.subplots(figsize=(6, 3.5))
-            for key in keys:
-                points = [(r["step"], r[key]) for r in self.records if key in r]
-                if points:
+        for family, panels in metric_panels(keys).items():
+            columns = min(len(panels), 3)
+            rows = -(-len(panels) // columns)
+            figure, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3 * rows),
+                                        squeeze=False)
+            for axes, (metric, lines) in zip(grid.flat, panels.items()):
+                for key in lines:
+                    points = [(r["step"], r[key]) for r in self.records if key in r]
                     steps, values = zip(*points)
                     axes.plot(steps, values, marker="." if len(points) < 40 else None, label=key)
-            axes.set_xlabel("step")
-            axes.set_title(f"{title}: {family}")
-            axes.grid(alpha=0.3)
-            axes.legend(fontsize=8)
+                axes.set_title(metric, fontsize=9)
+                axes.grid(alpha=0.3)
+                axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
+                if len(lines) > 1:
+                    axes.legend(fontsize=7)
+            for axes in grid.flat[len(panels):]:
+                axes.set_visible(False)
+            figure.suptitle(f"{title}: {family}")
+            figure.supxlabel("step", fontsize=9)
             figure.tight_layout()
-            path = plots_dir / f"{family.replace('/', '_')}.png"
+            path = plots_dir / f"{family}.png"
             figure.savefig(path, dpi=100)
             plt.close(figure)
             paths.append(path)
         return paths
+
+
+def metric_panels(keys: Iterable[str]) -> dict[str, dict[str, list[str]]]:
+    """How the plots lay out metrics: {family: {metric: [keys drawn on its panel]}}.
+
+    Metrics of one family (the part of the name before the first '/') share a figure but never
+    an axis, since they differ in scale (log-probs near −70 beside accuracies in [0, 1], a
+    probability ratio near 1 beside KLs near 0). A training metric and its ``eval/`` twin are
+    the same quantity on the same scale, so they share a panel; an ``eval/`` metric without a
+    training twin gets a panel of its own in its family.
+    """
+    panels: dict[str, dict[str, list[str]]] = {}
+    for key in sorted(keys, key=lambda key: (key.startswith("eval/"), key)):
+        metric = key.removeprefix("eval/")
+        family = metric.split("/")[0]
+        panels.setdefault(family, {}).setdefault(metric, []).append(key)
+    return panels
 
 
 def mean_metrics(parts: Sequence[tuple[dict[str, float], int]]) -> Metrics:

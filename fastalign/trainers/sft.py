@@ -45,11 +45,12 @@ class SFTTrainer(Trainer):
     """Supervised fine-tuning with TRL's token-mean NLL, through the fused head.
 
     Metrics of each step (TRL's names): ``loss`` (mean NLL per scored token), ``num_tokens``
-    (scored tokens in the micro-batch; averaged over micro-batches when accumulating) and
+    (scored tokens in the micro-batch; averaged over micro-batches when accumulating),
     ``entropy`` (mean entropy of the next-token distribution over the scored positions, which
-    the fused op returns almost for free). TRL's ``mean_token_accuracy`` needs an argmax over the
-    whole vocabulary at every position, i.e. the logits this trainer never forms, so it is not
-    computed.
+    the fused op returns almost for free) and ``mean_token_accuracy`` (the fraction of scored
+    tokens that are the arg-max of their distribution: ``linear_argmax`` streams the head over
+    the same hidden states, one extra forward matrix product of the head without gradient, and
+    still no [tokens × vocab] logits).
 
     Example::
 
@@ -74,7 +75,8 @@ class SFTTrainer(Trainer):
                                  IGNORE_INDEX)
         out = hf.sequence_logprobs(
             self.model, batch["input_ids"], labels, batch["attention_mask"],
-            temperature=config.temperature, return_entropy=True, impl=config.impl)
+            temperature=config.temperature, return_entropy=True, return_predictions=True,
+            impl=config.impl)
         num_tokens = out.lengths.sum()
         # The mean over every rank's tokens: gradients are averaged over ranks, so each rank
         # divides its sum by the ranks' mean token count (its own count in one process).
@@ -82,7 +84,10 @@ class SFTTrainer(Trainer):
         loss = -out.sum_logps.sum() / self.all_ranks_mean(num_tokens.float()).clamp(min=1)
         with torch.no_grad():
             entropy = (out.token_entropy * out.token_mask).sum() / num_tokens.clamp(min=1)
-        return loss, {"num_tokens": num_tokens.float(), "entropy": entropy}
+            correct = (out.token_predictions == labels[:, 1:]) & out.token_mask
+            accuracy = correct.sum() / num_tokens.clamp(min=1)
+        return loss, {"num_tokens": num_tokens.float(), "entropy": entropy,
+                      "mean_token_accuracy": accuracy}
 
     def merge_metrics(self, parts) -> dict[str, float]:
         """``num_tokens`` counts the tokens of a global micro-batch (every rank's)."""

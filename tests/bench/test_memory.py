@@ -106,3 +106,20 @@ def test_fused_dpo_step_at_128k_vocab_stays_far_below_the_logits():
         f"peak rose by {peak / 2**20:.0f} MiB; one head's fp32 logits would be "
         f"{logits_bytes / 2**20:.0f} MiB"
     )
+
+
+@pytest.mark.skipif(not cpu_peak_supported(), reason="needs /proc/self/clear_refs (Linux)")
+def test_linear_argmax_at_128k_vocab_stays_far_below_the_logits():
+    """SFT's token accuracy: the arg-max over 128k logits per token, holding one tile of them."""
+    from fastalign import linear_argmax, linear_argmax_reference
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, H, generator=gen)
+    weight = torch.randn(V, H, generator=gen) / H**0.5
+    predicted, peak = measure_peak_memory(lambda: linear_argmax(hidden, weight), "cpu")
+    assert predicted.shape == (N,)
+    assert torch.equal(predicted[:32], linear_argmax_reference(hidden[:32], weight))
+    assert peak < FULL_LOGITS_BYTES / 16, (
+        f"peak rose by {peak / 2**20:.0f} MiB; full fp32 logits would be "
+        f"{FULL_LOGITS_BYTES / 2**20:.0f} MiB"
+    )

@@ -126,13 +126,30 @@ def test_sft_trains_writes_plots_and_saves(tmp_path, tok, sft_data):
     assert result.step == 20
     assert_decreases(losses(trainer))
     record = trainer.metrics_log.records[-1]
-    assert {"loss", "num_tokens", "entropy", "grad_norm", "lr"} <= set(record)
+    assert {"loss", "num_tokens", "entropy", "grad_norm", "lr",
+            "mean_token_accuracy"} <= set(record)
     assert record["num_tokens"] > 0 and 0 < record["entropy"] <= math.log(616) + 1e-4
-    assert {"eval/loss", "eval/entropy"} <= set(result.eval_metrics)
-    for family in ("loss", "entropy", "num_tokens", "grad_norm"):
+    assert {"eval/loss", "eval/entropy", "eval/mean_token_accuracy"} <= set(result.eval_metrics)
+    for family in ("loss", "entropy", "num_tokens", "grad_norm", "mean_token_accuracy"):
         png = tmp_path / "out" / "plots" / f"{family}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", family
     assert_same_state(trainer.model, AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
+    assert_token_accuracy_matches_eager(trainer, trainer.batch(range(8)))
+
+
+def assert_token_accuracy_matches_eager(trainer, batch):
+    """``mean_token_accuracy`` against the arg-max of the model's own materialised logits."""
+    with torch.no_grad():
+        _, metrics = trainer.compute_loss(batch)
+        logits = trainer.model(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    scored = labels != -100
+    correct = (logits.argmax(-1) == labels)[scored]
+    top_two = logits.topk(2, dim=-1).values[scored]
+    assert (top_two[:, 0] - top_two[:, 1] > 1e-5).all()  # no near-tie for float order to decide
+    assert 0.1 < float(correct.float().mean()) < 1  # the trained model is right on some tokens
+    torch.testing.assert_close(metrics["mean_token_accuracy"], correct.float().mean())
 
 
 @pytest.mark.parametrize("completion_only", [True, False])
