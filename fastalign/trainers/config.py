@@ -30,6 +30,11 @@ REFERENCE_HELP = ("the reference model: copy (a frozen copy), precomputed (log-p
                   "once), adapters (a PEFT policy with its adapters disabled) or auto (adapters "
                   "for PEFT, else copy)")
 
+# The --padding-free help of the trainers that can pack their micro-batches (SFT, DPO).
+PADDING_FREE_HELP = ("put each micro-batch's sequences back to back in one row, without "
+                     "padding, positions restarting at each sequence (fewer tokens through the "
+                     "model; checked at the start that the model keeps the sequences apart)")
+
 
 def option(default, help: str):
     """A config field with its ``--help`` text (the CLI builds its options from these)."""
