@@ -34,6 +34,7 @@ aligned with ``input_ids`` (the scored token ids, -100 on prompt and padding).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 from collections.abc import Sequence
@@ -404,6 +405,39 @@ def encode_prompts(records, tokenizer, *, max_prompt_length: int | None = None) 
                    lambda enc, record: {"prompt_ids": enc.prompt(record["prompt"])})
 
 
+def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
+    """SFT examples → rows ``{"packed": [example, ...]}`` of at most ``max_length`` tokens each.
+
+    Best-fit decreasing: the longest examples first, each into the row it leaves the least room
+    in (a new row where none has room). Examples stay whole, so no sequence is cut or continued
+    in another row; :class:`SFTCollator` takes rows and examples alike, and padding free keeps
+    the examples of a row apart.
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+    if not all(isinstance(e, dict) and {"prompt_ids", "completion_ids"} <= set(e)
+               for e in examples):
+        raise ValueError("pack_examples takes encoded SFT examples ({'prompt_ids', "
+                         "'completion_ids'}, from encode_sft)")
+    lengths = [len(e["prompt_ids"]) + len(e["completion_ids"]) for e in examples]
+    longest = max(lengths, default=0)
+    if longest > max_length:
+        raise ValueError(f"an example has {longest} tokens, more than the rows' max_length "
+                         f"({max_length}); encode with the same max_length")
+    rows: list[list[dict]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, row), sorted: the best fit is a bisection
+    for i in sorted(range(len(examples)), key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(rooms, (lengths[i], -1))
+        if at == len(rooms):
+            rows.append([])
+            room, row = max_length, len(rows) - 1
+        else:
+            room, row = rooms.pop(at)
+        rows[row].append(examples[i])
+        bisect.insort(rooms, (room - lengths[i], row))
+    return [{"packed": row} for row in rows]
+
+
 # ----------------------------------------------------------------------------- collation
 
 def _pad(rows: list[list[int]], value: int, *, left: bool = False,
@@ -488,6 +522,7 @@ class SFTCollator(_SequenceCollator):
     (and on the completion's tokens whose ``assistant_mask`` is 0, where examples carry one)."""
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        examples = [part for e in examples for part in e.get("packed", [e])]  # packed rows
         return self.collate([_labelled(e["prompt_ids"], e["completion_ids"],
                                        e.get("assistant_mask")) for e in examples])
 

@@ -7,7 +7,9 @@ micro-batch (a token mean, not a mean of per-sequence means). The log-probs come
 head (``fastalign.hf.sequence_logprobs``: backbone, then the LM-head weight streamed by
 ``linear_logprobs``), so the [tokens × vocab] logits are never held. With ``padding_free`` the
 micro-batch is one unpadded row [1, total] with ``cu_seqlens``; with ``assistant_only_loss`` the
-examples' ``assistant_mask`` (``encode_sft``) leaves only the assistant turns scored.
+examples' ``assistant_mask`` (``encode_sft``) leaves only the assistant turns scored; with
+``packing`` the training examples are first grouped into rows of at most ``max_length`` tokens
+(``fastalign.data.pack_examples``), a micro-batch being ``batch_size`` such rows, padding free.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from fastalign import hf
-from fastalign.data import SFTCollator
+from fastalign.data import SFTCollator, pack_examples
 from fastalign.trainers.config import PADDING_FREE_HELP, TrainingConfig, option, pad_token_id
 from fastalign.trainers.loop import Trainer
 
@@ -39,6 +41,9 @@ class SFTConfig(TrainingConfig):
                                        "data (their content and end of turn), found by "
                                        "rendering the chat template turn by turn")
     padding_free: bool = option(False, PADDING_FREE_HELP)
+    packing: bool = option(False, "pack the training examples into rows of at most max-length "
+                           "tokens (best fit, examples kept whole; batch-size counts rows), "
+                           "trained padding free")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,16 +76,19 @@ class SFTTrainer(Trainer):
 
     def __init__(self, model: nn.Module, tokenizer, train_examples: Sequence[dict],
                  config: SFTConfig, *, eval_examples: Sequence[dict] | None = None) -> None:
-        super().__init__(model, tokenizer, train_examples, config,
-                         collator=SFTCollator(pad_token_id=pad_token_id(tokenizer),
-                                              padding_free=config.padding_free),
-                         eval_examples=eval_examples)
-        if config.padding_free:
-            hf.check_packed_attention(self.model)
         unmasked = sum("assistant_mask" not in e for e in (*train_examples, *(eval_examples or ())))
         if config.assistant_only_loss and unmasked:
             raise ValueError(f"assistant_only_loss: {unmasked} examples carry no assistant_mask; "
                              f"encode them with encode_sft(..., assistant_only_loss=True)")
+        if config.packing:
+            train_examples = pack_examples(train_examples, config.max_length)
+        padding_free = config.padding_free or config.packing
+        super().__init__(model, tokenizer, train_examples, config,
+                         collator=SFTCollator(pad_token_id=pad_token_id(tokenizer),
+                                              padding_free=padding_free),
+                         eval_examples=eval_examples)
+        if padding_free:
+            hf.check_packed_attention(self.model)
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         config = self.config
