@@ -76,10 +76,13 @@ class SFTTrainer(Trainer):
 
     def __init__(self, model: nn.Module, tokenizer, train_examples: Sequence[dict],
                  config: SFTConfig, *, eval_examples: Sequence[dict] | None = None) -> None:
-        unmasked = sum("assistant_mask" not in e for e in (*train_examples, *(eval_examples or ())))
-        if config.assistant_only_loss and unmasked:
-            raise ValueError(f"assistant_only_loss: {unmasked} examples carry no assistant_mask; "
-                             f"encode them with encode_sft(..., assistant_only_loss=True)")
+        if config.assistant_only_loss:
+            unmasked = sum("assistant_mask" not in e
+                           for e in (*train_examples, *(eval_examples or ())))
+            if unmasked:
+                raise ValueError(f"assistant_only_loss: {unmasked} examples carry no "
+                                 f"assistant_mask; encode them with encode_sft(..., "
+                                 f"assistant_only_loss=True)")
         if config.packing:
             train_examples = pack_examples(train_examples, config.max_length)
         padding_free = config.padding_free or config.packing
