@@ -34,6 +34,8 @@ aligned with ``input_ids`` (the scored token ids, -100 on prompt and padding).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -258,6 +260,47 @@ class _Encoder:
         ids = self.ids(text)
         return ids if ids[-1:] == [self.eos] else [*ids, self.eos]
 
+    def assistant_turns(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """The conversation's ids and a 0/1 mask that is 1 on the assistant turns' tokens.
+
+        Each assistant turn's text is what rendering the conversation up to it adds after the
+        rendering of the turns before it with the generation prompt (its content and end of
+        turn, not the role header). Chat templates rarely mark assistant text
+        (``{% generation %}``), so it is found by rendering prefixes, which works with any
+        template that renders each turn the same way whatever follows; one that rewrites earlier
+        turns (drops a past turn's reasoning, say) is refused. The pieces are tokenized one by
+        one, as prompt and completion are: the ids a model sees when it generates each turn.
+        """
+        full = self.template(messages, False)
+        pieces, done = [], 0  # (text, scored), and how much of `full` they cover
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self.template(messages[:i], True)
+            through = self.template(messages[:i + 1], False)
+            if not (full.startswith(through) and through.startswith(before)
+                    and len(before) >= done):
+                raise DataError(f"assistant_only_loss: the chat template renders messages "
+                                f"0..{i} differently alone than within the whole conversation "
+                                f"(it rewrites earlier turns), so message {i}'s tokens cannot "
+                                f"be found; train without assistant_only_loss, or on "
+                                f"prompt/completion records")
+            pieces += [(full[done:len(before)], 0), (through[len(before):], 1)]
+            done = len(through)
+        if not pieces:
+            raise DataError("assistant_only_loss: the conversation has no assistant message "
+                            "to train on")
+        pieces.append((full[done:], 0))
+        ids, mask = [], []
+        for text, scored in pieces:
+            piece = self.ids(text) if text else []
+            ids, mask = ids + piece, mask + [scored] * len(piece)
+        with_bos = self.with_bos(ids)  # unless the template wrote it
+        ids, mask = with_bos, [0] * (len(with_bos) - len(ids)) + mask
+        if ids[-1:] != [self.eos]:  # the eos belongs to the turn it ends
+            ids, mask = [*ids, self.eos], [*mask, mask[-1]]
+        return ids, mask
+
     def fit(self, prompt_ids: list[int], *completions: list[int]) -> list[list[int]]:
         """Cut the completions' ends so that prompt + completion <= max_length."""
         if self.max_length is None:
@@ -297,13 +340,29 @@ def check_tokens_to_train_on(examples: Sequence[dict], kind: str, path) -> None:
 
 
 def encode_sft(records, tokenizer, *, max_length: int | None = None,
-               max_prompt_length: int | None = None) -> list[dict]:
+               max_prompt_length: int | None = None,
+               assistant_only_loss: bool = False) -> list[dict]:
     """SFT records → ``{"prompt_ids", "completion_ids"}``; only the completion is scored.
 
     ``text`` and ``messages`` records score every token: prompt_ids is empty and completion_ids
     holds the BOS (if the tokenizer adds one), the text or rendered conversation, and the eos.
+    With ``assistant_only_loss`` (``messages`` records only), the examples also carry
+    ``assistant_mask``, 1 on the assistant turns' tokens of completion_ids (see
+    ``_Encoder.assistant_turns``): only those are scored.
     """
+    if not isinstance(assistant_only_loss, bool):
+        raise ValueError(f"assistant_only_loss must be True or False, got "
+                         f"{assistant_only_loss!r}")
+
     def one(enc: _Encoder, record: dict) -> dict:
+        if assistant_only_loss:
+            if "messages" not in record:
+                raise DataError("assistant_only_loss needs conversational records "
+                                "{\"messages\": [...]}; prompt/completion records score only "
+                                "the completion already (completion_only_loss)")
+            ids, mask = enc.assistant_turns(record["messages"])
+            return {"prompt_ids": [], "completion_ids": ids[:enc.max_length],
+                    "assistant_mask": mask[:enc.max_length]}
         if "messages" in record or "text" in record:
             text = record["text"] if "text" in record else enc.template(record["messages"], False)
             ids = enc.with_bos(enc.ids(text))
@@ -346,6 +405,39 @@ def encode_prompts(records, tokenizer, *, max_prompt_length: int | None = None) 
                    lambda enc, record: {"prompt_ids": enc.prompt(record["prompt"])})
 
 
+def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
+    """SFT examples → rows ``{"packed": [example, ...]}`` of at most ``max_length`` tokens each.
+
+    Best-fit decreasing: the longest examples first, each into the row it leaves the least room
+    in (a new row where none has room). Examples stay whole, so no sequence is cut or continued
+    in another row; :class:`SFTCollator` takes rows and examples alike, and padding free keeps
+    the examples of a row apart.
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+    if not all(isinstance(e, dict) and {"prompt_ids", "completion_ids"} <= set(e)
+               for e in examples):
+        raise ValueError("pack_examples takes encoded SFT examples ({'prompt_ids', "
+                         "'completion_ids'}, from encode_sft)")
+    lengths = [len(e["prompt_ids"]) + len(e["completion_ids"]) for e in examples]
+    longest = max(lengths, default=0)
+    if longest > max_length:
+        raise ValueError(f"an example has {longest} tokens, more than the rows' max_length "
+                         f"({max_length}); encode with the same max_length")
+    rows: list[list[dict]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, row), sorted: the best fit is a bisection
+    for i in sorted(range(len(examples)), key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(rooms, (lengths[i], -1))
+        if at == len(rooms):
+            rows.append([])
+            room, row = max_length, len(rows) - 1
+        else:
+            room, row = rooms.pop(at)
+        rows[row].append(examples[i])
+        bisect.insort(rooms, (room - lengths[i], row))
+    return [{"packed": row} for row in rows]
+
+
 # ----------------------------------------------------------------------------- collation
 
 def _pad(rows: list[list[int]], value: int, *, left: bool = False,
@@ -362,13 +454,29 @@ def _pad(rows: list[list[int]], value: int, *, left: bool = False,
     return out
 
 
-def _sequences(pairs: list[tuple[list[int], list[int]]], pad_token_id: int,
-               multiple: int | None) -> dict[str, torch.Tensor]:
-    """(prompt, completion) pairs → right-padded input_ids, attention_mask, labels [N, T]."""
-    if not pairs:
+def _labelled(prompt_ids: list[int], completion_ids: list[int],
+              scored: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """One sequence and its labels: the completion's ids (only where ``scored`` is 1, if given),
+    -100 on the prompt."""
+    completion = list(completion_ids)
+    if scored is not None:
+        completion = [token if keep else IGNORE_INDEX for token, keep in zip(completion, scored)]
+    return list(prompt_ids) + list(completion_ids), [IGNORE_INDEX] * len(prompt_ids) + completion
+
+
+def _sequences(rows: list[tuple[list[int], list[int]]], pad_token_id: int,
+               multiple: int | None, padding_free: bool = False) -> dict[str, torch.Tensor]:
+    """(ids, labels) rows → right-padded input_ids, attention_mask, labels [N, T]; or, padding
+    free, input_ids and labels [1, total] back to back, and cu_seqlens [N + 1] (no mask)."""
+    if not rows:
         raise ValueError("cannot collate an empty batch")
-    ids = [list(p) + list(c) for p, c in pairs]
-    labels = [[IGNORE_INDEX] * len(p) + list(c) for p, c in pairs]
+    ids, labels = [row[0] for row in rows], [row[1] for row in rows]
+    if padding_free:
+        lengths = [len(row) for row in ids]
+        return {"input_ids": torch.tensor([list(itertools.chain(*ids))], dtype=torch.long),
+                "labels": torch.tensor([list(itertools.chain(*labels))], dtype=torch.long),
+                "cu_seqlens": torch.tensor([0, *itertools.accumulate(lengths)],
+                                           dtype=torch.long)}
     return {"input_ids": _pad(ids, pad_token_id, multiple=multiple),
             "attention_mask": _pad([[1] * len(row) for row in ids], 0, multiple=multiple),
             "labels": _pad(labels, IGNORE_INDEX, multiple=multiple)}
@@ -391,24 +499,43 @@ class _Collator:
 
 
 @dataclass
-class SFTCollator(_Collator):
-    """``{"prompt_ids", "completion_ids"}`` examples → ``input_ids``, ``attention_mask``,
-    ``labels`` [B, T]: right padding, labels = the completion ids, -100 on prompt and padding."""
+class _SequenceCollator(_Collator):
+    """``padding_free``: the sequences go back to back in one row [1, total] with their
+    boundaries in ``cu_seqlens``, instead of padded rows with an ``attention_mask``."""
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return _sequences([(e["prompt_ids"], e["completion_ids"]) for e in examples],
-                          self.pad_token_id, self.pad_to_multiple_of)
+    padding_free: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.padding_free and self.pad_to_multiple_of is not None:
+            raise ValueError(f"{type(self).__name__}: pad_to_multiple_of pads rows, and "
+                             f"padding_free batches have none; set only one of them")
+
+    def collate(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        return _sequences(rows, self.pad_token_id, self.pad_to_multiple_of, self.padding_free)
 
 
 @dataclass
-class PreferenceCollator(_Collator):
+class SFTCollator(_SequenceCollator):
+    """``{"prompt_ids", "completion_ids"}`` examples → ``input_ids``, ``attention_mask``,
+    ``labels`` [B, T]: right padding, labels = the completion ids, -100 on prompt and padding
+    (and on the completion's tokens whose ``assistant_mask`` is 0, where examples carry one)."""
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        examples = [part for e in examples for part in e.get("packed", [e])]  # packed rows
+        return self.collate([_labelled(e["prompt_ids"], e["completion_ids"],
+                                       e.get("assistant_mask")) for e in examples])
+
+
+@dataclass
+class PreferenceCollator(_SequenceCollator):
     """B preference examples → ``input_ids``, ``attention_mask``, ``labels`` [2B, T]: rows 0..B−1
     are prompt + chosen, rows B..2B−1 prompt + rejected (``FusedDPOLoss``'s stacking)."""
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        pairs = [(e["prompt_ids"], e["chosen_ids"]) for e in examples]
-        pairs += [(e["prompt_ids"], e["rejected_ids"]) for e in examples]
-        return _sequences(pairs, self.pad_token_id, self.pad_to_multiple_of)
+        rows = [_labelled(e["prompt_ids"], e["chosen_ids"]) for e in examples]
+        rows += [_labelled(e["prompt_ids"], e["rejected_ids"]) for e in examples]
+        return self.collate(rows)
 
 
 @dataclass
@@ -431,16 +558,16 @@ class KTOCollator(_Collator):
         else:
             partners = [examples[j]["completion_ids"]
                         for j in kto_mismatched_indices(len(examples)).tolist()]
-        batch = _sequences([(e["prompt_ids"], e["completion_ids"]) for e in examples],
+        batch = _sequences([_labelled(e["prompt_ids"], e["completion_ids"]) for e in examples],
                            self.pad_token_id, self.pad_to_multiple_of)
         batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
-        kl_pairs = []
+        kl_rows = []
         for example, completion in zip(examples, partners):
             prompt = example["prompt_ids"]
             if self.max_length is not None:
                 completion = completion[:max(self.max_length - len(prompt), 0)]
-            kl_pairs.append((prompt, completion))
-        kl = _sequences(kl_pairs, self.pad_token_id, self.pad_to_multiple_of)
+            kl_rows.append(_labelled(prompt, completion))
+        kl = _sequences(kl_rows, self.pad_token_id, self.pad_to_multiple_of)
         batch.update({f"kl_{key}": value for key, value in kl.items()})
         return batch
 

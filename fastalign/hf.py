@@ -32,7 +32,11 @@ from torch import nn
 from fastalign.ops._checks import check_mask, check_positive
 from fastalign.ops.linear_kl import linear_kl
 from fastalign.ops.linear_logprobs import linear_logprobs
-from fastalign.ops.sequence import SequenceLogprobs, sequence_logprobs_from_labels
+from fastalign.ops.sequence import (
+    SequenceLogprobs,
+    packed_position_ids,
+    sequence_logprobs_from_labels,
+)
 
 IGNORE_INDEX = -100
 
@@ -348,7 +352,8 @@ def token_kl(model: nn.Module, ref_model: nn.Module | None, input_ids: torch.Ten
 
 
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                      attention_mask: torch.Tensor | None = None, *, temperature: float = 1.0,
+                      attention_mask: torch.Tensor | None = None, *,
+                      cu_seqlens: torch.Tensor | None = None, temperature: float = 1.0,
                       return_entropy: bool = False, return_predictions: bool = False,
                       impl: str = "auto", **model_kwargs) -> SequenceLogprobs:
     """Per-token and per-sequence log-probs of the labelled tokens, as the trainers need them.
@@ -358,19 +363,73 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.T
     ``token_logps`` [B, T − 1] and ``sum_logps`` / ``mean_logps`` / ``lengths`` [B];
     ``return_predictions`` adds the arg-max token of each scored position, from the same hidden
     states (one backbone run).
+
+    Padding-free: ``input_ids`` and ``labels`` [1, total] hold S sequences back to back,
+    ``cu_seqlens`` [S + 1] their boundaries, and no ``attention_mask``. Positions restart at
+    each sequence, which is what keeps attention within it: check the model once with
+    :func:`check_packed_attention`. Per-token results are then [total], per-sequence ones [S].
     """
     head = lm_head(model)
     if not isinstance(labels, torch.Tensor) or labels.shape != getattr(input_ids, "shape", None):
         raise ValueError(f"labels must be a tensor of input_ids' shape, got "
                          f"{getattr(labels, 'shape', type(labels).__name__)}")
+    if cu_seqlens is not None:
+        if attention_mask is not None:
+            raise ValueError("packed sequences (cu_seqlens) take no attention_mask: with one, "
+                             "transformers would attend across the sequences")
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"packed sequences (cu_seqlens) take input_ids of shape [1, total], "
+                             f"got {tuple(input_ids.shape)}")
+        positions = packed_position_ids(cu_seqlens.to(input_ids.device), input_ids.shape[1])
+        model_kwargs = {**model_kwargs, "position_ids": positions[None]}
     hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)
     hidden, weight, bias = head_inputs(hidden, head)
     with no_autocast(hidden.device.type):
-        return sequence_logprobs_from_labels(hidden, weight, labels, bias=bias,
-                                             ignore_index=IGNORE_INDEX,
+        return sequence_logprobs_from_labels(hidden, weight, labels, cu_seqlens=cu_seqlens,
+                                             bias=bias, ignore_index=IGNORE_INDEX,
                                              return_entropy=return_entropy,
                                              return_predictions=return_predictions, impl=impl,
                                              **head.options(temperature))
+
+
+def check_packed_attention(model: nn.Module) -> None:
+    """Refuse a model that would attend across the sequences of a padding-free row.
+
+    Padding-free batches rely on the model building a block-diagonal mask from position ids
+    that restart at 0 (transformers' mask builders do, for most architectures, with eager, sdpa
+    and flex attention; flash attention reads the restarts directly). Some architectures
+    derive positions or biases from the attention mask instead (OPT, BLOOM's ALiBi) and would
+    silently mix the sequences, so this asks the model itself: the final hidden states of a
+    short sequence B, alone and packed behind a sequence A, must agree far better than B's
+    states when B is allowed to attend to A. Raises ``ValueError`` naming the model otherwise.
+    """
+    vocab = _vocab_size(model)
+    device = lm_head(model).weight.device
+    first = torch.arange(3, 11, device=device)[None] % vocab
+    second = torch.arange(20, 24, device=device)[None] % vocab
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(first.shape[1]), torch.arange(second.shape[1])])[None]
+    positions = positions.to(device)
+    was_training = model.training
+    model.eval()  # no dropout: the three passes must differ only by what they attend to
+    try:
+        with torch.no_grad():
+            alone = final_hidden_states(model, second).float()[0]
+            tail = slice(first.shape[1], None)
+            separated = final_hidden_states(model, packed, position_ids=positions)
+            mixed = final_hidden_states(model, packed, torch.ones_like(packed),
+                                        position_ids=positions)
+    finally:
+        model.train(was_training)
+    error = float((separated[0, tail].float() - alone).abs().max())
+    leak = float((mixed[0, tail].float() - alone).abs().max())
+    # Rounding moves the packed pass a little (most in bf16); attending to A moves it a lot.
+    if not error <= 0.1 * leak:
+        name = type(_unwrap(model)).__name__
+        attention = getattr(_text_config(_unwrap(model)), "_attn_implementation", None)
+        raise ValueError(f"padding_free: {name} (attention {attention!r}) attends across "
+                         f"sequences packed into one row (position ids restarting at 0 do not "
+                         f"separate them); train it without padding_free")
 
 
 @contextmanager

@@ -81,6 +81,20 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
         )
 
 
+def packed_position_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[total] int64 positions of packed sequences: 0, 1, ... restarting at each sequence start.
+
+    Given as ``position_ids`` with no attention mask, they tell transformers' mask builders
+    where each sequence starts, so that attention stays within it (see
+    ``fastalign.hf.check_packed_attention``).
+    """
+    _check_cu_seqlens(cu_seqlens, total)
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    return (torch.arange(total, device=cu_seqlens.device)
+            - torch.repeat_interleave(starts, lengths, output_size=total))
+
+
 def next_token_targets(
     labels: torch.Tensor,
     *,

@@ -40,6 +40,10 @@ RESUMABLE_CHANGES = frozenset({
     "save_steps", "save_total_limit", "progress", "plots", "device", "impl", "distributed",
     "memory_report", "report_to",
 })
+# The --padding-free help of the trainers that can pack their micro-batches (SFT, DPO).
+PADDING_FREE_HELP = ("put each micro-batch's sequences back to back in one row, without "
+                     "padding, positions restarting at each sequence (fewer tokens through the "
+                     "model; checked at the start that the model keeps the sequences apart)")
 
 
 def option(default, help: str):

@@ -1,7 +1,8 @@
 """DPO and its variants (every ``loss_type`` of ``fastalign.losses.dpo_loss``) on a causal LM.
 
 One micro-batch is B preference pairs, collated as ``[2B, T]`` with the chosen sequences stacked
-on the rejected ones (``fastalign.data.PreferenceCollator``). The policy's summed response
+on the rejected ones (``fastalign.data.PreferenceCollator``; with ``padding_free``, the 2B
+sequences back to back in one row with ``cu_seqlens``). The policy's summed response
 log-probs come from the fused head (``fastalign.hf.sequence_logprobs``: backbone, then the LM-head
 weight streamed by ``linear_logprobs``, no [tokens × vocab] logits); the reference's from a frozen
 copy, the PEFT policy with adapters disabled, or log-probs precomputed before training.
@@ -24,6 +25,7 @@ from fastalign.ops._checks import (
     check_field_float,
 )
 from fastalign.trainers.config import (
+    PADDING_FREE_HELP,
     REFERENCE_HELP,
     REFERENCE_MODES,
     TrainingConfig,
@@ -47,6 +49,7 @@ class DPOConfig(TrainingConfig):
     label_smoothing: float = option(0.0, "probability that a preference label is flipped "
                                     "(cDPO, robust DPO)")
     reference: str = option("auto", REFERENCE_HELP)
+    padding_free: bool = option(False, PADDING_FREE_HELP)
     memory_report: bool = option(False, "after training, measure the DPO loss's peak memory on one "
                                  "batch, fused against eager logits, on the model's head and on "
                                  "a random 128256-token head (one process only; the eager side "
@@ -89,21 +92,28 @@ class DPOTrainer(ReferenceTrainer):
                  config: DPOConfig, *, ref_model: nn.Module | None = None,
                  eval_examples: Sequence[dict] | None = None) -> None:
         super().__init__(model, tokenizer, train_examples, config,
-                         collator=PreferenceCollator(pad_token_id=pad_token_id(tokenizer)),
+                         collator=PreferenceCollator(pad_token_id=pad_token_id(tokenizer),
+                                                     padding_free=config.padding_free),
                          ref_model=ref_model, eval_examples=eval_examples)
+        if config.padding_free:
+            hf.check_packed_attention(self.model)
+            if ref_model is not None:  # another model, maybe of another architecture
+                hf.check_packed_attention(ref_model)
 
     def reference_logps(self, batch: dict) -> torch.Tensor:
         """[B, 2] summed reference log-probs of the chosen and rejected answers."""
         ref = self.reference.sequence_logprobs(
-            batch["input_ids"], batch["labels"], batch["attention_mask"],
-            temperature=self.config.temperature, impl=self.config.impl)
+            batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+            cu_seqlens=batch.get("cu_seqlens"), temperature=self.config.temperature,
+            impl=self.config.impl)
         return torch.stack(ref.sum_logps.chunk(2), dim=1)
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         config = self.config
         policy = hf.sequence_logprobs(
-            self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-            temperature=config.temperature, impl=config.impl)
+            self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+            cu_seqlens=batch.get("cu_seqlens"), temperature=config.temperature,
+            impl=config.impl)
         chosen_logps, rejected_logps = policy.sum_logps.chunk(2)
         ref = self.batch_reference_logps(batch)
         # A sequence without response tokens (truncated away) has log-prob 0: average it to 0.

@@ -405,7 +405,8 @@ def _check_model_and_examples(model, train_examples, eval_examples) -> None:
     for name, examples in (("train_examples", train_examples),
                            ("eval_examples", eval_examples or [])):
         first = next(iter(examples), None)
-        if first is not None and (not isinstance(first, dict) or "prompt_ids" not in first):
+        if first is not None and (not isinstance(first, dict)
+                                  or not {"prompt_ids", "packed"} & set(first)):
             got = f"keys {sorted(first)}" if isinstance(first, dict) else type(first).__name__
             raise ValueError(
                 f"{name} must be encoded examples (token ids such as 'prompt_ids'), got {got}: "

@@ -55,6 +55,7 @@ class Job:
     # extra --options (name -> help) passed to the trainer as keyword arguments
     extra_arguments: dict[str, str] = field(default_factory=dict)
     summary_keys: tuple[str, ...] = ()
+    encode_options: tuple[str, ...] = ()  # config fields passed on to ``encode``
 
 
 _REF_MODEL_HELP = ("a model directory for the frozen reference (default: a copy of the policy "
@@ -74,7 +75,7 @@ JOBS: dict[str, Job] = {
                     "through the fused head.",
         config_class=SFTConfig, trainer_class=SFTTrainer, data_kind="sft",
         encode=data.encode_sft, default_data="sft",
-        summary_keys=("loss", "entropy", "num_tokens"),
+        summary_keys=("loss", "entropy", "num_tokens"), encode_options=("assistant_only_loss",),
     ),
     "rm": Job(
         kind="rm", help="a Bradley-Terry reward model",
@@ -288,8 +289,12 @@ def add_lora(model: torch.nn.Module, *, r: int, targets: str = "auto") -> torch.
 
 def _load_examples(job: Job, path, tokenizer, config: TrainingConfig) -> list[dict]:
     records = data.load_jsonl(path, job.data_kind)
-    examples = job.encode(records, tokenizer, max_length=config.max_length,
-                          max_prompt_length=config.max_prompt_length)
+    try:
+        examples = job.encode(records, tokenizer, max_length=config.max_length,
+                              max_prompt_length=config.max_prompt_length,
+                              **{name: getattr(config, name) for name in job.encode_options})
+    except data.DataError as error:
+        raise data.DataError(f"{path}: {error}") from None
     data.check_tokens_to_train_on(examples, job.data_kind, path)
     return examples
 
@@ -375,7 +380,12 @@ def format_summary(job: Job, trainer: Trainer, result: TrainResult) -> str:
     if isinstance(trainer, DPOTrainer) and trainer.config.memory_report \
             and not trainer.dist.enabled:
         config = trainer.config
-        batch = trainer.batch(range(min(config.batch_size, len(trainer.train_examples))))
+        indices = range(min(config.batch_size, len(trainer.train_examples)))
+        batch = trainer.batch(indices)
+        if batch.pop("cu_seqlens", None) is not None:  # the report measures padded [2B, T] rows
+            padded = data.PreferenceCollator(pad_token_id(trainer.tokenizer))(
+                [trainer.train_examples[i] for i in indices])
+            batch.update({key: value.to(trainer.device) for key, value in padded.items()})
         lines.append(loss_memory_report(
             trainer.model, batch, trainer.batch_reference_logps(batch),
             options=config.loss_options, impl=config.impl))

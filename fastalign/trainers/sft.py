@@ -5,7 +5,11 @@ One micro-batch is B (prompt, completion) examples collated by ``fastalign.data.
 ``SFTTrainer`` loss: the negative log-likelihood averaged over every scored token of the
 micro-batch (a token mean, not a mean of per-sequence means). The log-probs come from the fused
 head (``fastalign.hf.sequence_logprobs``: backbone, then the LM-head weight streamed by
-``linear_logprobs``), so the [tokens × vocab] logits are never held.
+``linear_logprobs``), so the [tokens × vocab] logits are never held. With ``padding_free`` the
+micro-batch is one unpadded row [1, total] with ``cu_seqlens``; with ``assistant_only_loss`` the
+examples' ``assistant_mask`` (``encode_sft``) leaves only the assistant turns scored; with
+``packing`` the training examples are first grouped into rows of at most ``max_length`` tokens
+(``fastalign.data.pack_examples``), a micro-batch being ``batch_size`` such rows, padding free.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import torch
 from torch import nn
 
 from fastalign import hf
-from fastalign.data import SFTCollator
-from fastalign.trainers.config import TrainingConfig, option, pad_token_id
+from fastalign.data import SFTCollator, pack_examples
+from fastalign.trainers.config import PADDING_FREE_HELP, TrainingConfig, option, pad_token_id
 from fastalign.trainers.loop import Trainer
 
 __all__ = ["SFTConfig", "SFTTrainer"]
@@ -33,12 +37,22 @@ class SFTConfig(TrainingConfig):
     completion_only_loss: bool = option(True, "score only the completion of prompt/completion "
                                         "data (false: the prompt's tokens too); text and "
                                         "messages data score every token either way")
+    assistant_only_loss: bool = option(False, "score only the assistant turns of messages "
+                                       "data (their content and end of turn), found by "
+                                       "rendering the chat template turn by turn")
+    padding_free: bool = option(False, PADDING_FREE_HELP)
+    packing: bool = option(False, "pack the training examples into rows of at most max-length "
+                           "tokens (best fit, examples kept whole; batch-size counts rows), "
+                           "trained padding free")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.completion_only_loss, bool):
             raise ValueError(f"completion_only_loss must be true or false, got "
                              f"{self.completion_only_loss!r}")
+        if self.assistant_only_loss and not self.completion_only_loss:
+            raise ValueError("assistant_only_loss scores the assistant turns only, "
+                             "completion_only_loss=false every token: set one of them")
 
 
 class SFTTrainer(Trainer):
@@ -63,20 +77,33 @@ class SFTTrainer(Trainer):
 
     def __init__(self, model: nn.Module, tokenizer, train_examples: Sequence[dict],
                  config: SFTConfig, *, eval_examples: Sequence[dict] | None = None) -> None:
+        if config.assistant_only_loss:
+            unmasked = sum("assistant_mask" not in e
+                           for e in (*train_examples, *(eval_examples or ())))
+            if unmasked:
+                raise ValueError(f"assistant_only_loss: {unmasked} examples carry no "
+                                 f"assistant_mask; encode them with encode_sft(..., "
+                                 f"assistant_only_loss=True)")
+        if config.packing:
+            train_examples = pack_examples(train_examples, config.max_length)
+        padding_free = config.padding_free or config.packing
         super().__init__(model, tokenizer, train_examples, config,
-                         collator=SFTCollator(pad_token_id=pad_token_id(tokenizer)),
+                         collator=SFTCollator(pad_token_id=pad_token_id(tokenizer),
+                                              padding_free=padding_free),
                          eval_examples=eval_examples)
+        if padding_free:
+            hf.check_packed_attention(self.model)
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         config = self.config
-        labels = batch["labels"]
-        if not config.completion_only_loss:  # every attended token is a target
-            labels = torch.where(batch["attention_mask"].bool(), batch["input_ids"],
-                                 IGNORE_INDEX)
+        labels, attention_mask = batch["labels"], batch.get("attention_mask")
+        if not config.completion_only_loss:  # every attended (padding free: every) token
+            labels = batch["input_ids"] if attention_mask is None else torch.where(
+                attention_mask.bool(), batch["input_ids"], IGNORE_INDEX)
         out = hf.sequence_logprobs(
-            self.model, batch["input_ids"], labels, batch["attention_mask"],
-            temperature=config.temperature, return_entropy=True, return_predictions=True,
-            impl=config.impl)
+            self.model, batch["input_ids"], labels, attention_mask,
+            cu_seqlens=batch.get("cu_seqlens"), temperature=config.temperature,
+            return_entropy=True, return_predictions=True, impl=config.impl)
         num_tokens = out.lengths.sum()
         # The mean over every rank's tokens: gradients are averaged over ranks, so each rank
         # divides its sum by the ranks' mean token count (its own count in one process).
