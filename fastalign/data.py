@@ -298,7 +298,7 @@ def load_records(source: str | Path, kind: str, *, split: str = "train",
     if path.is_file() and path.suffix.lower() not in DATASETS_BUILDERS:
         return load_jsonl(path, kind, columns=columns)
     if not path.exists() and _looks_like_a_path(text):
-        raise FileNotFoundError(f"{text}: no such file or directory (give a JSONL, Parquet, "
+        raise FileNotFoundError(f"No such file or directory: {text} (give a JSONL, Parquet, "
                                 f"Arrow, CSV or JSON file, a save_to_disk folder or a hub "
                                 f"dataset id)")
     dataset, name = _open_dataset(text, path, split)

@@ -99,7 +99,7 @@ def test_a_hub_id_is_loaded_with_its_split(monkeypatch, datasets):
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     records = data.load_records("org/prefs", "preference", split="dev", columns=MAPPING)
     assert calls == [("org/prefs", "dev")] and len(records) == 2
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="No such file or directory: org/prefs"):
         data.load_records("org/prefs.parquet", "preference")  # a path, not a hub id
 
 
