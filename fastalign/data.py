@@ -1,4 +1,8 @@
-"""TRL-compatible JSONL data: loading, validation, tokenization and collation.
+"""TRL-compatible data: loading, validation, tokenization and collation.
+
+Sources: JSONL files (:func:`load_jsonl`), and through the ``datasets`` package Parquet, Arrow,
+CSV and JSON files, ``save_to_disk`` folders and hub datasets (:func:`load_records`, which takes
+any of them, a split and a column mapping). Every record of every source is validated alike.
 
 Formats (one JSON object a line, as TRL's datasets; extra keys are allowed and ignored):
 
@@ -165,19 +169,26 @@ def validate_record(record, kind: str) -> tuple[dict, str]:
     return record, _same_style(record, tuple(k for k in keys if k != "label"))
 
 
-def load_jsonl(path: str | Path, kind: str) -> list[dict]:
+def load_jsonl(path: str | Path, kind: str, *,
+               columns: dict[str, str] | str | None = None) -> list[dict]:
     """Read and validate a whole JSONL file of ``kind`` ("sft", "preference", "kto", "prompt", or
     a training kind: "dpo" and "rm" read preference data, "ppo" and "grpo" prompts).
 
     Every line is checked before anything is returned, so a bad line fails the run before training
     starts: invalid JSON or UTF-8, a line that is not an object, missing keys, wrong types, empty
     strings, a format differing from the first line's, or no record at all raise ``DataError``
-    with ``path:line``. Blank lines are skipped. Returns the normalised records
-    (see :func:`validate_record`).
+    with ``path:line``. Blank lines are skipped. ``columns`` renames keys to the format's first
+    (see :func:`load_records`). Returns the normalised records (see :func:`validate_record`).
     """
     kind = _data_kind(kind)
     path = Path(path)
-    records, first = [], None
+    return _checked_records(_jsonl_lines(path), kind, columns, unit="line",
+                            empty=f"{path}: no records (the file is empty); expected {kind} "
+                                  f"JSONL lines")
+
+
+def _jsonl_lines(path: Path):
+    """(``path:line``, line number, parsed value) for each non-blank line."""
     for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
         where = f"{path}:{number}"
         try:
@@ -188,22 +199,153 @@ def load_jsonl(path: str | Path, kind: str) -> list[dict]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            yield where, number, json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+
+
+def _checked_records(items, kind: str, columns: dict[str, str] | None, *, unit: str,
+                     empty: str) -> list[dict]:
+    """Validate every ``(where, number, value)`` of one source (renamed by ``columns`` first):
+    one format throughout, at least one record. Errors start with ``where``."""
+    records, first = [], None
+    for where, number, value in items:
         try:
+            if columns and isinstance(value, dict):
+                value = _renamed(value, columns)
             record, fmt = validate_record(value, kind)
         except DataError as err:
             raise DataError(f"{where}: {err}") from None
         if first is None:
             first = (number, fmt)
         elif fmt != first[1]:
-            raise DataError(f"{where}: this line uses the {fmt} format but line {first[0]} uses "
-                            f"{first[1]}; one file must use one format")
+            raise DataError(f"{where}: this {unit} uses the {fmt} format but {unit} {first[0]} "
+                            f"uses {first[1]}; one file must use one format")
         records.append(record)
     if not records:
-        raise DataError(f"{path}: no records (the file is empty); expected {kind} JSONL lines")
+        raise DataError(empty)
     return records
+
+
+# ----------------------------------------------------------------------------- other sources
+
+# A file's suffix -> the `datasets` builder that reads it (.jsonl stays with load_jsonl, which
+# names the line of a bad record).
+DATASETS_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json"}
+# The keys of every format: the targets a column mapping may rename a column to.
+FORMAT_KEYS = ("text", "messages", "prompt", "completion", "chosen", "rejected", "label")
+
+
+class DatasetsNotInstalled(DataError):
+    """A source other than a JSONL file needs the ``datasets`` package, which is missing."""
+
+
+def parse_columns(columns, *, name: str = "columns") -> dict[str, str] | None:
+    """A column mapping, ``{"prompt": "question"}`` or the text ``"prompt=question,..."``, checked:
+    each target a format key (``FORMAT_KEYS``), each source named once. Errors start with
+    ``name``."""
+    if columns is None or columns == "" or columns == {}:
+        return None
+    if isinstance(columns, str):
+        pairs = [part.split("=", 1) for part in columns.split(",") if part.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"{name} must be KEY=COLUMN pairs separated by commas (e.g. "
+                             f"prompt=question,completion=answer), got {columns!r}")
+        columns = {target.strip(): source.strip() for target, source in pairs}
+    if not isinstance(columns, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in columns.items()):
+        raise ValueError(f"{name} must map format keys to column names, got {columns!r}")
+    unknown = [target for target in columns if target not in FORMAT_KEYS]
+    if unknown:
+        raise ValueError(f"{name}: {unknown[0]!r} is not a key of any data format (one of "
+                         f"{', '.join(FORMAT_KEYS)})")
+    if len(set(columns.values())) != len(columns):
+        raise ValueError(f"{name}: a column is mapped to two keys in {columns!r}")
+    return columns
+
+
+def _renamed(record: dict, columns: dict[str, str]) -> dict:
+    """``record`` with each mapped column under its format key (a swap works: all at once)."""
+    missing = [source for source in columns.values() if source not in record]
+    if missing:
+        target = next(t for t, s in columns.items() if s == missing[0])
+        raise DataError(f"missing column '{missing[0]}' (mapped to '{target}')")
+    moved = {target: record[source] for target, source in columns.items()}
+    rest = {key: value for key, value in record.items() if key not in columns.values()}
+    return rest | moved
+
+
+def _looks_like_a_path(source: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything with a data suffix or a path start is a path."""
+    return (source.startswith((".", "/", "~")) or source.count("/") > 1
+            or Path(source).suffix.lower() in (*DATASETS_BUILDERS, ".jsonl"))
+
+
+def load_records(source: str | Path, kind: str, *, split: str = "train",
+                 columns: dict[str, str] | str | None = None) -> list[dict]:
+    """Read and validate every record of ``source`` (a kind as for :func:`load_jsonl`).
+
+    ``source`` is a JSONL file (read by :func:`load_jsonl`), a Parquet, Arrow, CSV or JSON file,
+    a folder written by ``datasets``' ``save_to_disk``, or a Hugging Face hub dataset id (read by
+    ``datasets.load_dataset``); all but JSONL need the ``datasets`` package. ``split`` picks the
+    split of a saved ``DatasetDict`` folder or a hub dataset (a single file is one split).
+    ``columns`` (``{"prompt": "question"}`` or ``"prompt=question"``) renames source columns to
+    the format's keys. Every record goes through :func:`validate_record`; a bad one raises
+    ``DataError`` naming the source and its row index (from 0), or the JSONL line. Missing values
+    (Arrow's nulls) count as missing keys.
+    """
+    kind, columns = _data_kind(kind), parse_columns(columns)
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix.lower() not in DATASETS_BUILDERS:
+        return load_jsonl(path, kind, columns=columns)
+    if not path.exists() and _looks_like_a_path(text):
+        raise FileNotFoundError(f"No such file or directory: {text} (give a JSONL, Parquet, "
+                                f"Arrow, CSV or JSON file, a save_to_disk folder or a hub "
+                                f"dataset id)")
+    dataset, name = _open_dataset(text, path, split)
+    if columns:
+        missing = [c for c in columns.values() if c not in dataset.column_names]
+        if missing:
+            raise DataError(f"{name}: no column {missing[0]!r} to map (its columns: "
+                            f"{', '.join(dataset.column_names)})")
+        replaced = [target for target in columns if target in dataset.column_names
+                    and target not in columns.values()]
+        dataset = dataset.remove_columns(replaced).rename_columns(
+            {source: target for target, source in columns.items()})
+    # Arrow has a value in every column of every row: null stands for a missing key.
+    rows = ((f"{name} row {i}", i, {k: v for k, v in row.items() if v is not None})
+            for i, row in enumerate(dataset))
+    return _checked_records(rows, kind, None, unit="row",
+                            empty=f"{name}: no records (it has no rows); expected {kind} records")
+
+
+def _open_dataset(text: str, path: Path, split: str):
+    """The ``datasets.Dataset`` of one source and the name its errors use."""
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetsNotInstalled(f"{text}: reading anything but JSONL needs the datasets "
+                                   f"package: pip install datasets") from None
+    try:
+        if path.is_file():
+            builder = DATASETS_BUILDERS[path.suffix.lower()]
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+            return dataset, text
+        if path.is_dir() and any((path / name).exists() for name in
+                                 ("dataset_dict.json", "dataset_info.json", "state.json")):
+            dataset = datasets.load_from_disk(str(path))
+        else:  # a hub id, or a folder of data files
+            return datasets.load_dataset(text, split=split), f"{text} (split {split})"
+    except (OSError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DataError(f"{text}: cannot be read by datasets ({first_line})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise DataError(f"{text}: no split {split!r} (its splits: "
+                            f"{', '.join(dataset)})")
+        return dataset[split], f"{text} (split {split})"
+    return dataset, text
 
 
 # ----------------------------------------------------------------------------- tokenization

@@ -36,7 +36,7 @@ REFERENCE_HELP = ("the reference model: copy (a frozen copy), precomputed (log-p
 # Every other option shapes the trajectory (data order, batches, the loss, the optimizer), so a
 # resumed run that changed one would silently continue a different run than the checkpoint's.
 RESUMABLE_CHANGES = frozenset({
-    "output_dir", "resume", "overwrite", "max_steps", "logging_steps", "eval_steps",
+    "output_dir", "resume", "overwrite", "max_steps", "num_epochs", "logging_steps", "eval_steps",
     "save_steps", "save_total_limit", "progress", "plots", "device", "impl", "distributed",
     "memory_report", "report_to",
 })
@@ -58,11 +58,17 @@ class TrainingConfig:
     """Options shared by every trainer (the CLI exposes each as ``--option-name``).
 
     Steps count optimizer updates; one step consumes ``batch_size × grad_accum_steps`` examples.
+    The run lasts ``max_steps``, or, when ``num_epochs`` is set, as many steps as that many passes
+    over the training data take (``Trainer.total_steps``); ``num_epochs`` wins over ``max_steps``.
     """
 
     output_dir: str = option("fastalign-output", "where the model, metrics, plots and "
                              "checkpoints go")
-    max_steps: int = option(100, "optimizer steps to train for")
+    max_steps: int = option(100, "optimizer steps to train for (ignored when num-epochs is set)")
+    num_epochs: float | None = option(None, "train for this many passes over the training data "
+                                      "instead of max-steps (fractions allowed): the steps are "
+                                      "ceil(epochs x micro-batches per epoch / grad-accum-steps); "
+                                      "ppo and grpo count one batch of prompts per step")
     batch_size: int = option(8, "examples per micro-batch (preference pairs for dpo and rm, "
                              "prompts for ppo and grpo)")
     grad_accum_steps: int = option(1, "micro-batches per optimizer step")
@@ -71,7 +77,7 @@ class TrainingConfig:
     adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas, as B1,B2")
     warmup_steps: int = option(0, "steps of linear learning-rate warm-up")
     lr_schedule: str = option("linear", "decay after warm-up: linear or cosine (to 0 at "
-                              "max-steps), or constant")
+                              "the last step), or constant")
     max_grad_norm: float | None = option(1.0, "clip the gradient norm to this ('none': no "
                                          "clipping)")
     seed: int = option(0, "seed of data order, dropout and sampling")
@@ -112,6 +118,8 @@ class TrainingConfig:
         check_field_float("lr", self.lr, positive=True)
         check_field_float("temperature", self.temperature, positive=True)
         check_field_float("weight_decay", self.weight_decay, positive=False)
+        if self.num_epochs is not None:
+            check_field_float("num_epochs", self.num_epochs, positive=True)
         if self.max_grad_norm is not None:
             check_field_float("max_grad_norm", self.max_grad_norm, positive=True)
         if (not isinstance(self.adam_betas, (tuple, list)) or len(self.adam_betas) != 2

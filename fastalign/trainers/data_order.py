@@ -38,6 +38,19 @@ class BatchStream:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.num_examples, generator=generator).tolist()
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches in one pass (a smaller last one counts, unless ``drop_last``)."""
+        full, rest = divmod(self.num_examples, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    @property
+    def epochs_done(self) -> float:
+        """Passes over the data so far, fractional: the examples drawn over the dataset size
+        (1.5: half of the second epoch drawn; with ``drop_last`` an epoch ends a little short of
+        a whole number, its last examples skipped)."""
+        return self.epoch + self.position / self.num_examples
+
     def next(self) -> list[int]:
         left = self.num_examples - self.position
         if left <= 0 or (self.drop_last and left < self.batch_size):

@@ -7,7 +7,8 @@ else lives here, once, or in the module that owns it:
 * **Data order**: a :class:`~fastalign.trainers.data_order.BatchStream` of seeded permutations.
 * **The step**: ``grad_accum_steps`` micro-batches, each ``loss / grad_accum_steps`` backward
   (optionally under bf16 autocast), gradient clipping, AdamW, and a learning rate with linear
-  warm-up then linear or cosine decay to 0 at ``max_steps``.
+  warm-up then linear or cosine decay to 0 at the last step (``total_steps``: ``max_steps``, or
+  as many steps as ``num_epochs`` passes over the data take).
 * **Checkpoints** every ``save_steps`` (``checkpoint.py``: atomic, verified, and resumed to the
   same weights and metrics as an uninterrupted run).
 * **Metrics** (``metrics.py``): one JSON line per step in ``metrics.jsonl``, and at the end
@@ -144,6 +145,21 @@ class Trainer:
         would report them."""
         return max(1, -(-len(parts) // self.dist.world_size))
 
+    def stream_batches_per_step(self) -> int:
+        """Global micro-batches one step takes from the stream (what ``num_epochs`` counts)."""
+        return self.config.grad_accum_steps
+
+    @property
+    def total_steps(self) -> int:
+        """``max_steps``, or the steps that ``num_epochs`` passes over the data take (the last
+        step may run into the next epoch when an epoch's micro-batches do not fill it). Read
+        from the config each time: a config changed after construction counts."""
+        if self.config.num_epochs is None:
+            return self.config.max_steps
+        batches = self.config.num_epochs * self.stream.batches_per_epoch
+        # rounded first: a float product such as 0.1 * 30 lands just above the whole number
+        return max(1, math.ceil(round(batches / self.stream_batches_per_step(), 9)))
+
     # -- the model, through DDP / FSDP ----------------------------------------------------------
 
     @property
@@ -207,8 +223,8 @@ class Trainer:
         return self._scheduler
 
     def _lr_factor(self, step: int) -> float:
-        """Linear warm-up to the peak over ``warmup_steps``, then decay to 0 at ``max_steps``."""
-        warmup, total = self.config.warmup_steps, self.config.max_steps
+        """Linear warm-up to the peak over ``warmup_steps``, then decay to 0 at the last step."""
+        warmup, total = self.config.warmup_steps, self.total_steps
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if self.config.lr_schedule == "constant":
@@ -300,7 +316,7 @@ class Trainer:
         return {f"eval/{key}": value for key, value in merged.items()}
 
     def train(self) -> TrainResult:
-        """Run (or resume) training to ``max_steps``; save the model, metrics and plots."""
+        """Run (or resume) training to ``total_steps``; save the model, metrics and plots."""
         config = self.config
         main = self.dist.is_main
         checkpoint.prepare_output_dir(self)
@@ -315,18 +331,19 @@ class Trainer:
             self.before_training()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.max_steps, initial=self.step, desc=f"fastalign {self.name}",
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"fastalign {self.name}",
                    disable=not (config.progress and main), dynamic_ncols=True)
         metrics: Metrics = {}
         eval_metrics: Metrics = {}
-        while self.step < config.max_steps:
-            metrics = self.training_step() | {"lr": self.scheduler.get_last_lr()[0]}
+        while self.step < self.total_steps:
+            metrics = self.training_step() | {"lr": self.scheduler.get_last_lr()[0],
+                                              "epoch": self.stream.epochs_done}
             self.scheduler.step()
             self.step += 1
             if config.eval_steps and self.step % config.eval_steps == 0:
                 eval_metrics = self.evaluate()
                 metrics |= eval_metrics
-            if main and (self.step % config.logging_steps == 0 or self.step == config.max_steps):
+            if main and (self.step % config.logging_steps == 0 or self.step == self.total_steps):
                 self.metrics_log.log({"step": self.step} | metrics)
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()

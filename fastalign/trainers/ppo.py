@@ -230,6 +230,9 @@ class PPOTrainer(Trainer):
     def load_extra_state(self, state: dict) -> None:
         self.kl_controller.load_state_dict(state["kl_controller"])
 
+    def stream_batches_per_step(self) -> int:
+        return 1  # one batch of prompts a step; grad_accum_steps splits its minibatches instead
+
     # -- one step: rollout, then updates --------------------------------------------------------
 
     def training_step(self) -> Metrics:

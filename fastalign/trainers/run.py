@@ -1,7 +1,7 @@
 """From files to a trained model: what ``fastalign train KIND`` does, callable from Python too.
 
 ``run_job(JOBS["dpo"], DPOConfig(output_dir="out"), model=None, data=None)`` loads and validates
-the whole JSONL file (a bad line stops the run before any training), loads the tokenizer and the
+the whole data source (a bad record stops the run before any training), loads the tokenizer and the
 model (the shipped tiny Llama when ``model`` is None), encodes the data, trains, and prints a
 summary of the final metrics.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,56 +288,77 @@ def add_lora(model: torch.nn.Module, *, r: int, targets: str = "auto") -> torch.
         raise ValueError(f"--lora-targets {targets}: {first_line}") from None
 
 
-def _load_examples(job: Job, path, tokenizer, config: TrainingConfig) -> list[dict]:
-    records = data.load_jsonl(path, job.data_kind)
+def _load_examples(job: Job, source, tokenizer, config: TrainingConfig, *, split: str,
+                   columns, option: str) -> list[dict]:
+    columns = data.parse_columns(columns, name="--data-columns")
+    try:
+        records = data.load_records(source, job.data_kind, split=split, columns=columns)
+    except data.DatasetsNotInstalled as error:
+        raise data.DataError(f"{option} {error}") from None
     try:
         examples = job.encode(records, tokenizer, max_length=config.max_length,
                               max_prompt_length=config.max_prompt_length,
                               **{name: getattr(config, name) for name in job.encode_options})
     except data.DataError as error:
-        raise data.DataError(f"{path}: {error}") from None
-    data.check_tokens_to_train_on(examples, job.data_kind, path)
+        raise data.DataError(f"{source}: {error}") from None
+    data.check_tokens_to_train_on(examples, job.data_kind, source)
     return examples
 
 
 def run_job(job: Job, config: TrainingConfig, *, model: str | None = None,
             data: str | Path | None = None, eval_data: str | Path | None = None,
+            data_split: str = "train", eval_split: str = "test",
+            data_columns: dict[str, str] | str | None = None,
             lora_r: int | None = None, lora_targets: str = "auto",
             print_summary: bool = True, **extra) -> TrainResult:
-    """Load, validate, encode, train and summarise; see the module docstring."""
+    """Load, validate, encode, train and summarise; see the module docstring. ``data`` and
+    ``eval_data`` are any source of ``fastalign.data.load_records``: ``data_split`` and
+    ``eval_split`` pick the split of a dataset folder or hub id, ``data_columns`` renames the
+    columns of both to the format's keys."""
     if not isinstance(config, job.config_class):
         raise TypeError(f"{job.kind} takes a {job.config_class.__name__}, got "
                         f"{type(config).__name__}")
     with _transformers_progress_bars(config.progress):
-        return _run_job(job, config, model=model, data=data, eval_data=eval_data, lora_r=lora_r,
+        return _run_job(job, config, model=model, data=data, eval_data=eval_data,
+                        splits=(data_split, eval_split), columns=data_columns, lora_r=lora_r,
                         lora_targets=lora_targets, print_summary=print_summary, **extra)
 
 
 @contextlib.contextmanager
 def _transformers_progress_bars(enabled: bool):
-    """With ``progress`` off, transformers' own bars (loading and writing model shards) go too."""
+    """With ``progress`` off, the bars of transformers (loading and writing model shards) and of
+    datasets (reading a Parquet, CSV, ... source) go too."""
     from transformers.utils import logging as transformers_logging
 
-    was_enabled = transformers_logging.is_progress_bar_enabled()
+    libraries = [transformers_logging]
+    if not enabled and importlib.util.find_spec("datasets") is not None:
+        from datasets.utils import logging as datasets_logging
+
+        libraries.append(datasets_logging)
+    were_enabled = [library.is_progress_bar_enabled() for library in libraries]
     if not enabled:
-        transformers_logging.disable_progress_bar()
+        for library in libraries:
+            library.disable_progress_bar()
     try:
         yield
     finally:
-        if was_enabled and not enabled:
-            transformers_logging.enable_progress_bar()
+        for library, was_enabled in zip(libraries, were_enabled):
+            if was_enabled and not enabled:
+                library.enable_progress_bar()
 
 
-def _run_job(job: Job, config: TrainingConfig, *, model, data, eval_data, lora_r, lora_targets,
-             print_summary, **extra) -> TrainResult:
+def _run_job(job: Job, config: TrainingConfig, *, model, data, eval_data, splits, columns, lora_r,
+             lora_targets, print_summary, **extra) -> TrainResult:
     if eval_data is None and data is None and job.default_eval_data:
         eval_data = assets.default_data_path(job.default_eval_data)
     if data is None:
         data = assets.default_data_path(job.default_data)
     tokenizer = load_tokenizer(model)
-    # Every line of both files is checked before the model is even loaded.
-    train_examples = _load_examples(job, data, tokenizer, config)
-    eval_examples = _load_examples(job, eval_data, tokenizer, config) if eval_data else None
+    # Every record of both sources is checked before the model is even loaded.
+    train_examples = _load_examples(job, data, tokenizer, config, split=splits[0],
+                                    columns=columns, option="--data")
+    eval_examples = _load_examples(job, eval_data, tokenizer, config, split=splits[1],
+                                   columns=columns, option="--eval-data") if eval_data else None
     pad_id = pad_token_id(tokenizer)
     policy = load_model(model, seed=config.seed, sequence_classifier=job.sequence_classifier,
                         pad_token_id=pad_id)
