@@ -22,6 +22,7 @@ from torch import nn
 
 from fastalign import hf
 from fastalign.data import SFTCollator, pack_examples
+from fastalign.ops.sequence import next_token_targets
 from fastalign.trainers.config import PADDING_FREE_HELP, TrainingConfig, option, pad_token_id
 from fastalign.trainers.loop import Trainer
 
@@ -111,7 +112,10 @@ class SFTTrainer(Trainer):
         loss = -out.sum_logps.sum() / self.all_ranks_mean(num_tokens.float()).clamp(min=1)
         with torch.no_grad():
             entropy = (out.token_entropy * out.token_mask).sum() / num_tokens.clamp(min=1)
-            correct = (out.token_predictions == labels[:, 1:]) & out.token_mask
+            cu_seqlens = batch.get("cu_seqlens")  # padding-free: per-token results are [total]
+            targets = labels[:, 1:] if cu_seqlens is None else next_token_targets(
+                labels.reshape(-1), cu_seqlens=cu_seqlens)
+            correct = (out.token_predictions == targets) & out.token_mask
             accuracy = correct.sum() / num_tokens.clamp(min=1)
         return loss, {"num_tokens": num_tokens.float(), "entropy": entropy,
                       "mean_token_accuracy": accuracy}

@@ -152,7 +152,7 @@ def test_a_resumed_run_replaces_the_tensorboard_steps_after_its_checkpoint(tmp_p
 
 def test_a_fresh_run_in_the_same_folder_hides_the_earlier_curves(tmp_path, sft_data):
     _train_sft(tmp_path, sft_data, max_steps=3)
-    _train_sft(tmp_path, sft_data, max_steps=2, lr=1e-2)
+    _train_sft(tmp_path, sft_data, max_steps=2, lr=1e-2, overwrite=True)
     scalars = _tensorboard_scalars(tmp_path / "out" / "runs")
     assert [step for step, _ in scalars["loss"]] == [1, 2]
 
