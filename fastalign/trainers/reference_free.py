@@ -37,8 +37,12 @@ _SMOOTHING_HELP = "probability that a preference label is flipped (robust, conse
 _ALPHA_HELP = "weight of the NLL term on the chosen answers"
 
 
-def _check_label_smoothing(value) -> None:
-    check_field_number("label_smoothing", value, low=0.0, high=0.5, inclusive=True)
+def _check_cpo_family(config) -> None:
+    """β, ε and α of SimPO and CPO (TRL runs both as its ``CPOTrainer``)."""
+    check_field_float("beta", config.beta, positive=True)
+    check_field_number("label_smoothing", config.label_smoothing, low=0.0, high=0.5,
+                       inclusive=True)
+    check_field_float("cpo_alpha", config.cpo_alpha, positive=False)
 
 
 @dataclass
@@ -52,13 +56,11 @@ class SimPOConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_field_float("beta", self.beta, positive=True)
+        _check_cpo_family(self)
         finite = isinstance(self.simpo_gamma, (int, float)) and not isinstance(
             self.simpo_gamma, bool) and math.isfinite(self.simpo_gamma)
         if not finite:
             raise ValueError(f"simpo_gamma must be a finite number, got {self.simpo_gamma!r}")
-        _check_label_smoothing(self.label_smoothing)
-        check_field_float("cpo_alpha", self.cpo_alpha, positive=False)
         self.loss_options = SimPOOptions(beta=self.beta, gamma=self.simpo_gamma,
                                          label_smoothing=self.label_smoothing,
                                          alpha=self.cpo_alpha)
@@ -74,9 +76,7 @@ class CPOConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_field_float("beta", self.beta, positive=True)
-        _check_label_smoothing(self.label_smoothing)
-        check_field_float("cpo_alpha", self.cpo_alpha, positive=False)
+        _check_cpo_family(self)
         self.loss_options = CPOOptions(beta=self.beta, label_smoothing=self.label_smoothing,
                                        alpha=self.cpo_alpha)
 

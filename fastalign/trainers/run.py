@@ -66,6 +66,9 @@ _REWARD_MODEL_HELP = ("a sequence-classifier directory (num_labels=1, the policy
                       "replaces the reward functions (with it, --reward-fn and "
                       "--reward-weights are errors)")
 
+# The preference-pair trainers' data: the format, its encoder and the shipped train / eval sets.
+_PREFERENCE_DATA = dict(data_kind="preference", encode=data.encode_preference,
+                        default_data="dpo", default_eval_data="dpo_eval")
 _REFERENCE_FREE_SUMMARY = ("rewards/accuracies", "rewards/margins", "rewards/chosen",
                            "rewards/rejected", "nll_loss", "loss")
 
@@ -91,8 +94,7 @@ JOBS: dict[str, Job] = {
         kind="dpo", help="Direct Preference Optimization and its variants",
         description="DPO on prompt/chosen/rejected pairs: every loss type of "
                     "fastalign.losses.dpo_loss, alone or weighted together.",
-        config_class=DPOConfig, trainer_class=DPOTrainer, data_kind="preference",
-        encode=data.encode_preference, default_data="dpo", default_eval_data="dpo_eval",
+        config_class=DPOConfig, trainer_class=DPOTrainer, **_PREFERENCE_DATA,
         extra_arguments={"ref_model": _REF_MODEL_HELP},
         summary_keys=("rewards/accuracies", "rewards/margins", "rewards/chosen",
                       "rewards/rejected", "loss"),
@@ -102,8 +104,7 @@ JOBS: dict[str, Job] = {
         description="SimPO on prompt/chosen/rejected pairs: no reference model; the reward is "
                     "beta times the mean answer log-prob (TRL's CPOTrainer with loss_type "
                     "simpo; --cpo-alpha > 0 adds the NLL term of CPO-SimPO).",
-        config_class=SimPOConfig, trainer_class=SimPOTrainer, data_kind="preference",
-        encode=data.encode_preference, default_data="dpo", default_eval_data="dpo_eval",
+        config_class=SimPOConfig, trainer_class=SimPOTrainer, **_PREFERENCE_DATA,
         summary_keys=_REFERENCE_FREE_SUMMARY,
     ),
     "cpo": Job(
@@ -111,8 +112,7 @@ JOBS: dict[str, Job] = {
         description="CPO on prompt/chosen/rejected pairs: no reference model; the sigmoid loss "
                     "of beta times the summed log-prob difference, plus --cpo-alpha times the "
                     "NLL of the chosen answers.",
-        config_class=CPOConfig, trainer_class=CPOTrainer, data_kind="preference",
-        encode=data.encode_preference, default_data="dpo", default_eval_data="dpo_eval",
+        config_class=CPOConfig, trainer_class=CPOTrainer, **_PREFERENCE_DATA,
         summary_keys=_REFERENCE_FREE_SUMMARY,
     ),
     "orpo": Job(
@@ -120,8 +120,7 @@ JOBS: dict[str, Job] = {
         description="ORPO on prompt/chosen/rejected pairs: no reference model; the NLL of the "
                     "chosen answers minus beta times log sigmoid of the log odds ratio of the "
                     "mean answer log-probs.",
-        config_class=ORPOConfig, trainer_class=ORPOTrainer, data_kind="preference",
-        encode=data.encode_preference, default_data="dpo", default_eval_data="dpo_eval",
+        config_class=ORPOConfig, trainer_class=ORPOTrainer, **_PREFERENCE_DATA,
         summary_keys=("rewards/accuracies", "rewards/margins", "log_odds_ratio", "nll_loss",
                       "loss"),
     ),
