@@ -19,7 +19,7 @@ from torch import nn
 from fastalign import hf
 from fastalign.data import PreferenceCollator
 from fastalign.losses.dpo import dpo_loss
-from fastalign.losses.options import DPO_LOSS_TYPES, DPOOptions
+from fastalign.losses.options import DPO_LOSS_TYPES, F_DIVERGENCES, DPOOptions
 from fastalign.ops._checks import (
     check_field_choice,
     check_field_float,
@@ -48,6 +48,9 @@ class DPOConfig(TrainingConfig):
                                                     "comma-separated ('none': all 1)")
     label_smoothing: float = option(0.0, "probability that a preference label is flipped "
                                     "(cDPO, robust DPO)")
+    f_divergence_type: str = option("reverse_kl", "the divergence to the reference: "
+                                    + ", ".join(F_DIVERGENCES) + " (reverse_kl is DPO's)")
+    f_alpha_divergence_coef: float = option(0.5, "alpha of f-divergence-type alpha_divergence")
     reference: str = option("auto", REFERENCE_HELP)
     padding_free: bool = option(False, PADDING_FREE_HELP)
     memory_report: bool = option(False, "after training, measure the DPO loss's peak memory on one "
@@ -73,7 +76,9 @@ class DPOConfig(TrainingConfig):
         # whole to the loss.
         self.loss_options = DPOOptions(beta=self.beta, loss_type=names,
                                        loss_weights=self.loss_weights,
-                                       label_smoothing=self.label_smoothing)
+                                       label_smoothing=self.label_smoothing,
+                                       f_divergence_type=self.f_divergence_type,
+                                       f_alpha_divergence_coef=self.f_alpha_divergence_coef)
 
 
 class DPOTrainer(ReferenceTrainer):

@@ -130,3 +130,31 @@ def test_bad_options_are_named(tmp_path, capsys, kind, option, value, message):
     assert cli_main(["train", kind, "--output", str(tmp_path), option, value]) == 2
     error = capsys.readouterr().err
     assert f"fastalign train {kind}: error: {message}" in error and "Traceback" not in error
+
+
+def test_dpo_cli_takes_the_new_loss_types_and_f_divergences(tmp_path, capsys):
+    """DPO's aot and sigmoid_norm and an f-divergence through ``fastalign train dpo``; the loss
+    object the trainer builds carries them (issue 15)."""
+    from fastalign.trainers import DPOConfig
+
+    config = DPOConfig(loss_type=("aot", "sigmoid_norm"), f_divergence_type="js_divergence")
+    assert config.loss_options.f_divergence_type == "js_divergence"
+    status = cli_main(["train", "dpo", "--output", str(tmp_path / "run"), "--max-steps", "2",
+                       "--batch-size", "4", "--max-length", "48", "--max-prompt-length", "24",
+                       "--loss-type", "aot,sigmoid_norm", "--f-divergence-type",
+                       "alpha_divergence", "--f-alpha-divergence-coef", "0.3", "--no-progress",
+                       "--no-plots"])
+    assert status == 0
+    assert cli_main(["train", "dpo", "--output", str(tmp_path / "bad"), "--f-divergence-type",
+                     "kl"]) == 2
+    assert "f_divergence_type must be one of reverse_kl" in capsys.readouterr().err
+
+
+def test_fastalign_hf_is_reachable_after_a_plain_import():
+    import subprocess
+    import sys
+
+    code = "import fastalign; print(fastalign.hf.token_logprobs.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "token_logprobs", result.stderr
