@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from fastalign.losses.kto import kto_mismatched_indices
+from fastalign.ops._checks import first_line
 
 IGNORE_INDEX = -100
 KINDS = ("sft", "preference", "kto", "prompt")
@@ -338,8 +339,7 @@ def _open_dataset(text: str, path: Path, split: str):
         else:  # a hub id, or a folder of data files
             return datasets.load_dataset(text, split=split), f"{text} (split {split})"
     except (OSError, ValueError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise DataError(f"{text}: cannot be read by datasets ({first_line})") from None
+        raise DataError(f"{text}: cannot be read by datasets ({first_line(error)})") from None
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise DataError(f"{text}: no split {split!r} (its splits: "

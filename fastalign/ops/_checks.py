@@ -383,3 +383,15 @@ def check_field_number(name: str, value, *, low: float, high: float | None = Non
         bounds = f"{'[' if inclusive else '('}{low}, "
         bounds += f"{high}{']' if high_inclusive else ')'}" if high is not None else "inf)"
         raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Messages
+# ----------------------------------------------------------------------------------------------
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its repr when the message is empty), for a
+    one-line error that wraps a library's long one."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)

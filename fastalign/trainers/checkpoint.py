@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from fastalign.ops._checks import first_line
 from fastalign.trainers import distributed
 from fastalign.trainers.config import RESUMABLE_CHANGES
 
@@ -148,9 +149,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  (any unpickling failure means unusable)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise CheckpointError(f"checkpoint {path}: cannot load {_STATE_FILE} as tensors and "
-                              f"plain data ({first_line})") from None
+                              f"plain data ({first_line(error)})") from None
 
 
 def load_latest(root: str | Path) -> tuple[int, dict[str, Any]] | None:
@@ -194,7 +194,7 @@ def save_training_checkpoint(trainer) -> Path | None:
         "stream": trainer.stream.state_dict(),
         "rng": distributed.gather_objects(rng_state(), dist),
         "extra": trainer.extra_state(),
-        "data": data_fingerprint(trainer.train_examples),
+        "data": trainer.data_fingerprint,
     }
     path = None
     if dist.is_main:
@@ -245,9 +245,8 @@ def resume_training(trainer) -> bool:
         try:
             trainer.model.load_state_dict(state["model"])
         except RuntimeError as error:  # another architecture or size: a wall of key names
-            first_line = str(error).strip().splitlines()[0]
             raise ValueError(f"{root}: the checkpoint of step {step} does not fit this model "
-                             f"({first_line}); resume with the --model the run started "
+                             f"({first_line(error)}); resume with the --model the run started "
                              f"from") from None
         for name, module in trainer.modules_to_save().items():
             module.load_state_dict(state["modules"][name])
@@ -329,7 +328,7 @@ def _check_same_run(trainer, step: int, state: dict[str, Any]) -> None:
         raise ValueError(f"--resume: the checkpoint of step {step} in {trainer.checkpoint_root} "
                          f"was trained with other options ({differences}); resume with the same "
                          f"values, or start over with --overwrite")
-    fingerprint = data_fingerprint(trainer.train_examples)
+    fingerprint = trainer.data_fingerprint
     if "data" in state and state["data"] != fingerprint:
         saved_count = state["data"]["examples"]
         raise ValueError(f"--resume: the checkpoint of step {step} in {trainer.checkpoint_root} "

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fastalign.ops._checks import first_line
+
 _TRAIN_DESCRIPTION = """\
 Train a Hugging Face causal LM with a fused alignment loss (the LM head never materialises the
 [tokens x vocab] logits). Without --model and --data it trains the tiny Llama-architecture model
@@ -123,8 +125,7 @@ class _KindParser(argparse.ArgumentParser):
             text = path.read_text(encoding="utf-8")
             values = json.loads(text) if path.suffix.lower() == ".json" else _yaml_load(text)
         except (OSError, UnicodeDecodeError, ValueError) as error:
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            self._fail(f"--config {file}: cannot be read ({first_line})")
+            self._fail(f"--config {file}: cannot be read ({first_line(error)})")
         if values is None:
             return {}
         if not isinstance(values, dict):

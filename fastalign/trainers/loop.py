@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import math
 import os
@@ -148,6 +149,12 @@ class Trainer:
     def stream_batches_per_step(self) -> int:
         """Global micro-batches one step takes from the stream (what ``num_epochs`` counts)."""
         return self.config.grad_accum_steps
+
+    @functools.cached_property
+    def data_fingerprint(self) -> dict[str, Any]:
+        """The training examples' count and SHA-256, which checkpoints record and a resume must
+        match; hashed once per run, not at every checkpoint."""
+        return checkpoint.data_fingerprint(self.train_examples)
 
     @property
     def total_steps(self) -> int:

@@ -19,6 +19,7 @@ import torch
 
 from fastalign import assets, data
 from fastalign.bench.dpo_memory import loss_memory_report
+from fastalign.ops._checks import first_line
 from fastalign.trainers import distributed
 from fastalign.trainers.config import TrainingConfig, pad_token_id
 from fastalign.trainers.dpo import DPOConfig, DPOTrainer
@@ -181,7 +182,7 @@ def _hub_source_options(model: str, flag: str) -> dict:
         cached = isinstance(try_to_load_from_cache(model, "config.json"), str)
     except HFValidationError as error:
         raise ValueError(f"{flag} {model!r}: neither a local directory nor a valid hub id "
-                         f"({_first_line(error)})") from None
+                         f"({first_line(error)})") from None
     if constants.HF_HUB_OFFLINE:
         if cached:
             return {"local_files_only": True}
@@ -199,14 +200,9 @@ def _hub_source_options(model: str, flag: str) -> dict:
         if cached:
             return {"local_files_only": True}
         raise ValueError(f"{flag} {model}: not a local directory, and the Hugging Face hub "
-                         f"cannot be reached ({_first_line(error)}) with no cached copy; give "
+                         f"cannot be reached ({first_line(error)}) with no cached copy; give "
                          f"a model directory, or check the id and the network") from None
     return {}
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else repr(error)
 
 
 def load_tokenizer(model: str | None):
@@ -218,7 +214,7 @@ def load_tokenizer(model: str | None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, **source)
     except (ValueError, OSError) as error:  # e.g. a Llama folder without tokenizer.model
-        raise ValueError(f"--model {model}: no usable tokenizer there ({_first_line(error)}); "
+        raise ValueError(f"--model {model}: no usable tokenizer there ({first_line(error)}); "
                          f"copy the base model's tokenizer files into the folder") from None
     # transformers builds an empty tokenizer for a folder without tokenizer files (GPT-2,
     # Qwen2): every text would encode to no tokens and training would run on nothing.
@@ -283,8 +279,7 @@ def add_lora(model: torch.nn.Module, *, r: int, targets: str = "auto") -> torch.
     try:
         return peft.get_peft_model(model, config)
     except ValueError as error:  # unknown module names, or no default for the architecture
-        first_line = str(error).strip().splitlines()[0]
-        raise ValueError(f"--lora-targets {targets}: {first_line}") from None
+        raise ValueError(f"--lora-targets {targets}: {first_line(error)}") from None
 
 
 def _load_examples(job: Job, source, tokenizer, config: TrainingConfig, *, split: str,
