@@ -19,11 +19,6 @@ PREFERENCES = [{"question": f"Question {i}?", "good": f" Answer {i}.", "bad": f"
 MAPPING = "prompt=question,chosen=good,rejected=bad"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return assets.load_default_tokenizer()
-
-
 @pytest.fixture()
 def datasets():
     return pytest.importorskip("datasets")

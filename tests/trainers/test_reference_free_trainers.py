@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from helpers import eager_sequence_logps
 
-from fastalign import assets, data
+from fastalign import assets
 from fastalign.cli import main as cli_main
 from fastalign.trainers import (
     CPOConfig,
@@ -24,17 +24,6 @@ from fastalign.trainers import (
     SimPOConfig,
     SimPOTrainer,
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return assets.load_default_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def pairs(tokenizer):
-    records = data.load_jsonl(assets.default_data_path("dpo"), "preference")
-    return data.encode_preference(records, tokenizer, max_length=64, max_prompt_length=32)
 
 
 def _smoothed(u, epsilon):

@@ -20,11 +20,6 @@ from fastalign.trainers.ppo import GRPOConfig, PPOConfig, PPOTrainer, encode_pro
 from fastalign.trainers.reward_functions import RewardFunctions, TrainingProgress
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return assets.load_default_tokenizer()
-
-
 def _config(tmp_path, config_class=GRPOConfig, **options):
     base = dict(output_dir=str(tmp_path / "out"), max_steps=2, batch_size=2, num_generations=2,
                 max_new_tokens=4, lr=1e-3, progress=False, plots=False, seed=0, max_length=64,

@@ -30,11 +30,6 @@ from fastalign.trainers.reward_functions import (
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return assets.load_default_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def records():
     return data.load_jsonl(assets.default_data_path("grpo"), "prompt")
 

@@ -28,17 +28,6 @@ from fastalign.trainers.run import JOBS, run_job
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return assets.load_default_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def pairs(tokenizer):
-    records = data.load_jsonl(assets.default_data_path("dpo"), "preference")
-    return data.encode_preference(records, tokenizer, max_length=64, max_prompt_length=32)
-
-
-@pytest.fixture(scope="module")
 def eval_pairs(tokenizer):
     records = data.load_jsonl(assets.default_data_path("dpo_eval"), "preference")
     return data.encode_preference(records, tokenizer, max_length=64, max_prompt_length=32)
