@@ -6,8 +6,8 @@ plain-PyTorch reference:
 
 * ``linear_logprobs``: per-token log-probabilities (and entropies) straight from hidden states
   and the LM head;
-* ``linear_argmax``: the arg-max over the vocabulary of the head's logits (no gradient), for
-  token-accuracy metrics;
+* ``linear_argmax`` and ``linear_logit_stats``: the arg-max, the mean and log Σ p² over the
+  vocabulary of the head's logits (no gradient), for metrics and WPO's weights;
 * ``linear_kl``: the exact per-token KL between a policy head and a reference head;
 * ``gae``: generalised advantage estimation;
 * ``sequence``: the causal shift and per-sequence sums on top of ``linear_logprobs``.
@@ -19,7 +19,13 @@ collectives of a vocabulary sharded across ranks).
 
 from fastalign.ops._backends import IMPLEMENTATIONS, available_implementations
 from fastalign.ops.gae import gae, gae_reference
-from fastalign.ops.linear_argmax import linear_argmax, linear_argmax_reference
+from fastalign.ops.linear_argmax import (
+    LogitStats,
+    linear_argmax,
+    linear_argmax_reference,
+    linear_logit_stats,
+    linear_logit_stats_reference,
+)
 from fastalign.ops.linear_kl import linear_kl, linear_kl_reference
 from fastalign.ops.linear_logprobs import linear_logprobs, linear_logprobs_reference
 from fastalign.ops.sequence import (
@@ -31,12 +37,15 @@ from fastalign.ops.sequence import (
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "LogitStats",
     "SequenceLogprobs",
     "available_implementations",
     "gae",
     "gae_reference",
     "linear_argmax",
     "linear_argmax_reference",
+    "linear_logit_stats",
+    "linear_logit_stats_reference",
     "linear_kl",
     "linear_kl_reference",
     "linear_logprobs",

@@ -1,20 +1,27 @@
-"""``linear_argmax``: the most likely next token of each row, straight from (hidden, LM head).
+"""``linear_argmax`` and ``linear_logit_stats``: per-row statistics of the head's logits that
+metrics need, straight from (hidden, LM head), without gradient.
 
-Layer 2 of fastalign, without kernels of its own: the arg-max over the vocabulary of
-``hidden @ weight.T + bias``, streamed over tiles of rows and vocabulary entries so that memory
-stays bounded by one [block_rows × block_vocab] tile and never grows with N × V. It serves
-metrics (SFT's ``mean_token_accuracy``), so it has no gradient. ``linear_argmax_reference``
-materialises the logits, for tests.
+Layer 2 of fastalign, without kernels of its own: one pass over tiles of rows and vocabulary
+entries of ``hidden @ weight.T + bias``, so that memory stays bounded by one
+[block_rows × block_vocab] tile and never grows with N × V. What a pass can gather:
+
+* the arg-max over the vocabulary (SFT's ``mean_token_accuracy``: is the label the top-1 token);
+* the mean of the logits z over the vocabulary (TRL's ``logits/chosen`` metrics);
+* log Σ_v p_v², the log of the probability that two samples agree (WPO's weights), as
+  logsumexp(2z) − 2·logsumexp(z), both accumulated online as in a softmax.
+
+``linear_argmax_reference`` and ``linear_logit_stats_reference`` materialise the logits, for
+tests.
 
 Which head options can move the arg-max: of the conventions ``linear_logprobs`` takes
 (z = softcap·tanh((h·Wᵀ + b)/softcap) / temperature, a model's logit scale folded into the
 temperature), only the **bias** can, since it shifts each vocabulary entry by a different
 amount. Temperature and logit scale are positive factors common to every entry, and softcap's
 ``c·tanh(a/c)`` is strictly increasing in ``a``: all three preserve the order of the logits, so
-the arg-max of the raw scores h·Wᵀ + b is the arg-max of the distribution. The op accepts them
-(checked as ``linear_logprobs`` checks them) so that callers can pass one head's options to both,
-and then leaves them out: applied in floating point, a softcap would round large, distinct logits
-to equal values (tanh saturates) and create ties that the exact distribution does not have.
+the arg-max is taken on the raw scores h·Wᵀ + b. Applied in floating point, a softcap would round
+large, distinct logits to equal values (tanh saturates) and create ties that the exact
+distribution does not have. The mean and log Σ p² do depend on temperature and softcap, and
+apply them.
 
 Ties: the lowest vocabulary index among equal maxima wins, as in ``torch.argmax`` (each tile
 keeps its first maximum, and a later tile replaces the running best only when strictly greater).
@@ -22,6 +29,8 @@ A row whose scores hold NaN gets an unspecified index.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -32,7 +41,8 @@ from fastalign.ops._checks import (
     check_same_device,
 )
 
-__all__ = ["linear_argmax", "linear_argmax_reference"]
+__all__ = ["LogitStats", "linear_argmax", "linear_argmax_reference", "linear_logit_stats",
+           "linear_logit_stats_reference"]
 
 # One tile of float32 scores: 1024 × 4096 × 4 bytes = 16 MiB, whatever N and V are.
 BLOCK_ROWS = 1024
@@ -43,6 +53,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Scores of bfloat16/float16 inputs are kept in float32: rounded to 8 bits of mantissa, many
     # distinct logits would tie. Products of two bf16/fp16 numbers are exact in float32.
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LogitStats(NamedTuple):
+    """What ``linear_logit_stats`` gathered; a field not asked for is None. Shapes: the leading
+    shape of ``hidden``."""
+
+    argmax: torch.Tensor | None  # int64 vocabulary ids, ties to the lowest
+    mean_logits: torch.Tensor | None  # mean_v z_v (float32; float64 for float64 inputs)
+    log_sum_sq_probs: torch.Tensor | None  # log Σ_v p_v² = logsumexp(2z) − 2·logsumexp(z)
 
 
 @torch.no_grad()
@@ -70,6 +89,28 @@ def linear_argmax(
     Returns:
         int64 [...] vocabulary ids (the leading shape of ``hidden``); ties go to the lowest id.
     """
+    return linear_logit_stats(hidden, weight, bias=bias, temperature=temperature,
+                              softcap=softcap, argmax=True, block_rows=block_rows,
+                              block_vocab=block_vocab).argmax
+
+
+@torch.no_grad()
+def linear_logit_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    argmax: bool = False,
+    mean_logits: bool = False,
+    log_sum_sq_probs: bool = False,
+    block_rows: int = BLOCK_ROWS,
+    block_vocab: int = BLOCK_VOCAB,
+) -> LogitStats:
+    """The asked-for statistics of z = softcap·tanh((h·Wᵀ + b)/softcap)/temperature per row of
+    ``hidden``, in one streaming pass (see the module docstring); arguments as ``linear_argmax``.
+    """
     check_head("", hidden, weight, bias)
     check_positive("temperature", temperature)
     check_positive("softcap", softcap, optional=True)
@@ -78,21 +119,51 @@ def linear_argmax(
     check_field_int("block_vocab", block_vocab, minimum=1)
     dtype = _compute_dtype(hidden.dtype)
     rows = hidden.reshape(-1, hidden.shape[-1])
-    best_index = torch.zeros(rows.shape[0], dtype=torch.int64, device=hidden.device)
-    for row in range(0, rows.shape[0], block_rows):
+    n_rows, device = rows.shape[0], hidden.device
+    best_index = torch.zeros(n_rows, dtype=torch.int64, device=device)
+    logit_sum = torch.zeros(n_rows, dtype=dtype, device=device)
+    running_max = torch.full((n_rows,), -torch.inf, dtype=dtype, device=device)
+    sum_exp = torch.zeros(n_rows, dtype=dtype, device=device)  # Σ exp(z − max)
+    sum_exp2 = torch.zeros(n_rows, dtype=dtype, device=device)  # Σ exp(2(z − max))
+    for row in range(0, n_rows, block_rows):
         block = rows[row:row + block_rows].to(dtype)
-        best = torch.full((block.shape[0],), -torch.inf, dtype=dtype, device=hidden.device)
-        index = best_index[row:row + block_rows]  # a view: filled in place
+        best = torch.full((block.shape[0],), -torch.inf, dtype=dtype, device=device)
+        index = best_index[row:row + block_rows]  # views: filled in place
+        m, s1, s2 = (t[row:row + block_rows] for t in (running_max, sum_exp, sum_exp2))
         for start in range(0, weight.shape[0], block_vocab):
             scores = block @ weight[start:start + block_vocab].to(dtype).T
             if bias is not None:
                 scores += bias[start:start + block_vocab].to(dtype)
-            tile_index = scores.argmax(dim=-1)
-            tile_best = scores.gather(-1, tile_index.unsqueeze(-1)).squeeze(-1)
-            better = tile_best > best  # strictly: an equal maximum of a later tile loses
-            best = torch.where(better, tile_best, best)
-            index.copy_(torch.where(better, tile_index + start, index))
-    return best_index.view(hidden.shape[:-1])
+            if argmax:
+                tile_index = scores.argmax(dim=-1)
+                tile_best = scores.gather(-1, tile_index.unsqueeze(-1)).squeeze(-1)
+                better = tile_best > best  # strictly: an equal maximum of a later tile loses
+                best = torch.where(better, tile_best, best)
+                index.copy_(torch.where(better, tile_index + start, index))
+            if not (mean_logits or log_sum_sq_probs):
+                continue
+            z = _transform(scores, temperature, softcap)
+            logit_sum[row:row + block_rows] += z.sum(-1)
+            if log_sum_sq_probs:
+                new_max = torch.maximum(m, z.amax(-1))
+                rescale = torch.exp(m - new_max)
+                shifted = torch.exp(z - new_max.unsqueeze(-1))
+                s1.mul_(rescale).add_(shifted.sum(-1))
+                s2.mul_(rescale * rescale).add_((shifted * shifted).sum(-1))
+                m.copy_(new_max)
+    leading = hidden.shape[:-1]
+    return LogitStats(
+        best_index.view(leading) if argmax else None,
+        (logit_sum / weight.shape[0]).view(leading) if mean_logits else None,
+        (torch.log(sum_exp2) - 2 * torch.log(sum_exp)).view(leading) if log_sum_sq_probs
+        else None,
+    )
+
+
+def _transform(scores: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    return scores / temperature
 
 
 @torch.no_grad()
@@ -111,3 +182,23 @@ def linear_argmax_reference(
                               None if softcap is None else float(softcap),
                               _compute_dtype(hidden.dtype))
     return logits.argmax(dim=-1)
+
+
+@torch.no_grad()
+def linear_logit_stats_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+) -> LogitStats:
+    """Every statistic of ``linear_logit_stats`` from the materialised logits z."""
+    from fastalign.ops.linear_logprobs import reference_logits
+
+    dtype = _compute_dtype(hidden.dtype)
+    logits = reference_logits(hidden, weight, bias, float(temperature),
+                              None if softcap is None else float(softcap), dtype)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    return LogitStats(linear_argmax_reference(hidden, weight, bias=bias), logits.mean(-1),
+                      torch.logsumexp(2 * log_probs, dim=-1))

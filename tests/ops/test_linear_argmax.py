@@ -1,4 +1,5 @@
-"""linear_argmax against torch.argmax of the materialised logits.
+"""linear_argmax against torch.argmax of the materialised logits, and linear_logit_stats' mean
+and log Σ p² against the same logits in float64.
 
 Ground truth: ``torch.argmax`` of the reference's logits (softcap and temperature applied).
 Where the two largest logits of a row are nearly equal, the order of the float32 sums decides
@@ -9,7 +10,13 @@ same inputs have a clear winner; ties are tested separately with exactly equal i
 import pytest
 import torch
 
-from fastalign import linear_argmax, linear_argmax_reference, sequence_logprobs_from_labels
+from fastalign import (
+    linear_argmax,
+    linear_argmax_reference,
+    linear_logit_stats,
+    linear_logit_stats_reference,
+    sequence_logprobs_from_labels,
+)
 from fastalign.ops.linear_logprobs import reference_logits
 
 # (id, leading shape, H, V, bias, options, block_rows, block_vocab): small blocks give many
@@ -131,3 +138,39 @@ def test_sequence_logprobs_predictions_are_the_argmax_at_scored_positions(packed
     assert (out.token_predictions[~mask] == -100).all()
     assert sequence_logprobs_from_labels(hidden, weight, labels, cu_seqlens=cu_seqlens,
                                          bias=bias).token_predictions is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
+def test_mean_logits_and_log_sum_sq_probs_match_the_materialised_logits(case, dtype):
+    _, shape, hidden_size, vocab_size, with_bias, options, block_rows, block_vocab = case
+    hidden, weight, bias = _inputs(shape, hidden_size, vocab_size, with_bias, dtype)
+    blocks = {} if block_rows is None else {"block_rows": block_rows, "block_vocab": block_vocab}
+    ours = linear_logit_stats(hidden, weight, bias=bias, mean_logits=True, log_sum_sq_probs=True,
+                              **options, **blocks)
+    # Ground truth in float64 from the same (rounded) inputs: only our float32 sums differ.
+    logits = reference_logits(hidden, weight, bias, options.get("temperature", 1.0),
+                              options.get("softcap"), torch.float64)
+    assert ours.argmax is None
+    torch.testing.assert_close(ours.mean_logits, logits.mean(-1).float(), rtol=1e-5, atol=1e-5)
+    want = torch.logsumexp(2 * torch.log_softmax(logits, dim=-1), dim=-1).float()
+    torch.testing.assert_close(ours.log_sum_sq_probs, want, rtol=1e-5, atol=1e-5)
+    assert (ours.log_sum_sq_probs <= 0).all()  # Σ p² ≤ 1
+    reference = linear_logit_stats_reference(hidden.double(), weight.double(),
+                                             bias=None if bias is None else bias.double(),
+                                             **options)
+    torch.testing.assert_close(reference.log_sum_sq_probs, want.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_log_sum_sq_probs_of_a_peaked_and_a_flat_distribution():
+    """One row puts all its mass on one token (Σ p² → 1), another is uniform (Σ p² = 1/V): the
+    online rescaling must survive logits far from 0 in both directions."""
+    vocab = 50
+    weight = torch.eye(vocab, 4).mul(400.0) - 200.0
+    hidden = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    stats = linear_logit_stats(hidden, weight, log_sum_sq_probs=True, mean_logits=True,
+                               block_vocab=7)
+    assert stats.log_sum_sq_probs[0].abs() < 1e-6
+    torch.testing.assert_close(stats.log_sum_sq_probs[1], torch.tensor(-float(torch.log(
+        torch.tensor(float(vocab))))))
+    torch.testing.assert_close(stats.mean_logits, (hidden @ weight.T).mean(-1))
