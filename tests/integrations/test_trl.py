@@ -104,11 +104,15 @@ def _parity(monkeypatch, make_trainer, ours_cls, stock_cls) -> list[dict]:
     return ours
 
 
-def test_sft_logs_equal_stock_trl(tmp_path, model_dir, tokenizer, monkeypatch):
+@pytest.mark.parametrize("options", [
+    {},
+    {"loss_type": "dft", "packing": True, "padding_free": True},
+], ids=["nll", "dft-packed"])
+def test_sft_logs_equal_stock_trl(tmp_path, model_dir, tokenizer, monkeypatch, options):
     data = _records("sft", 16)
 
     def make(cls, name):
-        args = trl.SFTConfig(**_common(tmp_path, name), max_length=64)
+        args = trl.SFTConfig(**_common(tmp_path, name), max_length=64, **options)
         return cls(model=_model(model_dir), args=args, train_dataset=data,
                    processing_class=tokenizer)
 
@@ -134,6 +138,22 @@ def test_dpo_logs_equal_stock_trl(tmp_path, model_dir, tokenizer, monkeypatch, o
     assert {"rewards/chosen", "logits/chosen", "logps/rejected", "entropy"} <= logs[0].keys()
 
 
+def test_dpo_with_a_peft_adapter_logs_equal_stock_trl(tmp_path, model_dir, tokenizer,
+                                                       monkeypatch):
+    """LoRA on the attention: the reference is the policy with its adapter disabled."""
+    peft = pytest.importorskip("peft")
+    data = _records("dpo", 12)
+
+    def make(cls, name):
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                               task_type="CAUSAL_LM")
+        args = trl.DPOConfig(**_common(tmp_path, name), max_length=48)
+        return cls(model=_model(model_dir), args=args, train_dataset=data,
+                   processing_class=tokenizer, peft_config=lora)
+
+    _parity(monkeypatch, make, fa_trl.DPOTrainer, trl.DPOTrainer)
+
+
 def test_kto_logs_equal_stock_trl(tmp_path, model_dir, tokenizer, monkeypatch):
     data = _records("kto", 16)
 
@@ -149,15 +169,24 @@ def _length_reward(completions, **kwargs):
     return [float(len(completion)) / 10 for completion in completions]
 
 
-@pytest.mark.parametrize("trainer", ["grpo", "rloo"])
-def test_grpo_and_rloo_logs_equal_stock_trl(tmp_path, model_dir, tokenizer, monkeypatch, trainer):
+GRPO_OPTIONS = {
+    "grpo-kl": {"beta": 0.04},
+    "gspo-entropy": {"importance_sampling_level": "sequence", "loss_type": "grpo",
+                     "top_entropy_quantile": 0.5, "entropy_coef": 0.01, "temperature": 0.7,
+                     "num_iterations": 2},
+    "rloo": {},
+}
+
+
+@pytest.mark.parametrize("case", list(GRPO_OPTIONS))
+def test_grpo_and_rloo_logs_equal_stock_trl(tmp_path, model_dir, tokenizer, monkeypatch, case):
     """Sampled generations: the same seed and the same weights draw the same completions."""
     data = _records("grpo", 8)
     config_cls, ours, stock = {
         "grpo": (trl.GRPOConfig, fa_trl.GRPOTrainer, trl.GRPOTrainer),
         "rloo": (trl.RLOOConfig, fa_trl.RLOOTrainer, trl.RLOOTrainer),
-    }[trainer]
-    extra = {"beta": 0.04} if trainer == "grpo" else {}
+    }["rloo" if case == "rloo" else "grpo"]
+    extra = GRPO_OPTIONS[case]
 
     def make(cls, name):
         args = config_cls(**_common(tmp_path, name), num_generations=4,
@@ -250,3 +279,28 @@ def test_a_dpo_step_at_a_128k_head_holds_3x_less_than_stock_trl(tmp_path, big_he
 def test_import_fastalign_never_imports_trl():
     code = "import sys, fastalign, fastalign.integrations; assert 'trl' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_under_bf16_autocast_the_head_is_as_close_to_float32_as_trls(model_dir):
+    """TRL's configs default to bf16 autocast on CPU: both heads then see bf16 hidden states and
+    weights. Judged against float32 log-probs of the same model, ours (fp32 accumulation and
+    logits) must be at least as close as TRL's (whose tiles of logits are rounded to bf16)."""
+    ids = torch.randint(3, 616, (4, 33), generator=torch.Generator().manual_seed(2))
+    call = dict(input_ids=ids, labels=ids, fused_lm_head=True)
+    errors = {}
+    truth = None
+    heads = {"fp32": trl_utils.add_fused_lm_head, "stock": trl_utils.add_fused_lm_head,
+             "ours": fa_trl.add_fused_lm_head}
+    for name, add in heads.items():
+        model = _model(model_dir).train()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(20.0)
+        add(model, outputs=("log_probs", "entropy"))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "fp32"):
+            out = model(**call)
+        if truth is None:
+            truth = out
+            continue
+        errors[name] = max((out.log_probs - truth.log_probs).abs().max().item(),
+                           (out.entropy - truth.entropy).abs().max().item())
+    assert errors["ours"] <= errors["stock"], errors
