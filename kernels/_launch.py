@@ -9,6 +9,9 @@ checks → allocates → launches; what those launchers share lives here:
   names (its backward accumulates with atomics) and a host timer under the interpreter;
 - ``run_kernel``, which launches a kernel at its pinned config, or autotuned;
 - launch helpers: the CUDA device guard, the SM count, the forward's vocabulary splits;
+- the chunked backward (``FASTALIGN_TRITON_BACKWARD``): per chunk of tokens a kernel writes
+  ∂L/∂logits into a bounded workspace, and tensor-core matrix products turn it into the head's
+  gradients (``head_grads_in_chunks``);
 - cheap layout checks (dims, shape, dtype, contiguity, device). The values of the arguments
   (temperature, softcap, target range, ...) are validated once, at the public entry points in
   ``fastalign``; the launchers only make sure that the kernels read what they are told to read.
@@ -18,6 +21,7 @@ checks → allocates → launches; what those launchers share lives here:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -188,6 +192,136 @@ def float32_accumulator(wanted: bool, shape: tuple[int, ...],
                         device: torch.device) -> torch.Tensor | None:
     """A zeroed float32 gradient accumulator (the kernels add into it atomically), or None."""
     return torch.zeros(shape, dtype=torch.float32, device=device) if wanted else None
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunked backward
+# ----------------------------------------------------------------------------------------------
+
+BACKWARD_STRATEGIES = ("chunked", "atomic")
+# The default workspace: this fraction of what eager autograd holds for the logits alone
+# (N × V float32), and never fewer rows than one chunk of this many tokens, below which the
+# matrix products stop filling the tensor cores (at small N the bytes do not matter).
+WORKSPACE_FRACTION = 0.05
+MIN_CHUNK_ROWS = 64
+
+
+def backward_strategy() -> str:
+    """``FASTALIGN_TRITON_BACKWARD``: "chunked" (the default) or "atomic".
+
+    chunked: per chunk of tokens, a kernel recomputes the logits and writes ∂L/∂logits (input
+    dtype) into a workspace; dh and dW come from matrix products of it (cuBLAS on CUDA), with
+    dW accumulated in float32. atomic: one kernel adds every (token tile × vocabulary tile)'s
+    share of dh and dW with float32 atomics; kept for comparison.
+    """
+    strategy = os.environ.get("FASTALIGN_TRITON_BACKWARD", "chunked")
+    if strategy not in BACKWARD_STRATEGIES:
+        raise ValueError(f"FASTALIGN_TRITON_BACKWARD must be one of {BACKWARD_STRATEGIES}, got "
+                         f"{strategy!r}")
+    return strategy
+
+
+def chunk_rows(n_tokens: int, vocab_size: int, row_bytes: int) -> int:
+    """Tokens per chunk of the chunked backward, whose workspace takes ``row_bytes`` a token.
+
+    ``FASTALIGN_BACKWARD_WORKSPACE_MIB`` sets the workspace; by default it is WORKSPACE_FRACTION
+    of eager's N × V float32 logits (at least MIN_CHUNK_ROWS tokens).
+    """
+    budget = os.environ.get("FASTALIGN_BACKWARD_WORKSPACE_MIB")
+    if budget is not None:
+        try:
+            budget_bytes = float(budget) * 2**20
+        except ValueError:
+            budget_bytes = -1.0
+        if not budget_bytes > 0:
+            raise ValueError("FASTALIGN_BACKWARD_WORKSPACE_MIB must be a positive number of MiB, "
+                             f"got {budget!r}")
+        rows = int(budget_bytes // max(row_bytes, 1))
+    else:
+        rows = max(MIN_CHUNK_ROWS,
+                   int(WORKSPACE_FRACTION * n_tokens * vocab_size * 4 // max(row_bytes, 1)))
+    return max(1, min(n_tokens, rows))
+
+
+@dataclasses.dataclass
+class HeadGrads:
+    """One head's part of a chunked backward: its inputs, which gradients it wants, and (after
+    ``head_grads_in_chunks``) the gradients, in the inputs' dtypes."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    want_dh: bool
+    want_dw: bool
+    want_db: bool
+    dh: torch.Tensor | None = None
+    dw: torch.Tensor | None = None
+    db: torch.Tensor | None = None
+
+    @property
+    def wanted(self) -> bool:
+        return self.want_dh or self.want_dw or (self.want_db and self.bias is not None)
+
+
+def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., None],
+                         rows_with_grad: torch.Tensor | None = None) -> None:
+    """Fill each head's dh, dW, db, chunk of tokens by chunk of tokens.
+
+    ``fill(start, end, *workspaces)`` launches the kernel that writes ∂L/∂a of tokens
+    [start, end) into each head's workspace ([end − start, V] in the input dtype, None for a head
+    that wants no gradient), 0 wherever there is no gradient. Then dh[start:end] = ∂L/∂a · W and
+    dW += (∂L/∂a)ᵀ · h[start:end] (float32), db += Σ_rows ∂L/∂a. ``rows_with_grad`` (bool [N]):
+    rows outside it have ∂L/∂a = 0, and their hidden state is left out of dW (a NaN in a padding
+    row must not enter as 0·NaN).
+    """
+    active = [head for head in heads if head.wanted]
+    if not active:
+        return
+    n_tokens, vocab_size = heads[0].hidden.shape[0], heads[0].weight.shape[0]
+    device, dtype = heads[0].hidden.device, heads[0].hidden.dtype
+    row_bytes = vocab_size * dtype.itemsize * len(active)
+    chunk = chunk_rows(n_tokens, vocab_size, row_bytes)
+    workspaces = {id(head): torch.empty((chunk, vocab_size), dtype=dtype, device=device)
+                  for head in active}
+    dw32, db32 = {}, {}
+    for head in active:
+        if head.want_dh:
+            head.dh = torch.empty_like(head.hidden)
+        dw32[id(head)] = float32_accumulator(head.want_dw, tuple(head.weight.shape), device)
+        db32[id(head)] = float32_accumulator(head.want_db and head.bias is not None,
+                                             (vocab_size,), device)
+    for start in range(0, n_tokens, chunk):
+        end = min(start + chunk, n_tokens)
+        chunk_ws = [workspaces[id(h)][:end - start] if h.wanted else None for h in heads]
+        fill(start, end, *chunk_ws)
+        for head, grad in zip(heads, chunk_ws):
+            if grad is None:
+                continue
+            if head.want_dh:  # one product over the whole vocabulary: one rounding per entry
+                torch.mm(grad, head.weight, out=head.dh[start:end])
+            if dw32[id(head)] is not None:
+                rows = head.hidden[start:end]
+                if rows_with_grad is not None:
+                    rows = rows.masked_fill(~rows_with_grad[start:end, None], 0.0)
+                addmm_float32(dw32[id(head)], grad.T, rows)
+            if db32[id(head)] is not None:
+                db32[id(head)] += grad.sum(dim=0, dtype=torch.float32)
+    for head in active:
+        if dw32[id(head)] is not None:
+            head.dw = dw32[id(head)].to(head.weight.dtype)
+        if db32[id(head)] is not None:
+            head.db = db32[id(head)].to(head.bias.dtype)
+
+
+def addmm_float32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b into a float32 ``acc``, the product never rounded to a 16-bit dtype (each
+    chunk's share of dW rounded to bfloat16 before the sum would lose the small ones)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda":  # cuBLAS: 16-bit operands, float32 accumulator and output
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -242,6 +242,18 @@ def accumulate_head_grads(
 
 
 @triton.jit
+def store_tile(ptr, tile, offs_n, offs_v, n_mask, v_mask, stride_n, EVEN_V: tl.constexpr):
+    """Store a float32 [BLOCK_N, BLOCK_V] tile into rows offs_n, columns offs_v of a row-major
+    [N, V] tensor (row stride ``stride_n``), in that tensor's dtype."""
+    ptrs = ptr + offs_n[:, None].to(tl.int64) * stride_n + offs_v[None, :]
+    if EVEN_V:
+        mask = n_mask[:, None]
+    else:
+        mask = n_mask[:, None] & v_mask[None, :]
+    tl.store(ptrs, tile.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def grouped_tile(pid, N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  GROUP_V: tl.constexpr):
     """(token tile, vocabulary tile) of program ``pid`` of a (token × vocabulary)-tile grid.

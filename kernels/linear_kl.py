@@ -28,17 +28,19 @@ Forward (2·N·V·(H + H') FLOPs), two launches, as in ``linear_logprobs``:
      that of the float32 statistics, about 1e-7·(|log s| + |log s'| + |t/s|) absolute.
 
 Backward (2·N·V·(H + H') for the recompute, + 4·N·V·H for the policy gradients, + 4·N·V·H' for
-the reference's), one launch: ``_backward_kernel``, grid (token tiles × vocabulary tiles). Each
-program recomputes both logit tiles and, from the saved float64 KL, lse and lse' (split into
-float32 pairs hi + lo as in ``linear_logprobs``: z − lse nearly cancels for a dominant token),
+the reference's): ``_backward_kernel``, grid (token tiles × vocabulary tiles). Each program
+recomputes both logit tiles and, from the saved float64 KL, lse and lse' (split into float32
+pairs hi + lo as in ``linear_logprobs``: z − lse nearly cancels for a dominant token),
 
     ∂L/∂z_v  = g·p_v·(x_v − c),  x = z − z',  c = Σ_u p_u·x_u = KL + lse − lse'
     ∂L/∂z'_v = g·(q_v − p_v)
 
 (derivation next to the code; x − c is formed from float32 pairs), then
-∂L/∂a = ∂L/∂z·(1/T)·(1 − tanh²(a/c)) per head and the head gradients dh, dW, db with float32
-atomics. The sweeps of a head whose gradients are not requested are compiled out (the reference
-head normally has none); its logits are still needed for p or q.
+∂L/∂a = ∂L/∂z·(1/T)·(1 − tanh²(a/c)) per head and the head gradients dh, dW, db: by default
+(chunked, as in ``linear_logprobs``) the kernel writes ∂L/∂a of each head per chunk of tokens and
+matrix products make dh and dW; with ``FASTALIGN_TRITON_BACKWARD=atomic`` the kernel adds them
+with float32 atomics. The work of a head whose gradients are not requested is compiled out (the
+reference head normally has none); its logits are still needed for p or q.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from fastalign.kernels._tile import (
     split_f64,
     split_range,
     split_tile,
+    store_tile,
     tile_stats,
 )
 
@@ -255,8 +258,12 @@ def _forward_merge_kernel(
     COMPUTE_REF_DH=lambda args: args["ref_dh_ptr"] is not None,
     COMPUTE_REF_DW=lambda args: args["ref_dw_ptr"] is not None,
     COMPUTE_REF_DB=lambda args: args["ref_db_ptr"] is not None,
-    COMPUTE_GRAD=lambda args: any(args[name] is not None for name in _GRAD_BUFFERS),
-    COMPUTE_REF_GRAD=lambda args: any(args[name] is not None for name in _REF_GRAD_BUFFERS),
+    STORE_DLOGITS=lambda args: args["dlogits_ptr"] is not None
+    or args["ref_dlogits_ptr"] is not None,
+    COMPUTE_GRAD=lambda args: any(args[name] is not None
+                                  for name in (*_GRAD_BUFFERS, "dlogits_ptr")),
+    COMPUTE_REF_GRAD=lambda args: any(args[name] is not None
+                                      for name in (*_REF_GRAD_BUFFERS, "ref_dlogits_ptr")),
     EVEN_H_REF=lambda args: args["H_REF"] % args["BLOCK_H"] == 0,
 ))
 @triton.jit
@@ -269,10 +276,13 @@ def _backward_kernel(
     # pointers: outputs, float32 accumulators zeroed by the launcher (None when not requested)
     dh_ptr, dw_ptr, db_ptr,            # policy: [N, H], [V, H], [V]
     ref_dh_ptr, ref_dw_ptr, ref_db_ptr,  # reference: [N, H_REF], [V, H_REF], [V]
+    # or (chunked backward, the six above None): ∂L/∂a of each head [N, V] in the input dtype
+    # (None for a head without gradient)
+    dlogits_ptr, ref_dlogits_ptr,
     # shapes
     N, V, H, H_REF, N_BUCKET,          # N_BUCKET only keys autotuning
     # strides (the last dimension of every [*, H] tensor is contiguous; gradients are compact)
-    stride_hn, stride_wv, stride_ref_hn, stride_ref_wv,
+    stride_hn, stride_wv, stride_ref_hn, stride_ref_wv, stride_dln,
     # scalars
     inv_temperature, softcap,
     # meta-parameters
@@ -280,7 +290,7 @@ def _backward_kernel(
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     COMPUTE_REF_DH: tl.constexpr, COMPUTE_REF_DW: tl.constexpr, COMPUTE_REF_DB: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, COMPUTE_REF_GRAD: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, COMPUTE_REF_GRAD: tl.constexpr, STORE_DLOGITS: tl.constexpr,
     EVEN_H: tl.constexpr, EVEN_H_REF: tl.constexpr, EVEN_V: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
@@ -335,12 +345,18 @@ def _backward_kernel(
         ref_lse_hi, ref_lse_lo = split_f64(ref_lse_ptr + offs_n, n_mask, 1e30)
         q = tl.exp((z_ref - ref_lse_hi[:, None]) - ref_lse_lo[:, None])
         da_ref = tl.where(tile_mask, (g[:, None] * (q - p)) * dz_ref_da, 0.0)
-    if COMPUTE_GRAD:
+    if STORE_DLOGITS:
+        if COMPUTE_GRAD:
+            store_tile(dlogits_ptr, da, offs_n, offs_v, n_mask, v_mask, stride_dln, EVEN_V)
+        if COMPUTE_REF_GRAD:
+            store_tile(ref_dlogits_ptr, da_ref, offs_n, offs_v, n_mask, v_mask, stride_dln,
+                       EVEN_V)
+    if COMPUTE_GRAD and not STORE_DLOGITS:
         accumulate_head_grads(da, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr,
                               offs_n, offs_v, n_mask, n_mask, v_mask, H, stride_hn, stride_wv,
                               BLOCK_N, BLOCK_V, BLOCK_H, COMPUTE_DH, COMPUTE_DW, COMPUTE_DB,
                               EVEN_H, DOT_IN_FP32)
-    if COMPUTE_REF_GRAD:
+    if COMPUTE_REF_GRAD and not STORE_DLOGITS:
         accumulate_head_grads(da_ref, ref_h_ptr, ref_w_ptr, ref_dh_ptr, ref_dw_ptr, ref_db_ptr,
                               offs_n, offs_v, n_mask, n_mask, v_mask,
                               H_REF, stride_ref_hn, stride_ref_wv,
@@ -461,6 +477,34 @@ def linear_kl_backward(
     compute_dbias = compute_dbias and bias is not None
     compute_dref_bias = compute_dref_bias and ref_bias is not None
 
+    def launch(rows: slice, grads, dlogits, ref_dlogits) -> None:
+        n = rows.stop - rows.start
+        args = (hidden[rows], weight, bias, ref_hidden[rows], ref_weight, ref_bias,
+                kl[rows], lse[rows], ref_lse[rows], grad_kl[rows], *grads, dlogits, ref_dlogits,
+                n, vocab_size, hidden_size, ref_hidden_size, _launch.n_bucket(n),
+                hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
+                vocab_size,  # the workspaces' row stride
+                1.0 / float(temperature), float(softcap))
+        with _launch.device_guard(device):
+            _launch.run_kernel("backward", _backward_kernel, _backward_kernel_tuned,
+                               lambda meta: (triton.cdiv(n, meta["BLOCK_N"])
+                                             * triton.cdiv(vocab_size, meta["BLOCK_V"]),),
+                               args, hidden.dtype, n, _default_config)
+
+    if _launch.backward_strategy() == "chunked":
+        heads = [_launch.HeadGrads(hidden, weight, bias, compute_dhidden, compute_dweight,
+                                   compute_dbias),
+                 _launch.HeadGrads(ref_hidden, ref_weight, ref_bias, compute_dref_hidden,
+                                   compute_dref_weight, compute_dref_bias)]
+        if n_tokens > 0:
+            _launch.head_grads_in_chunks(
+                heads, lambda start, end, dlogits, ref_dlogits: launch(
+                    slice(start, end), (None,) * 6, dlogits, ref_dlogits))
+        return tuple(_zeros_if_empty(grad, wanted, like) for head in heads
+                     for grad, wanted, like in ((head.dh, head.want_dh, head.hidden),
+                                                (head.dw, head.want_dw, head.weight),
+                                                (head.db, head.want_db, head.bias)))
+
     grads = tuple(_launch.float32_accumulator(wanted, shape, device) for wanted, shape in (
         (compute_dhidden, (n_tokens, hidden_size)),
         (compute_dweight, (vocab_size, hidden_size)),
@@ -469,15 +513,13 @@ def linear_kl_backward(
         (compute_dref_weight, (vocab_size, ref_hidden_size)),
         (compute_dref_bias, (vocab_size,))))
     if n_tokens > 0 and any(x is not None for x in grads):
-        args = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl, lse, ref_lse, grad_kl,
-                *grads,
-                n_tokens, vocab_size, hidden_size, ref_hidden_size, _launch.n_bucket(n_tokens),
-                hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
-                1.0 / float(temperature), float(softcap))
-        with _launch.device_guard(device):
-            _launch.run_kernel("backward", _backward_kernel, _backward_kernel_tuned,
-                               lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"])
-                                             * triton.cdiv(vocab_size, meta["BLOCK_V"]),),
-                               args, hidden.dtype, n_tokens, _default_config)
+        launch(slice(0, n_tokens), grads, None, None)
     like = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, like))
+
+
+def _zeros_if_empty(grad, wanted: bool, like):
+    """A wanted gradient the chunked backward did not fill (no tokens): zeros."""
+    if grad is not None or not wanted or like is None:
+        return grad
+    return torch.zeros_like(like)

@@ -12,11 +12,16 @@ Forward (2·N·H·V FLOPs), two launches:
   2. ``_forward_merge_kernel`` merges the splits and writes logp, entropy, lse and Σ p·z, the
      last two in float64 (see below).
 
-Backward (6·N·H·V FLOPs), one launch: ``_backward_kernel``, grid (token tiles × vocabulary tiles).
-Each program recomputes its logit tile (one H-loop) and its probabilities from the saved lse,
-forms ∂L/∂a for the tile, then sweeps H twice more: dh[tile rows] += ∂L/∂a · W[tile] and
-dW[tile rows] += (∂L/∂a)ᵀ · h[tile], both with float32 ``tl.atomic_add``; db with one atomic per
-column.
+Backward (6·N·H·V FLOPs), two strategies (``FASTALIGN_TRITON_BACKWARD``, ``_launch``):
+  - chunked (the default, on every device): per chunk of tokens (the workspace sized from a
+    memory budget, by default 5% of eager's [N, V] float32 logits), ``_backward_kernel`` with
+    STORE_DLOGITS recomputes each logit tile (one H-loop) and its probabilities from the saved
+    lse and writes ∂L/∂a in the input dtype; dh = ∂L/∂a · W and dW += (∂L/∂a)ᵀ · h (float32) are
+    then two matrix products (cuBLAS on CUDA), with no atomics (``_launch.head_grads_in_chunks``).
+  - atomic: one launch, grid (token tiles × vocabulary tiles); each program forms ∂L/∂a for its
+    tile and sweeps H twice more: dh[tile rows] += ∂L/∂a · W[tile] and dW[tile rows] +=
+    (∂L/∂a)ᵀ · h[tile], both with float32 ``tl.atomic_add``; db with one atomic per column. At
+    16k tokens × the Llama-3 head that is ~10¹¹ atomics: L2-bound, kept for comparison.
 
 The running statistics are ALGORITHMS.md's (m, s, t) in a form that survives peaked
 distributions: r = s − 1 (the maximum's own 1 kept apart) and t = Σ e^{z−m}·(z − m) rather than
@@ -50,6 +55,7 @@ from fastalign.kernels._tile import (
     split_f64,
     split_range,
     split_tile,
+    store_tile,
     tile_stats,
 )
 
@@ -179,6 +185,7 @@ def _forward_merge_kernel(
     COMPUTE_DH=lambda args: args["dh_ptr"] is not None,
     COMPUTE_DW=lambda args: args["dw_ptr"] is not None,
     COMPUTE_DB=lambda args: args["db_ptr"] is not None,
+    STORE_DLOGITS=lambda args: args["dlogits_ptr"] is not None,
 ))
 @triton.jit
 def _backward_kernel(
@@ -188,16 +195,20 @@ def _backward_kernel(
     grad_logp_ptr, grad_entropy_ptr,   # upstream gradients, float32 [N] (entropy's may be None)
     # pointers: outputs, float32 accumulators zeroed by the launcher (None when not requested)
     dh_ptr, dw_ptr, db_ptr,            # [N, H], [V, H], [V]
+    # or (chunked backward, the three above None): ∂L/∂a [N, V] in the input dtype, every entry
+    # written (0 for ignored tokens)
+    dlogits_ptr,
     # shapes
     N, V, H, N_BUCKET,                 # N_BUCKET only keys autotuning
     # strides (the last dimension of every [*, H] tensor is contiguous; dh and dW are compact)
-    stride_hn, stride_wv,
+    stride_hn, stride_wv, stride_dln,
     # scalars
     inv_temperature, softcap, ignore_index,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_V: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    STORE_DLOGITS: tl.constexpr,
     EVEN_H: tl.constexpr, EVEN_V: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     pid_n, pid_v = grouped_tile(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_V)
@@ -207,6 +218,7 @@ def _backward_kernel(
     v_mask = offs_v < V
     targets = tl.load(targets_ptr + offs_n, mask=n_mask, other=ignore_index)
     valid = n_mask & (targets != ignore_index)
+    da = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)  # what a skipped tile stores
     # Ignored tokens get no gradient: a tile of them only is skipped outright.
     if tl.max(valid.to(tl.int32), axis=0) > 0:
         z, dz_da = scaled_logits(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask,
@@ -235,10 +247,13 @@ def _backward_kernel(
         else:
             da = tl.where(valid[:, None] & v_mask[None, :], da, 0.0)
 
-        accumulate_head_grads(da, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr,
-                              offs_n, offs_v, n_mask, valid, v_mask, H, stride_hn, stride_wv,
-                              BLOCK_N, BLOCK_V, BLOCK_H, COMPUTE_DH, COMPUTE_DW, COMPUTE_DB,
-                              EVEN_H, DOT_IN_FP32)
+        if not STORE_DLOGITS:
+            accumulate_head_grads(da, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr,
+                                  offs_n, offs_v, n_mask, valid, v_mask, H, stride_hn,
+                                  stride_wv, BLOCK_N, BLOCK_V, BLOCK_H, COMPUTE_DH, COMPUTE_DW,
+                                  COMPUTE_DB, EVEN_H, DOT_IN_FP32)
+    if STORE_DLOGITS:
+        store_tile(dlogits_ptr, da, offs_n, offs_v, n_mask, v_mask, stride_dln, EVEN_V)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,21 +369,38 @@ def linear_logprobs_backward(
             _launch.check_layout(name, x, dtype, (n_tokens,))
     _launch.check_one_device(hidden, grad_logp, grad_entropy, lse, sum_pz)
     compute_dbias = compute_dbias and bias is not None
+    if n_tokens == 0 or not (compute_dhidden or compute_dweight or compute_dbias):
+        return (torch.zeros_like(hidden) if compute_dhidden else None,
+                torch.zeros_like(weight) if compute_dweight else None,
+                torch.zeros_like(bias) if compute_dbias else None)
+
+    def launch(rows: slice, dh, dw, db, dlogits) -> None:
+        n = rows.stop - rows.start
+        args = (hidden[rows], weight, bias, targets[rows], lse[rows], sum_pz[rows],
+                grad_logp[rows], None if grad_entropy is None else grad_entropy[rows],
+                dh, dw, db, dlogits,
+                n, vocab_size, hidden_size, _launch.n_bucket(n),
+                hidden.stride(0), weight.stride(0), vocab_size,  # the workspace's row stride
+                1.0 / float(temperature), float(softcap), int(ignore_index))
+        with _launch.device_guard(device):
+            _launch.run_kernel("backward", _backward_kernel, _backward_kernel_tuned,
+                               lambda meta: (triton.cdiv(n, meta["BLOCK_N"])
+                                             * triton.cdiv(vocab_size, meta["BLOCK_V"]),),
+                               args, hidden.dtype, n, _default_config)
+
+    if _launch.backward_strategy() == "chunked":
+        head = _launch.HeadGrads(hidden, weight, bias, compute_dhidden, compute_dweight,
+                                 compute_dbias)
+        _launch.head_grads_in_chunks(
+            [head], lambda start, end, dlogits: launch(slice(start, end), None, None, None,
+                                                       dlogits),
+            rows_with_grad=targets != ignore_index)
+        return head.dh, head.dw, head.db
 
     dh = _launch.float32_accumulator(compute_dhidden, (n_tokens, hidden_size), device)
     dw = _launch.float32_accumulator(compute_dweight, (vocab_size, hidden_size), device)
     db = _launch.float32_accumulator(compute_dbias, (vocab_size,), device)
-    if n_tokens > 0 and (dh is not None or dw is not None or db is not None):
-        args = (hidden, weight, bias, targets, lse, sum_pz, grad_logp, grad_entropy,
-                dh, dw, db,
-                n_tokens, vocab_size, hidden_size, _launch.n_bucket(n_tokens),
-                hidden.stride(0), weight.stride(0),
-                1.0 / float(temperature), float(softcap), int(ignore_index))
-        with _launch.device_guard(device):
-            _launch.run_kernel("backward", _backward_kernel, _backward_kernel_tuned,
-                               lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"])
-                                             * triton.cdiv(vocab_size, meta["BLOCK_V"]),),
-                               args, hidden.dtype, n_tokens, _default_config)
+    launch(slice(0, n_tokens), dh, dw, db, None)
     return (
         None if dh is None else dh.to(hidden.dtype),
         None if dw is None else dw.to(weight.dtype),
