@@ -7,7 +7,7 @@ plain-PyTorch reference:
 * ``linear_logprobs``: per-token log-probabilities (and entropies) straight from hidden states
   and the LM head;
 * ``linear_argmax``: the arg-max over the vocabulary of the head's logits (no gradient), for
-  token-accuracy metrics;
+  token-accuracy metrics, and ``linear_mean_logits``, their mean over the vocabulary;
 * ``linear_kl``: the exact per-token KL between a policy head and a reference head;
 * ``gae``: generalised advantage estimation;
 * ``sequence``: the causal shift and per-sequence sums on top of ``linear_logprobs``.
@@ -19,7 +19,11 @@ collectives of a vocabulary sharded across ranks).
 
 from fastalign.ops._backends import IMPLEMENTATIONS, available_implementations
 from fastalign.ops.gae import gae, gae_reference
-from fastalign.ops.linear_argmax import linear_argmax, linear_argmax_reference
+from fastalign.ops.linear_argmax import (
+    linear_argmax,
+    linear_argmax_reference,
+    linear_mean_logits,
+)
 from fastalign.ops.linear_kl import linear_kl, linear_kl_reference
 from fastalign.ops.linear_logprobs import linear_logprobs, linear_logprobs_reference
 from fastalign.ops.sequence import (
@@ -41,6 +45,7 @@ __all__ = [
     "linear_kl_reference",
     "linear_logprobs",
     "linear_logprobs_reference",
+    "linear_mean_logits",
     "next_token_targets",
     "sequence_logprobs",
     "sequence_logprobs_from_labels",

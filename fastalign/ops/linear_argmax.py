@@ -1,10 +1,12 @@
-"""``linear_argmax``: the most likely next token of each row, straight from (hidden, LM head).
+"""``linear_argmax`` and ``linear_mean_logits``: metrics of the logits, straight from (hidden,
+LM head).
 
 Layer 2 of fastalign, without kernels of its own: the arg-max over the vocabulary of
-``hidden @ weight.T + bias``, streamed over tiles of rows and vocabulary entries so that memory
-stays bounded by one [block_rows × block_vocab] tile and never grows with N × V. It serves
-metrics (SFT's ``mean_token_accuracy``), so it has no gradient. ``linear_argmax_reference``
-materialises the logits, for tests.
+``hidden @ weight.T + bias``, and the mean of the logits over the vocabulary, streamed over tiles
+of rows and vocabulary entries so that memory stays bounded by one [block_rows × block_vocab]
+tile and never grows with N × V. They serve metrics (SFT's ``mean_token_accuracy``, TRL's
+``logits/chosen``), so they have no gradient. ``linear_argmax_reference`` materialises the
+logits, for tests (``linear_logprobs.reference_logits(...).mean(-1)`` is the mean's).
 
 Which head options can move the arg-max: of the conventions ``linear_logprobs`` takes
 (z = softcap·tanh((h·Wᵀ + b)/softcap) / temperature, a model's logit scale folded into the
@@ -32,7 +34,7 @@ from fastalign.ops._checks import (
     check_same_device,
 )
 
-__all__ = ["linear_argmax", "linear_argmax_reference"]
+__all__ = ["linear_argmax", "linear_argmax_reference", "linear_mean_logits"]
 
 # One tile of float32 scores: 1024 × 4096 × 4 bytes = 16 MiB, whatever N and V are.
 BLOCK_ROWS = 1024
@@ -70,29 +72,82 @@ def linear_argmax(
     Returns:
         int64 [...] vocabulary ids (the leading shape of ``hidden``); ties go to the lowest id.
     """
+    rows = _check_metric_args(hidden, weight, bias, temperature, softcap, block_rows,
+                              block_vocab)
+    best_index = torch.zeros(rows.shape[0], dtype=torch.int64, device=hidden.device)
+    best = None
+    for row, start, scores in _score_tiles(rows, weight, bias, block_rows, block_vocab):
+        if start == 0:  # a new block of rows
+            best = torch.full((scores.shape[0],), -torch.inf, dtype=scores.dtype,
+                              device=hidden.device)
+        index = best_index[row:row + scores.shape[0]]  # a view: filled in place
+        tile_index = scores.argmax(dim=-1)
+        tile_best = scores.gather(-1, tile_index.unsqueeze(-1)).squeeze(-1)
+        better = tile_best > best  # strictly: an equal maximum of a later tile loses
+        best = torch.where(better, tile_best, best)
+        index.copy_(torch.where(better, tile_index + start, index))
+    return best_index.view(hidden.shape[:-1])
+
+
+@torch.no_grad()
+def linear_mean_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    block_rows: int = BLOCK_ROWS,
+    block_vocab: int = BLOCK_VOCAB,
+) -> torch.Tensor:
+    """mean_v z_v for each row of ``hidden``, z = softcap·tanh((h·Wᵀ + b)/softcap)/temperature
+    (TRL's ``mean_logits``, behind its ``logits/chosen`` and ``logits/rejected`` metrics).
+
+    Without a softcap the mean is linear in h: (h·Σ_v W_v + Σ_v b_v) / (V·temperature), one
+    matrix-vector product. A softcap is not linear, so its logits are summed tile by tile as
+    ``linear_argmax`` streams them, never more than one tile at a time.
+
+    Args: as :func:`linear_argmax`. Returns float32 (float64 for float64 inputs) [...].
+    """
+    rows = _check_metric_args(hidden, weight, bias, temperature, softcap, block_rows,
+                              block_vocab)
+    dtype = _compute_dtype(hidden.dtype)
+    vocab = weight.shape[0]
+    if softcap is None:
+        total = rows.to(dtype) @ weight.sum(0, dtype=dtype)
+        if bias is not None:
+            total = total + bias.sum(dtype=dtype)
+    else:
+        total = torch.zeros(rows.shape[0], dtype=dtype, device=hidden.device)
+        for row, _, scores in _score_tiles(rows, weight, bias, block_rows, block_vocab):
+            total[row:row + scores.shape[0]] += (softcap * torch.tanh(scores / softcap)).sum(-1)
+    return (total / (vocab * float(temperature))).view(hidden.shape[:-1])
+
+
+def _check_metric_args(hidden, weight, bias, temperature, softcap, block_rows,
+                       block_vocab) -> torch.Tensor:
+    """The checks of both ops; the rows of ``hidden`` as [N, H]."""
     check_head("", hidden, weight, bias)
     check_positive("temperature", temperature)
     check_positive("softcap", softcap, optional=True)
     check_same_device(hidden=hidden, weight=weight, bias=bias)
     check_field_int("block_rows", block_rows, minimum=1)
     check_field_int("block_vocab", block_vocab, minimum=1)
-    dtype = _compute_dtype(hidden.dtype)
-    rows = hidden.reshape(-1, hidden.shape[-1])
-    best_index = torch.zeros(rows.shape[0], dtype=torch.int64, device=hidden.device)
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def _score_tiles(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 block_rows: int, block_vocab: int):
+    """(first row, first vocabulary id, h·Wᵀ + b of the tile) over every tile, row blocks in
+    order and, within each, the vocabulary in order; one tile is held at a time."""
+    dtype = _compute_dtype(rows.dtype)
     for row in range(0, rows.shape[0], block_rows):
         block = rows[row:row + block_rows].to(dtype)
-        best = torch.full((block.shape[0],), -torch.inf, dtype=dtype, device=hidden.device)
-        index = best_index[row:row + block_rows]  # a view: filled in place
         for start in range(0, weight.shape[0], block_vocab):
             scores = block @ weight[start:start + block_vocab].to(dtype).T
             if bias is not None:
                 scores += bias[start:start + block_vocab].to(dtype)
-            tile_index = scores.argmax(dim=-1)
-            tile_best = scores.gather(-1, tile_index.unsqueeze(-1)).squeeze(-1)
-            better = tile_best > best  # strictly: an equal maximum of a later tile loses
-            best = torch.where(better, tile_best, best)
-            index.copy_(torch.where(better, tile_index + start, index))
-    return best_index.view(hidden.shape[:-1])
+            yield row, start, scores
 
 
 @torch.no_grad()
@@ -111,3 +166,4 @@ def linear_argmax_reference(
                               None if softcap is None else float(softcap),
                               _compute_dtype(hidden.dtype))
     return logits.argmax(dim=-1)
+
