@@ -229,7 +229,7 @@ def _check_batch(model: nn.Module, input_ids, attention_mask, position_ids=None)
                              f"{input_ids.device}")
 
 
-def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
+def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, *,
                         attention_mask: torch.Tensor | None = None,
                         **model_kwargs) -> torch.Tensor:
     """The backbone's ``last_hidden_state`` [B, T, H] (after the final norm), in its own dtype.
@@ -286,8 +286,8 @@ def _scored(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tor
     return mask[:, 1:] & mask[:, :-1]
 
 
-def token_logprobs(model: nn.Module, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None, *, temperature: float = 1.0,
+def token_logprobs(model: nn.Module, input_ids: torch.Tensor, *,
+                   attention_mask: torch.Tensor | None = None, temperature: float = 1.0,
                    return_entropy: bool = False, impl: str = "auto", **model_kwargs,
                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log π(x_{t+1} | x_≤t), float32 [B, T − 1], from the backbone and the fused op.
@@ -305,7 +305,8 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor,
         parameter of the model, the head included.
     """
     head = lm_head(model)
-    hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)
+    hidden = final_hidden_states(model, input_ids, attention_mask=attention_mask,
+                                 **model_kwargs)
     scored = _scored(input_ids, attention_mask)
     targets = torch.where(scored, input_ids[:, 1:], IGNORE_INDEX)
     hidden, weight, bias = head_inputs(hidden[:, :-1], head)
@@ -314,8 +315,8 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor,
                                impl=impl, **head.options(temperature))
 
 
-def token_kl(model: nn.Module, ref_model: nn.Module | None, input_ids: torch.Tensor,
-             attention_mask: torch.Tensor | None = None, *, temperature: float = 1.0,
+def token_kl(model: nn.Module, ref_model: nn.Module | None, input_ids: torch.Tensor, *,
+             attention_mask: torch.Tensor | None = None, temperature: float = 1.0,
              reverse: bool = False, impl: str = "auto", **model_kwargs) -> torch.Tensor:
     """Exact KL(π‖π_ref) over the whole vocabulary at each position, float32 [B, T − 1].
 
@@ -335,11 +336,13 @@ def token_kl(model: nn.Module, ref_model: nn.Module | None, input_ids: torch.Ten
                          f"{head.softcap} and {ref_head.softcap}")
     options = head.options(temperature)
     scored = _scored(input_ids, attention_mask)
-    hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)
+    hidden = final_hidden_states(model, input_ids, attention_mask=attention_mask,
+                                 **model_kwargs)
     hidden, weight, bias = head_inputs(hidden[:, :-1], head)
     with torch.no_grad(), (adapters_disabled(model) if ref_model is None else nullcontext()):
         ref_hidden = final_hidden_states(model if ref_model is None else ref_model, input_ids,
-                                         attention_mask, **model_kwargs)[:, :-1]
+                                         attention_mask=attention_mask,
+                                         **model_kwargs)[:, :-1]
         # The fused op applies one temperature to both sides: s_ref·a = (s_ref/s)·a scaled by s.
         ratio = ref_head.logit_scale / head.logit_scale
         ref_weight, ref_bias = ref_head.weight.to(weight.dtype), ref_head.bias
@@ -351,17 +354,19 @@ def token_kl(model: nn.Module, ref_model: nn.Module | None, input_ids: torch.Ten
                          ref_bias=ref_bias, reverse=reverse, impl=impl, **options)
 
 
-def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                      attention_mask: torch.Tensor | None = None, *,
+def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, *, labels: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None,
                       cu_seqlens: torch.Tensor | None = None, temperature: float = 1.0,
                       return_entropy: bool = False, return_predictions: bool = False,
-                      impl: str = "auto", **model_kwargs) -> SequenceLogprobs:
+                      return_mean_logits: bool = False, impl: str = "auto",
+                      **model_kwargs) -> SequenceLogprobs:
     """Per-token and per-sequence log-probs of the labelled tokens, as the trainers need them.
 
     ``labels`` [B, T] are aligned with ``input_ids`` as in Hugging Face: the token id where a
     token is scored, -100 on prompt and padding. Returns a ``SequenceLogprobs`` with float32
     ``token_logps`` [B, T − 1] and ``sum_logps`` / ``mean_logps`` / ``lengths`` [B];
-    ``return_predictions`` adds the arg-max token of each scored position, from the same hidden
+    ``return_predictions`` adds the arg-max token of each scored position and
+    ``return_mean_logits`` the mean of its logits over the vocabulary, from the same hidden
     states (one backbone run).
 
     Padding-free: ``input_ids`` and ``labels`` [1, total] hold S sequences back to back,
@@ -382,13 +387,15 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.T
                              f"got {tuple(input_ids.shape)}")
         positions = packed_position_ids(cu_seqlens.to(input_ids.device), input_ids.shape[1])
         model_kwargs = {**model_kwargs, "position_ids": positions[None]}
-    hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)
+    hidden = final_hidden_states(model, input_ids, attention_mask=attention_mask,
+                                 **model_kwargs)
     hidden, weight, bias = head_inputs(hidden, head)
     with no_autocast(hidden.device.type):
         return sequence_logprobs_from_labels(hidden, weight, labels, cu_seqlens=cu_seqlens,
                                              bias=bias, ignore_index=IGNORE_INDEX,
                                              return_entropy=return_entropy,
-                                             return_predictions=return_predictions, impl=impl,
+                                             return_predictions=return_predictions,
+                                             return_mean_logits=return_mean_logits, impl=impl,
                                              **head.options(temperature))
 
 
@@ -417,7 +424,7 @@ def check_packed_attention(model: nn.Module) -> None:
             alone = final_hidden_states(model, second).float()[0]
             tail = slice(first.shape[1], None)
             separated = final_hidden_states(model, packed, position_ids=positions)
-            mixed = final_hidden_states(model, packed, torch.ones_like(packed),
+            mixed = final_hidden_states(model, packed, attention_mask=torch.ones_like(packed),
                                         position_ids=positions)
     finally:
         model.train(was_training)
@@ -445,8 +452,8 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
-def eager_token_logprobs(model: nn.Module, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor | None = None, *, temperature: float = 1.0,
+def eager_token_logprobs(model: nn.Module, input_ids: torch.Tensor, *,
+                         attention_mask: torch.Tensor | None = None, temperature: float = 1.0,
                          return_entropy: bool = False, **model_kwargs,
                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The materialising reference for :func:`token_logprobs`, same contract and outputs.

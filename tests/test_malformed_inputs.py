@@ -386,10 +386,11 @@ BAD_INPUTS = [
     case("hf-zero-length-sequences", lambda tmp: hf.token_logprobs(_model(), _ids()[:, :0]),
          ValueError, r"input_ids must hold at least one sequence of at least one token.*\(2, 0\)"),
     case("hf-attention-mask-on-meta", lambda tmp: hf.token_logprobs(
-        _model(), _ids(), torch.ones(2, 6, dtype=torch.long, device="meta")), ValueError,
+        _model(), _ids(), attention_mask=torch.ones(2, 6, dtype=torch.long, device="meta")),
+         ValueError,
          r"attention_mask is on meta, input_ids on cpu"),
-    case("hf-attention-mask-1d", lambda tmp: hf.token_logprobs(_model(), _ids(),
-                                                               torch.ones(6, dtype=torch.long)),
+    case("hf-attention-mask-1d", lambda tmp: hf.token_logprobs(
+        _model(), _ids(), attention_mask=torch.ones(6, dtype=torch.long)),
          ValueError, r"attention_mask must have input_ids' shape \(2, 6\), got \(6,\)"),
     case("hf-longer-than-context", lambda tmp: hf.token_logprobs(_model(), _ids(1, 513)),
          ValueError, r"input_ids has length 513.*max_position_embeddings = 512"),
@@ -407,9 +408,9 @@ BAD_INPUTS = [
     case("hf-impl-unknown", lambda tmp: hf.token_logprobs(_model(), _ids(), impl="gpu"),
          ValueError, r"impl must be one of .*'gpu'"),
     case("hf-sequence-labels-float", lambda tmp: hf.sequence_logprobs(
-        _model(), _ids(), _ids().float()), TypeError, r"labels must be an integer tensor"),
+        _model(), _ids(), labels=_ids().float()), TypeError, r"labels must be an integer tensor"),
     case("hf-sequence-labels-out-of-vocabulary", lambda tmp: hf.sequence_logprobs(
-        _model(), _ids(), _with(_ids(), (0, 3), 5000)), ValueError,
+        _model(), _ids(), labels=_with(_ids(), (0, 3), 5000)), ValueError,
          r"labels \(or input_ids\) must lie in \[0, V\) = \[0, 616\).*found \[5000\]"),
     case("hf-token-kl-reverse-string", lambda tmp: hf.token_kl(_model(), _model(), _ids(),
                                                                reverse="yes"),
@@ -766,7 +767,8 @@ def _hf_single_token_and_all_padding(tmp):
     """fastalign.hf: results are [B, T - 1], "0 at positions not scored"."""
     model = _model()
     assert hf.token_logprobs(model, _ids(2, 1)).shape == (2, 0)
-    logps, entropy = hf.token_logprobs(model, _ids(), torch.zeros(2, 6, dtype=torch.long),
+    logps, entropy = hf.token_logprobs(model, _ids(),
+                                       attention_mask=torch.zeros(2, 6, dtype=torch.long),
                                        return_entropy=True)
     assert torch.equal(logps, torch.zeros(2, 5)) and torch.equal(entropy, torch.zeros(2, 5))
     assert hf.token_logprobs(model, _ids(1, 512)).shape == (1, 511)  # exactly the context
@@ -776,7 +778,7 @@ def _hf_zero_length_response(tmp):
     """hf.sequence_logprobs: a row whose labels are all -100 scores 0 over 0 tokens."""
     ids = _ids()
     labels = _with(ids, (1, slice(None)), -100)
-    result = hf.sequence_logprobs(_model(), ids, labels)
+    result = hf.sequence_logprobs(_model(), ids, labels=labels)
     assert result.lengths.tolist() == [5, 0]
     assert result.sum_logps[1] == 0 and result.mean_logps[1] == 0
 

@@ -40,7 +40,7 @@ def loss_memory_report(model: torch.nn.Module, batch: dict, reference_logps: tor
     head = hf.lm_head(model)
     with torch.no_grad():
         hidden = hf.final_hidden_states(model, batch["input_ids"],
-                                        batch["attention_mask"]).float()
+                                        attention_mask=batch["attention_mask"]).float()
         reference = reference_logps.detach().float()
     heads = [("this model's head", head.weight.detach().float(), head.options(1.0))]
     if large_vocab:

@@ -20,7 +20,7 @@ from fastalign.losses.masked import (
     masked_mean,
     zero_outside,
 )
-from fastalign.losses.ppo import Metrics, check_clip
+from fastalign.losses.ppo import Metrics, check_clip, clip_ratio_metrics
 from fastalign.ops._checks import (
     check_choice,
     check_float_tensor,
@@ -153,8 +153,9 @@ def grpo_loss(
     Returns:
         ``(loss, metrics)``; loss 0-d float32 (float64 for float64 inputs). Metrics: ``kl``
         (masked token mean of the KL estimate, only when ``ref_logps`` is given),
-        ``clip_ratio/low`` (tokens with A < 0 and ρ < 1 − ε), ``clip_ratio/high`` (A > 0 and
-        ρ > 1 + ε_high), ``clip_ratio`` (their sum: the clipped branch is active), ``ratio_mean``.
+        TRL's ``clip_ratio/low_mean``, ``clip_ratio/low_min``, ``clip_ratio/high_mean``,
+        ``clip_ratio/high_max``, ``clip_ratio/region_mean`` (``clip_ratio_metrics``), and
+        ``ratio_mean``.
     """
     check_per_token("logps", logps)
     if old_logps is not None:
@@ -194,10 +195,6 @@ def grpo_loss(
         metrics["kl"] = metric(masked_mean(kl.detach(), mask))
     loss = aggregate_token_loss(per_token, mask, mode=loss_type, max_len=max_len)
 
-    low_clipped = ((ratio < 1.0 - low) & (adv < 0)).to(dtype)
-    high_clipped = ((ratio > 1.0 + high) & (adv > 0)).to(dtype)
-    metrics["clip_ratio/low"] = metric(masked_mean(low_clipped, mask))
-    metrics["clip_ratio/high"] = metric(masked_mean(high_clipped, mask))
-    metrics["clip_ratio"] = metric(masked_mean(low_clipped + high_clipped, mask))
+    metrics |= clip_ratio_metrics(ratio.detach(), adv, mask, low, high)
     metrics["ratio_mean"] = metric(masked_mean(ratio.detach(), mask))
     return loss, metrics

@@ -41,6 +41,7 @@ from fastalign.ops._checks import (
 __all__ = [
     "check_clip",
     "check_dual_clip",
+    "clip_ratio_metrics",
     "ppo_policy_loss",
     "ppo_total_loss",
     "ppo_value_loss",
@@ -62,6 +63,36 @@ def check_clip(clip, clip_high) -> tuple[float, float]:
                          f"got {low}")
     high = low if clip_high is None else check_positive("clip_high", clip_high)
     return low, high
+
+
+def clip_ratio_metrics(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                       low: float, high: float) -> Metrics:
+    """TRL's ``clip_ratio/*`` metrics of the clipped surrogate (GRPO and PPO alike).
+
+    A token is *low-clipped* when A < 0 and ρ < 1 − ε_low, *high-clipped* when A > 0 and
+    ρ > 1 + ε_high: exactly where the clipped branch of the surrogate is active (its gradient is
+    0). ``low_mean``, ``high_mean`` and ``region_mean`` (either) are masked token means;
+    ``low_min`` is the smallest and ``high_max`` the largest per-sequence fraction over the
+    sequences that have tokens (0 when none has).
+    """
+    dtype = ratio.dtype
+    low_clipped = ((ratio < 1.0 - low) & (advantages < 0)).to(dtype)
+    high_clipped = ((ratio > 1.0 + high) & (advantages > 0)).to(dtype)
+    has_tokens = mask.sum(-1) > 0
+    zero = torch.zeros((), dtype=dtype, device=ratio.device)
+
+    def per_sequence(clipped: torch.Tensor) -> torch.Tensor:
+        return masked_mean(clipped, mask, dim=-1)[has_tokens]
+
+    low_per_sequence, high_per_sequence = per_sequence(low_clipped), per_sequence(high_clipped)
+    return {
+        "clip_ratio/low_mean": metric(masked_mean(low_clipped, mask)),
+        "clip_ratio/low_min": metric(low_per_sequence.min() if len(low_per_sequence) else zero),
+        "clip_ratio/high_mean": metric(masked_mean(high_clipped, mask)),
+        "clip_ratio/high_max": metric(high_per_sequence.max() if len(high_per_sequence)
+                                      else zero),
+        "clip_ratio/region_mean": metric(masked_mean(low_clipped + high_clipped, mask)),
+    }
 
 
 def check_dual_clip(dual_clip) -> float | None:
@@ -114,8 +145,10 @@ def ppo_policy_loss(
 
     Returns:
         ``(loss, metrics)``; loss 0-d float32 (float64 for float64 inputs). Metrics:
-        ``policy/approx_kl`` (½·masked mean (logp − logp_old)²), ``policy/clipfrac`` (fraction of
-        masked tokens where the clipped branch is strictly active), ``policy/ratio_mean``,
+        ``policy/approx_kl`` (½·masked mean (logp − logp_old)²), TRL's ``clip_ratio/low_mean``,
+        ``clip_ratio/low_min``, ``clip_ratio/high_mean``, ``clip_ratio/high_max`` and
+        ``clip_ratio/region_mean`` (``clip_ratio_metrics``: where the clipped branch is
+        strictly active), ``policy/ratio_mean``,
         ``policy/dual_clipfrac`` (only with ``dual_clip``).
     """
     check_per_token("logps", logps)
@@ -135,7 +168,7 @@ def ppo_policy_loss(
     per_token = torch.maximum(unclipped, clipped)
     metrics = {
         "policy/approx_kl": metric(0.5 * masked_mean(log_ratio.detach() ** 2, mask)),
-        "policy/clipfrac": metric(masked_mean((clipped > unclipped).to(dtype), mask)),
+        **clip_ratio_metrics(ratio.detach(), adv, mask, low, high),
         "policy/ratio_mean": metric(masked_mean(ratio.detach(), mask)),
     }
     if dual_clip is not None:

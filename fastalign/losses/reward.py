@@ -54,9 +54,10 @@ def reward_loss(
 
     Returns:
         ``(loss, metrics)``: loss 0-d float32 (float64 for float64 inputs). Metrics, detached 0-d
-        float32: "accuracy" = mean 1[r_w > r_l] (ties count as wrong), "rewards/chosen" and
-        "rewards/rejected" (batch means), "rewards/margins" = mean (r_w − r_l), "rewards/min" and
-        "rewards/max" over both answers of every pair.
+        float32, TRL's ``RewardTrainer`` names where it has them: "accuracy" = mean 1[r_w > r_l]
+        (ties count as wrong), "margin" = mean (r_w − r_l), "min_reward", "mean_reward" and
+        "max_reward" over both answers of every pair; and "rewards/chosen", "rewards/rejected"
+        (the batch means of each side).
     """
     chosen_rewards = _as_per_pair("chosen_rewards", chosen_rewards)
     rejected_rewards = _as_per_pair("rejected_rewards", rejected_rewards)
@@ -87,11 +88,12 @@ def reward_loss(
     both = torch.cat([r_w, r_l])
     metrics = {
         "accuracy": metric((r_w > r_l).to(dtype).mean()),
+        "margin": metric((r_w - r_l).mean()),
+        "min_reward": metric(both.min()),
+        "mean_reward": metric(both.mean()),
+        "max_reward": metric(both.max()),
         "rewards/chosen": metric(r_w.mean()),
         "rewards/rejected": metric(r_l.mean()),
-        "rewards/margins": metric((r_w - r_l).mean()),
-        "rewards/min": metric(both.min()),
-        "rewards/max": metric(both.max()),
     }
     return loss, metrics
 

@@ -125,6 +125,16 @@ def linear_logit_stats(
     running_max = torch.full((n_rows,), -torch.inf, dtype=dtype, device=device)
     sum_exp = torch.zeros(n_rows, dtype=dtype, device=device)  # Σ exp(z − max)
     sum_exp2 = torch.zeros(n_rows, dtype=dtype, device=device)  # Σ exp(2(z − max))
+    # Without a softcap the mean logit is linear in h: (h·Σ_v W_v + Σ_v b_v) / (V·temperature),
+    # one matrix-vector product instead of a sum over every tile.
+    linear_mean = mean_logits and softcap is None
+    if linear_mean:
+        logit_sum = rows.to(dtype) @ weight.sum(0, dtype=dtype)
+        if bias is not None:
+            logit_sum += bias.sum(dtype=dtype)
+        logit_sum /= float(temperature)
+    if not (argmax or log_sum_sq_probs or (mean_logits and not linear_mean)):
+        n_rows = 0  # nothing left to stream
     for row in range(0, n_rows, block_rows):
         block = rows[row:row + block_rows].to(dtype)
         best = torch.full((block.shape[0],), -torch.inf, dtype=dtype, device=device)
@@ -143,7 +153,8 @@ def linear_logit_stats(
             if not (mean_logits or log_sum_sq_probs):
                 continue
             z = _transform(scores, temperature, softcap)
-            logit_sum[row:row + block_rows] += z.sum(-1)
+            if mean_logits and not linear_mean:
+                logit_sum[row:row + block_rows] += z.sum(-1)
             if log_sum_sq_probs:
                 new_max = torch.maximum(m, z.amax(-1))
                 rescale = torch.exp(m - new_max)

@@ -26,7 +26,7 @@ from fastalign.ops._checks import (
     check_token_ids,
     check_token_range,
 )
-from fastalign.ops.linear_argmax import linear_argmax
+from fastalign.ops.linear_argmax import linear_logit_stats
 from fastalign.ops.linear_logprobs import check_linear_logprobs_args, compute_linear_logprobs
 
 
@@ -45,6 +45,8 @@ class SequenceLogprobs:
         token_entropy: like ``token_logps``, or None unless asked for.
         token_predictions: int64, same shape: the arg-max token of the next-token distribution
             where ``token_mask`` is set, ``ignore_index`` elsewhere; None unless asked for.
+        token_mean_logits: like ``token_logps``: the mean over the vocabulary of the next-token
+            logits (temperature applied), 0 outside ``token_mask``; None unless asked for.
     """
 
     token_logps: torch.Tensor
@@ -54,6 +56,7 @@ class SequenceLogprobs:
     lengths: torch.Tensor
     token_entropy: torch.Tensor | None = None
     token_predictions: torch.Tensor | None = None
+    token_mean_logits: torch.Tensor | None = None
 
 
 def _check_mask_like(name: str, value: torch.Tensor, like: torch.Tensor) -> None:
@@ -129,6 +132,7 @@ def sequence_logprobs_from_labels(
     ignore_index: int = -100,
     return_entropy: bool = False,
     return_predictions: bool = False,
+    return_mean_logits: bool = False,
     impl: str = "auto",
 ) -> SequenceLogprobs:
     """Like :func:`sequence_logprobs`, with Hugging Face style ``labels`` (ignore_index = masked).
@@ -138,7 +142,9 @@ def sequence_logprobs_from_labels(
         weight: [V, H] LM head. labels: [B, T] (or [total] / [1, total]) token ids aligned with
             the input, ``ignore_index`` where a token is not scored.
         return_predictions: also fill ``token_predictions``, the arg-max token at each scored
-            position (``linear_argmax``: streamed, no gradient), e.g. for a token accuracy.
+            position (``linear_logit_stats``: streamed, no gradient), e.g. for a token accuracy.
+        return_mean_logits: also fill ``token_mean_logits`` (``linear_logit_stats``, no
+            gradient), e.g. for TRL's ``logits/chosen``.
     """
     check_token_ids("labels", labels)
     packed = cu_seqlens is not None
@@ -168,6 +174,7 @@ def sequence_logprobs_from_labels(
     check_linear_logprobs_args(hidden, weight, targets, bias, temperature, softcap, ignore_index)
     check_bool("return_entropy", return_entropy)
     check_bool("return_predictions", return_predictions)
+    check_bool("return_mean_logits", return_mean_logits)
     chosen = resolve_impl(impl, hidden.device, hidden.dtype)
     # The one label check (and device sync) of the call, named as the user passed the ids: the
     # shifted targets hold the same ids.
@@ -178,12 +185,19 @@ def sequence_logprobs_from_labels(
     )
     token_logps, token_entropy = result if return_entropy else (result, None)
     token_mask = targets != ignore_index
-    token_predictions = None
-    if return_predictions:
-        with torch.no_grad():  # only the scored positions: prompts and padding are left out
+    token_predictions = token_mean_logits = None
+    if return_predictions or return_mean_logits:
+        # One pass without gradient over the scored positions only (prompts and padding are
+        # left out).
+        stats = linear_logit_stats(hidden[token_mask], weight, bias=bias,
+                                   temperature=temperature, softcap=softcap,
+                                   argmax=return_predictions, mean_logits=return_mean_logits)
+        if return_predictions:
             token_predictions = torch.full_like(targets, ignore_index)
-            token_predictions[token_mask] = linear_argmax(
-                hidden[token_mask], weight, bias=bias, temperature=temperature, softcap=softcap)
+            token_predictions[token_mask] = stats.argmax
+        if return_mean_logits:
+            token_mean_logits = torch.zeros_like(token_logps)
+            token_mean_logits[token_mask] = stats.mean_logits.to(token_logps.dtype)
 
     if packed:
         lengths_of_sequences = (cu_seqlens[1:] - cu_seqlens[:-1]).to(labels.device)
@@ -202,11 +216,13 @@ def sequence_logprobs_from_labels(
             token_entropy = token_entropy[:, :-1]
         if token_predictions is not None:
             token_predictions = token_predictions[:, :-1]
+        if token_mean_logits is not None:
+            token_mean_logits = token_mean_logits[:, :-1]
         sum_logps = token_logps.sum(-1)
         lengths = token_mask.sum(-1)
     mean_logps = sum_logps / lengths.clamp(min=1).to(sum_logps.dtype)
     return SequenceLogprobs(token_logps, token_mask, sum_logps, mean_logps, lengths,
-                            token_entropy, token_predictions)
+                            token_entropy, token_predictions, token_mean_logits)
 
 
 def sequence_logprobs(

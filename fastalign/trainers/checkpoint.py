@@ -183,6 +183,7 @@ def save_training_checkpoint(trainer) -> Path | None:
     dist = trainer.dist
     state = {
         "step": trainer.step,
+        "num_tokens": trainer.num_tokens_seen,
         "trainer": trainer.name,
         "config": dataclasses.asdict(trainer.config),
         "model": model_state,
@@ -256,6 +257,7 @@ def resume_training(trainer) -> bool:
     trainer.load_extra_state(state["extra"])
     set_rng_state(rngs[dist.rank])
     trainer.step = step
+    trainer.num_tokens_seen = state.get("num_tokens", 0)
     if dist.is_main:
         trainer.metrics_log.restore(step)
     return True

@@ -32,6 +32,7 @@ from fastalign.trainers.config import (
     option,
     pad_token_id,
 )
+from fastalign.trainers.metrics import mean_logits_by_side
 from fastalign.trainers.reference import ReferenceTrainer
 
 __all__ = ["DPOConfig", "DPOTrainer"]
@@ -108,7 +109,7 @@ class DPOTrainer(ReferenceTrainer):
     def reference_logps(self, batch: dict) -> torch.Tensor:
         """[B, 2] summed reference log-probs of the chosen and rejected answers."""
         ref = self.reference.sequence_logprobs(
-            batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+            batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask"),
             cu_seqlens=batch.get("cu_seqlens"), temperature=self.config.temperature,
             impl=self.config.impl)
         return torch.stack(ref.sum_logps.chunk(2), dim=1)
@@ -116,16 +117,20 @@ class DPOTrainer(ReferenceTrainer):
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         config = self.config
         policy = hf.sequence_logprobs(
-            self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+            self.model, batch["input_ids"], labels=batch["labels"],
+            attention_mask=batch.get("attention_mask"),
             cu_seqlens=batch.get("cu_seqlens"), temperature=config.temperature,
-            impl=config.impl)
+            return_mean_logits=True, impl=config.impl)
         chosen_logps, rejected_logps = policy.sum_logps.chunk(2)
         ref = self.batch_reference_logps(batch)
         # A sequence without response tokens (truncated away) has log-prob 0: average it to 0.
         chosen_lengths, rejected_lengths = policy.lengths.clamp(min=1).chunk(2)
         chosen_nll = -chosen_logps.sum() / policy.lengths.chunk(2)[0].sum().clamp(min=1)
-        return dpo_loss(
+        loss, metrics = dpo_loss(
             chosen_logps, rejected_logps, ref[:, 0], ref[:, 1], chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths, chosen_nll=chosen_nll,
             options=config.loss_options,
         )
+        chosen_rows = torch.arange(len(policy.lengths), device=self.device) < len(chosen_logps)
+        return loss, metrics | mean_logits_by_side(policy, chosen_rows, batch.get("cu_seqlens"),
+                                                     across_ranks=self.all_ranks_mean)

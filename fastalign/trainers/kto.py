@@ -47,6 +47,7 @@ from fastalign.trainers.config import (
     option,
     pad_token_id,
 )
+from fastalign.trainers.metrics import mean_logits_by_side
 from fastalign.trainers.reference import ReferenceTrainer
 
 __all__ = ["KTOConfig", "KTOTrainer", "fixed_kl_partners"]
@@ -124,7 +125,9 @@ class KTOTrainer(ReferenceTrainer):
     Metrics of each step, as ``kto_loss`` names them: ``loss``, ``kl`` (z_ref),
     ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (β·log-ratio means of the
     desirable and undesirable examples), ``logps/chosen``, ``logps/rejected``, the counts
-    ``count/chosen``, ``count/rejected`` and the sums ``*_sum``.
+    ``count/chosen``, ``count/rejected`` and the sums ``*_sum``; and TRL's ``logits/chosen``,
+    ``logits/rejected`` (the vocabulary-mean logit over each group's completion tokens) and
+    ``num_tokens``.
 
     Every training micro-batch has exactly ``batch_size`` examples (``drop_last``): the KL pairs
     need at least two. Evaluation batches never have a single example either (a lone last example
@@ -184,9 +187,11 @@ class KTOTrainer(ReferenceTrainer):
         """[B, 2] summed reference log-probs of each example and of its KL pair."""
         options = dict(temperature=self.config.temperature, impl=self.config.impl)
         ref = self.reference.sequence_logprobs(
-            batch["input_ids"], batch["labels"], batch["attention_mask"], **options)
+            batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"],
+            **options)
         ref_kl = self.reference.sequence_logprobs(
-            batch["kl_input_ids"], batch["kl_labels"], batch["kl_attention_mask"], **options)
+            batch["kl_input_ids"], labels=batch["kl_labels"],
+            attention_mask=batch["kl_attention_mask"], **options)
         return torch.stack([ref.sum_logps, ref_kl.sum_logps], dim=1)
 
     # -- the loss -----------------------------------------------------------------------------
@@ -194,16 +199,20 @@ class KTOTrainer(ReferenceTrainer):
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         config = self.config
         options = dict(temperature=config.temperature, impl=config.impl)
-        policy = hf.sequence_logprobs(self.model, batch["input_ids"], batch["labels"],
-                                      batch["attention_mask"], **options)
+        policy = hf.sequence_logprobs(self.model, batch["input_ids"], labels=batch["labels"],
+                                      attention_mask=batch["attention_mask"],
+                                      return_mean_logits=True, **options)
         with torch.no_grad():  # z_ref is detached: the KL pairs need no graph
             policy_kl = hf.sequence_logprobs(self.model, batch["kl_input_ids"],
-                                             batch["kl_labels"], batch["kl_attention_mask"],
+                                             labels=batch["kl_labels"],
+                                             attention_mask=batch["kl_attention_mask"],
                                              **options)
         ref = self.batch_reference_logps(batch)
-        return kto_loss(policy.sum_logps, ref[:, 0], policy_kl.sum_logps, ref[:, 1],
-                        batch["desirable"], options=config.loss_options,
-                        process_group=self.dist.group)
+        loss, metrics = kto_loss(policy.sum_logps, ref[:, 0], policy_kl.sum_logps, ref[:, 1],
+                                 batch["desirable"], options=config.loss_options,
+                                 process_group=self.dist.group)
+        return loss, metrics | mean_logits_by_side(
+            policy, batch["desirable"].bool(), across_ranks=self.all_ranks_mean)
 
     def merge_metrics(self, parts) -> dict[str, float]:
         """Sums and counts add up over micro-batches and ranks; the means come from them."""

@@ -106,6 +106,7 @@ class Trainer:
                                   config.batch_size * self.dist.world_size, config.seed,
                                   drop_last=self.drop_last or self.dist.enabled)
         self.step = 0
+        self.num_tokens_seen = 0  # input tokens of every rank's training batches (TRL's num_tokens)
         tensorboard = "tensorboard" in report_targets(config.report_to)
         self.metrics_log = MetricsLog(
             self.output_dir, tensorboard_dir=self.output_dir / "runs" if tensorboard else None)
@@ -121,6 +122,19 @@ class Trainer:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def count_input_tokens(self, batch: dict) -> int | None:
+        """The input tokens a training micro-batch feeds the model (its attended tokens, or every
+        token of a padding-free row), counted into ``num_tokens`` as TRL counts them; None for
+        trainers whose TRL counterpart logs no ``num_tokens``."""
+        mask = batch.get("attention_mask")
+        return int(batch["input_ids"].numel() if mask is None else mask.sum())
+
+    def tokens_seen(self, local_tokens: int) -> Metrics:
+        """``num_tokens``: the running total over every rank, after this step's ``local_tokens``
+        (checkpointed, so that a resumed run goes on counting)."""
+        self.num_tokens_seen += sum(self.gathered([local_tokens]))
+        return {"num_tokens": float(self.num_tokens_seen)}
 
     def extra_state(self) -> dict[str, Any]:
         """Trainer-specific state to checkpoint (a KL controller, precomputed log-probs, ...)."""
@@ -258,9 +272,12 @@ class Trainer:
         """One optimizer update over ``grad_accum_steps`` micro-batches; returns its metrics."""
         self.model.train()
         parts = []
+        tokens: int | None = 0
         accum = self.config.grad_accum_steps
         for micro_step in range(accum):
             batch = self.batch(self.local_indices(self.stream.next()))
+            count = self.count_input_tokens(batch)
+            tokens = None if count is None else tokens + count
             # Gradients are reduced across ranks once per step, in the last backward.
             sync = contextlib.nullcontext() if micro_step == accum - 1 else \
                 distributed.no_gradient_sync(self.engine, self.dist)
@@ -270,7 +287,10 @@ class Trainer:
                 (loss / accum).backward()
             parts.append((as_floats(metrics) | {"loss": float(loss.detach())},
                           len(batch["indices"])))
-        return self.merge_metrics(self.gathered(parts)) | self.optimizer_step()
+        metrics = self.merge_metrics(self.gathered(parts))
+        if tokens is not None:
+            metrics |= self.tokens_seen(tokens)
+        return metrics | self.optimizer_step()
 
     def optimizer_step(self) -> Metrics:
         """Clip, step and zero the gradients; returns the gradient norm before clipping."""
@@ -343,7 +363,7 @@ class Trainer:
         metrics: Metrics = {}
         eval_metrics: Metrics = {}
         while self.step < self.total_steps:
-            metrics = self.training_step() | {"lr": self.scheduler.get_last_lr()[0],
+            metrics = self.training_step() | {"learning_rate": self.scheduler.get_last_lr()[0],
                                               "epoch": self.stream.epochs_done}
             self.scheduler.step()
             self.step += 1
@@ -355,7 +375,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()
                              if k in ("loss", "rewards/accuracies", "eval/rewards/accuracies",
-                                      "reward", "kl")})
+                                      "accuracy", "reward", "kl")})
             if config.save_steps and self.step % config.save_steps == 0:
                 self.save_checkpoint()
         bar.close()

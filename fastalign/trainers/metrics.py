@@ -16,11 +16,44 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPORT_TO", "Metrics", "MetricsLog", "as_floats", "mean_metrics", "metric_panels",
-           "report_targets"]
+import torch
+
+__all__ = ["LOGGED_METRICS", "LOOP_METRICS", "REPORT_TO", "Metrics", "MetricsLog", "as_floats",
+           "mean_logits_by_side", "mean_metrics", "metric_panels", "report_targets"]
 
 Metrics = dict[str, float]
 REPORT_TO = ("none", "tensorboard")
+
+# What each trainer logs at every step of a run with its default options (TRL's names wherever
+# TRL 1.16 logs the same quantity); the README's table of metrics is checked against it. Every
+# trainer also logs the loop's own: loss, grad_norm, learning_rate and epoch. ``{reward_fn}``
+# stands for the name of each reward function.
+_PREFERENCE = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
+_ONLINE = ("reward", "reward_std", "rewards/{reward_fn}/mean", "rewards/{reward_fn}/std", "kl",
+           "kl/sequence", "kl_coef", "entropy", "num_tokens", "completions/mean_length",
+           "completions/min_length", "completions/max_length", "completions/clipped_ratio",
+           "completions/mean_terminated_length", "completions/min_terminated_length",
+           "completions/max_terminated_length", "loss/policy", "clip_ratio/low_mean",
+           "clip_ratio/low_min", "clip_ratio/high_mean", "clip_ratio/high_max",
+           "clip_ratio/region_mean", "policy/approx_kl", "policy/ratio_mean", "policy/kl")
+LOOP_METRICS = ("loss", "grad_norm", "learning_rate", "epoch")
+LOGGED_METRICS: dict[str, tuple[str, ...]] = {
+    "sft": ("num_tokens", "entropy", "mean_token_accuracy"),
+    "rm": ("num_tokens", "accuracy", "margin", "min_reward", "mean_reward", "max_reward",
+           "rewards/chosen", "rewards/rejected"),
+    "dpo": ("num_tokens", *_PREFERENCE),
+    "kto": ("num_tokens", "kl", *_PREFERENCE[:2], "rewards/margins", *_PREFERENCE[4:],
+            "count/chosen", "count/rejected", "rewards/chosen_sum", "rewards/rejected_sum",
+            "logps/chosen_sum", "logps/rejected_sum"),
+    "simpo": (*_PREFERENCE, "nll_loss"),
+    "cpo": (*_PREFERENCE, "nll_loss"),
+    "orpo": (*_PREFERENCE, "nll_loss", "log_odds_ratio", "log_odds_chosen"),
+    "ppo": (*_ONLINE, "loss/value", "value/clipfrac", "value/mean", "value/error",
+            "value/returns", "reward/non_score", "reward/rlhf"),
+    "grpo": (*_ONLINE, "frac_reward_zero_std"),
+    "rloo": (*_ONLINE, "frac_reward_zero_std"),
+}
 
 
 def report_targets(report_to: str) -> tuple[str, ...]:
@@ -172,3 +205,30 @@ def mean_metrics(parts: Sequence[tuple[dict[str, float], int]]) -> Metrics:
 
 def as_floats(metrics: dict[str, Any]) -> Metrics:
     return {key: float(value) for key, value in metrics.items()}
+
+
+@torch.no_grad()
+def mean_logits_by_side(result, chosen_rows: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                        *, across_ranks=None) -> dict[str, torch.Tensor]:
+    """TRL's ``logits/chosen`` and ``logits/rejected``: the mean over the vocabulary of the
+    next-token logits, averaged over the scored tokens of the chosen (``chosen_rows`` [S] bool)
+    and of the other sequences of a ``SequenceLogprobs`` with ``token_mean_logits``
+    (``cu_seqlens`` for a padding-free row). ``across_ranks`` (a trainer's ``all_ranks_mean``)
+    makes them the means over every rank's tokens, as one process with the global batch would
+    log them. A side without tokens is left out, as TRL does."""
+    values = torch.where(result.token_mask, result.token_mean_logits, 0.0)
+    if cu_seqlens is None:
+        sums = values.sum(-1)
+    else:
+        sequence = torch.repeat_interleave(
+            torch.arange(len(result.lengths), device=values.device),
+            (cu_seqlens[1:] - cu_seqlens[:-1]).to(values.device))
+        sums = values.new_zeros(len(result.lengths)).index_add(0, sequence, values)
+    lengths = result.lengths.to(sums.dtype)
+    totals = torch.stack([sums[chosen_rows].sum(), lengths[chosen_rows].sum(),
+                          sums[~chosen_rows].sum(), lengths[~chosen_rows].sum()])
+    if across_ranks is not None:  # the ratios of the ranks' mean sums are those of the totals
+        totals = across_ranks(totals)
+    return {f"logits/{side}": total / tokens
+            for side, total, tokens in (("chosen", *totals[:2]), ("rejected", *totals[2:]))
+            if tokens > 0}

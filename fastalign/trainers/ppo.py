@@ -72,6 +72,7 @@ from fastalign.trainers.reward_functions import RewardFn, RewardFunctions, Train
 from fastalign.trainers.rollout import (
     Rollout,
     completion_length,
+    completion_metrics,
     decode_texts,
     pad_after_first_eos,
     prompts_with_completions,
@@ -114,7 +115,7 @@ class PPOTrainer(Trainer):
             called).
         reward_weights: one weight per function of ``reward_fn`` (default: 1 each).
         eval_examples: prompts whose greedy completions are scored every ``eval_steps`` and at
-            the end (``eval/reward``, ``eval/completion_length``).
+            the end (``eval/reward``, ``eval/completions/mean_length``).
 
     Example::
 
@@ -254,13 +255,17 @@ class PPOTrainer(Trainer):
         rollout_metrics = self.merge_metrics(self.gathered([(rollout.metrics, len(rollout))]))
         if self.dist.enabled:  # the spread of every rank's scores, not a mean of spreads
             scores = torch.cat(self.gathered([rollout.raw_scores.float().cpu()]))
-            rollout_metrics["reward/std"] = float(scores.std()) if len(scores) > 1 else 0.0
+            rollout_metrics["reward_std"] = float(scores.std()) if len(scores) > 1 else 0.0
+            rollout_metrics |= completion_metrics(  # every rank's extremes, not their means
+                torch.cat(self.gathered([rollout.mask.sum(1).cpu()])),
+                torch.cat(self.gathered([rollout.has_eos.cpu()])))
             if rollout.reward_scores is not None:
                 rollout_metrics |= self.rewards.metrics(
                     torch.cat(self.gathered([rollout.reward_scores])))
         self.kl_controller.update(rollout_metrics["kl/sequence"],
                                   len(rollout) * self.dist.world_size)
-        return rollout_metrics | mean_metrics(updates) | {"kl_coef": kl_coef}
+        return (rollout_metrics | mean_metrics(updates) | {"kl_coef": kl_coef}
+                | self.tokens_seen(int(rollout.attention_mask.sum())))
 
     def update(self, rollout: Rollout, rows: torch.Tensor, *, kl_coef: float) -> Metrics:
         """One optimizer step on the rollout's ``rows``, in ``grad_accum_steps`` micro-batches.
@@ -303,7 +308,7 @@ class PPOTrainer(Trainer):
         input_ids, attention_mask = rollout.input_ids[rows], rollout.attention_mask[rows]
         kwargs = {}
         with self.autocast():
-            hidden = hf.final_hidden_states(self.model, input_ids, attention_mask)
+            hidden = hf.final_hidden_states(self.model, input_ids, attention_mask=attention_mask)
             if ppo:
                 kwargs.update(values=self._values(hidden), old_values=rollout.old_values[rows],
                               returns=rollout.returns[rows])
@@ -346,11 +351,12 @@ class PPOTrainer(Trainer):
             scores = scores - config.missing_eos_penalty * (~has_eos).to(scores.dtype)
 
         with self.autocast():
-            hidden = hf.final_hidden_states(self.model, input_ids, attention_mask)
+            hidden = hf.final_hidden_states(self.model, input_ids, attention_mask=attention_mask)
             old_values = self._values(hidden) if config.mode == "ppo" else None
             h, w, b = hf.head_inputs(hidden, self.head)
             with self.reference.active() as ref_model:
-                ref_hidden = hf.final_hidden_states(ref_model, input_ids, attention_mask)
+                ref_hidden = hf.final_hidden_states(ref_model, input_ids,
+                                                    attention_mask=attention_mask)
             ref_h, ref_w, ref_b = hf.head_inputs(ref_hidden, self.ref_head)
         with hf.no_autocast(self.device.type):
             old = sequence_logprobs_from_labels(h, w, labels, bias=b, return_entropy=True,
@@ -394,22 +400,24 @@ class PPOTrainer(Trainer):
             if config.whiten_advantages:
                 advantages = masked_whiten(advantages, torch.ones_like(advantages, dtype=bool))
 
-        lengths = mask.sum(1).float()
         rollout_metrics |= {
             "reward": float(raw_scores.mean()),
-            "reward/std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
+            "reward_std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
             "kl": float(masked_mean(token_kl, mask)),
             "kl/sequence": float(token_kl.sum(1).mean()),
             "entropy": float(masked_mean(old.token_entropy, mask)),
-            "completion_length": float(lengths.mean()),
-            "completion/no_eos": float((~has_eos).float().mean()),
-        }
+        } | completion_metrics(mask.sum(1).cpu(), has_eos.cpu())
+        if config.mode != "ppo":  # groups whose rewards are all equal teach nothing
+            group_std = raw_scores.view(-1, group).std(dim=1) if group > 1 else \
+                torch.zeros(len(raw_scores) // group)
+            rollout_metrics["frac_reward_zero_std"] = float(
+                torch.isclose(group_std, torch.zeros_like(group_std)).float().mean())
         return Rollout(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                        mask=mask, old_logps=old_logps, advantages=advantages, scores=scores,
                        raw_scores=raw_scores,
                        ref_logps=ref_logps, ref_hidden=exact_ref_hidden, old_values=old_values,
                        returns=returns, prompts=prompts, completions=completions,
-                       reward_scores=reward_scores, metrics=rollout_metrics)
+                       reward_scores=reward_scores, has_eos=has_eos, metrics=rollout_metrics)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                  sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -518,9 +526,9 @@ class PPOTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self) -> Metrics:
-        """Greedy completions of the eval prompts, scored: ``eval/reward``, ``eval/reward/std``,
-        ``eval/completion_length``. Greedy decoding draws no random numbers, so evaluating does
-        not change the training run. With several ranks, each evaluates every prompt (greedy:
+        """Greedy completions of the eval prompts, scored: ``eval/reward``, ``eval/reward_std``,
+        ``eval/completions/mean_length``. Greedy decoding draws no random numbers, so evaluating
+        does not change the training run. With several ranks, each evaluates every prompt (greedy:
         they agree)."""
         if not self.eval_examples:
             return {}
@@ -543,5 +551,5 @@ class PPOTrainer(Trainer):
             lengths += [completion_length(ids, self.eos_id) for ids in completion_ids.tolist()]
         scores = torch.cat(scores)
         return {"eval/reward": float(scores.mean()),
-                "eval/reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
-                "eval/completion_length": sum(lengths) / len(lengths)}
+                "eval/reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+                "eval/completions/mean_length": sum(lengths) / len(lengths)}

@@ -77,9 +77,10 @@ class ReferencePolicy:
         finally:
             self.policy.train(was_training)
 
-    def sequence_logprobs(self, input_ids, labels, attention_mask, **options) -> SequenceLogprobs:
+    def sequence_logprobs(self, input_ids, **options) -> SequenceLogprobs:
+        """``hf.sequence_logprobs`` of the reference (``labels=``, ``attention_mask=``, ...)."""
         with self.active() as model:
-            return hf.sequence_logprobs(model, input_ids, labels, attention_mask, **options)
+            return hf.sequence_logprobs(model, input_ids, **options)
 
     def release(self) -> None:
         """Free the copy once precomputed log-probs have been taken."""

@@ -30,6 +30,7 @@ from fastalign.losses.options import CPOOptions, ORPOOptions, SimPOOptions
 from fastalign.ops._checks import check_field_float, check_field_number
 from fastalign.trainers.config import TrainingConfig, option, pad_token_id
 from fastalign.trainers.loop import Trainer
+from fastalign.trainers.metrics import mean_logits_by_side
 
 __all__ = ["CPOConfig", "CPOTrainer", "ORPOConfig", "ORPOTrainer", "SimPOConfig", "SimPOTrainer"]
 
@@ -105,19 +106,26 @@ class _ReferenceFreeTrainer(Trainer):
                          collator=PreferenceCollator(pad_token_id=pad_token_id(tokenizer)),
                          eval_examples=eval_examples)
 
+    def count_input_tokens(self, batch: dict) -> None:
+        return None  # TRL's CPOTrainer and ORPOTrainer log no num_tokens
+
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         config = self.config
         policy = hf.sequence_logprobs(
-            self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-            temperature=config.temperature, impl=config.impl)
+            self.model, batch["input_ids"], labels=batch["labels"],
+            attention_mask=batch["attention_mask"],
+            temperature=config.temperature, return_mean_logits=True, impl=config.impl)
         logps = policy.sum_logps
         if self.mean_logps:  # an answer truncated to no tokens has log-prob 0, averaged to 0
             logps = logps / policy.lengths.clamp(min=1)
         chosen_logps, rejected_logps = logps.chunk(2)
         chosen_sums, chosen_lengths = policy.sum_logps.chunk(2)[0], policy.lengths.chunk(2)[0]
         chosen_nll = -chosen_sums.sum() / chosen_lengths.sum().clamp(min=1)
-        return type(self).loss_fn(chosen_logps, rejected_logps, chosen_nll=chosen_nll,
-                                  options=config.loss_options)
+        loss, metrics = type(self).loss_fn(chosen_logps, rejected_logps, chosen_nll=chosen_nll,
+                                           options=config.loss_options)
+        chosen_rows = torch.arange(len(logps), device=self.device) < len(chosen_logps)
+        return loss, metrics | mean_logits_by_side(policy, chosen_rows,
+                                                     across_ranks=self.all_ranks_mean)
 
 
 class SimPOTrainer(_ReferenceFreeTrainer):

@@ -46,9 +46,10 @@ class RewardTrainer(Trainer):
     """A Bradley–Terry reward model (InstructGPT; TRL's ``RewardTrainer``).
 
     ``loss = mean[−log σ(r_chosen − r_rejected)] + c·mean[(r_chosen + r_rejected)²]`` with c the
-    ``center_rewards_coefficient``. Metrics of each step: ``loss``, ``accuracy`` (fraction of
-    pairs with r_chosen > r_rejected, ties wrong), ``margin`` (mean r_chosen − r_rejected), as
-    TRL, and ``rewards/chosen``, ``rewards/rejected`` (mean rewards of each side).
+    ``center_rewards_coefficient``. Metrics of each step, ``reward_loss``'s: TRL's ``accuracy``
+    (fraction of pairs with r_chosen > r_rejected, ties wrong), ``margin`` (mean r_chosen −
+    r_rejected), ``min_reward``, ``mean_reward``, ``max_reward`` and ``num_tokens``, and
+    ``rewards/chosen``, ``rewards/rejected`` (mean rewards of each side).
 
     The classifier reads its score at the last token that is not ``config.pad_token_id``; the
     batches are padded with that id (set from the tokenizer when the model has none), so the score
@@ -88,8 +89,13 @@ class RewardTrainer(Trainer):
                              f"of shape {tuple(logits.shape)}")
         scores = logits[:, 0]
         chosen, rejected = scores.chunk(2)
-        loss, metrics = reward_loss(chosen, rejected,
-                                    center_coefficient=self.config.center_rewards_coefficient)
-        return loss, {"accuracy": metrics["accuracy"], "margin": metrics["rewards/margins"],
-                      "rewards/chosen": metrics["rewards/chosen"],
-                      "rewards/rejected": metrics["rewards/rejected"]}
+        return reward_loss(chosen, rejected,
+                           center_coefficient=self.config.center_rewards_coefficient)
+
+    def merge_metrics(self, parts) -> dict[str, float]:
+        """``min_reward`` and ``max_reward`` of the whole step, not means of micro-batches'."""
+        merged = super().merge_metrics(parts)
+        for key, pick in (("min_reward", min), ("max_reward", max)):
+            if parts:
+                merged[key] = pick(metrics[key] for metrics, _ in parts)
+        return merged

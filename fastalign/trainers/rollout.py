@@ -14,8 +14,8 @@ import torch
 
 from fastalign.trainers.metrics import Metrics
 
-__all__ = ["IGNORE_INDEX", "Rollout", "completion_length", "decode_texts", "pad_after_first_eos",
-           "prompts_with_completions"]
+__all__ = ["IGNORE_INDEX", "Rollout", "completion_length", "completion_metrics", "decode_texts",
+           "pad_after_first_eos", "prompts_with_completions"]
 
 IGNORE_INDEX = -100
 
@@ -45,10 +45,29 @@ class Rollout:
     prompts: list | None = None  # as the reward functions saw them: texts or message lists
     completions: list | None = None
     reward_scores: torch.Tensor | None = None  # [N, F] per reward function (NaN: None), CPU
+    has_eos: torch.Tensor | None = None  # [N] bool: the completion ended with eos
     metrics: Metrics | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+
+def completion_metrics(lengths: torch.Tensor, has_eos: torch.Tensor) -> Metrics:
+    """TRL's ``completions/*`` metrics of completion ``lengths`` [N] (tokens, eos included):
+    mean, min and max; ``clipped_ratio``, the share cut off at the token limit (no eos); and the
+    mean, min and max over the completions that did end (0 when none did)."""
+    lengths, ended = lengths.float(), lengths[has_eos].float()
+    if len(ended) == 0:
+        ended = torch.zeros(1)
+    return {
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": float((~has_eos).float().mean()),
+        "completions/mean_terminated_length": float(ended.mean()),
+        "completions/min_terminated_length": float(ended.min()),
+        "completions/max_terminated_length": float(ended.max()),
+    }
 
 
 def completion_length(ids: list[int], eos_id: int) -> int:

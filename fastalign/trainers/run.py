@@ -89,7 +89,7 @@ JOBS: dict[str, Job] = {
         config_class=RewardConfig, trainer_class=RewardTrainer, data_kind="preference",
         encode=data.encode_preference, default_data="rm", default_eval_data="dpo_eval",
         sequence_classifier=True,
-        summary_keys=("accuracy", "margin", "rewards/chosen", "rewards/rejected", "loss"),
+        summary_keys=("accuracy", "margin", "mean_reward", "loss"),
     ),
     "dpo": Job(
         kind="dpo", help="Direct Preference Optimization and its variants",
@@ -141,7 +141,7 @@ JOBS: dict[str, Job] = {
         config_class=PPOConfig, trainer_class=PPOTrainer, data_kind="prompt",
         encode=encode_prompt_examples, default_data="ppo",
         extra_arguments={"ref_model": _REF_MODEL_HELP, "reward_model": _REWARD_MODEL_HELP},
-        summary_keys=("reward", "reward/std", "kl", "entropy", "completion_length",
+        summary_keys=("reward", "reward_std", "kl", "entropy", "completions/mean_length",
                       "loss/policy", "loss/value"),
     ),
     "grpo": Job(
@@ -151,7 +151,7 @@ JOBS: dict[str, Job] = {
         config_class=GRPOConfig, trainer_class=PPOTrainer, data_kind="prompt",
         encode=encode_prompt_examples, default_data="grpo",
         extra_arguments={"ref_model": _REF_MODEL_HELP, "reward_model": _REWARD_MODEL_HELP},
-        summary_keys=("reward", "reward/std", "kl", "completion_length", "loss/policy"),
+        summary_keys=("reward", "reward_std", "kl", "completions/mean_length", "loss/policy"),
     ),
 }
 

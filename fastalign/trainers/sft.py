@@ -60,7 +60,7 @@ class SFTTrainer(Trainer):
     """Supervised fine-tuning with TRL's token-mean NLL, through the fused head.
 
     Metrics of each step (TRL's names): ``loss`` (mean NLL per scored token), ``num_tokens``
-    (scored tokens in the micro-batch; averaged over micro-batches when accumulating),
+    (the input tokens trained on so far, prompts included, a running total as TRL counts it),
     ``entropy`` (mean entropy of the next-token distribution over the scored positions, which
     the fused op returns almost for free) and ``mean_token_accuracy`` (the fraction of scored
     tokens that are the arg-max of their distribution: ``linear_argmax`` streams the head over
@@ -102,10 +102,10 @@ class SFTTrainer(Trainer):
             labels = batch["input_ids"] if attention_mask is None else torch.where(
                 attention_mask.bool(), batch["input_ids"], IGNORE_INDEX)
         out = hf.sequence_logprobs(
-            self.model, batch["input_ids"], labels, attention_mask,
+            self.model, batch["input_ids"], labels=labels, attention_mask=attention_mask,
             cu_seqlens=batch.get("cu_seqlens"), temperature=config.temperature,
             return_entropy=True, return_predictions=True, impl=config.impl)
-        num_tokens = out.lengths.sum()
+        num_tokens = out.lengths.sum()  # scored tokens
         # The mean over every rank's tokens: gradients are averaged over ranks, so each rank
         # divides its sum by the ranks' mean token count (its own count in one process).
         # A micro-batch whose completions were all truncated away has loss 0, not NaN.
@@ -117,13 +117,4 @@ class SFTTrainer(Trainer):
                 labels.reshape(-1), cu_seqlens=cu_seqlens)
             correct = (out.token_predictions == targets) & out.token_mask
             accuracy = correct.sum() / num_tokens.clamp(min=1)
-        return loss, {"num_tokens": num_tokens.float(), "entropy": entropy,
-                      "mean_token_accuracy": accuracy}
-
-    def merge_metrics(self, parts) -> dict[str, float]:
-        """``num_tokens`` counts the tokens of a global micro-batch (every rank's)."""
-        merged = super().merge_metrics(parts)
-        if parts:
-            merged["num_tokens"] = (sum(metrics["num_tokens"] for metrics, _ in parts)
-                                    / self.global_micro_batches(parts))
-        return merged
+        return loss, {"entropy": entropy, "mean_token_accuracy": accuracy}

@@ -130,10 +130,10 @@ def test_lm_head_reads_config():
 def test_logprobs_entropy_and_grads_match_eager(name, padding):
     model = make_model(name)
     input_ids, mask = make_batch(padding)
-    logps, entropy = hf.token_logprobs(model, input_ids, mask, temperature=0.7,
+    logps, entropy = hf.token_logprobs(model, input_ids, attention_mask=mask, temperature=0.7,
                                        return_entropy=True)
-    want_logps, want_entropy = hf.eager_token_logprobs(model, input_ids, mask, temperature=0.7,
-                                                       return_entropy=True)
+    want_logps, want_entropy = hf.eager_token_logprobs(model, input_ids, attention_mask=mask,
+                                                       temperature=0.7, return_entropy=True)
     assert logps.shape == (B, T - 1) and logps.dtype == torch.float32
     torch.testing.assert_close(logps, want_logps, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(entropy, want_entropy, atol=2e-5, rtol=1e-5)
@@ -155,8 +155,8 @@ def test_left_and_right_padding_agree_given_positions_from_the_mask():
     shift = (1 - mask_l).sum(-1)
     ids_l = torch.stack([row.roll(int(s)) for row, s in zip(ids_r, shift)])
     pos = lambda m: (m.cumsum(-1) - 1).clamp(min=0)  # noqa: E731
-    right = hf.token_logprobs(model, ids_r, mask_r, position_ids=pos(mask_r))
-    left = hf.token_logprobs(model, ids_l, mask_l, position_ids=pos(mask_l))
+    right = hf.token_logprobs(model, ids_r, attention_mask=mask_r, position_ids=pos(mask_r))
+    left = hf.token_logprobs(model, ids_l, attention_mask=mask_l, position_ids=pos(mask_l))
     for row in range(B):
         n = int(mask_r[row].sum()) - 1
         torch.testing.assert_close(left[row, T - 1 - n:], right[row, :n], atol=1e-5, rtol=1e-5)
@@ -167,7 +167,8 @@ def test_left_and_right_padding_agree_given_positions_from_the_mask():
 def test_token_kl_matches_materialised(name, reverse):
     model, ref_model = make_model(name, seed=0), make_model(name, seed=1)
     input_ids, mask = make_batch("left")
-    kl = hf.token_kl(model, ref_model, input_ids, mask, temperature=1.3, reverse=reverse)
+    kl = hf.token_kl(model, ref_model, input_ids, attention_mask=mask, temperature=1.3,
+                     reverse=reverse)
     want = materialised_kl(model, ref_model, input_ids, mask, temperature=1.3, reverse=reverse)
     assert kl.shape == (B, T - 1) and kl.dtype == torch.float32
     torch.testing.assert_close(kl, want, atol=2e-5, rtol=1e-4)
@@ -182,7 +183,7 @@ def test_token_kl_folds_different_logit_scales():
     model, ref_model = make_model("cohere", seed=0), make_model("cohere", seed=1)
     ref_model.config.logit_scale = ref_model.logit_scale = 0.5
     input_ids, mask = make_batch("right")
-    kl = hf.token_kl(model, ref_model, input_ids, mask)
+    kl = hf.token_kl(model, ref_model, input_ids, attention_mask=mask)
     torch.testing.assert_close(kl, materialised_kl(model, ref_model, input_ids, mask),
                                atol=2e-5, rtol=1e-4)
 
@@ -193,9 +194,9 @@ def test_sequence_logprobs_match_eager_sums(name):
     input_ids, mask = make_batch("right")
     labels = torch.where(mask.bool(), input_ids, -100)
     labels[:, :3] = -100  # the prompt
-    result = hf.sequence_logprobs(model, input_ids, labels, mask, temperature=0.9,
-                                  return_entropy=True)
-    eager = hf.eager_token_logprobs(model, input_ids, mask, temperature=0.9)
+    result = hf.sequence_logprobs(model, input_ids, labels=labels, attention_mask=mask,
+                                  temperature=0.9, return_entropy=True)
+    eager = hf.eager_token_logprobs(model, input_ids, attention_mask=mask, temperature=0.9)
     want = torch.where(labels[:, 1:] != -100, eager, torch.zeros_like(eager))
     torch.testing.assert_close(result.token_logps, want, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(result.sum_logps, want.sum(-1), atol=1e-4, rtol=1e-5)
@@ -215,11 +216,12 @@ def test_lm_head_is_never_run_on_the_sequence():
         m.get_output_embeddings().register_forward_hook(refuse)
     input_ids, mask = make_batch("right")
     labels = torch.where(mask.bool(), input_ids, -100)
-    hf.token_logprobs(model, input_ids, mask, return_entropy=True)[0].sum().backward()
-    hf.token_kl(model, ref_model, input_ids, mask)
-    hf.sequence_logprobs(model, input_ids, labels, mask)
+    logps, _ = hf.token_logprobs(model, input_ids, attention_mask=mask, return_entropy=True)
+    logps.sum().backward()
+    hf.token_kl(model, ref_model, input_ids, attention_mask=mask)
+    hf.sequence_logprobs(model, input_ids, labels=labels, attention_mask=mask)
     with pytest.raises(AssertionError, match="LM head ran"):
-        hf.eager_token_logprobs(model, input_ids, mask)
+        hf.eager_token_logprobs(model, input_ids, attention_mask=mask)
 
 
 def _enable_checkpointing(model: nn.Module) -> list[int]:
@@ -243,10 +245,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
     model = make_model(name)
     input_ids, mask = make_batch("left")
     weights = torch.randn(B, T - 1)
-    want = params_grads(model, (weights * hf.eager_token_logprobs(model, input_ids, mask)).sum())
+    eager = hf.eager_token_logprobs(model, input_ids, attention_mask=mask)
+    want = params_grads(model, (weights * eager).sum())
     calls = _enable_checkpointing(model)
     model.train()
-    got = params_grads(model, (weights * hf.token_logprobs(model, input_ids, mask)).sum())
+    fused = hf.token_logprobs(model, input_ids, attention_mask=mask)
+    got = params_grads(model, (weights * fused).sum())
     assert calls[0] > 0
     assert_grads_close(got, want)
 
@@ -256,9 +260,11 @@ def test_bf16_autocast_close_to_eager_autocast(name):
     model = make_model(name)
     input_ids, mask = make_batch("right")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logps, entropy = hf.token_logprobs(model, input_ids, mask, return_entropy=True)
-        want, want_entropy = hf.eager_token_logprobs(model, input_ids, mask, return_entropy=True)
-        kl = hf.token_kl(model, make_model(name, seed=1), input_ids, mask)
+        logps, entropy = hf.token_logprobs(model, input_ids, attention_mask=mask,
+                                           return_entropy=True)
+        want, want_entropy = hf.eager_token_logprobs(model, input_ids, attention_mask=mask,
+                                                     return_entropy=True)
+        kl = hf.token_kl(model, make_model(name, seed=1), input_ids, attention_mask=mask)
     assert logps.dtype == torch.float32 and kl.dtype == torch.float32
     scale = want.abs().max().item()
     torch.testing.assert_close(logps, want, atol=0.01 * scale, rtol=0.01)  # bf16: 2^-8 relative
@@ -272,7 +278,8 @@ def test_bf16_autocast_close_to_eager_autocast(name):
 def test_head_inputs_follow_autocast():
     model = make_model("llama_bias")
     head = hf.lm_head(model)
-    hidden = hf.final_hidden_states(model, *make_batch())
+    input_ids, mask = make_batch()
+    hidden = hf.final_hidden_states(model, input_ids, attention_mask=mask)
     assert hidden.shape == (B, T, H)
     assert {t.dtype for t in hf.head_inputs(hidden.bfloat16(), head)} == {torch.float32}
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -287,29 +294,50 @@ def test_head_inputs_follow_autocast():
 # ----------------------------------------------------------------------------------------------
 
 
+def test_arguments_after_input_ids_are_keyword_only():
+    """A mask passed where labels were expected (or the reverse) would silently score the mask's
+    0/1 values as token ids: every argument after input_ids must be named."""
+    model = make_model("llama")
+    input_ids, mask = make_batch()
+    labels = torch.where(mask.bool(), input_ids, -100)
+    calls = {
+        "final_hidden_states": lambda: hf.final_hidden_states(model, input_ids, mask),
+        "token_logprobs": lambda: hf.token_logprobs(model, input_ids, mask),
+        "eager_token_logprobs": lambda: hf.eager_token_logprobs(model, input_ids, mask),
+        "token_kl": lambda: hf.token_kl(model, None, input_ids, mask),
+        "sequence_logprobs": lambda: hf.sequence_logprobs(model, input_ids, labels, mask),
+        "sequence_logprobs labels": lambda: hf.sequence_logprobs(model, input_ids, labels),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match="positional argument"):
+            call()
+            pytest.fail(f"{name} took a positional argument after input_ids")
+
+
 def test_errors():
     model = make_model("llama")
     input_ids, mask = make_batch()
     with pytest.raises(TypeError, match="integer"):
-        hf.token_logprobs(model, input_ids.float(), mask)
+        hf.token_logprobs(model, input_ids.float(), attention_mask=mask)
     with pytest.raises(ValueError, match="2-D"):
-        hf.token_logprobs(model, input_ids[0], mask[0])
+        hf.token_logprobs(model, input_ids[0], attention_mask=mask[0])
     with pytest.raises(ValueError, match=r"\[0, 97\)"):
-        hf.token_logprobs(model, input_ids + V, mask)
+        hf.token_logprobs(model, input_ids + V, attention_mask=mask)
     with pytest.raises(ValueError, match=r"\[0, 97\)"):
-        hf.eager_token_logprobs(model, input_ids - V, mask)
+        hf.eager_token_logprobs(model, input_ids - V, attention_mask=mask)
     with pytest.raises(ValueError, match="attention_mask"):
-        hf.token_logprobs(model, input_ids, mask[:, :-1])
+        hf.token_logprobs(model, input_ids, attention_mask=mask[:, :-1])
     with pytest.raises(TypeError, match="attention_mask"):
-        hf.token_logprobs(model, input_ids, mask.float())
+        hf.token_logprobs(model, input_ids, attention_mask=mask.float())
     with pytest.raises(ValueError, match="labels"):
-        hf.sequence_logprobs(model, input_ids, input_ids[:, 1:], mask)
+        hf.sequence_logprobs(model, input_ids, labels=input_ids[:, 1:],
+                             attention_mask=mask)
     with pytest.raises(ValueError, match="temperature"):
-        hf.token_logprobs(model, input_ids, mask, temperature=0.0)
+        hf.token_logprobs(model, input_ids, attention_mask=mask, temperature=0.0)
     other = transformers.AutoModelForCausalLM.from_config(
         transformers.LlamaConfig(**{**SMALL, "vocab_size": V + 1}), attn_implementation="eager")
     with pytest.raises(ValueError, match="vocabulary"):
-        hf.token_kl(model, other, input_ids, mask)
+        hf.token_kl(model, other, input_ids, attention_mask=mask)
     with pytest.raises(ValueError, match="not a PEFT model"):
         with hf.adapters_disabled(model):
             pass
@@ -330,7 +358,8 @@ PEFT_WARNINGS = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` i
 @PEFT_WARNINGS
 def test_peft_lora_adapters_and_disabling():
     peft = pytest.importorskip("peft")
-    base_logps = hf.token_logprobs(make_model("llama"), *make_batch("right"))
+    input_ids, mask = make_batch("right")
+    base_logps = hf.token_logprobs(make_model("llama"), input_ids, attention_mask=mask)
     model = peft.get_peft_model(make_model("llama"),
                                 peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert hf.is_peft_model(model)
@@ -339,14 +368,16 @@ def test_peft_lora_adapters_and_disabling():
             if "lora_B" in name:
                 param.normal_(0, 0.5)  # LoRA starts as the identity: make it change something
     input_ids, mask = make_batch("right")
-    logps = hf.token_logprobs(model, input_ids, mask)
-    torch.testing.assert_close(logps, hf.eager_token_logprobs(model, input_ids, mask),
-                               atol=2e-5, rtol=1e-5)
+    logps = hf.token_logprobs(model, input_ids, attention_mask=mask)
+    torch.testing.assert_close(
+        logps, hf.eager_token_logprobs(model, input_ids, attention_mask=mask), atol=2e-5, rtol=1e-5)
     assert (logps - base_logps).abs().max() > 1e-2
     with hf.adapters_disabled(model) as same:
         assert same is model
-        torch.testing.assert_close(hf.token_logprobs(model, input_ids, mask), base_logps)
-    kl = hf.token_kl(model, None, input_ids, mask)  # reference = the adapters disabled
+        torch.testing.assert_close(hf.token_logprobs(model, input_ids, attention_mask=mask),
+                                   base_logps)
+    # the reference: the adapters disabled
+    kl = hf.token_kl(model, None, input_ids, attention_mask=mask)
     assert float(kl.detach().max()) > 0
     kl.sum().backward()
     trained = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -359,4 +390,5 @@ def test_peft_lora_on_lm_head_is_refused():
     model = peft.get_peft_model(make_model("llama"),
                                 peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(TypeError, match="LoRA"):
-        hf.token_logprobs(model, *make_batch("right"))
+        input_ids, mask = make_batch("right")
+        hf.token_logprobs(model, input_ids, attention_mask=mask)

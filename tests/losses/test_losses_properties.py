@@ -167,6 +167,21 @@ def _ref_masked_mean(x, mask):
     return torch.where(mask, x, 0.0).sum() / max(int(mask.sum()), 1)
 
 
+def _ref_clip_metrics(ratio, adv, mask, low, high):
+    """TRL's clip_ratio/*: token means, and the extreme per-sequence fractions."""
+    low_clipped = ((ratio < 1 - low) & (adv < 0)).double()
+    high_clipped = ((ratio > 1 + high) & (adv > 0)).double()
+    rows = [b for b in range(mask.shape[0]) if mask[b].any()]
+    low_rows = [_ref_masked_mean(low_clipped[b], mask[b]) for b in rows]
+    high_rows = [_ref_masked_mean(high_clipped[b], mask[b]) for b in rows]
+    zero = torch.zeros((), dtype=torch.float64)
+    return {"clip_ratio/low_mean": _ref_masked_mean(low_clipped, mask),
+            "clip_ratio/low_min": min(low_rows, default=zero),
+            "clip_ratio/high_mean": _ref_masked_mean(high_clipped, mask),
+            "clip_ratio/high_max": max(high_rows, default=zero),
+            "clip_ratio/region_mean": _ref_masked_mean(low_clipped + high_clipped, mask)}
+
+
 def _ref_ppo_clipped(ratio, adv, low, high):
     """−A·min(ρ, 1 + ε_high) for A ≥ 0 and −A·max(ρ, 1 − ε) for A < 0: the pessimistic (clipped)
     surrogate of PPO / GRPO written piecewise."""
@@ -582,8 +597,8 @@ def test_reward_loss_property(data):
     both = torch.cat([chosen, rejected])
     assert_metrics(metrics, {
         "accuracy": (chosen > rejected).double().mean(), "rewards/chosen": chosen.mean(),
-        "rewards/rejected": rejected.mean(), "rewards/margins": (chosen - rejected).mean(),
-        "rewards/min": both.min(), "rewards/max": both.max()}, atol)
+        "rewards/rejected": rejected.mean(), "margin": (chosen - rejected).mean(),
+        "min_reward": both.min(), "mean_reward": both.mean(), "max_reward": both.max()}, atol)
 
 
 @given(upvotes=st.lists(st.integers(-5, 10**6), min_size=1, max_size=6),
@@ -799,9 +814,11 @@ def test_ppo_policy_loss_property(data):
     clipped = -a * ratio.clamp(1 - low, 1 + high_)
     expected_metrics = {
         "policy/approx_kl": 0.5 * _ref_masked_mean(log_ratio.detach() ** 2, mask),
-        "policy/clipfrac": _ref_masked_mean((clipped > unclipped).double(), mask),
+        **_ref_clip_metrics(ratio.detach(), a, mask, low, high_),
         "policy/ratio_mean": _ref_masked_mean(ratio.detach(), mask),
     }
+    torch.testing.assert_close(expected_metrics["clip_ratio/region_mean"],
+                               _ref_masked_mean((clipped > unclipped).double(), mask))
     if dual_clip is not None:
         dual = (a < 0) & (torch.maximum(unclipped, clipped) > -a * dual_clip)
         expected_metrics["policy/dual_clipfrac"] = _ref_masked_mean(dual.double(), mask)
@@ -919,13 +936,8 @@ def test_grpo_loss_property(data):
     assert_close(got[0], want[0], "dlogps", atol)
     assert_no_grad(got[1], "old_logps")
     assert_close(got[2], want[1], "dref_logps", atol)  # β·k differentiates both log-probs
-    expected_metrics = {
-        "clip_ratio/low": _ref_masked_mean(((ratio < 1 - low) & (a < 0)).double(), mask),
-        "clip_ratio/high": _ref_masked_mean(((ratio > 1 + high_) & (a > 0)).double(), mask),
-        "ratio_mean": _ref_masked_mean(ratio.detach(), mask),
-    }
-    expected_metrics["clip_ratio"] = (expected_metrics["clip_ratio/low"]
-                                      + expected_metrics["clip_ratio/high"])
+    expected_metrics = {**_ref_clip_metrics(ratio.detach(), a, mask, low, high_),
+                        "ratio_mean": _ref_masked_mean(ratio.detach(), mask)}
     if with_ref:
         expected_metrics["kl"] = _ref_masked_mean(kl.detach(), mask)
     else:

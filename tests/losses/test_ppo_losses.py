@@ -111,10 +111,23 @@ def ref_aggregate(loss, m, mode, max_len=None):
     return total / (len(loss) * (max_len or len(loss[0])))
 
 
+def ref_clip_metrics(low_clipped, high_clipped, m):
+    """TRL's clip_ratio/*: token means, and the extreme per-sequence fractions."""
+    rows = [b for b in range(len(m)) if any(m[b])]
+    low_rows = [ref_masked_mean_all([low_clipped[b]], [m[b]]) for b in rows]
+    high_rows = [ref_masked_mean_all([high_clipped[b]], [m[b]]) for b in rows]
+    low, high = ref_masked_mean_all(low_clipped, m), ref_masked_mean_all(high_clipped, m)
+    return {"clip_ratio/low_mean": low, "clip_ratio/low_min": min(low_rows, default=0.0),
+            "clip_ratio/high_mean": high, "clip_ratio/high_max": max(high_rows, default=0.0),
+            "clip_ratio/region_mean": low + high}
+
+
 def ref_ppo_policy(logps, old, adv, m, clip=0.2, clip_high=None, dual_clip=None,
                    agg="token_mean"):
     high = clip if clip_high is None else clip_high
     loss = [[0.0] * len(m[0]) for _ in m]
+    low_clipped = [[0.0] * len(m[0]) for _ in m]
+    high_clipped = [[0.0] * len(m[0]) for _ in m]
     n = clipped = dual = 0
     kl_sum = ratio_sum = 0.0
     for b in range(len(m)):
@@ -133,13 +146,16 @@ def ref_ppo_policy(logps, old, adv, m, clip=0.2, clip_high=None, dual_clip=None,
             loss[b][t] = value
             n += 1
             clipped += clipped_branch > plain
+            low_clipped[b][t] = float(clipped_branch > plain and a < 0)
+            high_clipped[b][t] = float(clipped_branch > plain and a > 0)
             kl_sum += 0.5 * (logps[b][t] - old[b][t]) ** 2
             ratio_sum += ratio
     metrics = {
         "policy/approx_kl": kl_sum / n if n else 0.0,
-        "policy/clipfrac": clipped / n if n else 0.0,
+        **ref_clip_metrics(low_clipped, high_clipped, m),
         "policy/ratio_mean": ratio_sum / n if n else 0.0,
     }
+    assert metrics["clip_ratio/region_mean"] == pytest.approx(clipped / n if n else 0.0)
     if dual_clip is not None:
         metrics["policy/dual_clipfrac"] = dual / n if n else 0.0
     return ref_aggregate(loss, m, agg), metrics
@@ -190,12 +206,8 @@ def ref_grpo(logps, old, ref, adv, m, clip=0.2, clip_high=None, beta=0.04, loss_
             loss[b][t] = -surrogate + beta * kls[b][t]
             low_clipped[b][t] = float(ratio < 1.0 - clip and a < 0)
             high_clipped[b][t] = float(ratio > 1.0 + high and a > 0)
-    metrics = {
-        "kl": ref_masked_mean_all(kls, m),
-        "clip_ratio/low": ref_masked_mean_all(low_clipped, m),
-        "clip_ratio/high": ref_masked_mean_all(high_clipped, m),
-    }
-    metrics["clip_ratio"] = metrics["clip_ratio/low"] + metrics["clip_ratio/high"]
+    metrics = {"kl": ref_masked_mean_all(kls, m),
+               **ref_clip_metrics(low_clipped, high_clipped, m)}
     return ref_aggregate(loss, m, loss_type, max_len), metrics
 
 
@@ -472,7 +484,7 @@ def test_ppo_policy_loss_matches_reference(shape, options):
     assert loss.dim() == 0 and loss.dtype == torch.float64
     assert loss.item() == pytest.approx(ref_loss, abs=1e-12)
     assert_metrics(metrics, ref_metrics)
-    assert 0 < ref_metrics["policy/clipfrac"] < 1  # both branches are exercised
+    assert 0 < ref_metrics["clip_ratio/region_mean"] < 1  # both branches are exercised
     loss.backward()
     expected = finite_difference_grad(lambda lp: ref_ppo_policy(lp, os_, as_, ms,
                                                                 **ref_options)[0], ls)
@@ -666,7 +678,7 @@ def test_grpo_loss_matches_reference(shape, options):
     assert loss.item() == pytest.approx(ref_loss, abs=1e-12)
     metrics.pop("ratio_mean")
     assert_metrics(metrics, ref_metrics)
-    assert ref_metrics["clip_ratio"] > 0
+    assert ref_metrics["clip_ratio/region_mean"] > 0
     loss.backward()
     expected = finite_difference_grad(lambda lp: ref_grpo(lp, os_, rs, advs, ms, **options)[0], ls)
     torch.testing.assert_close(logps.grad, expected, atol=1e-7, rtol=0)
@@ -679,7 +691,7 @@ def test_grpo_loss_without_old_logps_is_on_policy():
     ls, rs, ms, advs = as_list(logps), as_list(data["ref_logps"]), as_bools(mask), as_list(adv)
     # ρ = 1 in value; its gradient is that of exp(logp − logp_old) with logp_old frozen at logp
     assert loss.item() == pytest.approx(ref_grpo(ls, ls, rs, advs, ms)[0], abs=1e-12)
-    assert metrics["ratio_mean"].item() == 1.0 and metrics["clip_ratio"].item() == 0.0
+    assert metrics["ratio_mean"].item() == 1.0 and metrics["clip_ratio/region_mean"].item() == 0.0
     loss.backward()
     expected = finite_difference_grad(lambda lp: ref_grpo(lp, ls, rs, advs, ms)[0], ls)
     torch.testing.assert_close(logps.grad, expected, atol=1e-7, rtol=0)

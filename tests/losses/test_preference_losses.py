@@ -653,9 +653,10 @@ def test_reward_loss_matches_reference(margin_kind, center, dtype):
         "accuracy": sum(a > b for a, b in zip(*cols)) / batch,
         "rewards/chosen": sum(cols[0]) / batch,
         "rewards/rejected": sum(cols[1]) / batch,
-        "rewards/margins": sum(a - b for a, b in zip(*cols)) / batch,
-        "rewards/min": min(both),
-        "rewards/max": max(both),
+        "margin": sum(a - b for a, b in zip(*cols)) / batch,
+        "min_reward": min(both),
+        "mean_reward": sum(both) / len(both),
+        "max_reward": max(both),
     }
     assert set(metrics) == set(expected)
     for name, value in expected.items():

@@ -41,6 +41,14 @@ def _inputs(shape, hidden_size, vocab_size, with_bias, dtype, seed=0):
     return hidden, weight, bias
 
 
+def _case_inputs(case, dtype):
+    """(hidden, weight, bias, head options, tile sizes) of one of CASES."""
+    _, shape, hidden_size, vocab_size, with_bias, options, block_rows, block_vocab = case
+    hidden, weight, bias = _inputs(shape, hidden_size, vocab_size, with_bias, dtype)
+    blocks = {} if block_rows is None else {"block_rows": block_rows, "block_vocab": block_vocab}
+    return hidden, weight, bias, options, blocks
+
+
 def _clear_winner(hidden, weight, bias, margin=1e-3):
     """bool [...]: rows whose largest float64 logit beats the second by more than ``margin``."""
     logits = reference_logits(hidden, weight, bias, 1.0, None, torch.float64)
@@ -54,9 +62,8 @@ def _clear_winner(hidden, weight, bias, margin=1e-3):
                          ids=["fp32", "bf16", "fp64"])
 @pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
 def test_matches_torch_argmax_of_the_logits(case, dtype):
-    _, shape, hidden_size, vocab_size, with_bias, options, block_rows, block_vocab = case
-    hidden, weight, bias = _inputs(shape, hidden_size, vocab_size, with_bias, dtype)
-    blocks = {} if block_rows is None else {"block_rows": block_rows, "block_vocab": block_vocab}
+    hidden, weight, bias, options, blocks = _case_inputs(case, dtype)
+    shape = hidden.shape[:-1]
     ours = linear_argmax(hidden, weight, bias=bias, **options, **blocks)
     logits = reference_logits(hidden, weight, bias, options.get("temperature", 1.0),
                               options.get("softcap"), torch.float32)
@@ -67,6 +74,26 @@ def test_matches_torch_argmax_of_the_logits(case, dtype):
     assert torch.equal(ours[clear], expected[clear])
     assert torch.equal(linear_argmax_reference(hidden, weight, bias=bias, **options)[clear],
                        expected[clear])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
+                         ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
+def test_mean_logits_match_the_materialised_mean(case, dtype):
+    """TRL's mean_logits: the closed form without softcap, the tiled sum with one."""
+    hidden, weight, bias, options, blocks = _case_inputs(case, dtype)
+    shape = hidden.shape[:-1]
+    ours = linear_logit_stats(hidden, weight, bias=bias, mean_logits=True, **options,
+                              **blocks).mean_logits
+    expected = reference_logits(hidden, weight, bias, options.get("temperature", 1.0),
+                                options.get("softcap"), torch.float64).mean(-1)
+    assert ours.shape == shape and not ours.requires_grad
+    assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(ours.double(), expected, atol=1e-5, rtol=1e-5)
+    if "softcap" in options:  # the softcap bends the logits: the linear shortcut would be wrong
+        plain = reference_logits(hidden, weight, bias, options["temperature"], None,
+                                 torch.float64).mean(-1)
+        assert (plain - expected).abs().max() > 1e-3
 
 
 def test_non_contiguous_and_empty_inputs():

@@ -15,6 +15,7 @@ import pytest
 from fastalign import assets
 from fastalign.cli import main as cli_main
 from fastalign.data import DataError, SFTCollator, encode_sft
+from fastalign.ops import next_token_targets
 from fastalign.trainers.sft import SFTConfig, SFTTrainer
 
 CONVERSATIONS = [
@@ -86,8 +87,12 @@ def test_the_loss_scores_only_assistant_tokens_and_differs_from_all_tokens(tmp_p
         trainer = SFTTrainer(assets.build_default_model(seed=2), tok, examples,
                              _config(tmp_path, name, assistant_only_loss=only,
                                      padding_free=free))
-        loss, metrics = trainer.compute_loss(trainer.batch(range(4)))
-        results[name] = float(loss.detach()), float(metrics["num_tokens"])
+        batch = trainer.batch(range(4))
+        loss, _ = trainer.compute_loss(batch)
+        labels, cu_seqlens = batch["labels"], batch.get("cu_seqlens")
+        targets = labels[:, 1:] if cu_seqlens is None else next_token_targets(
+            labels.reshape(-1), cu_seqlens=cu_seqlens)
+        results[name] = float(loss.detach()), float((targets != -100).sum())
     scored = sum(sum(e["assistant_mask"])
                  for e in encode_sft(RECORDS, tok, assistant_only_loss=True))
     every = sum(len(e["completion_ids"]) - 1 for e in encode_sft(RECORDS, tok))

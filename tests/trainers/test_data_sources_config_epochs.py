@@ -217,7 +217,7 @@ def test_two_epochs_see_every_example_twice(tmp_path, tokenizer, batch_size, acc
     # Fractional epochs: the examples drawn so far over the 10 (an epoch ends on a short batch).
     assert logged[0]["epoch"] == pytest.approx(sum(sizes[:accumulation]) / 10)
     # The linear schedule decays to 0 at the derived last step.
-    assert logged[-1]["lr"] == pytest.approx(1e-3 / steps)
+    assert logged[-1]["learning_rate"] == pytest.approx(1e-3 / steps)
 
 
 def test_grpo_epochs_count_batches_of_prompts(tmp_path, tokenizer):

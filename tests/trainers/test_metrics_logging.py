@@ -23,7 +23,7 @@ def _records(steps: int = 6) -> list[dict]:
     for step in range(1, steps + 1):
         record = {"step": step, "loss": 0.69 - 0.01 * step, "rewards/accuracies": 0.5 + step / 20,
                   "rewards/margins": 0.02 * step, "logps/chosen": -80.0 + step,
-                  "logps/rejected": -65.0 - step, "grad_norm": 1.5, "lr": 1e-4,
+                  "logps/rejected": -65.0 - step, "grad_norm": 1.5, "learning_rate": 1e-4,
                   "policy/ratio_mean": 1.0 + 1e-3 * step, "policy/approx_kl": 1e-5 * step,
                   "policy/kl": 2e-5 * step}
         if step % 3 == 0:
@@ -73,8 +73,8 @@ def test_plots_keep_scales_apart_and_overlay_train_and_eval(tmp_path, monkeypatc
     assert _axes_of("policy/ratio_mean", axes) == {"policy/ratio_mean"}
     assert _axes_of("policy/kl", axes) == {"policy/kl"}
     # One figure per family, under the family's name as before; no separate eval figure.
-    assert sorted(names) == ["grad_norm.png", "logps.png", "loss.png", "lr.png", "policy.png",
-                             "rewards.png"]
+    assert sorted(names) == ["grad_norm.png", "learning_rate.png", "logps.png", "loss.png",
+                             "policy.png", "rewards.png"]
 
 
 def test_an_eval_metric_without_a_training_twin_gets_its_own_panel(tmp_path, monkeypatch):
@@ -136,7 +136,7 @@ def test_report_to_tensorboard_writes_every_metric_with_its_step(tmp_path, sft_d
     run_dir = tmp_path / "out" / "runs"
     assert result.files["tensorboard"] == run_dir
     scalars = _tensorboard_scalars(run_dir)
-    assert {"loss", "entropy", "grad_norm", "lr", "eval/loss"} <= set(scalars)
+    assert {"loss", "entropy", "grad_norm", "learning_rate", "eval/loss"} <= set(scalars)
     assert [step for step, _ in scalars["loss"]] == [1, 2, 3]
     assert [step for step, _ in scalars["eval/loss"]] == [2]
     _assert_same_scalars(scalars, _jsonl_scalars(trainer.metrics_log.path))

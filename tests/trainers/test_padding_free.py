@@ -174,10 +174,10 @@ def test_packed_sequence_logprobs_take_no_attention_mask(tok):
     model = assets.build_default_model()
     ids = torch.tensor([[1, 5, 7, 2, 1, 8, 9, 2]])
     with pytest.raises(ValueError, match="take no attention_mask"):
-        hf.sequence_logprobs(model, ids, ids, torch.ones_like(ids),
+        hf.sequence_logprobs(model, ids, labels=ids, attention_mask=torch.ones_like(ids),
                              cu_seqlens=torch.tensor([0, 4, 8]))
     with pytest.raises(ValueError, match=r"input_ids of shape \[1, total\]"):
-        hf.sequence_logprobs(model, ids.view(2, 4), ids.view(2, 4),
+        hf.sequence_logprobs(model, ids.view(2, 4), labels=ids.view(2, 4),
                              cu_seqlens=torch.tensor([0, 4, 8]))
 
 

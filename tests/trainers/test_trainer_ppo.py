@@ -72,13 +72,14 @@ def test_modes_train_and_save_a_loadable_model(tmp_path, tokenizer, prompts, mod
                          eval_examples=prompts[16:20])
     result = trainer.train()
     assert result.step == 2
-    for key in ("reward", "reward/std", "kl", "entropy", "loss/policy", "policy/clipfrac",
-                "completion_length", "kl_coef", "grad_norm", "loss"):
+    for key in ("reward", "reward_std", "kl", "entropy", "loss/policy", "clip_ratio/region_mean",
+                "completions/mean_length", "kl_coef", "grad_norm", "loss", "num_tokens"):
         assert math.isfinite(result.metrics[key]), key
-    assert 1 <= result.metrics["completion_length"] <= 8
+    assert 1 <= result.metrics["completions/mean_length"] <= 8
     assert ("loss/value" in result.metrics) == (mode == "ppo")
-    assert set(result.eval_metrics) == {"eval/reward", "eval/reward/std",
-                                        "eval/completion_length"}
+    assert ("frac_reward_zero_std" in result.metrics) == (mode != "ppo")
+    assert set(result.eval_metrics) == {"eval/reward", "eval/reward_std",
+                                        "eval/completions/mean_length"}
     assert [r["step"] for r in _records(tmp_path / "metrics.jsonl")] == [1, 2]
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -138,8 +139,15 @@ def test_rollout_cuts_at_eos_and_scores_the_decoded_text(tmp_path, tokenizer, pr
     raw = torch.tensor([float(len(c)) for c in completion_texts])
     assert rollout.metrics["reward"] == pytest.approx(float(raw.mean()))
     assert rollout.scores.tolist() == (raw - 100.0 * torch.tensor([0, 1, 0, 0])).tolist()
-    assert rollout.metrics["completion_length"] == pytest.approx(2.5)
-    assert rollout.metrics["completion/no_eos"] == pytest.approx(0.25)
+    assert rollout.metrics["completions/mean_length"] == pytest.approx(2.5)
+    assert rollout.metrics["completions/clipped_ratio"] == pytest.approx(0.25)
+    assert rollout.metrics["completions/min_length"] == 1
+    assert rollout.metrics["completions/max_length"] == 4
+    # the completion without eos (the second, 4 tokens) is left out of the terminated ones
+    assert rollout.metrics["completions/mean_terminated_length"] == pytest.approx(2.0)
+    assert rollout.metrics["completions/max_terminated_length"] == 3
+    assert rollout.metrics["frac_reward_zero_std"] == (
+        (raw[0] == raw[1]).float() + (raw[2] == raw[3]).float()).item() / 2
     # GRPO's advantages: normalised within each group of 2.
     assert rollout.advantages.shape == (4,)
     torch.testing.assert_close(rollout.advantages[0::2], -rollout.advantages[1::2])
@@ -183,7 +191,7 @@ def test_run_job_with_the_proposed_job_entries(tmp_path, tokenizer, capsys):
     job = Job(kind="grpo", help="GRPO", description="GRPO", config_class=GRPOConfig,
               trainer_class=PPOTrainer, data_kind="prompt", encode=encode_prompt_examples,
               default_data="grpo", extra_arguments={"ref_model": "", "reward_model": ""},
-              summary_keys=("reward", "kl", "completion_length", "loss/policy"))
+              summary_keys=("reward", "kl", "completions/mean_length", "loss/policy"))
     _reward_model(tokenizer).save_pretrained(tmp_path / "rm")
     config = GRPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, batch_size=4,
                         max_new_tokens=4, progress=False, plots=False)
@@ -290,7 +298,7 @@ def test_minibatch_loss_and_gradients_equal_eager(tmp_path, tokenizer, prompts, 
     eager_grads = _grads(*modules)
 
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
-    assert metrics["policy/clipfrac"] > 0
+    assert metrics["clip_ratio/region_mean"] > 0
     if mode == "ppo":
         assert metrics["value/clipfrac"] > 0
     assert fused_grads.keys() == eager_grads.keys()

@@ -97,6 +97,16 @@ def test_dpo_loss_and_gradients_equal_eager(tmp_path, tokenizer, pairs, referenc
     ref_chosen, ref_rejected = ref_logps.chunk(2)
     accuracy = ((chosen - ref_chosen) > (rejected - ref_rejected)).float().mean()
     assert metrics["rewards/accuracies"].item() == pytest.approx(accuracy.item())
+    # TRL's logits/chosen, logits/rejected: the vocabulary mean of the materialised logits,
+    # averaged over each side's scored (answer) tokens
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    scored = batch["labels"][:, 1:] != -100
+    for side, rows in (("chosen", slice(0, 4)), ("rejected", slice(4, 8))):
+        want = logits.mean(-1)[rows][scored[rows]].mean()
+        torch.testing.assert_close(metrics[f"logits/{side}"].double(), want, rtol=1e-5,
+                                   atol=1e-5)
 
 
 @pytest.mark.parametrize("loss_type, weights", [("ipo", None), (("sigmoid", "sft"), (1.0, 0.5)),

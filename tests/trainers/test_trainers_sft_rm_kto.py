@@ -126,9 +126,15 @@ def test_sft_trains_writes_plots_and_saves(tmp_path, tok, sft_data):
     assert result.step == 20
     assert_decreases(losses(trainer))
     record = trainer.metrics_log.records[-1]
-    assert {"loss", "num_tokens", "entropy", "grad_norm", "lr",
+    assert {"loss", "num_tokens", "entropy", "grad_norm", "learning_rate",
             "mean_token_accuracy"} <= set(record)
-    assert record["num_tokens"] > 0 and 0 < record["entropy"] <= math.log(616) + 1e-4
+    # TRL's num_tokens: every attended input token trained on so far, a running total
+    every_token = sum(len(e["prompt_ids"]) + len(e["completion_ids"]) for e in sft_data)
+    counts = [r["num_tokens"] for r in trainer.metrics_log.records]
+    assert counts == sorted(counts) and counts[0] > 0
+    epoch = len(sft_data) // 8  # steps per pass over the data
+    assert counts[epoch - 1] == every_token and counts[2 * epoch - 1] == 2 * every_token
+    assert 0 < record["entropy"] <= math.log(616) + 1e-4
     assert {"eval/loss", "eval/entropy", "eval/mean_token_accuracy"} <= set(result.eval_metrics)
     for family in ("loss", "entropy", "num_tokens", "grad_norm", "mean_token_accuracy"):
         png = tmp_path / "out" / "plots" / f"{family}.png"
@@ -166,7 +172,7 @@ def test_sft_loss_and_gradients_match_eager(tmp_path, tok, sft_data, completion_
                                                batch["attention_mask"], labels, entropy=True)
     eager = -sums.sum() / mask.sum()
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
-    assert float(metrics["num_tokens"]) == int(mask.sum())
+    assert int((labels[:, 1:] != -100).sum()) == int(mask.sum())
     assert int(mask.sum()) > int((batch["labels"][:, 1:] != -100).sum()) or completion_only
     torch.testing.assert_close(metrics["entropy"], (entropy * mask).sum() / mask.sum(),
                                rtol=1e-5, atol=1e-6)
@@ -226,9 +232,13 @@ def test_reward_trains_and_saves(tmp_path, tok, pref_data):
     result = trainer.train()
     assert_decreases(losses(trainer))
     record = trainer.metrics_log.records[-1]
-    assert {"loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected"} <= set(record)
+    assert {"loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected", "min_reward",
+            "mean_reward", "max_reward", "num_tokens"} <= set(record)
     assert record["margin"] == pytest.approx(record["rewards/chosen"] - record["rewards/rejected"],
                                              abs=1e-5)
+    assert record["mean_reward"] == pytest.approx(
+        (record["rewards/chosen"] + record["rewards/rejected"]) / 2, abs=1e-5)
+    assert record["min_reward"] <= record["mean_reward"] <= record["max_reward"]
     assert "eval/accuracy" in result.eval_metrics
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert_same_state(trainer.model, loaded)
@@ -388,8 +398,9 @@ def test_kto_adapters_reference(tmp_path, tok, kto_data):
         assert torch.equal(param, before[name]) != param.requires_grad, name
     batch = trainer.batch(range(4))
     with torch.no_grad():  # the reference is the untouched base model
-        ref = trainer.reference.sequence_logprobs(batch["input_ids"], batch["labels"],
-                                                  batch["attention_mask"]).sum_logps
+        ref = trainer.reference.sequence_logprobs(
+            batch["input_ids"], labels=batch["labels"],
+            attention_mask=batch["attention_mask"]).sum_logps
         expected, _ = eager_sequence_logps(policy(), batch["input_ids"],
                                            batch["attention_mask"], batch["labels"])
     torch.testing.assert_close(ref, expected, rtol=1e-5, atol=1e-4)
