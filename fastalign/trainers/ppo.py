@@ -51,7 +51,11 @@ from torch import nn
 from fastalign import hf
 from fastalign.data import PromptCollator, encode_prompts
 from fastalign.fused import FusedPPOLoss
-from fastalign.losses.grpo import grpo_advantages, rloo_advantages
+from fastalign.losses.grpo import (
+    grpo_advantages,
+    normalize_then_sum_advantages,
+    rloo_advantages,
+)
 from fastalign.losses.kl import (
     AdaptiveKLController,
     FixedKLController,
@@ -254,7 +258,7 @@ class PPOTrainer(Trainer):
         rollout_metrics = self.merge_metrics(self.gathered([(rollout.metrics, len(rollout))]))
         if self.dist.enabled:  # the spread of every rank's scores, not a mean of spreads
             scores = torch.cat(self.gathered([rollout.raw_scores.float().cpu()]))
-            rollout_metrics["reward/std"] = float(scores.std()) if len(scores) > 1 else 0.0
+            rollout_metrics["reward/std"] = _nan_std(scores)
             if rollout.reward_scores is not None:
                 rollout_metrics |= self.rewards.metrics(
                     torch.cat(self.gathered([rollout.reward_scores])))
@@ -271,7 +275,7 @@ class PPOTrainer(Trainer):
         the entropy bonus, a token mean, is weighted per sequence too).
         """
         chunks = rows.tensor_split(self.config.grad_accum_steps)
-        if self.config.loss_agg in _TOKEN_AGGREGATIONS:
+        if self.config.loss_options.aggregation in _TOKEN_AGGREGATIONS:
             sizes = [float(rollout.mask[chunk].sum()) for chunk in chunks]
         else:
             sizes = [float(len(chunk)) for chunk in chunks]
@@ -340,6 +344,7 @@ class PPOTrainer(Trainer):
         prompts, completions, raw_scores, reward_scores = self.score(
             prompt_ids, prompt_lengths, completion_ids, input_ids, attention_mask,
             examples=examples)
+        self._check_unscored(raw_scores)
         rollout_metrics = {} if reward_scores is None else self.rewards.metrics(reward_scores)
         scores = raw_scores.clone()
         if config.missing_eos_penalty is not None:
@@ -387,17 +392,24 @@ class PPOTrainer(Trainer):
                 "value/returns": float(masked_mean(returns, mask)),
             }
         else:
-            if config.mode == "grpo":
+            if config.multi_objective_aggregation == "normalize_then_sum":
+                per_function, weights = (scores[:, None], None) if reward_scores is None else (
+                    reward_scores.to(scores.device),
+                    torch.tensor(self.rewards.weights, dtype=torch.float32))
+                advantages = normalize_then_sum_advantages(per_function, group, weights=weights)
+            elif config.mode == "grpo":
                 advantages = grpo_advantages(scores, group)
             else:
-                advantages = rloo_advantages(scores, group)
+                advantages = rloo_advantages(scores, group,
+                                             normalize_advantages=config.normalize_advantages,
+                                             reward_clip_range=config.reward_clip_range)
             if config.whiten_advantages:
                 advantages = masked_whiten(advantages, torch.ones_like(advantages, dtype=bool))
 
         lengths = mask.sum(1).float()
         rollout_metrics |= {
-            "reward": float(raw_scores.mean()),
-            "reward/std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
+            "reward": float(raw_scores.nanmean()),  # unscored completions left out, as TRL
+            "reward/std": _nan_std(raw_scores),
             "kl": float(masked_mean(token_kl, mask)),
             "kl/sequence": float(token_kl.sum(1).mean()),
             "entropy": float(masked_mean(old.token_entropy, mask)),
@@ -488,9 +500,31 @@ class PPOTrainer(Trainer):
                 prompts=prompts, completions=completions, completion_ids=ids, columns=columns,
                 trainer_state=TrainingProgress(self.step, self.config.max_steps))
             scores = scores.to(self.device)
-        if not bool(torch.isfinite(scores).all()):
-            raise ValueError(f"the reward is not finite: {scores.tolist()}")
+            # A completion no function scored has no reward (NaN), not 0: the advantages leave
+            # it out of its group's baseline and give it none (TRL's).
+            scores = torch.where(per_function.isnan().all(1).to(scores.device), torch.nan, scores)
+        if bool(scores.isinf().any()):
+            raise ValueError(f"the reward is infinite: {scores.tolist()}")
         return prompts, completions, scores, per_function
+
+    def _check_unscored(self, scores: torch.Tensor) -> None:
+        """NaN rewards (completions no reward function scored) are for grpo and rloo, whose
+        advantages leave them out; a rollout without any reward is an error, not a silent step
+        that trains on nothing."""
+        unscored = scores.isnan()
+        if not bool(unscored.any()):
+            return
+        source = "the reward model" if self.reward_model is not None else \
+            "the reward functions (None or NaN for every completion)"
+        if bool(unscored.all()):
+            raise ValueError(f"every reward of the rollout is NaN (not finite): {source} "
+                             f"scored none of its {len(scores)} completions, leaving nothing to "
+                             f"train on")
+        if self.config.mode == "ppo":
+            rows = unscored.nonzero()[:, 0].tolist()
+            raise ValueError(f"mode='ppo' needs a reward for every completion (GAE has no group "
+                             f"baseline to leave one out of), but {source} gave none for "
+                             f"completions {rows}; use mode grpo or rloo, or score them")
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -542,6 +576,13 @@ class PPOTrainer(Trainer):
             scores.append(batch_scores.float().cpu())
             lengths += [completion_length(ids, self.eos_id) for ids in completion_ids.tolist()]
         scores = torch.cat(scores)
-        return {"eval/reward": float(scores.mean()),
-                "eval/reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
+        return {"eval/reward": float(scores.nanmean()),
+                "eval/reward/std": _nan_std(scores),
                 "eval/completion_length": sum(lengths) / len(lengths)}
+
+
+def _nan_std(scores: torch.Tensor) -> float:
+    """The (n − 1) standard deviation of the scored completions (NaN rewards left out); 0 for
+    fewer than two."""
+    scored = scores[~scores.isnan()]
+    return float(scored.std()) if len(scored) > 1 else 0.0
