@@ -250,7 +250,7 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 _VESPO_LOG_MIN, _VESPO_LOG_MAX = math.log(1e-8), 20.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GRPOVariant:
     """The options that choose a GRPO-family surrogate, validated once (TRL's names).
 
@@ -258,6 +258,8 @@ class GRPOVariant:
     aggregation); importance_sampling_level: "token" or "sequence" (GSPO);
     off_policy_mask_threshold: δ > 0 or None; top_entropy_quantile: ρ in [0, 1] (1: off);
     sapo_temperature_pos / _neg: τ > 0; vespo_k_pos / _neg ≥ 0 and vespo_lambda_pos / _neg > 0.
+    Keyword-only, so that ``PPOOptions``, which adds these fields to its own, keeps its positional
+    order.
     """
 
     loss_type: str | None = None
@@ -292,7 +294,7 @@ class GRPOVariant:
         return (self.loss_type is None and self.importance_sampling_level == "token"
                 and self.off_policy_mask_threshold is None and self.top_entropy_quantile == 1.0)
 
-    def aggregation(self, default: str) -> str:
+    def aggregation_for(self, default: str) -> str:
         """The token aggregation: the loss type's, else ``default`` (the caller's ``loss_agg``)."""
         return default if self.loss_type is None else LOSS_TYPE_AGGREGATION[self.loss_type]
 

@@ -196,15 +196,16 @@ class KTOOptions(_Options):
 
 
 @dataclass(frozen=True)
-class PPOOptions(_Options):
+class PPOOptions(_Options, GRPOVariant):
     """Options of :class:`fastalign.FusedPPOLoss` (PPO, GRPO and RLOO updates).
 
     clip / clip_high / dual_clip: the ratio's clip range (ε_low, ε_high) and dual clip;
     kl_coef and kl_estimator: the KL term (a sampled estimator, or "exact" over the vocabulary);
     vf_coef and vf_clip: the value loss; ent_coef: the entropy bonus; loss_agg: how token losses
-    are reduced ("token_mean", "grpo", "dapo", "dr_grpo" and their aliases); loss_type and the
-    fields after it: TRL's GRPO loss types and options (``GRPOVariant``, ``grpo_loss``), which
-    replace PPO's surrogate and, for loss_type, the aggregation of loss_agg.
+    are reduced ("token_mean", "grpo", "dapo", "dr_grpo" and their aliases);
+    use_bias_correction_kl: the KL term weighted by the ratio; and, keyword-only, the fields of
+    ``GRPOVariant``: TRL's GRPO loss types and options (``grpo_loss``), which replace PPO's
+    surrogate and, for loss_type, the aggregation of loss_agg.
     """
 
     clip: float = 0.2
@@ -216,28 +217,18 @@ class PPOOptions(_Options):
     vf_clip: float | None = 0.2
     ent_coef: float = 0.0
     loss_agg: str = "token_mean"
-    loss_type: str | None = None
-    importance_sampling_level: str = "token"
     use_bias_correction_kl: bool = False
-    off_policy_mask_threshold: float | None = None
-    top_entropy_quantile: float = 1.0
-    sapo_temperature_pos: float = 1.0
-    sapo_temperature_neg: float = 1.05
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
 
     @property
     def variant(self) -> GRPOVariant:
-        """The GRPO-family surrogate these options choose (``GRPOVariant``)."""
+        """The GRPO-family surrogate these options choose (their ``GRPOVariant`` fields)."""
         return GRPOVariant(**{field.name: getattr(self, field.name)
                               for field in dataclasses.fields(GRPOVariant)})
 
     @property
     def aggregation(self) -> str:
         """How token losses are reduced: ``loss_type``'s aggregation, else ``loss_agg``."""
-        return self.variant.aggregation(self.loss_agg)
+        return self.aggregation_for(self.loss_agg)
 
     def __post_init__(self) -> None:
         for name in ("kl_coef", "vf_coef", "ent_coef"):
@@ -256,8 +247,8 @@ class PPOOptions(_Options):
         if not isinstance(self.use_bias_correction_kl, bool):
             raise ValueError(f"PPO options: use_bias_correction_kl must be True or False, got "
                              f"{self.use_bias_correction_kl!r}")
-        variant = self.variant  # checks loss_type and the fields after it
-        if self.dual_clip is not None and not variant.plain:
+        GRPOVariant.__post_init__(self)
+        if self.dual_clip is not None and not self.plain:
             raise ValueError("PPO options: dual_clip bounds PPO's clipped loss only; it cannot be "
                              "combined with loss_type, importance_sampling_level='sequence', "
                              "off_policy_mask_threshold or top_entropy_quantile")
