@@ -124,6 +124,16 @@ class PPOConfig(TrainingConfig):
     reward_clip_range: tuple[float, float] | None = option(None, "clamp the rewards to LOW,HIGH "
                                                            "before the advantages ('none': no "
                                                            "clamp) (rloo)")
+    use_adaptive_entropy: bool = option(False, "adaptive entropy control (Skywork-OR1): ent-coef "
+                                        "is the start value, applied only while the entropy is "
+                                        "at most entropy-target, and moved each step by "
+                                        "entropy-coef-delta (up at or below the target, down "
+                                        "above it)")
+    entropy_coef_min: float = option(0.0, "lower bound of the adaptive entropy coefficient")
+    entropy_coef_max: float = option(1.0, "upper bound of the adaptive entropy coefficient")
+    entropy_coef_delta: float = option(0.005, "step of the adaptive entropy coefficient")
+    entropy_target: float = option(0.2, "target mean token entropy (nats) of adaptive entropy "
+                                   "control, over the tokens the bonus acts on")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -234,6 +244,15 @@ class PPOConfig(TrainingConfig):
         if self.normalize_advantages and self.whiten_advantages:
             raise ValueError("normalize_advantages and whiten_advantages both normalise the "
                              "advantages over the batch: set one of them")
+        if not isinstance(self.use_adaptive_entropy, bool):
+            raise ValueError(f"use_adaptive_entropy must be True or False, got "
+                             f"{self.use_adaptive_entropy!r}")
+        for name in ("entropy_coef_min", "entropy_coef_max", "entropy_target"):
+            check_field_number(name, getattr(self, name), low=0.0, inclusive=True)
+        check_field_number("entropy_coef_delta", self.entropy_coef_delta, low=0.0)
+        if self.entropy_coef_min > self.entropy_coef_max:
+            raise ValueError(f"entropy_coef_min ({self.entropy_coef_min}) must not exceed "
+                             f"entropy_coef_max ({self.entropy_coef_max})")
         if self.reward_clip_range is not None:
             try:
                 check_clip_range("reward_clip_range", self.reward_clip_range)

@@ -348,6 +348,42 @@ def test_grpo_variant_minibatch_loss_equals_grpo_loss(tmp_path, tokenizer, promp
         assert (fused_grads[name] - grad).abs().max().item() <= 1e-4 * scale, name
 
 
+def test_adaptive_entropy_coefficient_follows_trl():
+    from fastalign.trainers.ppo import AdaptiveEntropyCoefficient
+
+    control = AdaptiveEntropyCoefficient(0.1, target=1.0, delta=0.05, low=0.02, high=0.2)
+    applied = []
+    for entropy in (0.5, 0.9, 3.0, 2.0, 2.0, 2.0, 2.0, 0.4):
+        applied.append(control.applied)
+        control.update(entropy)
+    # nothing before the first measurement; then the coefficient of the step before, while the
+    # entropy was at or below the target; it grows (to 0.2 at most) and shrinks (to 0.02 at least)
+    assert applied == pytest.approx([0.0, 0.15, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert control.coef == pytest.approx(0.07) and control.last_entropy == 0.4
+    restored = AdaptiveEntropyCoefficient(0.0, target=1.0, delta=0.05, low=0.02, high=0.2)
+    restored.load_state_dict(control.state_dict())
+    assert (restored.coef, restored.applied) == (control.coef, control.coef)
+
+
+@pytest.mark.parametrize("target, expected", [(100.0, 0.03 + 2 * 0.01), (0.0, 0.03 - 2 * 0.01)])
+def test_adaptive_entropy_in_training(tmp_path, tokenizer, prompts, target, expected):
+    config = _config(tmp_path, use_adaptive_entropy=True, ent_coef=0.03, entropy_coef_delta=0.01,
+                     entropy_target=target, top_entropy_quantile=0.5)
+    trainer = PPOTrainer(assets.build_default_model(seed=0), tokenizer, prompts[:8], config)
+    seen = []
+    minibatch_loss = trainer.minibatch_loss
+
+    def spy(rollout, rows, **kwargs):
+        seen.append(kwargs["ent_coef"])
+        return minibatch_loss(rollout, rows, **kwargs)
+
+    trainer.minibatch_loss = spy
+    result = trainer.train()
+    assert result.metrics["entropy_coef"] == pytest.approx(expected)
+    assert seen == pytest.approx([0.0, 0.04] if target == 100.0 else [0.0, 0.0])
+    assert "_controlled_entropy" not in result.metrics
+
+
 @pytest.mark.parametrize("estimator", ["k1", "exact"])
 def test_ppo_rewards_are_kl_shaped_and_advantages_whitened(tmp_path, tokenizer, prompts,
                                                            estimator):
@@ -584,6 +620,10 @@ def test_resolve_reward_fn(tmp_path):
     (dict(mode="rloo", normalize_advantages=True), "whiten_advantages"),
     (dict(mode="rloo", reward_clip_range=(1.0, -1.0)), "reward_clip_range"),
     (dict(mode="rloo", reward_clip_range=(1.0,)), "reward_clip_range"),
+    (dict(use_adaptive_entropy=1), "use_adaptive_entropy"),
+    (dict(entropy_coef_min=0.5, entropy_coef_max=0.1), "entropy_coef_min"),
+    (dict(entropy_coef_delta=0.0), "entropy_coef_delta"),
+    (dict(entropy_target=-1.0), "entropy_target"),
 ])
 def test_bad_options_name_the_option(options, message):
     with pytest.raises(ValueError, match=message):
