@@ -478,7 +478,8 @@ def grpo_loss(
 
     ``use_bias_correction_kl`` multiplies the KL term by ρ (DeepSeek-AI 2025, "DeepSeek-V3.2",
     §3.1): its value is unchanged on-policy (ρ = 1) but its gradient gains k·∇log π, which makes
-    it an unbiased gradient of KL(π‖π_ref) for samples of π_old. TRL turns it on by default.
+    it an unbiased gradient of KL(π‖π_ref) for samples of π_old. TRL turns it on by default, as
+    ``GRPOConfig`` / ``fastalign train grpo`` do; here it is off unless asked for.
 
     Args:
         logps: ``[B, T]`` log-probabilities under the current policy (carries the gradient).

@@ -99,7 +99,7 @@ class PPOConfig(TrainingConfig):
                                    "the clipped surrogate aggregated by loss-agg)")
     importance_sampling_level: str = option("token", "importance ratio per token, or per sequence "
                                             "(GSPO: exp of the mean token log-ratio)")
-    use_bias_correction_kl: bool = option(True, "multiply the KL term of the loss by the "
+    use_bias_correction_kl: bool = option(False, "multiply the KL term of the loss by the "
                                           "importance ratio (DeepSeek-V3.2), which changes its "
                                           "gradient even on-policy (grpo, rloo; a sampled "
                                           "kl-estimator)")
@@ -263,7 +263,8 @@ class PPOConfig(TrainingConfig):
 @dataclass
 class GRPOConfig(PPOConfig):
     """GRPO's defaults (Shao et al. 2024; TRL's ``GRPOConfig``): groups of 4, β = 0.04 on the k3
-    estimate in the loss, per-sequence token means, one update per rollout, no value head."""
+    estimate in the loss, per-sequence token means, one update per rollout, no value head, and
+    TRL's bias-corrected KL."""
 
     mode: str = option("grpo", "grpo (group-normalised advantages), rloo (leave-one-out "
                        "advantages) or ppo (value head, GAE, KL in the reward)")
@@ -276,3 +277,7 @@ class GRPOConfig(PPOConfig):
                                      "per completion; ppo: per token)")
     loss_agg: str = option("grpo", "token aggregation of the loss: grpo (per-sequence mean, then "
                            "mean), token_mean (= dapo) or dr_grpo")
+    use_bias_correction_kl: bool = option(True, "multiply the KL term of the loss by the "
+                                          "importance ratio (DeepSeek-V3.2; TRL's default), "
+                                          "which changes its gradient even on-policy (a sampled "
+                                          "kl-estimator)")
