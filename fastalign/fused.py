@@ -24,10 +24,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastalign.losses._common import compute_dtype
 from fastalign.losses.dpo import cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from fastalign.losses.grpo import aggregate_policy_loss, grpo_policy_terms
 from fastalign.losses.kl import kl_penalty
 from fastalign.losses.kto import kto_loss
-from fastalign.losses.masked import aggregate_token_loss, masked_mean
+from fastalign.losses.masked import masked_mean, zero_outside
 from fastalign.losses.options import (
     CPOOptions,
     DPOOptions,
@@ -36,9 +38,9 @@ from fastalign.losses.options import (
     PPOOptions,
     SimPOOptions,
 )
-from fastalign.losses.ppo import ppo_policy_loss, ppo_value_loss
+from fastalign.losses.ppo import check_clip, ppo_policy_loss, ppo_value_loss
 from fastalign.ops._backends import IMPLEMENTATIONS
-from fastalign.ops._checks import check_head, check_positive
+from fastalign.ops._checks import check_head, check_per_token, check_positive
 from fastalign.ops.linear_kl import linear_kl
 from fastalign.ops.sequence import SequenceLogprobs, sequence_logprobs_from_labels
 
@@ -302,6 +304,12 @@ class FusedPPOLoss(_FusedSequenceLoss):
     elsewhere), ``old_logps`` [B, T − 1] (rollout log-probs), ``advantages`` [B, T − 1] or [B];
     optionally ``ref_logps``, ``values``, ``old_values``, ``returns`` [B, T − 1], or
     ``ref_hidden`` [B, T, H_ref] and ``ref_weight`` [V, H_ref] for the exact KL.
+
+    TRL's GRPO loss types and options (``loss_type``, ``importance_sampling_level``,
+    ``off_policy_mask_threshold``, ``top_entropy_quantile``, the SAPO and VESPO parameters, see
+    ``fastalign.losses.grpo_loss``) replace the clipped surrogate; the entropies the entropy mask
+    needs come from the fused op. ``use_bias_correction_kl`` multiplies a sampled KL estimate by
+    the importance ratio (the exact KL's gradient needs no correction: it is left as it is).
     """
 
     def __init__(self, *, clip: float = 0.2, clip_high: float | None = None,
@@ -309,20 +317,23 @@ class FusedPPOLoss(_FusedSequenceLoss):
                  vf_coef: float = 0.1, vf_clip: float | None = 0.2, ent_coef: float = 0.0,
                  loss_agg: str = "token_mean", temperature: float = 1.0,
                  softcap: float | None = None, ignore_index: int = -100,
-                 impl: str = "auto", options: PPOOptions | None = None) -> None:
+                 impl: str = "auto", options: PPOOptions | None = None,
+                 **variant_options) -> None:
         super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
                          impl=impl)
         self.options = PPOOptions.from_arguments(
             options, clip=clip, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
             kl_estimator=kl_estimator, vf_coef=vf_coef, vf_clip=vf_clip, ent_coef=ent_coef,
-            loss_agg=loss_agg)
+            loss_agg=loss_agg, **variant_options)
 
     def forward(self, hidden, weight, labels, old_logps, advantages, *, bias=None, ref_logps=None,
                 ref_hidden=None, ref_weight=None, ref_bias=None, values=None, old_values=None,
                 returns=None) -> tuple[torch.Tensor, Metrics]:
         options = self.options
-        policy = self.sequence_logprobs(hidden, weight, labels, bias,
-                                        return_entropy=options.ent_coef > 0)
+        variant = options.variant
+        policy = self.sequence_logprobs(
+            hidden, weight, labels, bias,
+            return_entropy=options.ent_coef > 0 or variant.top_entropy_quantile < 1)
         logps, mask = policy.token_logps, policy.token_mask
         if isinstance(advantages, torch.Tensor) and advantages.dim() == 1:
             if advantages.shape[0] != logps.shape[0]:
@@ -330,17 +341,40 @@ class FusedPPOLoss(_FusedSequenceLoss):
                                  f"per sequence [B] = [{logps.shape[0]}], got "
                                  f"{tuple(advantages.shape)}")
             advantages = advantages[:, None].expand_as(logps)  # one advantage per sequence (GRPO)
-        loss, metrics = ppo_policy_loss(
-            logps, old_logps, advantages, mask, clip=options.clip, clip_high=options.clip_high,
-            dual_clip=options.dual_clip, loss_agg=options.loss_agg,
-        )
+        entropy_mask, ratio = mask, None
+        if variant.plain:
+            loss, metrics = ppo_policy_loss(
+                logps, old_logps, advantages, mask, clip=options.clip,
+                clip_high=options.clip_high, dual_clip=options.dual_clip,
+                loss_agg=options.loss_agg,
+            )
+        else:
+            check_per_token("old_logps", old_logps, like=logps, like_name="logps")
+            check_per_token("advantages", advantages, like=logps, like_name="logps")
+            dtype = compute_dtype(logps, old_logps, advantages)
+            low, high = check_clip(options.clip, options.clip_high)
+            terms = grpo_policy_terms(
+                zero_outside(logps.to(dtype), mask),
+                zero_outside(old_logps.detach().to(dtype), mask),
+                zero_outside(advantages.detach().to(dtype), mask), mask, clip_low=low,
+                clip_high=high, variant=variant, entropies=policy.token_entropy)
+            loss = aggregate_policy_loss(terms.per_token, mask, options.aggregation)
+            metrics, entropy_mask, ratio = dict(terms.metrics), terms.entropy_mask, terms.ratio
+            # The names PPO's surrogate logs, so that a trainer's metrics do not depend on it.
+            log_ratio = zero_outside(logps.detach().to(dtype) - old_logps.to(dtype), mask)
+            metrics["policy/approx_kl"] = 0.5 * masked_mean(log_ratio ** 2, mask)
+            metrics["policy/ratio_mean"] = metrics.pop("ratio_mean")
         metrics["loss/policy"] = loss.detach()
         kl = self._kl(hidden, weight, bias, logps, mask, ref_logps, ref_hidden, ref_weight,
                       ref_bias)
         if kl is not None:
             metrics["kl"] = masked_mean(kl.detach(), mask)
             if options.kl_coef > 0:
-                kl_term = aggregate_token_loss(kl, mask, mode=options.loss_agg)
+                if options.use_bias_correction_kl and options.kl_estimator != "exact":
+                    if ratio is None:  # PPO's surrogate: the token-level ratio
+                        ratio = torch.exp(zero_outside(logps - old_logps.detach(), mask))
+                    kl = kl * ratio
+                kl_term = aggregate_policy_loss(kl, mask, options.aggregation)
                 loss = loss + options.kl_coef * kl_term
         if values is not None:
             if old_values is None or returns is None:
@@ -351,9 +385,9 @@ class FusedPPOLoss(_FusedSequenceLoss):
             metrics["loss/value"] = value_loss.detach()
             loss = loss + options.vf_coef * value_loss
         if policy.token_entropy is not None:
-            entropy = masked_mean(policy.token_entropy, mask)
-            metrics["entropy"] = entropy.detach()
-            loss = loss - options.ent_coef * entropy
+            metrics["entropy"] = masked_mean(policy.token_entropy.detach(), mask)
+            if options.ent_coef > 0:  # over the tokens the policy loss uses, as TRL
+                loss = loss - options.ent_coef * masked_mean(policy.token_entropy, entropy_mask)
         metrics["loss/total"] = loss.detach()
         return loss, metrics
 

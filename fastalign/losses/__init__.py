@@ -4,7 +4,14 @@ Each loss is plain, documented PyTorch that returns ``(loss, metrics)`` with TRL
 """
 
 from fastalign.losses.dpo import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
-from fastalign.losses.grpo import REWARD_SCALINGS, grpo_advantages, grpo_loss, rloo_advantages
+from fastalign.losses.grpo import (
+    GRPO_LOSS_TYPES,
+    REWARD_SCALINGS,
+    grpo_advantages,
+    grpo_loss,
+    normalize_then_sum_advantages,
+    rloo_advantages,
+)
 from fastalign.losses.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -37,6 +44,7 @@ from fastalign.losses.trpo import LineSearchResult, kl_line_search
 __all__ = [
     "AGGREGATION_MODES",
     "AdaptiveKLController",
+    "GRPO_LOSS_TYPES",
     "CPOOptions",
     "DPOOptions",
     "KTOOptions",
@@ -68,6 +76,7 @@ __all__ = [
     "ppo_total_loss",
     "ppo_value_loss",
     "reward_loss",
+    "normalize_then_sum_advantages",
     "rloo_advantages",
     "simpo_loss",
     "votes_to_score",

@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fastalign.losses.grpo import GRPOVariant
 from fastalign.losses.kl import KL_ESTIMATORS
 from fastalign.losses.masked import AGGREGATION_NAMES
 from fastalign.losses.ppo import check_clip, check_dual_clip
@@ -195,13 +196,16 @@ class KTOOptions(_Options):
 
 
 @dataclass(frozen=True)
-class PPOOptions(_Options):
+class PPOOptions(_Options, GRPOVariant):
     """Options of :class:`fastalign.FusedPPOLoss` (PPO, GRPO and RLOO updates).
 
     clip / clip_high / dual_clip: the ratio's clip range (ε_low, ε_high) and dual clip;
     kl_coef and kl_estimator: the KL term (a sampled estimator, or "exact" over the vocabulary);
     vf_coef and vf_clip: the value loss; ent_coef: the entropy bonus; loss_agg: how token losses
-    are reduced ("token_mean", "grpo", "dapo", "dr_grpo" and their aliases).
+    are reduced ("token_mean", "grpo", "dapo", "dr_grpo" and their aliases);
+    use_bias_correction_kl: the KL term weighted by the ratio; and, keyword-only, the fields of
+    ``GRPOVariant``: TRL's GRPO loss types and options (``grpo_loss``), which replace PPO's
+    surrogate and, for loss_type, the aggregation of loss_agg.
     """
 
     clip: float = 0.2
@@ -213,6 +217,18 @@ class PPOOptions(_Options):
     vf_clip: float | None = 0.2
     ent_coef: float = 0.0
     loss_agg: str = "token_mean"
+    use_bias_correction_kl: bool = False
+
+    @property
+    def variant(self) -> GRPOVariant:
+        """The GRPO-family surrogate these options choose (their ``GRPOVariant`` fields)."""
+        return GRPOVariant(**{field.name: getattr(self, field.name)
+                              for field in dataclasses.fields(GRPOVariant)})
+
+    @property
+    def aggregation(self) -> str:
+        """How token losses are reduced: ``loss_type``'s aggregation, else ``loss_agg``."""
+        return self.aggregation_for(self.loss_agg)
 
     def __post_init__(self) -> None:
         for name in ("kl_coef", "vf_coef", "ent_coef"):
@@ -228,5 +244,13 @@ class PPOOptions(_Options):
                              f"{self.loss_agg!r}")
         check_clip(self.clip, self.clip_high)
         check_dual_clip(self.dual_clip)
+        if not isinstance(self.use_bias_correction_kl, bool):
+            raise ValueError(f"PPO options: use_bias_correction_kl must be True or False, got "
+                             f"{self.use_bias_correction_kl!r}")
+        GRPOVariant.__post_init__(self)
+        if self.dual_clip is not None and not self.plain:
+            raise ValueError("PPO options: dual_clip bounds PPO's clipped loss only; it cannot be "
+                             "combined with loss_type, importance_sampling_level='sequence', "
+                             "off_policy_mask_threshold or top_entropy_quantile")
         if self.vf_clip is not None:
             check_positive("vf_clip", self.vf_clip)

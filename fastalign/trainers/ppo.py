@@ -51,7 +51,12 @@ from torch import nn
 from fastalign import hf
 from fastalign.data import PromptCollator, encode_prompts
 from fastalign.fused import FusedPPOLoss
-from fastalign.losses.grpo import grpo_advantages, rloo_advantages
+from fastalign.losses.grpo import (
+    grpo_advantages,
+    high_entropy_mask,
+    normalize_then_sum_advantages,
+    rloo_advantages,
+)
 from fastalign.losses.kl import (
     AdaptiveKLController,
     FixedKLController,
@@ -85,6 +90,45 @@ _TOKEN_AGGREGATIONS = ("dapo", "token_mean")
 # Keys of an example that are not data columns handed to the reward functions (TRL's list, and
 # the token ids the encoding adds).
 _NOT_COLUMNS = ("prompt", "prompt_ids", "completion", "completion_ids")
+# The rollout's entropy that adaptive entropy control follows (merged over ranks, then removed
+# from the logged metrics).
+_CONTROLLED_ENTROPY = "_controlled_entropy"
+
+
+class AdaptiveEntropyCoefficient:
+    """Adaptive entropy control (He et al. 2025, "Skywork Open Reasoner 1 Technical Report"), as
+    TRL 1.16 runs it: the bonus applies its coefficient only while the measured entropy is at or
+    below ``target`` (never before the first measurement), and after each measurement the
+    coefficient moves by ``delta`` towards more bonus (entropy at or below target) or less,
+    within [low, high].
+
+    Measured here once per training step, on the rollout's entropies (the policy before that
+    step's updates; TRL measures at each optimizer step, the same thing with one update per
+    rollout).
+    """
+
+    def __init__(self, coef: float, *, target: float, delta: float, low: float,
+                 high: float) -> None:
+        self.coef, self.target, self.delta, self.low, self.high = coef, target, delta, low, high
+        self.last_entropy = math.inf
+
+    @property
+    def applied(self) -> float:
+        """The coefficient the next updates use."""
+        return self.coef if self.last_entropy <= self.target else 0.0
+
+    def update(self, entropy: float) -> None:
+        if entropy <= self.target:
+            self.coef = min(self.coef + self.delta, self.high)
+        else:
+            self.coef = max(self.coef - self.delta, self.low)
+        self.last_entropy = entropy
+
+    def state_dict(self) -> dict:
+        return {"coef": self.coef, "last_entropy": self.last_entropy}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.coef, self.last_entropy = state["coef"], state["last_entropy"]
 
 
 def encode_prompt_examples(records, tokenizer, *, max_length: int | None = None,
@@ -203,6 +247,10 @@ class PPOTrainer(Trainer):
         else:
             self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target,
                                                       config.kl_horizon)
+        self.entropy_controller = None if not config.use_adaptive_entropy else \
+            AdaptiveEntropyCoefficient(config.ent_coef, target=config.entropy_target,
+                                       delta=config.entropy_coef_delta,
+                                       low=config.entropy_coef_min, high=config.entropy_coef_max)
 
     @property
     def head(self) -> hf.LMHead:
@@ -226,10 +274,15 @@ class PPOTrainer(Trainer):
         return {} if self.value_head is None else {"value_head": self.value_head}
 
     def extra_state(self) -> dict:
-        return {"kl_controller": self.kl_controller.state_dict()}
+        state = {"kl_controller": self.kl_controller.state_dict()}
+        if self.entropy_controller is not None:
+            state["entropy_controller"] = self.entropy_controller.state_dict()
+        return state
 
     def load_extra_state(self, state: dict) -> None:
         self.kl_controller.load_state_dict(state["kl_controller"])
+        if self.entropy_controller is not None:
+            self.entropy_controller.load_state_dict(state["entropy_controller"])
 
     def stream_batches_per_step(self) -> int:
         return 1  # one batch of prompts a step; grad_accum_steps splits its minibatches instead
@@ -241,6 +294,8 @@ class PPOTrainer(Trainer):
         config = self.config
         self.model.train()
         kl_coef = self.kl_controller.value
+        ent_coef = config.ent_coef if self.entropy_controller is None else \
+            self.entropy_controller.applied
         # Each rank samples and scores the completions of its own prompts.
         rollout = self.engine(self.rollout, self.local_indices(self.stream.next()),
                               kl_coef=kl_coef)
@@ -250,12 +305,13 @@ class PPOTrainer(Trainer):
                 (config.seed * 1_000_003 + self.step) * 1_000_003 + epoch)
             order = torch.randperm(len(rollout), generator=generator).to(self.device)
             for rows in order.tensor_split(config.num_minibatches):
-                updates.append((self.update(rollout, rows, kl_coef=kl_coef), 1))
+                updates.append((self.update(rollout, rows, kl_coef=kl_coef,
+                                            ent_coef=ent_coef), 1))
         # Every rank's rollout counts (the KL controller must move alike on every rank).
         rollout_metrics = self.merge_metrics(self.gathered([(rollout.metrics, len(rollout))]))
         if self.dist.enabled:  # the spread of every rank's scores, not a mean of spreads
             scores = torch.cat(self.gathered([rollout.raw_scores.float().cpu()]))
-            rollout_metrics["reward_std"] = float(scores.std()) if len(scores) > 1 else 0.0
+            rollout_metrics["reward_std"] = _nan_std(scores)
             rollout_metrics |= completion_metrics(  # every rank's extremes, not their means
                 torch.cat(self.gathered([rollout.mask.sum(1).cpu()])),
                 torch.cat(self.gathered([rollout.has_eos.cpu()])))
@@ -264,10 +320,15 @@ class PPOTrainer(Trainer):
                     torch.cat(self.gathered([rollout.reward_scores])))
         self.kl_controller.update(rollout_metrics["kl/sequence"],
                                   len(rollout) * self.dist.world_size)
+        controlled_entropy = rollout_metrics.pop(_CONTROLLED_ENTROPY, None)
+        if self.entropy_controller is not None:
+            self.entropy_controller.update(controlled_entropy)
+            rollout_metrics["entropy_coef"] = self.entropy_controller.coef
         return (rollout_metrics | mean_metrics(updates) | {"kl_coef": kl_coef}
                 | self.tokens_seen(int(rollout.attention_mask.sum())))
 
-    def update(self, rollout: Rollout, rows: torch.Tensor, *, kl_coef: float) -> Metrics:
+    def update(self, rollout: Rollout, rows: torch.Tensor, *, kl_coef: float,
+               ent_coef: float | None = None) -> Metrics:
         """One optimizer step on the rollout's ``rows``, in ``grad_accum_steps`` micro-batches.
 
         Each micro-batch's loss is weighted by its share of the minibatch's tokens
@@ -276,7 +337,7 @@ class PPOTrainer(Trainer):
         the entropy bonus, a token mean, is weighted per sequence too).
         """
         chunks = rows.tensor_split(self.config.grad_accum_steps)
-        if self.config.loss_agg in _TOKEN_AGGREGATIONS:
+        if self.config.loss_options.aggregation in _TOKEN_AGGREGATIONS:
             sizes = [float(rollout.mask[chunk].sum()) for chunk in chunks]
         else:
             sizes = [float(len(chunk)) for chunk in chunks]
@@ -286,24 +347,28 @@ class PPOTrainer(Trainer):
             sync = contextlib.nullcontext() if index == len(chunks) - 1 else \
                 distributed.no_gradient_sync(self.engine, self.dist)
             with sync:
-                loss, metrics = self.engine(self.minibatch_loss, rollout, chunk, kl_coef=kl_coef)
+                loss, metrics = self.engine(self.minibatch_loss, rollout, chunk, kl_coef=kl_coef,
+                                            ent_coef=ent_coef)
                 (loss * (size / total) if len(chunks) > 1 else loss).backward()
             parts.append((as_floats(metrics), len(chunk)))
         return self.merge_metrics(self.gathered(parts)) | self.optimizer_step()
 
     def minibatch_loss(self, rollout: Rollout, rows: torch.Tensor, *,
-                       kl_coef: float | None = None) -> tuple[torch.Tensor, Metrics]:
+                       kl_coef: float | None = None,
+                       ent_coef: float | None = None) -> tuple[torch.Tensor, Metrics]:
         """``FusedPPOLoss`` of the rollout's ``rows`` under the current policy (with gradients).
 
         ``kl_coef`` defaults to the controller's value; it weighs the KL term of grpo / rloo only
-        (ppo's KL is in the rewards already).
+        (ppo's KL is in the rewards already). ``ent_coef`` (default ``config.ent_coef``) is the
+        entropy bonus's coefficient, which adaptive entropy control sets per step.
         """
         config = self.config
         kl_coef = self.kl_controller.value if kl_coef is None else kl_coef
         ppo = config.mode == "ppo"
         exact = config.kl_estimator == "exact"
-        loss_options = dataclasses.replace(config.loss_options,
-                                           kl_coef=0.0 if ppo else kl_coef)
+        loss_options = dataclasses.replace(
+            config.loss_options, kl_coef=0.0 if ppo else kl_coef,
+            ent_coef=config.ent_coef if ent_coef is None else ent_coef)
         loss_fn = FusedPPOLoss(options=loss_options, impl=config.impl, **self.options)
         input_ids, attention_mask = rollout.input_ids[rows], rollout.attention_mask[rows]
         kwargs = {}
@@ -345,6 +410,7 @@ class PPOTrainer(Trainer):
         prompts, completions, raw_scores, reward_scores = self.score(
             prompt_ids, prompt_lengths, completion_ids, input_ids, attention_mask,
             examples=examples)
+        self._check_unscored(raw_scores)
         rollout_metrics = {} if reward_scores is None else self.rewards.metrics(reward_scores)
         scores = raw_scores.clone()
         if config.missing_eos_penalty is not None:
@@ -393,16 +459,28 @@ class PPOTrainer(Trainer):
                 "value/returns": float(masked_mean(returns, mask)),
             }
         else:
-            if config.mode == "grpo":
+            if config.multi_objective_aggregation == "normalize_then_sum":
+                per_function, weights = (scores[:, None], None) if reward_scores is None else (
+                    reward_scores.to(scores.device),
+                    torch.tensor(self.rewards.weights, dtype=torch.float32))
+                advantages = normalize_then_sum_advantages(per_function, group, weights=weights)
+            elif config.mode == "grpo":
                 advantages = grpo_advantages(scores, group)
             else:
-                advantages = rloo_advantages(scores, group)
+                advantages = rloo_advantages(scores, group,
+                                             normalize_advantages=config.normalize_advantages,
+                                             reward_clip_range=config.reward_clip_range)
             if config.whiten_advantages:
                 advantages = masked_whiten(advantages, torch.ones_like(advantages, dtype=bool))
 
+        if config.use_adaptive_entropy:  # over the tokens the entropy bonus acts on
+            bonus_tokens = mask if config.top_entropy_quantile == 1.0 else high_entropy_mask(
+                old.token_entropy, mask, config.top_entropy_quantile)
+            rollout_metrics[_CONTROLLED_ENTROPY] = float(masked_mean(old.token_entropy,
+                                                                     bonus_tokens))
         rollout_metrics |= {
-            "reward": float(raw_scores.mean()),
-            "reward_std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
+            "reward": float(raw_scores.nanmean()),  # unscored completions left out, as TRL
+            "reward_std": _nan_std(raw_scores),
             "kl": float(masked_mean(token_kl, mask)),
             "kl/sequence": float(token_kl.sum(1).mean()),
             "entropy": float(masked_mean(old.token_entropy, mask)),
@@ -496,9 +574,31 @@ class PPOTrainer(Trainer):
                 prompts=prompts, completions=completions, completion_ids=ids, columns=columns,
                 trainer_state=TrainingProgress(self.step, self.config.max_steps))
             scores = scores.to(self.device)
-        if not bool(torch.isfinite(scores).all()):
-            raise ValueError(f"the reward is not finite: {scores.tolist()}")
+            # A completion no function scored has no reward (NaN), not 0: the advantages leave
+            # it out of its group's baseline and give it none (TRL's).
+            scores = torch.where(per_function.isnan().all(1).to(scores.device), torch.nan, scores)
+        if bool(scores.isinf().any()):
+            raise ValueError(f"the reward is infinite: {scores.tolist()}")
         return prompts, completions, scores, per_function
+
+    def _check_unscored(self, scores: torch.Tensor) -> None:
+        """NaN rewards (completions no reward function scored) are for grpo and rloo, whose
+        advantages leave them out; a rollout without any reward is an error, not a silent step
+        that trains on nothing."""
+        unscored = scores.isnan()
+        if not bool(unscored.any()):
+            return
+        source = "the reward model" if self.reward_model is not None else \
+            "the reward functions (None or NaN for every completion)"
+        if bool(unscored.all()):
+            raise ValueError(f"every reward of the rollout is NaN (not finite): {source} "
+                             f"scored none of its {len(scores)} completions, leaving nothing to "
+                             f"train on")
+        if self.config.mode == "ppo":
+            rows = unscored.nonzero()[:, 0].tolist()
+            raise ValueError(f"mode='ppo' needs a reward for every completion (GAE has no group "
+                             f"baseline to leave one out of), but {source} gave none for "
+                             f"completions {rows}; use mode grpo or rloo, or score them")
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -550,6 +650,13 @@ class PPOTrainer(Trainer):
             scores.append(batch_scores.float().cpu())
             lengths += [completion_length(ids, self.eos_id) for ids in completion_ids.tolist()]
         scores = torch.cat(scores)
-        return {"eval/reward": float(scores.mean()),
-                "eval/reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        return {"eval/reward": float(scores.nanmean()),
+                "eval/reward_std": _nan_std(scores),
                 "eval/completions/mean_length": sum(lengths) / len(lengths)}
+
+
+def _nan_std(scores: torch.Tensor) -> float:
+    """The (n − 1) standard deviation of the scored completions (NaN rewards left out); 0 for
+    fewer than two."""
+    scored = scores[~scores.isnan()]
+    return float(scored.std()) if len(scored) > 1 else 0.0

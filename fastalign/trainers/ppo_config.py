@@ -8,8 +8,16 @@ completion cannot give GRPO an advantage; a precomputed reference is impossible 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from fastalign.losses.grpo import (
+    GRPO_LOSS_TYPES,
+    IMPORTANCE_SAMPLING_LEVELS,
+    MULTI_OBJECTIVE_AGGREGATIONS,
+    GRPOVariant,
+    check_clip_range,
+)
 from fastalign.losses.kl import KL_ESTIMATORS
 from fastalign.losses.masked import AGGREGATION_NAMES
 from fastalign.losses.options import PPOOptions
@@ -85,6 +93,47 @@ class PPOConfig(TrainingConfig):
     reference: str = option("auto", "the reference model: copy (a frozen copy), adapters (a PEFT "
                             "policy with its adapters disabled) or auto (adapters for PEFT, else "
                             "copy)")
+    # TRL's GRPO loss types and options (GRPOVariant in fastalign.losses.grpo).
+    loss_type: str | None = option(None, "TRL's GRPO loss type, which sets the surrogate and the "
+                                   "token aggregation: " + ", ".join(GRPO_LOSS_TYPES) + " ('none': "
+                                   "the clipped surrogate aggregated by loss-agg)")
+    importance_sampling_level: str = option("token", "importance ratio per token, or per sequence "
+                                            "(GSPO: exp of the mean token log-ratio)")
+    use_bias_correction_kl: bool = option(False, "multiply the KL term of the loss by the "
+                                          "importance ratio (DeepSeek-V3.2), which changes its "
+                                          "gradient even on-policy (grpo, rloo; a sampled "
+                                          "kl-estimator)")
+    off_policy_mask_threshold: float | None = option(None, "drop the policy loss of a "
+                                                     "completion with a negative advantage whose "
+                                                     "mean sampled KL to the rollout policy "
+                                                     "exceeds this ('none': off)")
+    top_entropy_quantile: float = option(1.0, "keep the policy loss of the top quantile of "
+                                         "tokens by entropy only, in [0, 1] (1: every token)")
+    sapo_temperature_pos: float = option(1.0, "sapo's gate temperature for positive advantages")
+    sapo_temperature_neg: float = option(1.05, "sapo's gate temperature for other advantages")
+    vespo_k_pos: float = option(2.0, "vespo's power k for non-negative advantages")
+    vespo_lambda_pos: float = option(3.0, "vespo's decay lambda for non-negative advantages")
+    vespo_k_neg: float = option(3.0, "vespo's power k for negative advantages")
+    vespo_lambda_neg: float = option(2.0, "vespo's decay lambda for negative advantages")
+    multi_objective_aggregation: str = option(
+        "sum_then_normalize", "several reward functions (grpo): sum_then_normalize (the weighted "
+        "sum, then the group advantage) or normalize_then_sum (GDPO: each function normalised "
+        "per group, then the weighted sum normalised over the batch)")
+    normalize_advantages: bool = option(False, "normalise the advantages over the batch to mean 0, "
+                                        "std 1 (rloo)")
+    reward_clip_range: tuple[float, float] | None = option(None, "clamp the rewards to LOW,HIGH "
+                                                           "before the advantages ('none': no "
+                                                           "clamp) (rloo)")
+    use_adaptive_entropy: bool = option(False, "adaptive entropy control (Skywork-OR1): ent-coef "
+                                        "is the start value, applied only while the entropy is "
+                                        "at most entropy-target, and moved each step by "
+                                        "entropy-coef-delta (up at or below the target, down "
+                                        "above it)")
+    entropy_coef_min: float = option(0.0, "lower bound of the adaptive entropy coefficient")
+    entropy_coef_max: float = option(1.0, "upper bound of the adaptive entropy coefficient")
+    entropy_coef_delta: float = option(0.005, "step of the adaptive entropy coefficient")
+    entropy_target: float = option(0.2, "target mean token entropy (nats) of adaptive entropy "
+                                   "control, over the tokens the bonus acts on")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,18 +189,82 @@ class PPOConfig(TrainingConfig):
         elif self.reward_weights is not None:
             raise ValueError("reward_weights weighs the functions of reward_fn, which is None "
                              "(PPOTrainer's reward_fn= takes its own reward_weights=)")
+        self._check_grpo_options()
         # What the update's loss takes, passed to it whole; kl_coef is the start value (the
         # adaptive controller and mode ppo, whose KL is in the rewards, override it per update).
+        variant = {field.name: getattr(self, field.name)
+                   for field in dataclasses.fields(GRPOVariant)}
         self.loss_options = PPOOptions(
             clip=self.clip, clip_high=self.clip_high, kl_coef=self.kl_coef,
             kl_estimator=self.kl_estimator, vf_coef=self.vf_coef, vf_clip=self.vf_clip,
-            ent_coef=self.ent_coef, loss_agg=self.loss_agg)
+            ent_coef=self.ent_coef, loss_agg=self.loss_agg,
+            use_bias_correction_kl=self.use_bias_correction_kl, **variant)
+
+    def _check_grpo_options(self) -> None:
+        """TRL's GRPO / RLOO options, each named in its message."""
+        if self.loss_type is not None:
+            check_field_choice("loss_type", self.loss_type, GRPO_LOSS_TYPES)
+            if self.loss_agg != type(self).loss_agg:
+                raise ValueError(f"loss_type={self.loss_type!r} sets the token aggregation "
+                                 f"itself: drop loss_agg={self.loss_agg!r} (or loss_type)")
+        check_field_choice("importance_sampling_level", self.importance_sampling_level,
+                           IMPORTANCE_SAMPLING_LEVELS)
+        if not isinstance(self.use_bias_correction_kl, bool):
+            raise ValueError(f"use_bias_correction_kl must be True or False, got "
+                             f"{self.use_bias_correction_kl!r}")
+        if self.off_policy_mask_threshold is not None:
+            check_field_number("off_policy_mask_threshold", self.off_policy_mask_threshold,
+                               low=0.0)
+        check_field_number("top_entropy_quantile", self.top_entropy_quantile, low=0.0, high=1.0,
+                           inclusive=True, high_inclusive=True)
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos",
+                     "vespo_lambda_neg"):
+            check_field_number(name, getattr(self, name), low=0.0)
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            check_field_number(name, getattr(self, name), low=0.0, inclusive=True)
+        check_field_choice("multi_objective_aggregation", self.multi_objective_aggregation,
+                           MULTI_OBJECTIVE_AGGREGATIONS)
+        if self.multi_objective_aggregation == "normalize_then_sum":
+            if self.mode != "grpo":
+                raise ValueError(f"multi_objective_aggregation='normalize_then_sum' is GRPO's "
+                                 f"(GDPO); mode={self.mode!r} takes sum_then_normalize")
+            if self.missing_eos_penalty is not None:
+                raise ValueError("missing_eos_penalty subtracts from the summed reward, which "
+                                 "multi_objective_aggregation='normalize_then_sum' does not use: "
+                                 "drop one of them")
+        if not isinstance(self.normalize_advantages, bool):
+            raise ValueError(f"normalize_advantages must be True or False, got "
+                             f"{self.normalize_advantages!r}")
+        rloo_only = [f"{name}={getattr(self, name)!r}"
+                     for name in ("normalize_advantages", "reward_clip_range")
+                     if getattr(self, name) not in (False, None)]
+        if rloo_only and self.mode != "rloo":
+            raise ValueError(f"{' and '.join(rloo_only)} apply to mode='rloo' only (TRL's RLOO "
+                             f"options), not mode={self.mode!r}")
+        if self.normalize_advantages and self.whiten_advantages:
+            raise ValueError("normalize_advantages and whiten_advantages both normalise the "
+                             "advantages over the batch: set one of them")
+        if not isinstance(self.use_adaptive_entropy, bool):
+            raise ValueError(f"use_adaptive_entropy must be True or False, got "
+                             f"{self.use_adaptive_entropy!r}")
+        for name in ("entropy_coef_min", "entropy_coef_max", "entropy_target"):
+            check_field_number(name, getattr(self, name), low=0.0, inclusive=True)
+        check_field_number("entropy_coef_delta", self.entropy_coef_delta, low=0.0)
+        if self.entropy_coef_min > self.entropy_coef_max:
+            raise ValueError(f"entropy_coef_min ({self.entropy_coef_min}) must not exceed "
+                             f"entropy_coef_max ({self.entropy_coef_max})")
+        if self.reward_clip_range is not None:
+            try:
+                check_clip_range("reward_clip_range", self.reward_clip_range)
+            except TypeError as error:
+                raise ValueError(str(error)) from None
 
 
 @dataclass
 class GRPOConfig(PPOConfig):
     """GRPO's defaults (Shao et al. 2024; TRL's ``GRPOConfig``): groups of 4, β = 0.04 on the k3
-    estimate in the loss, per-sequence token means, one update per rollout, no value head."""
+    estimate in the loss, per-sequence token means, one update per rollout, no value head, and
+    TRL's bias-corrected KL."""
 
     mode: str = option("grpo", "grpo (group-normalised advantages), rloo (leave-one-out "
                        "advantages) or ppo (value head, GAE, KL in the reward)")
@@ -164,3 +277,7 @@ class GRPOConfig(PPOConfig):
                                      "per completion; ppo: per token)")
     loss_agg: str = option("grpo", "token aggregation of the loss: grpo (per-sequence mean, then "
                            "mean), token_mean (= dapo) or dr_grpo")
+    use_bias_correction_kl: bool = option(True, "multiply the KL term of the loss by the "
+                                          "importance ratio (DeepSeek-V3.2; TRL's default), "
+                                          "which changes its gradient even on-policy (a sampled "
+                                          "kl-estimator)")

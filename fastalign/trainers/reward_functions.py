@@ -8,9 +8,11 @@ as a list aligned with the completions, and ``trainer_state`` (a :class:`Trainin
 and columns. Standard data gives strings; conversational data (the prompt is a list of
 ``{"role", "content"}`` messages) gives those message lists as ``prompts`` and
 ``[{"role": "assistant", "content": text}]`` as each completion. A function returns one score per
-completion, higher is better, or None where it does not apply (it then counts 0 in the weighted
-sum, as TRL's ``nansum``). A function without ``**kwargs`` gets only the arguments it names, and
-one naming none of them is called as ``fn(prompts, completions)``: the older convention.
+completion, higher is better, or None (or NaN) where it does not apply (it then counts 0 in the
+weighted sum, as TRL's ``nansum``; a completion that no function scores has no reward, and GRPO
+and RLOO give it advantage 0 and leave it out of its group's baseline, as TRL). A function
+without ``**kwargs`` gets only the arguments it names, and one naming none of them is called as
+``fn(prompts, completions)``: the older convention.
 
 Builtins, chosen by name (``PPOConfig.reward_fn`` / ``--reward-fn``):
 
@@ -263,8 +265,9 @@ class RewardFunctions:
         if bool(missing.any()):
             row = int(missing.nonzero()[0, 0])
             warnings.warn(f"every reward function returned None for completion {row} "
-                          f"({completion_text(completions[row])!r:.80}): its reward is 0",
-                          stacklevel=2)
+                          f"({completion_text(completions[row])!r:.80}): its weighted sum is 0; "
+                          f"the online trainers give it no advantage and leave it out of its "
+                          f"group's baseline", stacklevel=2)
         weights = torch.tensor(self.weights, dtype=torch.float32)
         return (scores * weights).nansum(1), scores
 
@@ -304,8 +307,9 @@ class RewardFunctions:
         if len(floats) != count:
             raise ValueError(f"reward_fn {name} returned {len(floats)} scores for {count} "
                              f"completions")
-        if any(value is not None and not math.isfinite(f) for value, f in zip(values, floats)):
-            raise ValueError(f"reward_fn {name}: the reward is not finite: {floats} (return None "
+        # NaN counts as None (TRL's nansum); an infinite reward is a bug in the function.
+        if any(math.isinf(f) for f in floats):
+            raise ValueError(f"reward_fn {name}: the reward is infinite: {floats} (return None "
                              f"where a reward does not apply)")
         return torch.tensor(floats, dtype=torch.float32)
 

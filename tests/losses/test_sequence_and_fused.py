@@ -364,6 +364,59 @@ def test_fused_ppo_equals_materialised_logits(impl, mode):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("options", [
+    dict(loss_type="sapo", importance_sampling_level="sequence", use_bias_correction_kl=True),
+    dict(loss_type="cispo", clip_high=1.5, use_bias_correction_kl=True),
+    dict(loss_type="vespo", vespo_k_neg=1.0),
+    dict(loss_type="luspo", importance_sampling_level="sequence",
+         off_policy_mask_threshold=0.01),
+    dict(loss_type="bnpo", top_entropy_quantile=0.4, ent_coef=0.05),
+    dict(loss_agg="grpo", use_bias_correction_kl=True),  # PPO's surrogate, corrected KL
+], ids=["sapo-seq-bias", "cispo-bias", "vespo", "luspo-offpolicy", "bnpo-entropy", "grpo-bias"])
+def test_fused_grpo_variants_equal_grpo_loss_on_materialised_logits(impl, options):
+    from fastalign.losses.grpo import grpo_loss, high_entropy_mask
+
+    _require(impl)
+    device, dtype = _device_dtype(impl)
+    hidden, weight, _, _, labels = make_batch(5, 9, 10, 27, dtype=dtype, device=device, seed=3)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        token, mask = eager_token_logps(hidden, weight, labels)
+    old_logps = token.to(dtype) + (0.3 * torch.randn(token.shape, generator=gen,
+                                                     dtype=torch.float64)).to(device, dtype)
+    ref_logps = token.to(dtype) + (0.2 * torch.randn(token.shape, generator=gen,
+                                                     dtype=torch.float64)).to(device, dtype)
+    advantages = torch.randn(5, generator=gen, dtype=torch.float64).to(device, dtype)
+    h1, w1 = _leaves(hidden, weight)
+    loss, metrics = FusedPPOLoss(impl=impl, kl_coef=0.1, kl_estimator="k3", vf_coef=0.0,
+                                 **options)(h1, w1, labels, old_logps, advantages,
+                                            ref_logps=ref_logps)
+
+    h2, w2 = _leaves(hidden, weight)
+    token, mask, entropy = eager_token_logps(h2, w2, labels, with_entropy=True)
+    functional = {k: v for k, v in options.items() if k not in ("ent_coef", "loss_agg")}
+    loss_type = options.get("loss_type", options.get("loss_agg"))
+    functional["loss_type"] = loss_type
+    expected, _ = grpo_loss(token, old_logps, ref_logps, advantages, mask, beta=0.1,
+                            entropies=entropy, **functional)
+    if "ent_coef" in options:
+        kept = high_entropy_mask(entropy, mask, options["top_entropy_quantile"])
+        expected = expected - options["ent_coef"] * masked_mean(entropy, kept)
+    rtol, atol = _tolerances(dtype)
+    torch.testing.assert_close(loss.double(), expected.double(), rtol=rtol, atol=atol)
+    loss.backward()
+    expected.backward()
+    _assert_grads_close([h1, w1], [h2, w2], ["hidden", "weight"], rtol, atol)
+
+
+def test_fused_ppo_refuses_dual_clip_with_a_grpo_variant():
+    with pytest.raises(ValueError, match="dual_clip"):
+        FusedPPOLoss(dual_clip=2.0, loss_type="sapo")
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        FusedPPOLoss(importance_sampling_level="sentence")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_fused_ppo_with_the_exact_kl_equals_materialised_logits(impl):
     _require(impl)
     device, dtype = _device_dtype(impl)

@@ -312,3 +312,75 @@ def test_grpo_trains_with_top_p(tmp_path, tokenizer):
     assert seen == [0.9, 0.9]
     for key in ("reward", "rewards/polite/mean", "rewards/length/std", "loss/policy"):
         assert math.isfinite(result.metrics[key]), key
+
+
+def test_nan_rewards_get_no_advantage_and_stay_out_of_the_baseline(tmp_path, tokenizer):
+    """TRL's NaN rewards: a completion no function scores (None or an explicit NaN) gets
+    advantage 0 and is left out of its group's mean and std; a rollout without any reward, or
+    mode ppo with one missing, is an error."""
+    nan = float("nan")
+    values = [1.0, nan, 4.0, 0.0, nan, nan, 2.0, 3.0]
+
+    def scored(completions, **kwargs):
+        return values[:len(completions)]
+
+    def missing(completions, **kwargs):
+        return [None] * len(completions)
+
+    examples = _examples(tmp_path, tokenizer, [{"prompt": "Hi there."}, {"prompt": "Hello."}])
+    words = [["ĠSure"], ["Ġglad"], ["Ġbad"], ["Ġglad", "Ġglad"]] * 2
+    trainer = PPOTrainer(assets.build_default_model(seed=0), tokenizer, examples,
+                         _config(tmp_path, num_generations=4), reward_fn=[scored, missing])
+    _fixed_completions(trainer, tokenizer, words)
+    rollout = trainer.rollout([0, 1])
+    expected = []
+    for group in (values[:4], values[4:]):
+        kept = [v for v in group if not math.isnan(v)]
+        mean = sum(kept) / len(kept)
+        std = math.sqrt(sum((v - mean) ** 2 for v in kept) / (len(kept) - 1))
+        expected += [0.0 if math.isnan(v) else (v - mean) / (std + 1e-4) for v in group]
+    torch.testing.assert_close(rollout.advantages, torch.tensor(expected))
+    assert rollout.metrics["reward"] == pytest.approx(10 / 5)  # the scored completions' mean
+
+    rloo = PPOTrainer(assets.build_default_model(seed=0), tokenizer, examples,
+                      _config(tmp_path, num_generations=4, mode="rloo", whiten_advantages=False,
+                              reward_clip_range=(0.0, 3.0)), reward_fn=scored)
+    _fixed_completions(rloo, tokenizer, words)
+    advantages = rloo.rollout([0, 1]).advantages.tolist()
+    # clipped to [0, 3]: [1, -, 3, 0] and [-, -, 2, 3]; baselines over the other scored ones
+    assert advantages == pytest.approx([1 - 1.5, 0.0, 3 - 0.5, 0 - 2, 0.0, 0.0, -1.0, 1.0])
+
+    for mode, reward_fn, message in [("grpo", missing, "every reward of the rollout is NaN"),
+                                     ("ppo", scored, "mode='ppo' needs a reward")]:
+        config = _config(tmp_path, PPOConfig if mode == "ppo" else GRPOConfig, mode=mode,
+                         num_generations=4)
+        failing = PPOTrainer(assets.build_default_model(seed=0), tokenizer, examples, config,
+                             reward_fn=reward_fn)
+        _fixed_completions(failing, tokenizer, words)
+        with pytest.raises(ValueError, match=message):
+            failing.rollout([0, 1])
+
+
+def test_normalize_then_sum_reaches_the_advantages(tmp_path, tokenizer):
+    from fastalign.losses.grpo import normalize_then_sum_advantages
+
+    def first(completions, **kwargs):
+        return [1.0, 2.0, 4.0, 0.0][:len(completions)]
+
+    def second(completions, **kwargs):
+        return [10.0, None, 30.0, 0.0][:len(completions)]
+
+    examples = _examples(tmp_path, tokenizer, [{"prompt": "Hi there."}])
+    trainer = PPOTrainer(assets.build_default_model(seed=0), tokenizer, examples,
+                         _config(tmp_path, batch_size=1, num_generations=4,
+                                 multi_objective_aggregation="normalize_then_sum"),
+                         reward_fn=[first, second], reward_weights=(1.0, 0.5))
+    _fixed_completions(trainer, tokenizer, [["ĠSure"], ["Ġglad"], ["Ġbad"], ["Ġglad", "Ġglad"]])
+    rollout = trainer.rollout([0])
+    per_function = torch.tensor([[1.0, 10.0], [2.0, math.nan], [4.0, 30.0], [0.0, 0.0]])
+    expected = normalize_then_sum_advantages(per_function, 4, weights=torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(rollout.advantages, expected)
+    assert not torch.allclose(expected, torch.zeros(4))
+    summed = torch.tensor([6.0, 2.0, 19.0, 0.0])  # sum_then_normalize would see these
+    from fastalign.losses.grpo import grpo_advantages
+    assert not torch.allclose(expected, grpo_advantages(summed, 4))

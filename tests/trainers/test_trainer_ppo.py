@@ -246,6 +246,8 @@ def _eager_minibatch_loss(model, value_head, ref_model, rollout, rows, config, k
         ref_logp = ref_logp_all.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         log_ratio = (ref_logp - logp) * mask
         kl = torch.exp(log_ratio) - 1 - log_ratio  # k3
+        if config.use_bias_correction_kl:  # DeepSeek-V3.2: the sampled KL weighted by the ratio
+            kl = kl * ratio
     return loss + kl_coef * aggregate(kl)
 
 
@@ -306,6 +308,88 @@ def test_minibatch_loss_and_gradients_equal_eager(tmp_path, tokenizer, prompts, 
     for name, grad in eager_grads.items():
         scale = grad.abs().max().item() + 1e-12
         assert (fused_grads[name] - grad).abs().max().item() <= 1e-4 * scale, name
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss_type="sapo", importance_sampling_level="sequence", top_entropy_quantile=0.5,
+         ent_coef=0.01),
+    dict(loss_type="vespo", off_policy_mask_threshold=0.001, use_bias_correction_kl=False),
+    dict(loss_type="cispo", clip_high=1.02, mode="rloo"),
+])
+def test_grpo_variant_minibatch_loss_equals_grpo_loss(tmp_path, tokenizer, prompts, options):
+    """The trainer's fused update of a GRPO variant equals ``grpo_loss`` on the eager log-probs
+    and entropies of the model's own logits (values and gradients)."""
+    from fastalign.losses.grpo import grpo_loss, high_entropy_mask
+
+    config = _config(tmp_path, **options)
+    model = assets.build_default_model(seed=1)
+    trainer = PPOTrainer(model, tokenizer, prompts[:8], config)
+    rollout = trainer.rollout([0, 3])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.03 * torch.randn_like(p))
+    rows = torch.tensor([5, 0, 2, 7, 3])
+    loss, _ = trainer.minibatch_loss(rollout, rows, kl_coef=0.3)
+    loss.backward()
+    fused_grads = _grads(model)
+    model.zero_grad()
+
+    targets = rollout.labels[rows][:, 1:]
+    mask = targets != -100
+    logits = model(input_ids=rollout.input_ids[rows],
+                   attention_mask=rollout.attention_mask[rows]).logits[:, :-1].float()
+    logp_all = F.log_softmax(logits / config.temperature, -1)
+    logp = logp_all.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
+    names = ("loss_type", "importance_sampling_level", "off_policy_mask_threshold",
+             "top_entropy_quantile", "use_bias_correction_kl", "clip_high")
+    expected, _ = grpo_loss(logp, rollout.old_logps[rows], rollout.ref_logps[rows],
+                            rollout.advantages[rows], mask, beta=0.3, clip=config.clip,
+                            entropies=entropy, **{name: getattr(config, name) for name in names})
+    if config.ent_coef:
+        kept = high_entropy_mask(entropy, mask, config.top_entropy_quantile)
+        expected = expected - config.ent_coef * (entropy * kept).sum() / kept.sum()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for name, grad in _grads(model).items():
+        scale = grad.abs().max().item() + 1e-12
+        assert (fused_grads[name] - grad).abs().max().item() <= 1e-4 * scale, name
+
+
+def test_adaptive_entropy_coefficient_follows_trl():
+    from fastalign.trainers.ppo import AdaptiveEntropyCoefficient
+
+    control = AdaptiveEntropyCoefficient(0.1, target=1.0, delta=0.05, low=0.02, high=0.2)
+    applied = []
+    for entropy in (0.5, 0.9, 3.0, 2.0, 2.0, 2.0, 2.0, 0.4):
+        applied.append(control.applied)
+        control.update(entropy)
+    # nothing before the first measurement; then the coefficient of the step before, while the
+    # entropy was at or below the target; it grows (to 0.2 at most) and shrinks (to 0.02 at least)
+    assert applied == pytest.approx([0.0, 0.15, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert control.coef == pytest.approx(0.07) and control.last_entropy == 0.4
+    restored = AdaptiveEntropyCoefficient(0.0, target=1.0, delta=0.05, low=0.02, high=0.2)
+    restored.load_state_dict(control.state_dict())
+    assert (restored.coef, restored.applied) == (control.coef, control.coef)
+
+
+@pytest.mark.parametrize("target, expected", [(100.0, 0.03 + 2 * 0.01), (0.0, 0.03 - 2 * 0.01)])
+def test_adaptive_entropy_in_training(tmp_path, tokenizer, prompts, target, expected):
+    config = _config(tmp_path, use_adaptive_entropy=True, ent_coef=0.03, entropy_coef_delta=0.01,
+                     entropy_target=target, top_entropy_quantile=0.5)
+    trainer = PPOTrainer(assets.build_default_model(seed=0), tokenizer, prompts[:8], config)
+    seen = []
+    minibatch_loss = trainer.minibatch_loss
+
+    def spy(rollout, rows, **kwargs):
+        seen.append(kwargs["ent_coef"])
+        return minibatch_loss(rollout, rows, **kwargs)
+
+    trainer.minibatch_loss = spy
+    result = trainer.train()
+    assert result.metrics["entropy_coef"] == pytest.approx(expected)
+    assert seen == pytest.approx([0.0, 0.04] if target == 100.0 else [0.0, 0.0])
+    assert "_controlled_entropy" not in result.metrics
 
 
 @pytest.mark.parametrize("estimator", ["k1", "exact"])
@@ -526,6 +610,28 @@ def test_resolve_reward_fn(tmp_path):
     (dict(reward_fn="nice"), "reward_fn"),
     (dict(reward_fn="no_such_module_xyz:fn"), "reward_fn"),
     (dict(max_prompt_length=64, max_length=64), "max_prompt_length"),
+    (dict(mode="grpo", loss_type="gspo"), "loss_type"),
+    (dict(mode="grpo", loss_type="sapo", loss_agg="dapo"), "loss_type.*loss_agg"),
+    (dict(importance_sampling_level="sentence"), "importance_sampling_level"),
+    (dict(use_bias_correction_kl="yes"), "use_bias_correction_kl"),
+    (dict(off_policy_mask_threshold=0.0), "off_policy_mask_threshold"),
+    (dict(top_entropy_quantile=1.5), "top_entropy_quantile"),
+    (dict(sapo_temperature_neg=0.0), "sapo_temperature_neg"),
+    (dict(vespo_k_pos=-1.0), "vespo_k_pos"),
+    (dict(vespo_lambda_pos=0.0), "vespo_lambda_pos"),
+    (dict(multi_objective_aggregation="sum"), "multi_objective_aggregation"),
+    (dict(mode="rloo", multi_objective_aggregation="normalize_then_sum"),
+     "multi_objective_aggregation"),
+    (dict(mode="grpo", multi_objective_aggregation="normalize_then_sum",
+          missing_eos_penalty=1.0), "missing_eos_penalty"),
+    (dict(mode="grpo", normalize_advantages=True), "normalize_advantages.*rloo"),
+    (dict(mode="rloo", normalize_advantages=True), "whiten_advantages"),
+    (dict(mode="rloo", reward_clip_range=(1.0, -1.0)), "reward_clip_range"),
+    (dict(mode="rloo", reward_clip_range=(1.0,)), "reward_clip_range"),
+    (dict(use_adaptive_entropy=1), "use_adaptive_entropy"),
+    (dict(entropy_coef_min=0.5, entropy_coef_max=0.1), "entropy_coef_min"),
+    (dict(entropy_coef_delta=0.0), "entropy_coef_delta"),
+    (dict(entropy_target=-1.0), "entropy_target"),
 ])
 def test_bad_options_name_the_option(options, message):
     with pytest.raises(ValueError, match=message):
@@ -544,13 +650,28 @@ def test_every_option_parses_from_the_command_line():
             "--mode", "rloo", "--num-generations", "3", "--clip-high", "0.28", "--kl-target",
             "none", "--vf-clip", "none", "--reward-fn", "length", "--no-whiten-advantages",
             "--missing-eos-penalty", "1.5", "--kl-estimator", "exact", "--top-k", "5",
-            "--loss-agg", "dr_grpo", "--kl-horizon", "500"])
+            "--loss-agg", "dr_grpo", "--kl-horizon", "500", "--no-whiten-advantages",
+            "--importance-sampling-level", "sequence", "--no-use-bias-correction-kl",
+            "--off-policy-mask-threshold", "0.5", "--top-entropy-quantile", "0.2",
+            "--sapo-temperature-neg", "2", "--vespo-lambda-neg", "1.5",
+            "--normalize-advantages", "--reward-clip-range=-1,1"])
         config = config_from_args(config_class, args, "out")
         assert (config.mode, config.num_generations, config.clip_high, config.kl_target,
                 config.vf_clip, config.reward_fn, config.whiten_advantages,
                 config.missing_eos_penalty, config.kl_estimator, config.top_k, config.loss_agg,
                 config.kl_horizon) == ("rloo", 3, 0.28, None, None, "length", False, 1.5,
                                        "exact", 5, "dr_grpo", 500.0)
+        assert (config.importance_sampling_level, config.use_bias_correction_kl,
+                config.off_policy_mask_threshold, config.top_entropy_quantile,
+                config.sapo_temperature_neg, config.vespo_lambda_neg, config.normalize_advantages,
+                config.reward_clip_range) == ("sequence", False, 0.5, 0.2, 2.0, 1.5, True,
+                                              (-1.0, 1.0))
+        args = parser.parse_args(["--mode", "grpo", "--num-generations", "2", "--loss-type",
+                                  "vespo", "--multi-objective-aggregation",
+                                  "normalize_then_sum"])
+        config = config_from_args(config_class, args, "out")
+        assert (config.loss_type, config.multi_objective_aggregation) == (
+            "vespo", "normalize_then_sum")
         for action in parser._actions[1:]:
             assert action.help and not action.help.startswith(" ("), action.dest
 
