@@ -24,7 +24,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastalign.losses.dpo import cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from fastalign.losses.dpo import (
+    cpo_loss,
+    dpo_loss,
+    orpo_loss,
+    pair_sequence_logps,
+    simpo_loss,
+    wpo_pair_weights,
+)
 from fastalign.losses.kl import kl_penalty
 from fastalign.losses.kto import kto_loss
 from fastalign.losses.masked import aggregate_token_loss, masked_mean
@@ -40,7 +47,11 @@ from fastalign.losses.ppo import ppo_policy_loss, ppo_value_loss
 from fastalign.ops._backends import IMPLEMENTATIONS
 from fastalign.ops._checks import check_head, check_positive
 from fastalign.ops.linear_kl import linear_kl
-from fastalign.ops.sequence import SequenceLogprobs, sequence_logprobs_from_labels
+from fastalign.ops.sequence import (
+    SequenceLogprobs,
+    sequence_logprobs_from_labels,
+    token_log_sum_sq_probs,
+)
 
 Metrics = dict[str, torch.Tensor]
 
@@ -157,17 +168,26 @@ class FusedDPOLoss(_FusedSequenceLoss):
             "FusedDPOLoss",
         )
         policy = self.sequence_logprobs(hidden, weight, labels, bias)
-        chosen_logps, rejected_logps = _split_pairs("hidden", policy.sum_logps)
+        _split_pairs("hidden", policy.sum_logps)
+        chosen_logps, rejected_logps = pair_sequence_logps(policy, self.options.ld_alpha)
         # A sequence without response tokens has log-prob 0 and averages to 0, not 0/0.
         chosen_lengths, rejected_lengths = policy.lengths.clamp(min=1).chunk(2)
         if from_head:
             reference = self.reference_logprobs(ref_hidden, ref_weight, labels, ref_bias,
                                                 weight=weight)
-            ref_chosen_logps, ref_rejected_logps = reference.sum_logps.chunk(2)
+            ref_chosen_logps, ref_rejected_logps = pair_sequence_logps(reference,
+                                                                       self.options.ld_alpha)
+        pair_weights = None
+        if self.options.use_weighting:
+            log_sum_sq = token_log_sum_sq_probs(hidden, weight, policy.token_mask, bias=bias,
+                                                temperature=self.temperature,
+                                                softcap=self.softcap)
+            pair_weights = wpo_pair_weights(policy, log_sum_sq)
         return dpo_loss(
             chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-            chosen_nll=_chosen_token_nll(policy), options=self.options,
+            chosen_nll=_chosen_token_nll(policy), pair_weights=pair_weights,
+            options=self.options,
         )
 
 
@@ -181,14 +201,14 @@ def _chosen_token_nll(policy: SequenceLogprobs) -> torch.Tensor:
 class _FusedReferenceFreeLoss(_FusedSequenceLoss):
     """SimPO / CPO / ORPO from hidden states: no reference model, chosen stacked on rejected.
 
-    As TRL's CPO and ORPO trainers do, the NLL term on the chosen answers is the mean over all
-    chosen response tokens of the batch (a 0-d tensor), and SimPO and ORPO compare
-    length-averaged log-probs while CPO compares summed ones.
+    As TRL's CPO trainer does, the NLL term on the chosen answers is the mean over all chosen
+    response tokens of the batch (a 0-d tensor); TRL's ORPO averages it over the prompt tokens
+    too. SimPO, ORPO and CPO's ipo compare length-averaged log-probs, CPO's sigmoid and hinge
+    summed ones (the options' ``length_averaged``).
     """
 
     loss_fn = None  # set by subclasses, with the options class that loss takes
     options_class = None
-    length_averaged = True
 
     def __init__(self, *, temperature: float = 1.0, softcap: float | None = None,
                  ignore_index: int = -100, impl: str = "auto", options=None,
@@ -199,7 +219,7 @@ class _FusedReferenceFreeLoss(_FusedSequenceLoss):
 
     def forward(self, hidden, weight, labels, *, bias=None) -> tuple[torch.Tensor, Metrics]:
         policy = self.sequence_logprobs(hidden, weight, labels, bias)
-        per_sequence = policy.mean_logps if self.length_averaged else policy.sum_logps
+        per_sequence = policy.mean_logps if self.options.length_averaged else policy.sum_logps
         chosen_logps, rejected_logps = _split_pairs("hidden", per_sequence)
         return type(self).loss_fn(chosen_logps, rejected_logps,
                                   chosen_nll=_chosen_token_nll(policy), options=self.options)
@@ -208,18 +228,19 @@ class _FusedReferenceFreeLoss(_FusedSequenceLoss):
 class FusedSimPOLoss(_FusedReferenceFreeLoss):
     """SimPO (Meng et al., 2024) from hidden states: ``FusedSimPOLoss(beta=2.0, gamma=0.5)``.
 
-    ``alpha > 0`` adds the NLL of the chosen answers (CPO-SimPO)."""
+    ``alpha > 0`` adds the NLL of the chosen answers (CPO-SimPO); ``alphapo_alpha`` ≠ 0 is
+    AlphaPO."""
 
     loss_fn = staticmethod(simpo_loss)
     options_class = SimPOOptions
 
 
 class FusedCPOLoss(_FusedReferenceFreeLoss):
-    """CPO (Xu et al., 2024) from hidden states: ``FusedCPOLoss(beta=0.1, alpha=1.0)``."""
+    """CPO (Xu et al., 2024) from hidden states: ``FusedCPOLoss(beta=0.1, alpha=1.0)``;
+    ``loss_type`` "hinge" or "ipo" and AlphaPO's ``alphapo_alpha`` as :func:`cpo_loss`."""
 
     loss_fn = staticmethod(cpo_loss)
     options_class = CPOOptions
-    length_averaged = False
 
 
 class FusedORPOLoss(_FusedReferenceFreeLoss):

@@ -3,7 +3,15 @@
 Each loss is plain, documented PyTorch that returns ``(loss, metrics)`` with TRL's metric names.
 """
 
-from fastalign.losses.dpo import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from fastalign.losses.dpo import (
+    DPO_LOSS_TYPES,
+    cpo_loss,
+    dpo_loss,
+    ld_sequence_logps,
+    orpo_loss,
+    simpo_loss,
+    wpo_sequence_weights,
+)
 from fastalign.losses.grpo import REWARD_SCALINGS, grpo_advantages, grpo_loss, rloo_advantages
 from fastalign.losses.kl import (
     KL_ESTIMATORS,
@@ -60,6 +68,7 @@ __all__ = [
     "kl_shaped_rewards",
     "kto_loss",
     "kto_mismatched_indices",
+    "ld_sequence_logps",
     "masked_mean",
     "masked_var",
     "masked_whiten",
@@ -71,4 +80,5 @@ __all__ = [
     "rloo_advantages",
     "simpo_loss",
     "votes_to_score",
+    "wpo_sequence_weights",
 ]

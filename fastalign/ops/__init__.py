@@ -8,6 +8,8 @@ plain-PyTorch reference:
   and the LM head;
 * ``linear_argmax``: the arg-max over the vocabulary of the head's logits (no gradient), for
   token-accuracy metrics;
+* ``linear_log_sum_sq_probs``: log Σ_v p_v² of each next-token distribution (no gradient), for
+  WPO's weights;
 * ``linear_kl``: the exact per-token KL between a policy head and a reference head;
 * ``gae``: generalised advantage estimation;
 * ``sequence``: the causal shift and per-sequence sums on top of ``linear_logprobs``.
@@ -21,6 +23,10 @@ from fastalign.ops._backends import IMPLEMENTATIONS, available_implementations
 from fastalign.ops.gae import gae, gae_reference
 from fastalign.ops.linear_argmax import linear_argmax, linear_argmax_reference
 from fastalign.ops.linear_kl import linear_kl, linear_kl_reference
+from fastalign.ops.linear_log_sum_sq_probs import (
+    linear_log_sum_sq_probs,
+    linear_log_sum_sq_probs_reference,
+)
 from fastalign.ops.linear_logprobs import linear_logprobs, linear_logprobs_reference
 from fastalign.ops.sequence import (
     SequenceLogprobs,
@@ -39,6 +45,8 @@ __all__ = [
     "linear_argmax_reference",
     "linear_kl",
     "linear_kl_reference",
+    "linear_log_sum_sq_probs",
+    "linear_log_sum_sq_probs_reference",
     "linear_logprobs",
     "linear_logprobs_reference",
     "next_token_targets",

@@ -27,6 +27,7 @@ from fastalign.ops._checks import (
     check_token_range,
 )
 from fastalign.ops.linear_argmax import linear_argmax
+from fastalign.ops.linear_log_sum_sq_probs import linear_log_sum_sq_probs
 from fastalign.ops.linear_logprobs import check_linear_logprobs_args, compute_linear_logprobs
 
 
@@ -250,3 +251,30 @@ def sequence_logprobs(
         hidden, weight, labels, cu_seqlens=cu_seqlens, bias=bias, temperature=temperature,
         softcap=softcap, ignore_index=ignore_index, return_entropy=return_entropy, impl=impl,
     )
+
+
+@torch.no_grad()
+def token_log_sum_sq_probs(hidden: torch.Tensor, weight: torch.Tensor, token_mask: torch.Tensor,
+                           *, bias: torch.Tensor | None = None, temperature: float = 1.0,
+                           softcap: float | None = None) -> torch.Tensor:
+    """log Σ_v p_v² of the next-token distribution at the scored positions, 0 elsewhere.
+
+    ``token_mask`` is a :class:`SequenceLogprobs`' own: [B, T − 1] for ``hidden`` [B, T, H] (the
+    state at position t predicts token t + 1; the last one predicts nothing), or [total] for
+    packed ``hidden`` [total, H] (or [1, total, H]). Only the masked rows go through
+    ``linear_log_sum_sq_probs``: prompts and padding cost nothing. Returns float32 (float64 for
+    float64 inputs) of the mask's shape, without gradient.
+    """
+    check_mask("token_mask", token_mask)
+    padded = token_mask.dim() == 2 and hidden.dim() == 3
+    rows = hidden[:, :-1] if padded else hidden.reshape(-1, hidden.shape[-1])
+    if tuple(rows.shape[:-1]) != tuple(token_mask.shape):
+        raise ValueError(f"token_mask {tuple(token_mask.shape)} must be [B, T - 1] for hidden "
+                         f"[B, T, H], or [total] for packed hidden [total, H]; hidden is "
+                         f"{tuple(hidden.shape)}")
+    mask = token_mask.bool()
+    values = linear_log_sum_sq_probs(rows[mask], weight, bias=bias, temperature=temperature,
+                                     softcap=softcap)
+    result = values.new_zeros(token_mask.shape)
+    result[mask] = values
+    return result
