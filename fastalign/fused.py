@@ -259,17 +259,20 @@ class FusedKTOLoss(_FusedSequenceLoss):
     ``kl_hidden`` / ``kl_labels`` are that batch run through the policy (and ``ref_kl_hidden``
     through the reference). Without them the reference point is 0. Reference log-probs come from
     a reference head in the same call or precomputed (``ref_logps``, ``ref_kl_logps``).
+    ``loss_type="apo_zero_unpaired"`` (see :func:`~fastalign.losses.kto_loss`) takes no KL batch.
     """
 
     def __init__(self, *, beta: float = 0.1, desirable_weight: float = 1.0,
-                 undesirable_weight: float = 1.0, temperature: float = 1.0,
-                 softcap: float | None = None, ignore_index: int = -100,
-                 impl: str = "auto", options: KTOOptions | None = None) -> None:
+                 undesirable_weight: float = 1.0, loss_type: str = "kto",
+                 temperature: float = 1.0, softcap: float | None = None,
+                 ignore_index: int = -100, impl: str = "auto",
+                 options: KTOOptions | None = None) -> None:
         super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
                          impl=impl)
         self.options = KTOOptions.from_arguments(options, beta=beta,
                                                  desirable_weight=desirable_weight,
-                                                 undesirable_weight=undesirable_weight)
+                                                 undesirable_weight=undesirable_weight,
+                                                 loss_type=loss_type)
 
     def forward(self, hidden, weight, labels, desirable, *, kl_hidden=None, kl_labels=None,
                 bias=None, ref_hidden=None, ref_weight=None, ref_bias=None, ref_kl_hidden=None,

@@ -337,6 +337,8 @@ def dpo_loss(
     f_alpha_divergence_coef: float = 0.5,
     chosen_nll: torch.Tensor | None = None,
     pair_weights: torch.Tensor | None = None,
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
     options: DPOOptions | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Direct Preference Optimization and its variants, as in TRL's ``DPOTrainer``.
@@ -424,6 +426,9 @@ def dpo_loss(
             included) multiplied by its own, without gradient: WPO's w_chosen·w_rejected from
             :func:`wpo_sequence_weights`. Required with ``options.use_weighting``; refused with
             aot and aot_unpaired, whose k-th term is not the k-th pair's.
+        ld_alpha: LD-DPO's α in [0, 1], checked here but applied by whoever sums the per-token
+            log-probs (:func:`ld_sequence_logps`): the four inputs are taken as already weighted.
+        use_weighting: WPO; then ``pair_weights`` must be given.
         options: a prepared :class:`~fastalign.losses.DPOOptions` instead of ``beta``,
             ``loss_type``, ``label_smoothing``, ``loss_weights``, ``discopop_tau`` and
             ``bco_delta``, ``f_divergence_type`` and ``f_alpha_divergence_coef`` (which must
@@ -448,7 +453,8 @@ def dpo_loss(
     options = DPOOptions.from_arguments(
         options, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
         loss_weights=loss_weights, discopop_tau=discopop_tau, bco_delta=bco_delta,
-        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef)
+        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+        ld_alpha=ld_alpha, use_weighting=use_weighting)
     loss_types, beta = options.loss_type, options.beta
     _check_optional_nll(chosen_nll, batch_size)
     if "sft" in loss_types and chosen_lengths is None and chosen_nll is None:
@@ -699,7 +705,9 @@ def orpo_loss(
             finite there and passes no gradient to that input.
         policy_rejected_logps: [B] float, the same for y_l.
         beta: β > 0 (λ in the paper), the weight of the odds-ratio term.
-        chosen_nll: optional NLL of y_w, [B] or 0-d (TRL uses the token mean over the batch);
+        chosen_nll: optional NLL of y_w, [B] or 0-d (TRL 1.16 uses the token mean over the
+            batch's chosen prompts and answers; the fused module and trainer pass the mean over
+            the answers only);
             default −policy_chosen_logps, the per-sequence mean NLL.
         options: a prepared :class:`~fastalign.losses.ORPOOptions` instead of the options above.
 

@@ -45,6 +45,19 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_streamed_head(hidden, weight, bias, temperature, softcap, block_rows,
+                        block_vocab) -> torch.dtype:
+    """The checks of an op that streams a head tile by tile (this one, and
+    ``linear_log_sum_sq_probs``); returns the dtype the tiles are computed in."""
+    check_head("", hidden, weight, bias)
+    check_positive("temperature", temperature)
+    check_positive("softcap", softcap, optional=True)
+    check_same_device(hidden=hidden, weight=weight, bias=bias)
+    check_field_int("block_rows", block_rows, minimum=1)
+    check_field_int("block_vocab", block_vocab, minimum=1)
+    return _compute_dtype(hidden.dtype)
+
+
 @torch.no_grad()
 def linear_argmax(
     hidden: torch.Tensor,
@@ -70,13 +83,8 @@ def linear_argmax(
     Returns:
         int64 [...] vocabulary ids (the leading shape of ``hidden``); ties go to the lowest id.
     """
-    check_head("", hidden, weight, bias)
-    check_positive("temperature", temperature)
-    check_positive("softcap", softcap, optional=True)
-    check_same_device(hidden=hidden, weight=weight, bias=bias)
-    check_field_int("block_rows", block_rows, minimum=1)
-    check_field_int("block_vocab", block_vocab, minimum=1)
-    dtype = _compute_dtype(hidden.dtype)
+    dtype = check_streamed_head(hidden, weight, bias, temperature, softcap, block_rows,
+                                block_vocab)
     rows = hidden.reshape(-1, hidden.shape[-1])
     best_index = torch.zeros(rows.shape[0], dtype=torch.int64, device=hidden.device)
     for row in range(0, rows.shape[0], block_rows):
@@ -105,9 +113,13 @@ def linear_argmax_reference(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """``torch.argmax`` of the materialised logits z (softcap and temperature applied), [...]."""
+    return materialised_logits(hidden, weight, bias, temperature, softcap).argmax(dim=-1)
+
+
+def materialised_logits(hidden, weight, bias, temperature, softcap) -> torch.Tensor:
+    """[..., V] logits z in the streamed ops' compute dtype, for their references (tests)."""
     from fastalign.ops.linear_logprobs import reference_logits
 
-    logits = reference_logits(hidden, weight, bias, float(temperature),
-                              None if softcap is None else float(softcap),
-                              _compute_dtype(hidden.dtype))
-    return logits.argmax(dim=-1)
+    return reference_logits(hidden, weight, bias, float(temperature),
+                            None if softcap is None else float(softcap),
+                            _compute_dtype(hidden.dtype))

@@ -18,26 +18,15 @@ from __future__ import annotations
 
 import torch
 
-from fastalign.ops._checks import (
-    check_field_int,
-    check_head,
-    check_positive,
-    check_same_device,
+from fastalign.ops.linear_argmax import (
+    BLOCK_ROWS,
+    BLOCK_VOCAB,
+    check_streamed_head,
+    materialised_logits,
 )
 from fastalign.ops.linear_logprobs import reference_logits
 
 __all__ = ["linear_log_sum_sq_probs", "linear_log_sum_sq_probs_reference"]
-
-# One tile of float32 logits: 1024 × 4096 × 4 bytes = 16 MiB (twice that with 2z), whatever N and
-# V are.
-BLOCK_ROWS = 1024
-BLOCK_VOCAB = 4096
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # bfloat16/float16 logits are summed in float32: the result is a difference of two log-sum-exps
-    # of similar size, and 8 bits of mantissa would leave little of it.
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.no_grad()
@@ -53,24 +42,18 @@ def linear_log_sum_sq_probs(
 ) -> torch.Tensor:
     """log Σ_v p_v² for each row of ``hidden``, p = softmax(z), without materialising the logits.
 
-    Args:
-        hidden: [..., H] hidden states, float32 / bfloat16 / float16 / float64, any strides.
-        weight: [V, H] LM-head weight, same dtype as ``hidden``.
-        bias: optional [V] head bias, same dtype as ``weight``.
-        temperature: T > 0; z = logits / T.
-        softcap: optional c > 0; the logits are c·tanh(logits / c) before the temperature.
-        block_rows, block_vocab: the tile of logits held at a time.
+    Args: ``hidden`` [..., H] and the head (``weight`` [V, H], optional ``bias`` [V], one dtype
+    of float32 / bfloat16 / float16 / float64) as ``linear_logprobs`` takes them, with
+    z = c·tanh((h·Wᵀ + b)/c)/T for ``softcap`` c (optional) and ``temperature`` T; ``block_rows``
+    × ``block_vocab`` is the tile of logits held at a time.
 
     Returns:
         [...] float32 (float64 for float64 inputs), each in [−log V, 0]. No gradient.
     """
-    check_head("", hidden, weight, bias)
-    check_positive("temperature", temperature)
-    check_positive("softcap", softcap, optional=True)
-    check_same_device(hidden=hidden, weight=weight, bias=bias)
-    check_field_int("block_rows", block_rows, minimum=1)
-    check_field_int("block_vocab", block_vocab, minimum=1)
-    dtype = _compute_dtype(hidden.dtype)
+    # The same tiles and dtypes as linear_argmax; bfloat16/float16 logits are summed in float32,
+    # since the result is a difference of two log-sum-exps of similar size.
+    dtype = check_streamed_head(hidden, weight, bias, temperature, softcap, block_rows,
+                                block_vocab)
     temperature = float(temperature)
     softcap = None if softcap is None else float(softcap)
     rows = hidden.reshape(-1, hidden.shape[-1])
@@ -99,7 +82,5 @@ def linear_log_sum_sq_probs_reference(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """The same from the materialised logits: log Σ_v softmax(z)_v², [...]."""
-    logits = reference_logits(hidden, weight, bias, float(temperature),
-                              None if softcap is None else float(softcap),
-                              _compute_dtype(hidden.dtype))
+    logits = materialised_logits(hidden, weight, bias, temperature, softcap)
     return torch.log(torch.softmax(logits, dim=-1).pow(2).sum(-1))

@@ -12,7 +12,8 @@ What each loss reads of a sequence: SimPO and ORPO the *mean* log-prob of its an
 length-normalised reward of their papers), CPO the *sum* (the mean with ``loss_type="ipo"``, as
 TRL). The NLL term on the chosen answers
 (CPO, ORPO, and SimPO with ``cpo_alpha > 0``) is the token mean over the batch's chosen answers,
-as TRL's cross-entropy on the chosen half of the batch.
+as TRL's CPO cross-entropy on the chosen half of the batch; TRL 1.16's ORPO also counts the
+chosen prompts' tokens (docs/ALGORITHMS.md §10).
 """
 
 from __future__ import annotations
