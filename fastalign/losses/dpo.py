@@ -553,9 +553,10 @@ def _alphapo_rewards(logps: torch.Tensor, alphapo_alpha: float) -> torch.Tensor:
     return -torch.expm1(-alphapo_alpha * logps) / alphapo_alpha
 
 
-def _reference_free_metrics(chosen, rejected, chosen_rewards, rejected_rewards, nll) -> Metrics:
-    metrics = _pair_metrics(chosen_rewards, rejected_rewards, chosen_rewards > rejected_rewards,
-                            chosen, rejected)
+def _reference_free_metrics(chosen, rejected, reward_w, reward_l, beta, nll) -> Metrics:
+    # The accuracy compares the unscaled rewards: β·a and β·b may round to one number when a > b.
+    metrics = _pair_metrics(beta * reward_w, beta * reward_l, reward_w > reward_l, chosen,
+                            rejected)
     metrics["nll_loss"] = metric(nll.mean())
     return metrics
 
@@ -613,7 +614,7 @@ def simpo_loss(
     loss = losses.mean()
     if alpha > 0:
         loss = loss + alpha * nll.mean()
-    return loss, _reference_free_metrics(chosen, rejected, beta * reward_w, beta * reward_l, nll)
+    return loss, _reference_free_metrics(chosen, rejected, reward_w, reward_l, beta, nll)
 
 
 def cpo_loss(
@@ -681,7 +682,7 @@ def cpo_loss(
     loss = losses.mean()
     if alpha > 0:
         loss = loss + alpha * nll.mean()
-    return loss, _reference_free_metrics(chosen, rejected, beta * reward_w, beta * reward_l, nll)
+    return loss, _reference_free_metrics(chosen, rejected, reward_w, reward_l, beta, nll)
 
 
 def orpo_loss(
