@@ -687,12 +687,16 @@ class KTOCollator(_Collator):
     [B, T_kl]: prompt i with a completion of another example, cut to ``max_length`` tokens if
     given. That completion is example i's own ``kl_completion_ids`` when every example carries
     one (pairs fixed at the dataset level; any B), else the completion of example
-    ``kto_mismatched_indices(B)[i]`` of the batch (B >= 2)."""
+    ``kto_mismatched_indices(B)[i]`` of the batch (B >= 2). ``with_kl=False`` (losses without
+    KTO's reference point) leaves the KL batch out."""
 
     max_length: int | None = None
+    with_kl: bool = True
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        if all("kl_completion_ids" in e for e in examples):
+        if not self.with_kl:
+            partners = None
+        elif all("kl_completion_ids" in e for e in examples):
             partners = [e["kl_completion_ids"] for e in examples]
         elif len(examples) < 2:
             raise ValueError(f"KTOCollator needs >= 2 examples for the mismatched KL batch, got "
@@ -703,6 +707,8 @@ class KTOCollator(_Collator):
         batch = _sequences([_labelled(e["prompt_ids"], e["completion_ids"]) for e in examples],
                            self.pad_token_id, self.pad_to_multiple_of)
         batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
+        if partners is None:
+            return batch
         kl_rows = []
         for example, completion in zip(examples, partners):
             prompt = example["prompt_ids"]

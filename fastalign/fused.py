@@ -25,7 +25,14 @@ import torch
 from torch import nn
 
 from fastalign.losses._common import compute_dtype
-from fastalign.losses.dpo import cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from fastalign.losses.dpo import (
+    cpo_loss,
+    dpo_loss,
+    orpo_loss,
+    pair_sequence_logps,
+    simpo_loss,
+    wpo_pair_weights,
+)
 from fastalign.losses.grpo import aggregate_policy_loss, grpo_policy_terms
 from fastalign.losses.kl import kl_penalty
 from fastalign.losses.kto import kto_loss
@@ -65,12 +72,12 @@ class _FusedSequenceLoss(nn.Module):
         self.ignore_index = ignore_index
         self.impl = impl
 
-    def sequence_logprobs(self, hidden, weight, labels, bias=None, *,
-                          return_entropy=False) -> SequenceLogprobs:
+    def sequence_logprobs(self, hidden, weight, labels, bias=None, *, return_entropy=False,
+                          return_log_sum_sq_probs=False) -> SequenceLogprobs:
         return sequence_logprobs_from_labels(
             hidden, weight, labels, bias=bias, temperature=self.temperature,
             softcap=self.softcap, ignore_index=self.ignore_index, return_entropy=return_entropy,
-            impl=self.impl,
+            return_log_sum_sq_probs=return_log_sum_sq_probs, impl=self.impl,
         )
 
     def reference_logprobs(self, ref_hidden, ref_weight, labels, ref_bias=None, *,
@@ -158,18 +165,23 @@ class FusedDPOLoss(_FusedSequenceLoss):
             {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps},
             "FusedDPOLoss",
         )
-        policy = self.sequence_logprobs(hidden, weight, labels, bias)
-        chosen_logps, rejected_logps = _split_pairs("hidden", policy.sum_logps)
+        policy = self.sequence_logprobs(hidden, weight, labels, bias,
+                                        return_log_sum_sq_probs=self.options.use_weighting)
+        _split_pairs("hidden", policy.sum_logps)
+        chosen_logps, rejected_logps = pair_sequence_logps(policy, self.options.ld_alpha)
         # A sequence without response tokens has log-prob 0 and averages to 0, not 0/0.
         chosen_lengths, rejected_lengths = policy.lengths.clamp(min=1).chunk(2)
         if from_head:
             reference = self.reference_logprobs(ref_hidden, ref_weight, labels, ref_bias,
                                                 weight=weight)
-            ref_chosen_logps, ref_rejected_logps = reference.sum_logps.chunk(2)
+            ref_chosen_logps, ref_rejected_logps = pair_sequence_logps(reference,
+                                                                       self.options.ld_alpha)
+        pair_weights = wpo_pair_weights(policy) if self.options.use_weighting else None
         return dpo_loss(
             chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-            chosen_nll=_chosen_token_nll(policy), options=self.options,
+            chosen_nll=_chosen_token_nll(policy), pair_weights=pair_weights,
+            options=self.options,
         )
 
 
@@ -183,14 +195,14 @@ def _chosen_token_nll(policy: SequenceLogprobs) -> torch.Tensor:
 class _FusedReferenceFreeLoss(_FusedSequenceLoss):
     """SimPO / CPO / ORPO from hidden states: no reference model, chosen stacked on rejected.
 
-    As TRL's CPO and ORPO trainers do, the NLL term on the chosen answers is the mean over all
-    chosen response tokens of the batch (a 0-d tensor), and SimPO and ORPO compare
-    length-averaged log-probs while CPO compares summed ones.
+    As TRL's CPO trainer does, the NLL term on the chosen answers is the mean over all chosen
+    response tokens of the batch (a 0-d tensor); TRL's ORPO averages it over the prompt tokens
+    too. SimPO, ORPO and CPO's ipo compare length-averaged log-probs, CPO's sigmoid and hinge
+    summed ones (the options' ``length_averaged``).
     """
 
     loss_fn = None  # set by subclasses, with the options class that loss takes
     options_class = None
-    length_averaged = True
 
     def __init__(self, *, temperature: float = 1.0, softcap: float | None = None,
                  ignore_index: int = -100, impl: str = "auto", options=None,
@@ -201,7 +213,7 @@ class _FusedReferenceFreeLoss(_FusedSequenceLoss):
 
     def forward(self, hidden, weight, labels, *, bias=None) -> tuple[torch.Tensor, Metrics]:
         policy = self.sequence_logprobs(hidden, weight, labels, bias)
-        per_sequence = policy.mean_logps if self.length_averaged else policy.sum_logps
+        per_sequence = policy.mean_logps if self.options.length_averaged else policy.sum_logps
         chosen_logps, rejected_logps = _split_pairs("hidden", per_sequence)
         return type(self).loss_fn(chosen_logps, rejected_logps,
                                   chosen_nll=_chosen_token_nll(policy), options=self.options)
@@ -210,18 +222,19 @@ class _FusedReferenceFreeLoss(_FusedSequenceLoss):
 class FusedSimPOLoss(_FusedReferenceFreeLoss):
     """SimPO (Meng et al., 2024) from hidden states: ``FusedSimPOLoss(beta=2.0, gamma=0.5)``.
 
-    ``alpha > 0`` adds the NLL of the chosen answers (CPO-SimPO)."""
+    ``alpha > 0`` adds the NLL of the chosen answers (CPO-SimPO); ``alphapo_alpha`` ≠ 0 is
+    AlphaPO."""
 
     loss_fn = staticmethod(simpo_loss)
     options_class = SimPOOptions
 
 
 class FusedCPOLoss(_FusedReferenceFreeLoss):
-    """CPO (Xu et al., 2024) from hidden states: ``FusedCPOLoss(beta=0.1, alpha=1.0)``."""
+    """CPO (Xu et al., 2024) from hidden states: ``FusedCPOLoss(beta=0.1, alpha=1.0)``;
+    ``loss_type`` "hinge" or "ipo" and AlphaPO's ``alphapo_alpha`` as :func:`cpo_loss`."""
 
     loss_fn = staticmethod(cpo_loss)
     options_class = CPOOptions
-    length_averaged = False
 
 
 class FusedORPOLoss(_FusedReferenceFreeLoss):
@@ -240,17 +253,20 @@ class FusedKTOLoss(_FusedSequenceLoss):
     ``kl_hidden`` / ``kl_labels`` are that batch run through the policy (and ``ref_kl_hidden``
     through the reference). Without them the reference point is 0. Reference log-probs come from
     a reference head in the same call or precomputed (``ref_logps``, ``ref_kl_logps``).
+    ``loss_type="apo_zero_unpaired"`` (see :func:`~fastalign.losses.kto_loss`) takes no KL batch.
     """
 
     def __init__(self, *, beta: float = 0.1, desirable_weight: float = 1.0,
-                 undesirable_weight: float = 1.0, temperature: float = 1.0,
-                 softcap: float | None = None, ignore_index: int = -100,
-                 impl: str = "auto", options: KTOOptions | None = None) -> None:
+                 undesirable_weight: float = 1.0, loss_type: str = "kto",
+                 temperature: float = 1.0, softcap: float | None = None,
+                 ignore_index: int = -100, impl: str = "auto",
+                 options: KTOOptions | None = None) -> None:
         super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
                          impl=impl)
         self.options = KTOOptions.from_arguments(options, beta=beta,
                                                  desirable_weight=desirable_weight,
-                                                 undesirable_weight=undesirable_weight)
+                                                 undesirable_weight=undesirable_weight,
+                                                 loss_type=loss_type)
 
     def forward(self, hidden, weight, labels, desirable, *, kl_hidden=None, kl_labels=None,
                 bias=None, ref_hidden=None, ref_weight=None, ref_bias=None, ref_kl_hidden=None,

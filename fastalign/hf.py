@@ -358,16 +358,17 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, *, labels: torc
                       attention_mask: torch.Tensor | None = None,
                       cu_seqlens: torch.Tensor | None = None, temperature: float = 1.0,
                       return_entropy: bool = False, return_predictions: bool = False,
-                      return_mean_logits: bool = False, impl: str = "auto",
-                      **model_kwargs) -> SequenceLogprobs:
+                      return_mean_logits: bool = False, return_log_sum_sq_probs: bool = False,
+                      impl: str = "auto", **model_kwargs) -> SequenceLogprobs:
     """Per-token and per-sequence log-probs of the labelled tokens, as the trainers need them.
 
     ``labels`` [B, T] are aligned with ``input_ids`` as in Hugging Face: the token id where a
     token is scored, -100 on prompt and padding. Returns a ``SequenceLogprobs`` with float32
     ``token_logps`` [B, T − 1] and ``sum_logps`` / ``mean_logps`` / ``lengths`` [B];
     ``return_predictions`` adds the arg-max token of each scored position and
-    ``return_mean_logits`` the mean of its logits over the vocabulary, from the same hidden
-    states (one backbone run).
+    ``return_mean_logits`` the mean of its logits over the vocabulary and
+    ``return_log_sum_sq_probs`` log Σ_v p_v² (WPO's weights), from the same hidden states (one
+    backbone run).
 
     Padding-free: ``input_ids`` and ``labels`` [1, total] hold S sequences back to back,
     ``cu_seqlens`` [S + 1] their boundaries, and no ``attention_mask``. Positions restart at
@@ -395,7 +396,9 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, *, labels: torc
                                              bias=bias, ignore_index=IGNORE_INDEX,
                                              return_entropy=return_entropy,
                                              return_predictions=return_predictions,
-                                             return_mean_logits=return_mean_logits, impl=impl,
+                                             return_mean_logits=return_mean_logits,
+                                             return_log_sum_sq_probs=return_log_sum_sq_probs,
+                                             impl=impl,
                                              **head.options(temperature))
 
 

@@ -3,7 +3,15 @@
 Each loss is plain, documented PyTorch that returns ``(loss, metrics)`` with TRL's metric names.
 """
 
-from fastalign.losses.dpo import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from fastalign.losses.dpo import (
+    DPO_LOSS_TYPES,
+    cpo_loss,
+    dpo_loss,
+    ld_sequence_logps,
+    orpo_loss,
+    simpo_loss,
+    wpo_sequence_weights,
+)
 from fastalign.losses.grpo import (
     GRPO_LOSS_TYPES,
     REWARD_SCALINGS,
@@ -68,6 +76,7 @@ __all__ = [
     "kl_shaped_rewards",
     "kto_loss",
     "kto_mismatched_indices",
+    "ld_sequence_logps",
     "masked_mean",
     "masked_var",
     "masked_whiten",
@@ -80,4 +89,5 @@ __all__ = [
     "rloo_advantages",
     "simpo_loss",
     "votes_to_score",
+    "wpo_sequence_weights",
 ]

@@ -26,14 +26,21 @@ import torch.nn.functional as F
 from fastalign.losses._common import Metrics, compute_dtype, log1mexp, metric
 from fastalign.losses.options import (
     DPO_LOSS_TYPES,
+    SORTING_LOSS_TYPES,
     CPOOptions,
     DPOOptions,
     ORPOOptions,
     SimPOOptions,
 )
-from fastalign.ops._checks import check_lengths, check_per_sequence
+from fastalign.ops._checks import (
+    check_lengths,
+    check_per_sequence,
+    check_per_token,
+    check_token_mask,
+)
 
-__all__ = ["DPO_LOSS_TYPES", "dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss"]
+__all__ = ["DPO_LOSS_TYPES", "dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss",
+           "ld_sequence_logps", "wpo_sequence_weights"]
 
 
 
@@ -84,6 +91,123 @@ def _check_optional_nll(chosen_nll, batch_size: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# From per-token log-probs to what the DPO loss reads: LD-DPO sums and WPO weights
+# ----------------------------------------------------------------------------------------------
+
+
+def ld_sequence_logps(
+    chosen_token_logps: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_token_logps: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    ld_alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Length-desensitised sequence log-probs of LD-DPO: Liu et al., 2024, "Length
+    Desensitization in Direct Preference Optimization".
+
+    For a pair with n_w chosen and n_l rejected answer tokens and n = min(n_w, n_l), each answer's
+    log-prob is the sum over its first n answer tokens plus ``ld_alpha`` times the sum over the
+    rest (only the longer answer has any), so that the extra length of the verbose answer weighs
+    less: ``ld_alpha = 1`` is the plain sum, 0 cuts both answers to the shared length. "First"
+    counts answer tokens only (the mask's ones, in order), as TRL's ``ld_alpha``. Apply the same
+    to the policy's and the reference's log-probs (the masks are the same).
+
+    Args:
+        chosen_token_logps: [B, T_w] float per-token log-probs of the chosen sequences.
+        chosen_mask: [B, T_w] bool (or 0/1), True on the chosen answers' tokens.
+        rejected_token_logps: [B, T_l] float, the rejected sequences (T_l may differ from T_w).
+        rejected_mask: [B, T_l] bool (or 0/1).
+        ld_alpha: the weight of the tokens past the shared length, in [0, 1].
+
+    Returns:
+        ``(chosen [B], rejected [B])`` in the dtype of the log-probs, differentiable with respect
+        to them.
+    """
+    check_per_token("chosen_token_logps", chosen_token_logps)
+    check_per_token("rejected_token_logps", rejected_token_logps)
+    chosen_mask = check_token_mask(chosen_mask, chosen_token_logps, "chosen_token_logps")
+    rejected_mask = check_token_mask(rejected_mask, rejected_token_logps, "rejected_token_logps")
+    if rejected_token_logps.shape[0] != chosen_token_logps.shape[0]:
+        raise ValueError(f"chosen_token_logps and rejected_token_logps must hold the same number "
+                         f"of sequences, got {tuple(chosen_token_logps.shape)} and "
+                         f"{tuple(rejected_token_logps.shape)}")
+    ld_alpha = DPOOptions(ld_alpha=ld_alpha).ld_alpha  # the one check of the value
+
+    shared = torch.minimum(chosen_mask.sum(-1), rejected_mask.sum(-1))[:, None]
+
+    def weighted_sum(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rank = mask.long().cumsum(-1)  # 1 at the first answer token, 2 at the second, ...
+        weights = torch.where(rank <= shared, 1.0, ld_alpha) * mask
+        return (logps * weights.to(logps.dtype)).sum(-1)
+
+    return (weighted_sum(chosen_token_logps, chosen_mask),
+            weighted_sum(rejected_token_logps, rejected_mask))
+
+
+@torch.no_grad()
+def wpo_sequence_weights(
+    token_logps: torch.Tensor,
+    token_log_sum_sq_probs: torch.Tensor,
+    token_mask: torch.Tensor,
+) -> torch.Tensor:
+    """WPO's weight of each sequence: Zhou et al., 2024, "WPO: Enhancing RLHF with Weighted
+    Preference Optimization".
+
+    w = exp(mean over the answer's tokens of [log p(y_t) − log Σ_v p_v²]): the answer's
+    length-normalised probability under the policy, each token's probability taken relative to
+    the distribution's own Σ_v p_v² so that flat and peaked distributions weigh alike (TRL's
+    ``use_weighting``). A pair's weight is w_chosen·w_rejected; it carries no gradient.
+
+    Args:
+        token_logps: [B, T] float per-token log-probs log p(y_t).
+        token_log_sum_sq_probs: [B, T] float log Σ_v p_v² at the same positions
+            (``fastalign.linear_logit_stats(..., log_sum_sq_probs=True)``).
+        token_mask: [B, T] bool (or 0/1), True on answer tokens.
+
+    Returns:
+        [B] float32 (float64 for float64 inputs) weights in (0, 1]·e^(…); 1 for a sequence
+        without answer tokens. Detached.
+    """
+    check_per_token("token_logps", token_logps)
+    check_per_token("token_log_sum_sq_probs", token_log_sum_sq_probs, like=token_logps,
+                    like_name="token_logps")
+    dtype = compute_dtype(token_logps, token_log_sum_sq_probs)
+    mask = check_token_mask(token_mask, token_logps, "token_logps").to(dtype)
+    aligned = (token_logps.to(dtype) - token_log_sum_sq_probs.to(dtype)) * mask
+    return torch.exp(aligned.sum(-1) / mask.sum(-1).clamp(min=1))
+
+
+def _padded_halves(name: str, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if values.dim() != 2:
+        raise ValueError(f"{name} needs padded per-token log-probs [2B, T], got shape "
+                         f"{tuple(values.shape)} (packed, padding-free batches are not supported)")
+    return values.chunk(2)
+
+
+def pair_sequence_logps(sequences, ld_alpha: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen [B], rejected [B]) sequence log-probs of a chosen-on-rejected ``SequenceLogprobs``
+    ([2B, ...]): the sums, or with ``ld_alpha`` the LD-DPO sums of :func:`ld_sequence_logps`."""
+    if ld_alpha is None:
+        return sequences.sum_logps.chunk(2)
+    chosen, rejected = _padded_halves("ld_alpha", sequences.token_logps)
+    chosen_mask, rejected_mask = sequences.token_mask.chunk(2)
+    return ld_sequence_logps(chosen, chosen_mask, rejected, rejected_mask, ld_alpha)
+
+
+def wpo_pair_weights(sequences) -> torch.Tensor:
+    """[B] WPO pair weights w_chosen·w_rejected of a chosen-on-rejected ``SequenceLogprobs``
+    ([2B, ...]) computed with ``return_log_sum_sq_probs=True``."""
+    _padded_halves("use_weighting", sequences.token_logps)
+    if sequences.token_log_sum_sq_probs is None:
+        raise ValueError("use_weighting needs log Σ_v p_v² of each position: compute the "
+                         "sequence log-probs with return_log_sum_sq_probs=True")
+    weights = wpo_sequence_weights(sequences.token_logps, sequences.token_log_sum_sq_probs,
+                                   sequences.token_mask)
+    chosen, rejected = weights.chunk(2)
+    return chosen * rejected
+
+
+# ----------------------------------------------------------------------------------------------
 # DPO family (with a reference model)
 # ----------------------------------------------------------------------------------------------
 
@@ -117,8 +241,10 @@ def _f_divergence_scores(logratios: torch.Tensor, kind: str, alpha: float) -> to
     """s = f'(t) at t = π_θ/π_ref = exp(ρ), constants dropped (Wang et al., 2023, "Beyond Reverse
     KL: Generalizing Direct Preference Optimization with Diverse Divergence Constraints"):
     reverse KL ρ (DPO), forward KL −e^{−ρ}, Jensen-Shannon log σ(ρ), α-divergence
-    e^{(α−1)ρ}/(α−1) (ρ again at α = 1, its limit). TRL drops the same constants, which matter
-    only to the loss types that score each answer on its own (nca_pair, bco_pair, sppo_hard)."""
+    e^{(α−1)ρ}/(α−1) (ρ again at α = 1, its limit). TRL 1.16 keeps the constants (its scores are
+    0 at ρ = 0) and refuses these divergences with the loss types that score each answer on its
+    own; here those types accept them, and ipo and sigmoid_norm, which divide each score by its
+    own length, differ from TRL's by the constant times 1/|y_w| − 1/|y_l|."""
     if kind == "reverse_kl":
         return logratios
     if kind == "forward_kl":
@@ -213,6 +339,9 @@ def dpo_loss(
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
     chosen_nll: torch.Tensor | None = None,
+    pair_weights: torch.Tensor | None = None,
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
     options: DPOOptions | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Direct Preference Optimization and its variants, as in TRL's ``DPOTrainer``.
@@ -256,7 +385,13 @@ def dpo_loss(
     Generalizing Direct Preference Optimization with Diverse Divergence Constraints"), every
     formula above except apo_zero, apo_down's first term, aot and aot_unpaired reads the scores
     s = f'(π_θ/π_ref) in place of ρ: forward_kl −e^{−ρ}, js_divergence log σ(ρ), alpha_divergence
-    e^{(α−1)ρ}/(α−1) (constants dropped, as TRL; the exponent clamped at 80, 11 in float16).
+    e^{(α−1)ρ}/(α−1) (constants dropped, unlike TRL 1.16; the exponent clamped at 80, 11 in
+    float16).
+
+    Two options of TRL's DPO act before this function, on per-token log-probs: LD-DPO's
+    ``ld_alpha`` (pass sequence log-probs from :func:`ld_sequence_logps`) and WPO's
+    ``use_weighting`` (pass ``pair_weights`` from :func:`wpo_sequence_weights`);
+    :class:`~fastalign.FusedDPOLoss` and the DPO trainer do both from ``options``.
 
     Args:
         policy_chosen_logps: [B] float, log π_θ(y_w|x) summed over the answer's tokens.
@@ -266,9 +401,10 @@ def dpo_loss(
         beta: β > 0, the inverse temperature of the implicit reward β·ρ.
         loss_type: one of ``DPO_LOSS_TYPES``, or a list of distinct ones to combine.
         label_smoothing: ε in [0, 0.5), the assumed probability that a label is flipped. Used by
-            sigmoid, robust and exo_pair; exo_pair needs ε > 0 (1e-3 is usual). ε > 0 when none of
-            the requested loss types uses it raises a ValueError (TRL only warns) rather than
-            being silently ignored; in a combination, the types that do not use it ignore it.
+            sigmoid (cDPO), robust, exo_pair, aot and aot_unpaired; exo_pair needs ε > 0 (1e-3 is
+            usual). TRL 1.16's sigmoid ignores ε (plain DPO), here it is cDPO. ε > 0 when none of
+            the requested loss types uses it raises a ValueError (TRL 1.16 ignores it silently);
+            in a combination, the types that do not use it ignore it.
         loss_weights: one finite weight per entry of ``loss_type`` (default all 1.0): the loss is
             the mean over the batch of Σ_k w_k·loss_k.
         chosen_lengths: optional [B] number of answer tokens in y_w (integer or float, each > 0).
@@ -281,13 +417,21 @@ def dpo_loss(
         rejected_lengths: optional [B] number of answer tokens in y_l (used by ipo and
             sigmoid_norm).
         discopop_tau: τ > 0, the temperature of DiscoPOP's modulation σ(u/τ).
-        bco_delta: δ, the reward shift of bco_pair. TRL passes a running mean of the rewards
-            β·ρ (kept by the trainer across steps); the default 0 is ALGORITHMS.md's formula.
+        bco_delta: δ, the reward shift of bco_pair. The default 0 is TRL 1.16's bco_pair (which
+            has no shift) and ALGORITHMS.md's formula; the BCO paper's δ is a running mean of
+            the rewards β·ρ, which a caller may keep and pass.
         f_divergence_type: the divergence to the reference: reverse_kl (DPO), forward_kl,
             js_divergence or alpha_divergence (see above).
         f_alpha_divergence_coef: α of alpha_divergence (any finite number; 1 is reverse KL).
         chosen_nll: optional NLL of the chosen answers for the sft term, 0-d (TRL's token mean
             over every chosen token of the batch) or [B]; then sft needs no ``chosen_lengths``.
+        pair_weights: optional [B] weights, each pair's summed loss (every loss type, sft
+            included) multiplied by its own, without gradient: WPO's w_chosen·w_rejected from
+            :func:`wpo_sequence_weights`. Required with ``options.use_weighting``; refused with
+            aot and aot_unpaired, whose k-th term is not the k-th pair's.
+        ld_alpha: LD-DPO's α in [0, 1], checked here but applied by whoever sums the per-token
+            log-probs (:func:`ld_sequence_logps`): the four inputs are taken as already weighted.
+        use_weighting: WPO; then ``pair_weights`` must be given.
         options: a prepared :class:`~fastalign.losses.DPOOptions` instead of ``beta``,
             ``loss_type``, ``label_smoothing``, ``loss_weights``, ``discopop_tau`` and
             ``bco_delta``, ``f_divergence_type`` and ``f_alpha_divergence_coef`` (which must
@@ -299,19 +443,21 @@ def dpo_loss(
         "rewards/accuracies" = mean 1[ρ_w > ρ_l], "rewards/margins" = mean β·(ρ_w − ρ_l),
         "logps/chosen" and "logps/rejected" = batch means of the policy log-probs, all from the
         inputs as given (never length-averaged); with several loss types, also "loss/<type>",
-        the batch mean of each unweighted term. (TRL scales its logged rewards by Σ_k w_k when
-        combining; here they stay β·ρ.)
+        the batch mean of each unweighted term (without ``pair_weights``). The rewards stay β·ρ
+        whatever the loss types and weights, as in TRL 1.16.
     """
     batch_size = check_per_sequence(
         policy_chosen_logps=policy_chosen_logps,
         policy_rejected_logps=policy_rejected_logps,
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,
+        pair_weights=pair_weights,
     )
     options = DPOOptions.from_arguments(
         options, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
         loss_weights=loss_weights, discopop_tau=discopop_tau, bco_delta=bco_delta,
-        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef)
+        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+        ld_alpha=ld_alpha, use_weighting=use_weighting)
     loss_types, beta = options.loss_type, options.beta
     _check_optional_nll(chosen_nll, batch_size)
     if "sft" in loss_types and chosen_lengths is None and chosen_nll is None:
@@ -329,6 +475,13 @@ def dpo_loss(
             "loss_type 'ipo' needs both chosen_lengths and rejected_lengths (to length-average "
             "the log-probs) or neither (inputs already averaged)"
         )
+    if options.use_weighting and pair_weights is None:
+        raise ValueError("use_weighting (WPO) needs pair_weights: [B] per-pair weights, e.g. "
+                         "w_chosen * w_rejected from wpo_sequence_weights")
+    sorting = [name for name in loss_types if name in SORTING_LOSS_TYPES]
+    if pair_weights is not None and sorting:
+        raise ValueError(f"pair_weights cannot weight loss_type {sorting[0]!r}: it sorts the "
+                         f"batch, so a pair's weight would multiply another pair's term")
     if chosen_lengths is not None:
         check_lengths("chosen_lengths", chosen_lengths, batch_size)
     if rejected_lengths is not None:
@@ -361,6 +514,8 @@ def dpo_loss(
         )
         terms[name] = term
         total = weight * term if total is None else total + weight * term
+    if pair_weights is not None:
+        total = total * pair_weights.detach().to(dtype)
     loss = total.mean()
 
     metrics = _pair_metrics(
@@ -388,6 +543,27 @@ def _reference_free_inputs(policy_chosen_logps, policy_rejected_logps, chosen_nl
     return chosen, rejected, nll
 
 
+def _alphapo_rewards(logps: torch.Tensor, alphapo_alpha: float) -> torch.Tensor:
+    """AlphaPO's reward r = (1 − p^(−α))/α of an answer with log-prob log p; log p itself at α = 0
+    (its limit). Gupta et al., 2025, "AlphaPO: Reward Shape Matters for LLM Alignment".
+
+    Formed as −expm1(−α·log p)/α, accurate for small α·log p. r grows with log p for every α, so
+    the order of two answers, and hence the accuracy metric, is that of their log-probs. For
+    α > 0, p^(−α) overflows once α·|log p| passes about 88 (float32): AlphaPO is meant for
+    length-averaged log-probs, as SimPO's."""
+    if alphapo_alpha == 0:
+        return logps
+    return -torch.expm1(-alphapo_alpha * logps) / alphapo_alpha
+
+
+def _reference_free_metrics(chosen, rejected, reward_w, reward_l, beta, nll) -> Metrics:
+    # The accuracy compares the unscaled rewards: β·a and β·b may round to one number when a > b.
+    metrics = _pair_metrics(beta * reward_w, beta * reward_l, reward_w > reward_l, chosen,
+                            rejected)
+    metrics["nll_loss"] = metric(nll.mean())
+    return metrics
+
+
 def simpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -397,6 +573,7 @@ def simpo_loss(
     label_smoothing: float = 0.0,
     alpha: float = 0.0,
     chosen_nll: torch.Tensor | None = None,
+    alphapo_alpha: float = 0.0,
     options: SimPOOptions | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """SimPO: Meng, Xia & Chen, 2024, "SimPO: Simple Preference Optimization with a Reference-Free
@@ -404,7 +581,9 @@ def simpo_loss(
 
     With u = β·(mean_logp_w − mean_logp_l) − γ, the per-pair loss is the smoothed logistic loss
     −(1−ε)·log σ(u) − ε·log σ(−u), as TRL's ``CPOTrainer`` with ``loss_type="simpo"`` (which
-    writes u = β·(Δ − γ/β)). ``alpha > 0`` adds α·NLL(y_w), TRL's CPO-SimPO.
+    writes u = β·(Δ − γ/β)). ``alpha > 0`` adds α·NLL(y_w), TRL's CPO-SimPO. ``alphapo_alpha``
+    ≠ 0 is AlphaPO (Gupta et al., 2025, "AlphaPO: Reward Shape Matters for LLM Alignment"; TRL's
+    ``alpha``): each mean log-prob m is replaced by the reward (1 − e^{−α·m})/α before the margin.
 
     Args:
         policy_chosen_logps: [B] float, log π_θ(y_w|x) averaged over the answer's tokens.
@@ -413,30 +592,32 @@ def simpo_loss(
         gamma: γ, the target reward margin (finite; 0.5 to 1.6 in the paper's sweeps).
         label_smoothing: ε in [0, 0.5).
         alpha: α >= 0, the weight of the NLL term (0: pure SimPO).
+        alphapo_alpha: AlphaPO's reward shape α (finite; 0: SimPO's reward m itself).
         chosen_nll: optional NLL of y_w, [B] per-sequence or 0-d; default −policy_chosen_logps,
             the per-sequence mean NLL since the inputs are averages.
         options: a prepared :class:`~fastalign.losses.SimPOOptions` instead of the options above.
 
     Returns:
-        ``(loss, metrics)``: loss 0-d; metrics "rewards/chosen" = mean β·mean_logp_w,
-        "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+        ``(loss, metrics)``: loss 0-d; metrics "rewards/chosen" = mean β·mean_logp_w (β·r with
+        AlphaPO), "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
         "logps/rejected" (as TRL's CPOTrainer) and "nll_loss" (mean NLL, logged even if α = 0).
     """
     chosen, rejected, nll = _reference_free_inputs(
         policy_chosen_logps, policy_rejected_logps, chosen_nll
     )
     options = SimPOOptions.from_arguments(options, beta=beta, gamma=gamma,
-                                          label_smoothing=label_smoothing, alpha=alpha)
+                                          label_smoothing=label_smoothing, alpha=alpha,
+                                          alphapo_alpha=alphapo_alpha)
     beta, gamma = options.beta, options.gamma
     label_smoothing, alpha = options.label_smoothing, options.alpha
+    reward_w = _alphapo_rewards(chosen, options.alphapo_alpha)
+    reward_l = _alphapo_rewards(rejected, options.alphapo_alpha)
 
-    losses = _smoothed_logistic(beta * (chosen - rejected) - gamma, label_smoothing)
+    losses = _smoothed_logistic(beta * (reward_w - reward_l) - gamma, label_smoothing)
     loss = losses.mean()
     if alpha > 0:
         loss = loss + alpha * nll.mean()
-    metrics = _pair_metrics(beta * chosen, beta * rejected, chosen > rejected, chosen, rejected)
-    metrics["nll_loss"] = metric(nll.mean())
-    return loss, metrics
+    return loss, _reference_free_metrics(chosen, rejected, reward_w, reward_l, beta, nll)
 
 
 def cpo_loss(
@@ -447,6 +628,8 @@ def cpo_loss(
     chosen_nll: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     alpha: float = 1.0,
+    loss_type: str = "sigmoid",
+    alphapo_alpha: float = 0.0,
     options: CPOOptions | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """CPO: Xu et al., 2024, "Contrastive Preference Optimization: Pushing the Boundaries of LLM
@@ -454,10 +637,17 @@ def cpo_loss(
 
     loss = mean_B[−(1−ε)·log σ(u) − ε·log σ(−u)] + α·mean_B NLL(y_w), u = β·(logp_w − logp_l):
     DPO with the reference dropped, plus a behaviour-cloning term on the chosen answer. This is
-    TRL's ``CPOTrainer`` with ``loss_type="sigmoid"``.
+    TRL's ``CPOTrainer`` with ``loss_type="sigmoid"``; its other two loss types replace the first
+    term with hinge, mean_B relu(1 − u) (SLiC, Zhao et al., 2023, "SLiC-HF: Sequence Likelihood
+    Calibration with Human Feedback"), or ipo, mean_B (Δ − 1/(2β))² with Δ = logp_w − logp_l on
+    length-averaged log-probs (Azar et al., 2023, "A General Theoretical Paradigm to Understand
+    Learning from Human Preferences"). ``alphapo_alpha`` ≠ 0 replaces each log-prob ℓ by the
+    AlphaPO reward (1 − e^{−α·ℓ})/α (Gupta et al., 2025, "AlphaPO: Reward Shape Matters for LLM
+    Alignment"; TRL's ``alpha``), in every loss type.
 
     Args:
-        policy_chosen_logps: [B] float, log π_θ(y_w|x) summed over the answer's tokens.
+        policy_chosen_logps: [B] float, log π_θ(y_w|x) summed over the answer's tokens
+            (averaged for ipo, as TRL; ``CPOOptions.length_averaged`` says which).
         policy_rejected_logps: [B] float, log π_θ(y_l|x).
         beta: β > 0.
         chosen_nll: the NLL term, [B] per-sequence (e.g. the per-token mean NLL of each y_w) or
@@ -466,26 +656,36 @@ def cpo_loss(
             explicitly to match TRL's scale.
         label_smoothing: ε in [0, 0.5).
         alpha: α >= 0, the weight of the NLL term (TRL's ``cpo_alpha``).
+        loss_type: sigmoid (CPO), hinge or ipo (see above); label smoothing needs sigmoid.
+        alphapo_alpha: AlphaPO's reward shape α (finite; 0: the log-probs themselves).
         options: a prepared :class:`~fastalign.losses.CPOOptions` instead of the options above.
 
     Returns:
-        ``(loss, metrics)``: loss 0-d; metrics "rewards/chosen" = mean β·logp_w,
-        "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+        ``(loss, metrics)``: loss 0-d; metrics "rewards/chosen" = mean β·logp_w (β·r with
+        AlphaPO), "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
         "logps/rejected" and "nll_loss" (as TRL's CPOTrainer).
     """
     chosen, rejected, nll = _reference_free_inputs(
         policy_chosen_logps, policy_rejected_logps, chosen_nll
     )
     options = CPOOptions.from_arguments(options, beta=beta, label_smoothing=label_smoothing,
-                                        alpha=alpha)
+                                        alpha=alpha, loss_type=loss_type,
+                                        alphapo_alpha=alphapo_alpha)
     beta, label_smoothing, alpha = options.beta, options.label_smoothing, options.alpha
+    reward_w = _alphapo_rewards(chosen, options.alphapo_alpha)
+    reward_l = _alphapo_rewards(rejected, options.alphapo_alpha)
+    margin = reward_w - reward_l
 
-    loss = _smoothed_logistic(beta * (chosen - rejected), label_smoothing).mean()
+    if options.loss_type == "hinge":
+        losses = torch.relu(1 - beta * margin)
+    elif options.loss_type == "ipo":
+        losses = (margin - 1 / (2 * beta)) ** 2
+    else:
+        losses = _smoothed_logistic(beta * margin, label_smoothing)
+    loss = losses.mean()
     if alpha > 0:
         loss = loss + alpha * nll.mean()
-    metrics = _pair_metrics(beta * chosen, beta * rejected, chosen > rejected, chosen, rejected)
-    metrics["nll_loss"] = metric(nll.mean())
-    return loss, metrics
+    return loss, _reference_free_metrics(chosen, rejected, reward_w, reward_l, beta, nll)
 
 
 def orpo_loss(
@@ -509,7 +709,9 @@ def orpo_loss(
             finite there and passes no gradient to that input.
         policy_rejected_logps: [B] float, the same for y_l.
         beta: β > 0 (λ in the paper), the weight of the odds-ratio term.
-        chosen_nll: optional NLL of y_w, [B] or 0-d (TRL uses the token mean over the batch);
+        chosen_nll: optional NLL of y_w, [B] or 0-d (TRL 1.16 uses the token mean over the
+            batch's chosen prompts and answers; the fused module and trainer pass the mean over
+            the answers only);
             default −policy_chosen_logps, the per-sequence mean NLL.
         options: a prepared :class:`~fastalign.losses.ORPOOptions` instead of the options above.
 

@@ -67,6 +67,7 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     process_group=None,
+    loss_type: str = "kto",
     options: KTOOptions | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """KTO: Ethayarajh et al., 2024, "KTO: Model Alignment as Prospect Theoretic Optimization".
@@ -83,6 +84,11 @@ def kto_loss(
     w_d·n_desirable : w_u·n_undesirable between 1:1 and 4:3 over the dataset; that is the
     trainer's business, not checked here.
 
+    ``loss_type="apo_zero_unpaired"`` is the unpaired APO-zero of D'Oosterlinck et al., 2024,
+    "Anchored Preference Optimization and Contrastive Revisions" (TRL's KTO loss type of that
+    name): no reference point, desirable w_d·(1 − σ(β·r)), undesirable w_u·σ(β·r); it takes no
+    KL log-probs and any batch size B >= 1, and logs "kl" = 0.
+
     Args:
         policy_logps: [B] float, log π_θ(y|x) summed over the completion's tokens.
         ref_logps: [B] float, log π_ref(y|x).
@@ -96,8 +102,9 @@ def kto_loss(
         process_group: optional ``torch.distributed`` group; when given, the batch-mean KL is
             all-reduced (averaged over the group's ranks) before the clamp, so every rank uses
             the same z_ref. One all-reduce per call, so every rank must call.
+        loss_type: "kto" or "apo_zero_unpaired" (see above).
         options: a prepared :class:`~fastalign.losses.KTOOptions` instead of ``beta``,
-            ``desirable_weight`` and ``undesirable_weight``.
+            ``desirable_weight``, ``undesirable_weight`` and ``loss_type``.
 
     Returns:
         ``(loss, metrics)``: loss 0-d float32 (float64 for float64 inputs). Metrics, detached 0-d
@@ -110,15 +117,22 @@ def kto_loss(
         NaN) and count 0.
 
     Raises:
-        ValueError: B = 1 (ALGORITHMS.md §6: KTO needs a batch of at least 2, for its
-            mismatched-pair KL), bad shapes, β <= 0 or negative weights.
+        ValueError: B = 1 with loss_type "kto" (ALGORITHMS.md §6: KTO needs a batch of at least
+            2, for its mismatched-pair KL), KL log-probs with "apo_zero_unpaired", bad shapes,
+            β <= 0 or negative weights.
     """
     batch_size = check_per_sequence(policy_logps=policy_logps, ref_logps=ref_logps)
+    options = KTOOptions.from_arguments(options, beta=beta, desirable_weight=desirable_weight,
+                                        undesirable_weight=undesirable_weight,
+                                        loss_type=loss_type)
     if (policy_kl_logps is None) != (ref_kl_logps is None):
         raise ValueError(
             "policy_kl_logps and ref_kl_logps must both be tensors or both be None (z_ref = 0)"
         )
-    if batch_size < 2:
+    if not options.uses_kl and policy_kl_logps is not None:
+        raise ValueError(f"loss_type {options.loss_type!r} has no KL reference point: pass "
+                         f"policy_kl_logps=None and ref_kl_logps=None")
+    if options.uses_kl and batch_size < 2:
         raise ValueError(
             "KTO needs a batch of at least 2 examples (B >= 2): the KL reference point pairs "
             f"each prompt with another example's completion; got B={batch_size}"
@@ -133,8 +147,6 @@ def kto_loss(
         raise ValueError(
             f"desirable must have shape [B] = [{batch_size}], got {tuple(desirable.shape)}"
         )
-    options = KTOOptions.from_arguments(options, beta=beta, desirable_weight=desirable_weight,
-                                        undesirable_weight=undesirable_weight)
     beta = options.beta
     desirable_weight, undesirable_weight = options.desirable_weight, options.undesirable_weight
 
@@ -145,6 +157,7 @@ def kto_loss(
     policy = policy_logps.to(dtype)
     logratios = policy - ref_logps.to(dtype)
 
+    # With apo_zero_unpaired, kl is 0: the same formulas, anchored at the reference itself.
     desirable_losses = desirable_weight * torch.sigmoid(-beta * (logratios - kl))
     undesirable_losses = undesirable_weight * torch.sigmoid(-beta * (kl - logratios))
     loss = torch.where(desirable, desirable_losses, undesirable_losses).mean()

@@ -18,6 +18,8 @@ from fastalign.losses.kl import KL_ESTIMATORS
 from fastalign.losses.masked import AGGREGATION_NAMES
 from fastalign.losses.ppo import check_clip, check_dual_clip
 from fastalign.ops._checks import (
+    check_bool,
+    check_choice,
     check_finite,
     check_in_range,
     check_non_negative,
@@ -26,10 +28,12 @@ from fastalign.ops._checks import (
 )
 
 __all__ = [
+    "CPO_LOSS_TYPES",
     "CPOOptions",
     "DPOOptions",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCES",
+    "KTO_LOSS_TYPES",
     "KTOOptions",
     "ORPOOptions",
     "PPOOptions",
@@ -42,6 +46,10 @@ DPO_LOSS_TYPES = (
 )
 # The loss types whose formula contains the label smoothing ε; the others ignore it.
 SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+# The loss types that sort the batch, so that a per-pair weight would land on another pair.
+SORTING_LOSS_TYPES = ("aot", "aot_unpaired")
 # The f-divergence that regularises toward the reference (Wang et al., 2023): reverse KL is DPO's.
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
@@ -79,6 +87,12 @@ class DPOOptions(_Options):
 
     ``loss_type`` may be one name or several; it is kept as a tuple. ``loss_weights`` has one
     finite weight per loss type (None: all 1).
+
+    Two options act before the loss, where per-token log-probs exist, so :func:`dpo_loss` itself
+    only checks them: ``ld_alpha`` (LD-DPO, in [0, 1]; None: plain sums) is how the sequence
+    log-probs are summed (:func:`~fastalign.losses.ld_sequence_logps`), and ``use_weighting``
+    (WPO) asks :class:`~fastalign.FusedDPOLoss` and the DPO trainer for per-pair weights
+    (:func:`~fastalign.losses.wpo_sequence_weights`), which ``dpo_loss`` then requires.
     """
 
     beta: float = 0.1
@@ -89,8 +103,14 @@ class DPOOptions(_Options):
     bco_delta: float = 0.0
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
+    ld_alpha: float | None = None
+    use_weighting: bool = False
 
     def __post_init__(self) -> None:
+        if self.ld_alpha is not None:
+            self._set("ld_alpha", check_in_range("ld_alpha", self.ld_alpha, 0.0, 1.0,
+                                                 high_inclusive=True))
+        check_bool("use_weighting", self.use_weighting)
         if self.f_divergence_type not in F_DIVERGENCES:
             raise ValueError(f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, got "
                              f"{self.f_divergence_type!r}")
@@ -105,6 +125,10 @@ class DPOOptions(_Options):
         self._set("label_smoothing", label_smoothing)
         self._set("discopop_tau", check_positive("discopop_tau", self.discopop_tau))
         self._set("bco_delta", check_finite("bco_delta", self.bco_delta))
+        sorting = [t for t in loss_types if t in SORTING_LOSS_TYPES]
+        if self.use_weighting and sorting:
+            raise ValueError(f"use_weighting cannot weight loss_type {sorting[0]!r}: it sorts the "
+                             f"batch, so a pair's weight would multiply another pair's term")
         if label_smoothing > 0 and not any(t in SMOOTHED_LOSS_TYPES for t in loss_types):
             raise ValueError(
                 f"label_smoothing={label_smoothing} has no effect with "
@@ -145,6 +169,10 @@ class SimPOOptions(_Options):
     gamma: float = 0.5
     label_smoothing: float = 0.0
     alpha: float = 0.0
+    alphapo_alpha: float = 0.0
+
+    # SimPO's reward is the answer's mean token log-prob.
+    length_averaged = True
 
     def __post_init__(self) -> None:
         self._set("beta", check_positive("beta", self.beta))
@@ -152,21 +180,39 @@ class SimPOOptions(_Options):
         self._set("label_smoothing", check_in_range(
             "label_smoothing", self.label_smoothing, 0.0, 0.5, high_inclusive=False))
         self._set("alpha", check_non_negative("alpha", self.alpha))
+        self._set("alphapo_alpha", check_finite("alphapo_alpha", self.alphapo_alpha))
 
 
 @dataclass(frozen=True)
 class CPOOptions(_Options):
-    """Options of :func:`fastalign.losses.cpo_loss`."""
+    """Options of :func:`fastalign.losses.cpo_loss`.
+
+    ``alpha`` is the weight of the NLL term (TRL's ``cpo_alpha``); ``alphapo_alpha`` the reward
+    shape of AlphaPO (TRL's ``alpha``), named apart so that the two never mix.
+    """
 
     beta: float = 0.1
     label_smoothing: float = 0.0
     alpha: float = 1.0
+    loss_type: str = "sigmoid"
+    alphapo_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         self._set("beta", check_positive("beta", self.beta))
         self._set("label_smoothing", check_in_range(
             "label_smoothing", self.label_smoothing, 0.0, 0.5, high_inclusive=False))
         self._set("alpha", check_non_negative("alpha", self.alpha))
+        check_choice("loss_type", self.loss_type, CPO_LOSS_TYPES)
+        self._set("alphapo_alpha", check_finite("alphapo_alpha", self.alphapo_alpha))
+        if self.label_smoothing > 0 and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing={self.label_smoothing} has no effect with "
+                             f"loss_type={self.loss_type!r}: only 'sigmoid' uses it; set "
+                             f"label_smoothing=0.0")
+
+    @property
+    def length_averaged(self) -> bool:
+        """True where the loss reads each answer's mean token log-prob (ipo), not its sum."""
+        return self.loss_type == "ipo"
 
 
 @dataclass(frozen=True)
@@ -174,6 +220,9 @@ class ORPOOptions(_Options):
     """Options of :func:`fastalign.losses.orpo_loss`."""
 
     beta: float = 0.1
+
+    # ORPO's odds are those of the answer's mean token probability.
+    length_averaged = True
 
     def __post_init__(self) -> None:
         self._set("beta", check_positive("beta", self.beta))
@@ -186,13 +235,20 @@ class KTOOptions(_Options):
     beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    loss_type: str = "kto"
 
     def __post_init__(self) -> None:
+        check_choice("loss_type", self.loss_type, KTO_LOSS_TYPES)
         self._set("beta", check_positive("beta", self.beta))
         self._set("desirable_weight", check_non_negative("desirable_weight",
                                                          self.desirable_weight))
         self._set("undesirable_weight", check_non_negative("undesirable_weight",
                                                            self.undesirable_weight))
+
+    @property
+    def uses_kl(self) -> bool:
+        """Whether the loss has KTO's reference point (the KL of mismatched pairs)."""
+        return self.loss_type == "kto"
 
 
 @dataclass(frozen=True)

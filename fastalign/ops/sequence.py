@@ -47,6 +47,8 @@ class SequenceLogprobs:
             where ``token_mask`` is set, ``ignore_index`` elsewhere; None unless asked for.
         token_mean_logits: like ``token_logps``: the mean over the vocabulary of the next-token
             logits (temperature applied), 0 outside ``token_mask``; None unless asked for.
+        token_log_sum_sq_probs: like ``token_logps``: log Σ_v p_v² of the next-token
+            distribution (WPO's weights), 0 outside ``token_mask``; None unless asked for.
     """
 
     token_logps: torch.Tensor
@@ -57,6 +59,7 @@ class SequenceLogprobs:
     token_entropy: torch.Tensor | None = None
     token_predictions: torch.Tensor | None = None
     token_mean_logits: torch.Tensor | None = None
+    token_log_sum_sq_probs: torch.Tensor | None = None
 
 
 def _check_mask_like(name: str, value: torch.Tensor, like: torch.Tensor) -> None:
@@ -133,6 +136,7 @@ def sequence_logprobs_from_labels(
     return_entropy: bool = False,
     return_predictions: bool = False,
     return_mean_logits: bool = False,
+    return_log_sum_sq_probs: bool = False,
     impl: str = "auto",
 ) -> SequenceLogprobs:
     """Like :func:`sequence_logprobs`, with Hugging Face style ``labels`` (ignore_index = masked).
@@ -145,6 +149,8 @@ def sequence_logprobs_from_labels(
             position (``linear_logit_stats``: streamed, no gradient), e.g. for a token accuracy.
         return_mean_logits: also fill ``token_mean_logits`` (``linear_logit_stats``, no
             gradient), e.g. for TRL's ``logits/chosen``.
+        return_log_sum_sq_probs: also fill ``token_log_sum_sq_probs`` (``linear_logit_stats``,
+            no gradient), e.g. for WPO's weights.
     """
     check_token_ids("labels", labels)
     packed = cu_seqlens is not None
@@ -175,6 +181,7 @@ def sequence_logprobs_from_labels(
     check_bool("return_entropy", return_entropy)
     check_bool("return_predictions", return_predictions)
     check_bool("return_mean_logits", return_mean_logits)
+    check_bool("return_log_sum_sq_probs", return_log_sum_sq_probs)
     chosen = resolve_impl(impl, hidden.device, hidden.dtype)
     # The one label check (and device sync) of the call, named as the user passed the ids: the
     # shifted targets hold the same ids.
@@ -185,19 +192,23 @@ def sequence_logprobs_from_labels(
     )
     token_logps, token_entropy = result if return_entropy else (result, None)
     token_mask = targets != ignore_index
-    token_predictions = token_mean_logits = None
-    if return_predictions or return_mean_logits:
+    token_predictions = token_mean_logits = token_log_sum_sq_probs = None
+    if return_predictions or return_mean_logits or return_log_sum_sq_probs:
         # One pass without gradient over the scored positions only (prompts and padding are
         # left out).
         stats = linear_logit_stats(hidden[token_mask], weight, bias=bias,
                                    temperature=temperature, softcap=softcap,
-                                   argmax=return_predictions, mean_logits=return_mean_logits)
+                                   argmax=return_predictions, mean_logits=return_mean_logits,
+                                   log_sum_sq_probs=return_log_sum_sq_probs)
         if return_predictions:
             token_predictions = torch.full_like(targets, ignore_index)
             token_predictions[token_mask] = stats.argmax
         if return_mean_logits:
             token_mean_logits = torch.zeros_like(token_logps)
             token_mean_logits[token_mask] = stats.mean_logits.to(token_logps.dtype)
+        if return_log_sum_sq_probs:
+            token_log_sum_sq_probs = torch.zeros_like(token_logps)
+            token_log_sum_sq_probs[token_mask] = stats.log_sum_sq_probs.to(token_logps.dtype)
 
     if packed:
         lengths_of_sequences = (cu_seqlens[1:] - cu_seqlens[:-1]).to(labels.device)
@@ -218,11 +229,14 @@ def sequence_logprobs_from_labels(
             token_predictions = token_predictions[:, :-1]
         if token_mean_logits is not None:
             token_mean_logits = token_mean_logits[:, :-1]
+        if token_log_sum_sq_probs is not None:
+            token_log_sum_sq_probs = token_log_sum_sq_probs[:, :-1]
         sum_logps = token_logps.sum(-1)
         lengths = token_mask.sum(-1)
     mean_logps = sum_logps / lengths.clamp(min=1).to(sum_logps.dtype)
     return SequenceLogprobs(token_logps, token_mask, sum_logps, mean_logps, lengths,
-                            token_entropy, token_predictions, token_mean_logits)
+                            token_entropy, token_predictions, token_mean_logits,
+                            token_log_sum_sq_probs)
 
 
 def sequence_logprobs(

@@ -18,11 +18,12 @@ from torch import nn
 
 from fastalign import hf
 from fastalign.data import PreferenceCollator
-from fastalign.losses.dpo import dpo_loss
+from fastalign.losses.dpo import dpo_loss, pair_sequence_logps, wpo_pair_weights
 from fastalign.losses.options import DPO_LOSS_TYPES, F_DIVERGENCES, DPOOptions
 from fastalign.ops._checks import (
     check_field_choice,
     check_field_float,
+    check_field_number,
 )
 from fastalign.trainers.config import (
     PADDING_FREE_HELP,
@@ -52,6 +53,12 @@ class DPOConfig(TrainingConfig):
     f_divergence_type: str = option("reverse_kl", "the divergence to the reference: "
                                     + ", ".join(F_DIVERGENCES) + " (reverse_kl is DPO's)")
     f_alpha_divergence_coef: float = option(0.5, "alpha of f-divergence-type alpha_divergence")
+    ld_alpha: float | None = option(None, "LD-DPO: weight in [0, 1] of the longer answer's "
+                                    "tokens past the shorter one's length, in the policy and "
+                                    "reference log-probs ('none': plain sums)")
+    use_weighting: bool = option(False, "WPO: weight each pair's loss by the policy's "
+                                 "length-normalised probabilities of both answers (no "
+                                 "gradient; not with loss-type aot, aot_unpaired)")
     reference: str = option("auto", REFERENCE_HELP)
     padding_free: bool = option(False, PADDING_FREE_HELP)
     memory_report: bool = option(False, "after training, measure the DPO loss's peak memory on one "
@@ -70,6 +77,12 @@ class DPOConfig(TrainingConfig):
                              f"{self.loss_type!r}")
         check_field_choice("reference", self.reference, REFERENCE_MODES)
         check_field_float("beta", self.beta, positive=True)
+        if self.ld_alpha is not None:
+            check_field_number("ld_alpha", self.ld_alpha, low=0.0, high=1.0, inclusive=True,
+                               high_inclusive=True)
+        if self.padding_free and (self.ld_alpha is not None or self.use_weighting):
+            raise ValueError("padding_free does not support ld_alpha or use_weighting yet (they "
+                             "need padded per-token log-probs); drop padding_free")
         if self.loss_weights is not None:
             self.loss_weights = tuple(self.loss_weights)
         # The loss's own options object checks the rest (label smoothing and the types that use
@@ -79,7 +92,8 @@ class DPOConfig(TrainingConfig):
                                        loss_weights=self.loss_weights,
                                        label_smoothing=self.label_smoothing,
                                        f_divergence_type=self.f_divergence_type,
-                                       f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+                                       f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+                                       ld_alpha=self.ld_alpha, use_weighting=self.use_weighting)
 
 
 class DPOTrainer(ReferenceTrainer):
@@ -107,12 +121,13 @@ class DPOTrainer(ReferenceTrainer):
                 hf.check_packed_attention(ref_model)
 
     def reference_logps(self, batch: dict) -> torch.Tensor:
-        """[B, 2] summed reference log-probs of the chosen and rejected answers."""
+        """[B, 2] summed (with ld_alpha, LD-weighted) reference log-probs of the chosen and
+        rejected answers."""
         ref = self.reference.sequence_logprobs(
             batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask"),
             cu_seqlens=batch.get("cu_seqlens"), temperature=self.config.temperature,
             impl=self.config.impl)
-        return torch.stack(ref.sum_logps.chunk(2), dim=1)
+        return torch.stack(pair_sequence_logps(ref, self.config.ld_alpha), dim=1)
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         config = self.config
@@ -120,15 +135,18 @@ class DPOTrainer(ReferenceTrainer):
             self.model, batch["input_ids"], labels=batch["labels"],
             attention_mask=batch.get("attention_mask"),
             cu_seqlens=batch.get("cu_seqlens"), temperature=config.temperature,
-            return_mean_logits=True, impl=config.impl)
-        chosen_logps, rejected_logps = policy.sum_logps.chunk(2)
+            return_mean_logits=True, return_log_sum_sq_probs=config.use_weighting,
+            impl=config.impl)
+        chosen_logps, rejected_logps = pair_sequence_logps(policy, config.ld_alpha)
         ref = self.batch_reference_logps(batch)
         # A sequence without response tokens (truncated away) has log-prob 0: average it to 0.
         chosen_lengths, rejected_lengths = policy.lengths.clamp(min=1).chunk(2)
-        chosen_nll = -chosen_logps.sum() / policy.lengths.chunk(2)[0].sum().clamp(min=1)
+        chosen_nll = -policy.sum_logps.chunk(2)[0].sum() / policy.lengths.chunk(2)[0].sum(
+        ).clamp(min=1)
+        pair_weights = wpo_pair_weights(policy) if config.use_weighting else None
         loss, metrics = dpo_loss(
             chosen_logps, rejected_logps, ref[:, 0], ref[:, 1], chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths, chosen_nll=chosen_nll,
+            rejected_lengths=rejected_lengths, chosen_nll=chosen_nll, pair_weights=pair_weights,
             options=config.loss_options,
         )
         chosen_rows = torch.arange(len(policy.lengths), device=self.device) < len(chosen_logps)

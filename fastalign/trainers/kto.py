@@ -35,7 +35,7 @@ from torch import nn
 from fastalign import hf
 from fastalign.data import KTOCollator
 from fastalign.losses.kto import kto_loss
-from fastalign.losses.options import KTOOptions
+from fastalign.losses.options import KTO_LOSS_TYPES, KTOOptions
 from fastalign.ops._checks import (
     check_field_choice,
     check_field_float,
@@ -63,6 +63,8 @@ class KTOConfig(TrainingConfig):
     """KTO options on top of :class:`TrainingConfig` (TRL's names). ``batch_size`` must be >= 2."""
 
     beta: float = option(0.1, "strength of the KL regularisation toward the reference")
+    loss_type: str = option("kto", "kto, or apo_zero_unpaired (unpaired APO-zero: no KL "
+                            "reference point, so no mismatched pairs and any batch size)")
     desirable_weight: float = option(1.0, "weight of the desirable examples' losses")
     undesirable_weight: float = option(1.0, "weight of the undesirable examples' losses")
     reference: str = option("auto", REFERENCE_HELP)
@@ -72,7 +74,8 @@ class KTOConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.batch_size < 2:
+        check_field_choice("loss_type", self.loss_type, KTO_LOSS_TYPES)
+        if self.loss_type == "kto" and self.batch_size < 2:
             raise ValueError(f"KTO needs batch_size >= 2 (its KL pairs each prompt with another "
                              f"example's completion), got {self.batch_size}")
         check_field_float("beta", self.beta, positive=True)
@@ -82,13 +85,18 @@ class KTOConfig(TrainingConfig):
             raise ValueError("desirable_weight and undesirable_weight are both 0: nothing to "
                              "train")
         self.loss_options = KTOOptions(beta=self.beta, desirable_weight=self.desirable_weight,
-                                       undesirable_weight=self.undesirable_weight)
+                                       undesirable_weight=self.undesirable_weight,
+                                       loss_type=self.loss_type)
         check_field_choice("reference", self.reference, REFERENCE_MODES)
         check_field_choice("kl_pairing", self.kl_pairing, KL_PAIRINGS)
-        if self.reference == "precomputed" and self.kl_pairing == "batch":
+        if self.reference == "precomputed" and self.kl_pairing == "batch" and self.uses_kl:
             raise ValueError("reference='precomputed' needs kl_pairing='dataset' (or 'auto'): "
                              "in-batch KL pairs change with every batch, so their reference "
                              "log-probs cannot be computed before training")
+
+    @property
+    def uses_kl(self) -> bool:
+        return self.loss_options.uses_kl
 
     @property
     def resolved_kl_pairing(self) -> str:
@@ -147,16 +155,17 @@ class KTOTrainer(ReferenceTrainer):
                  config: KTOConfig, *, ref_model: nn.Module | None = None,
                  eval_examples: Sequence[dict] | None = None) -> None:
         train_examples, eval_examples = list(train_examples), list(eval_examples or [])
-        if len(eval_examples) == 1:
+        if len(eval_examples) == 1 and config.uses_kl:
             raise ValueError("KTO needs at least 2 eval examples (its KL pairs pair each prompt "
                              "with another example's completion), got 1")
         self.kl_pairing = config.resolved_kl_pairing
-        if self.kl_pairing == "dataset":  # KTOCollator then pairs with kl_completion_ids
+        if self.kl_pairing == "dataset" and config.uses_kl:  # KTOCollator pairs with these
             if len(train_examples) >= config.batch_size:  # else the stream's clear error below
                 train_examples = _with_partners(train_examples, config.seed * 2 + _PAIRING_SALT)
             if eval_examples:
                 eval_examples = _with_partners(eval_examples, config.seed * 2 + 1 + _PAIRING_SALT)
-        collator = KTOCollator(pad_token_id=pad_token_id(tokenizer), max_length=config.max_length)
+        collator = KTOCollator(pad_token_id=pad_token_id(tokenizer), max_length=config.max_length,
+                               with_kl=config.uses_kl)
         super().__init__(model, tokenizer, train_examples, config, collator=collator,
                          ref_model=ref_model, eval_examples=eval_examples)
         self._warn_about_weights()
@@ -184,11 +193,14 @@ class KTOTrainer(ReferenceTrainer):
     # -- the reference ------------------------------------------------------------------------
 
     def reference_logps(self, batch: dict) -> torch.Tensor:
-        """[B, 2] summed reference log-probs of each example and of its KL pair."""
+        """[B, 2] summed reference log-probs of each example and of its KL pair ([B, 1] without
+        KL pairs)."""
         options = dict(temperature=self.config.temperature, impl=self.config.impl)
         ref = self.reference.sequence_logprobs(
             batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"],
             **options)
+        if not self.config.uses_kl:
+            return ref.sum_logps[:, None]
         ref_kl = self.reference.sequence_logprobs(
             batch["kl_input_ids"], labels=batch["kl_labels"],
             attention_mask=batch["kl_attention_mask"], **options)
@@ -202,13 +214,15 @@ class KTOTrainer(ReferenceTrainer):
         policy = hf.sequence_logprobs(self.model, batch["input_ids"], labels=batch["labels"],
                                       attention_mask=batch["attention_mask"],
                                       return_mean_logits=True, **options)
-        with torch.no_grad():  # z_ref is detached: the KL pairs need no graph
-            policy_kl = hf.sequence_logprobs(self.model, batch["kl_input_ids"],
-                                             labels=batch["kl_labels"],
-                                             attention_mask=batch["kl_attention_mask"],
-                                             **options)
         ref = self.batch_reference_logps(batch)
-        loss, metrics = kto_loss(policy.sum_logps, ref[:, 0], policy_kl.sum_logps, ref[:, 1],
+        policy_kl_logps = ref_kl_logps = None
+        if config.uses_kl:
+            with torch.no_grad():  # z_ref is detached: the KL pairs need no graph
+                policy_kl_logps = hf.sequence_logprobs(
+                    self.model, batch["kl_input_ids"], labels=batch["kl_labels"],
+                    attention_mask=batch["kl_attention_mask"], **options).sum_logps
+            ref_kl_logps = ref[:, 1]
+        loss, metrics = kto_loss(policy.sum_logps, ref[:, 0], policy_kl_logps, ref_kl_logps,
                                  batch["desirable"], options=config.loss_options,
                                  process_group=self.dist.group)
         return loss, metrics | mean_logits_by_side(

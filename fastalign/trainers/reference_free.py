@@ -9,9 +9,11 @@ names are TRL's (``CPOConfig``'s ``simpo_gamma`` and ``cpo_alpha``; TRL runs Sim
 ``CPOTrainer(loss_type="simpo")``).
 
 What each loss reads of a sequence: SimPO and ORPO the *mean* log-prob of its answer tokens (the
-length-normalised reward of their papers), CPO the *sum*. The NLL term on the chosen answers
+length-normalised reward of their papers), CPO the *sum* (the mean with ``loss_type="ipo"``, as
+TRL). The NLL term on the chosen answers
 (CPO, ORPO, and SimPO with ``cpo_alpha > 0``) is the token mean over the batch's chosen answers,
-as TRL's cross-entropy on the chosen half of the batch.
+as TRL's CPO cross-entropy on the chosen half of the batch; TRL 1.16's ORPO also counts the
+chosen prompts' tokens (docs/ALGORITHMS.md §10).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from torch import nn
 from fastalign import hf
 from fastalign.data import PreferenceCollator
 from fastalign.losses.dpo import cpo_loss, orpo_loss, simpo_loss
-from fastalign.losses.options import CPOOptions, ORPOOptions, SimPOOptions
-from fastalign.ops._checks import check_field_float, check_field_number
+from fastalign.losses.options import CPO_LOSS_TYPES, CPOOptions, ORPOOptions, SimPOOptions
+from fastalign.ops._checks import check_field_choice, check_field_float, check_field_number
 from fastalign.trainers.config import TrainingConfig, option, pad_token_id
 from fastalign.trainers.loop import Trainer
 from fastalign.trainers.metrics import mean_logits_by_side
@@ -36,6 +38,8 @@ __all__ = ["CPOConfig", "CPOTrainer", "ORPOConfig", "ORPOTrainer", "SimPOConfig"
 
 _SMOOTHING_HELP = "probability that a preference label is flipped (robust, conservative loss)"
 _ALPHA_HELP = "weight of the NLL term on the chosen answers"
+_ALPHAPO_HELP = ("AlphaPO's reward shape: each answer's reward is (1 - p^-alpha)/alpha of its "
+                 "probability p instead of log p (0: log p)")
 
 
 def _check_cpo_family(config) -> None:
@@ -44,6 +48,7 @@ def _check_cpo_family(config) -> None:
     check_field_number("label_smoothing", config.label_smoothing, low=0.0, high=0.5,
                        inclusive=True)
     check_field_float("cpo_alpha", config.cpo_alpha, positive=False)
+    check_field_number("alpha", config.alpha, low=-math.inf)
 
 
 @dataclass
@@ -54,6 +59,8 @@ class SimPOConfig(TrainingConfig):
     simpo_gamma: float = option(0.5, "the target reward margin gamma")
     label_smoothing: float = option(0.0, _SMOOTHING_HELP)
     cpo_alpha: float = option(0.0, _ALPHA_HELP + " (0: pure SimPO; > 0: CPO-SimPO)")
+    alpha: float = option(0.0, _ALPHAPO_HELP + "; TRL's loss-type alphapo is simpo with "
+                          "alpha != 0 and cpo-alpha 0")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,7 +71,7 @@ class SimPOConfig(TrainingConfig):
             raise ValueError(f"simpo_gamma must be a finite number, got {self.simpo_gamma!r}")
         self.loss_options = SimPOOptions(beta=self.beta, gamma=self.simpo_gamma,
                                          label_smoothing=self.label_smoothing,
-                                         alpha=self.cpo_alpha)
+                                         alpha=self.cpo_alpha, alphapo_alpha=self.alpha)
 
 
 @dataclass
@@ -74,12 +81,17 @@ class CPOConfig(TrainingConfig):
     beta: float = option(0.1, "the scale of the summed answer log-prob difference")
     label_smoothing: float = option(0.0, _SMOOTHING_HELP)
     cpo_alpha: float = option(1.0, _ALPHA_HELP + " (behaviour cloning)")
+    loss_type: str = option("sigmoid", "the preference term: " + ", ".join(CPO_LOSS_TYPES)
+                            + " (ipo compares mean answer log-probs, the others sums)")
+    alpha: float = option(0.0, _ALPHAPO_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_cpo_family(self)
+        check_field_choice("loss_type", self.loss_type, CPO_LOSS_TYPES)
         self.loss_options = CPOOptions(beta=self.beta, label_smoothing=self.label_smoothing,
-                                       alpha=self.cpo_alpha)
+                                       alpha=self.cpo_alpha, loss_type=self.loss_type,
+                                       alphapo_alpha=self.alpha)
 
 
 @dataclass
@@ -98,7 +110,6 @@ class _ReferenceFreeTrainer(Trainer):
     """The shared step: policy log-probs of both answers through the fused head, then the loss."""
 
     loss_fn: Callable
-    mean_logps: bool  # the loss reads each answer's mean token log-prob (else the sum)
 
     def __init__(self, model: nn.Module, tokenizer, train_examples: Sequence[dict],
                  config: TrainingConfig, *, eval_examples: Sequence[dict] | None = None) -> None:
@@ -116,7 +127,8 @@ class _ReferenceFreeTrainer(Trainer):
             attention_mask=batch["attention_mask"],
             temperature=config.temperature, return_mean_logits=True, impl=config.impl)
         logps = policy.sum_logps
-        if self.mean_logps:  # an answer truncated to no tokens has log-prob 0, averaged to 0
+        # The options say whether the loss reads each answer's mean token log-prob or its sum.
+        if config.loss_options.length_averaged:  # no answer tokens: log-prob 0, averaged to 0
             logps = logps / policy.lengths.clamp(min=1)
         chosen_logps, rejected_logps = logps.chunk(2)
         chosen_sums, chosen_lengths = policy.sum_logps.chunk(2)[0], policy.lengths.chunk(2)[0]
@@ -140,7 +152,6 @@ class SimPOTrainer(_ReferenceFreeTrainer):
 
     name = "simpo"
     loss_fn = staticmethod(simpo_loss)
-    mean_logps = True
 
 
 class CPOTrainer(_ReferenceFreeTrainer):
@@ -148,7 +159,6 @@ class CPOTrainer(_ReferenceFreeTrainer):
 
     name = "cpo"
     loss_fn = staticmethod(cpo_loss)
-    mean_logps = False
 
 
 class ORPOTrainer(_ReferenceFreeTrainer):
@@ -156,4 +166,3 @@ class ORPOTrainer(_ReferenceFreeTrainer):
 
     name = "orpo"
     loss_fn = staticmethod(orpo_loss)
-    mean_logps = True

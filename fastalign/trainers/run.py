@@ -104,15 +104,15 @@ JOBS: dict[str, Job] = {
         kind="simpo", help="SimPO: reference-free, length-normalised, with a target margin",
         description="SimPO on prompt/chosen/rejected pairs: no reference model; the reward is "
                     "beta times the mean answer log-prob (TRL's CPOTrainer with loss_type "
-                    "simpo; --cpo-alpha > 0 adds the NLL term of CPO-SimPO).",
+                    "simpo; --cpo-alpha > 0 adds the NLL term of CPO-SimPO; --alpha is AlphaPO).",
         config_class=SimPOConfig, trainer_class=SimPOTrainer, **_PREFERENCE_DATA,
         summary_keys=_REFERENCE_FREE_SUMMARY,
     ),
     "cpo": Job(
         kind="cpo", help="CPO: reference-free DPO plus NLL on the chosen answers",
         description="CPO on prompt/chosen/rejected pairs: no reference model; the sigmoid loss "
-                    "of beta times the summed log-prob difference, plus --cpo-alpha times the "
-                    "NLL of the chosen answers.",
+                    "of beta times the summed log-prob difference (or --loss-type hinge, ipo), "
+                    "plus --cpo-alpha times the NLL of the chosen answers.",
         config_class=CPOConfig, trainer_class=CPOTrainer, **_PREFERENCE_DATA,
         summary_keys=_REFERENCE_FREE_SUMMARY,
     ),
@@ -128,7 +128,7 @@ JOBS: dict[str, Job] = {
     "kto": Job(
         kind="kto", help="Kahneman-Tversky Optimization",
         description="KTO on unpaired prompt/completion/label data, with the mismatched-pair KL "
-                    "reference point.",
+                    "reference point (none with --loss-type apo_zero_unpaired).",
         config_class=KTOConfig, trainer_class=KTOTrainer, data_kind="kto",
         encode=data.encode_kto, default_data="kto",
         extra_arguments={"ref_model": _REF_MODEL_HELP},

@@ -43,6 +43,31 @@ def eager_cpo(sums, lengths, *, beta, epsilon, alpha):
     return _smoothed(beta * (chosen - rejected), epsilon).mean() + alpha * nll
 
 
+def alphapo_reward(logps, alpha):
+    """AlphaPO's reward (1 − p^(−α))/α of an answer with log-prob ``logps`` (α ≠ 0)."""
+    return (1 - torch.exp(logps).pow(-alpha)) / alpha
+
+
+def eager_alphapo_simpo(sums, lengths, *, beta, gamma, alpha):
+    chosen, rejected = (sums / lengths).chunk(2)
+    margin = alphapo_reward(chosen, alpha) - alphapo_reward(rejected, alpha)
+    return -F.logsigmoid(beta * margin - gamma).mean()
+
+
+def eager_cpo_variant(sums, lengths, *, loss_type, beta, alpha, alphapo=0.0):
+    """CPO's hinge / ipo (ipo on mean log-probs), optionally on AlphaPO rewards, + α·NLL."""
+    per_sequence = sums / lengths if loss_type == "ipo" else sums
+    chosen, rejected = per_sequence.chunk(2)
+    if alphapo:
+        chosen, rejected = alphapo_reward(chosen, alphapo), alphapo_reward(rejected, alphapo)
+    if loss_type == "hinge":
+        losses = torch.clamp(1 - beta * (chosen - rejected), min=0)
+    else:
+        losses = (chosen - rejected - 1 / (2 * beta)) ** 2
+    nll = -sums.chunk(2)[0].sum() / lengths.chunk(2)[0].sum()
+    return losses.mean() + alpha * nll
+
+
 def eager_orpo(sums, lengths, *, beta):
     means = sums / lengths
     log_odds = means - torch.log(-torch.expm1(means))  # log(p / (1 - p)), p = exp(mean)
@@ -58,11 +83,18 @@ CASES = [
     (CPOTrainer, CPOConfig, dict(beta=0.2, label_smoothing=0.05, cpo_alpha=0.5),
      lambda s, n: eager_cpo(s, n, beta=0.2, epsilon=0.05, alpha=0.5)),
     (ORPOTrainer, ORPOConfig, dict(beta=0.25), lambda s, n: eager_orpo(s, n, beta=0.25)),
+    # TRL's loss_type="alphapo": SimPO with AlphaPO's reward and no NLL term.
+    (SimPOTrainer, SimPOConfig, dict(beta=2.0, simpo_gamma=0.5, alpha=0.25),
+     lambda s, n: eager_alphapo_simpo(s, n, beta=2.0, gamma=0.5, alpha=0.25)),
+    (CPOTrainer, CPOConfig, dict(beta=0.2, cpo_alpha=0.5, loss_type="hinge"),
+     lambda s, n: eager_cpo_variant(s, n, loss_type="hinge", beta=0.2, alpha=0.5)),
+    (CPOTrainer, CPOConfig, dict(beta=0.3, cpo_alpha=0.5, loss_type="ipo", alpha=-0.4),
+     lambda s, n: eager_cpo_variant(s, n, loss_type="ipo", beta=0.3, alpha=0.5, alphapo=-0.4)),
 ]
 
 
 @pytest.mark.parametrize("trainer_class, config_class, options, eager_loss", CASES,
-                         ids=["simpo", "cpo", "orpo"])
+                         ids=["simpo", "cpo", "orpo", "alphapo", "cpo-hinge", "cpo-ipo-alphapo"])
 def test_loss_and_gradients_equal_eager(tmp_path, tokenizer, pairs, trainer_class, config_class,
                                         options, eager_loss):
     model = assets.build_default_model(seed=1)
@@ -86,7 +118,7 @@ def test_loss_and_gradients_equal_eager(tmp_path, tokenizer, pairs, trainer_clas
     # TRL's metric names, with the values they describe
     chosen, rejected = sums.detach().chunk(2)
     lengths = mask.sum(-1).float().chunk(2)
-    if trainer_class is not CPOTrainer:
+    if trainer_class is not CPOTrainer or options.get("loss_type") == "ipo":
         chosen, rejected = chosen / lengths[0], rejected / lengths[1]
     assert metrics["logps/chosen"].item() == pytest.approx(chosen.mean().item(), rel=1e-5)
     assert metrics["rewards/accuracies"].item() == pytest.approx(
@@ -114,6 +146,9 @@ def test_cli_trains_each_reference_free_kind(tmp_path, capsys, kind):
     ("simpo", "--label-smoothing", "0.5", "label_smoothing must be"),
     ("cpo", "--cpo-alpha", "-1", "cpo_alpha must be a finite number >= 0"),
     ("orpo", "--beta", "0", "beta must be a finite number > 0"),
+    ("cpo", "--loss-type", "simpo", "loss_type must be one of 'sigmoid', 'hinge', 'ipo'"),
+    ("cpo", "--alpha", "nan", "alpha must be a finite number"),
+    ("simpo", "--alpha", "inf", "alpha must be a finite number"),
 ])
 def test_bad_options_are_named(tmp_path, capsys, kind, option, value, message):
     assert cli_main(["train", kind, "--output", str(tmp_path), option, value]) == 2
@@ -147,3 +182,11 @@ def test_fastalign_hf_is_reachable_after_a_plain_import():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "token_logprobs", result.stderr
+
+
+def test_cpo_label_smoothing_needs_the_sigmoid_loss(tmp_path, capsys):
+    """TRL warns and ignores label smoothing with hinge and ipo; here it is an error."""
+    assert cli_main(["train", "cpo", "--output", str(tmp_path), "--loss-type", "ipo",
+                     "--label-smoothing", "0.1"]) == 2
+    error = capsys.readouterr().err
+    assert "label_smoothing=0.1 has no effect with loss_type='ipo'" in error

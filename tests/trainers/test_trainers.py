@@ -109,6 +109,89 @@ def test_dpo_loss_and_gradients_equal_eager(tmp_path, tokenizer, pairs, referenc
                                    atol=1e-5)
 
 
+def _eager_token_logps(model, batch):
+    """[2B, T − 1] log-probs of the labelled tokens (0 elsewhere), their mask, and the WPO
+    weight exp(mean over the answer of log p(y_t) − log Σ_v p_v²) of each sequence."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    token = log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * mask
+    with torch.no_grad():
+        collision = torch.log((log_probs.exp() ** 2).sum(-1))
+        weights = torch.exp(((token - collision) * mask).sum(-1) / mask.sum(-1))
+    return token, mask, weights
+
+
+def _eager_ld_sums(token, mask, alpha):
+    """LD-DPO: per pair, the first min(n_w, n_l) answer tokens at weight 1, the rest at alpha."""
+    pairs = token.shape[0] // 2
+    rank = mask.long().cumsum(-1)
+    shared = torch.minimum(mask[:pairs].sum(-1), mask[pairs:].sum(-1)).repeat(2)[:, None]
+    weights = torch.where(rank <= shared, torch.ones(()), torch.full((), alpha)) * mask
+    return (token * weights).sum(-1)
+
+
+@pytest.mark.parametrize("ld_alpha, use_weighting", [(0.3, False), (None, True), (0.6, True)])
+def test_dpo_ld_alpha_and_wpo_equal_eager(tmp_path, tokenizer, pairs, ld_alpha, use_weighting):
+    """TRL's ld_alpha (LD-DPO) and use_weighting (WPO), from the model's own logits."""
+    model = assets.build_default_model(seed=1)
+    config = _config(tmp_path, reference="precomputed", ld_alpha=ld_alpha,
+                     use_weighting=use_weighting, loss_type=("sigmoid", "sft"),
+                     loss_weights=(1.0, 0.5))
+    trainer = DPOTrainer(model, tokenizer, pairs[:16], config)
+    reference_model = assets.build_default_model(seed=1)
+    trainer.before_training()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    batch = trainer.batch([3, 0, 7, 12])
+    lengths = (batch["labels"][:, 1:] != -100).sum(-1)
+    assert (lengths[:4] != lengths[4:]).any()  # the LD weighting has tokens to act on
+
+    loss, _ = trainer.compute_loss(batch)
+    loss.backward()
+    fused_grads = _grads(model)
+    model.zero_grad()
+
+    token, mask, weights = _eager_token_logps(model, batch)
+    with torch.no_grad():
+        ref_token, _, _ = _eager_token_logps(reference_model, batch)
+    if ld_alpha is None:
+        policy, reference = token.sum(-1), ref_token.sum(-1)
+    else:
+        policy = _eager_ld_sums(token, mask, ld_alpha)
+        reference = _eager_ld_sums(ref_token, mask, ld_alpha)
+    chosen, rejected = policy.chunk(2)
+    ref_chosen, ref_rejected = reference.chunk(2)
+    per_pair = -F.logsigmoid(0.1 * ((chosen - ref_chosen) - (rejected - ref_rejected)))
+    per_pair = per_pair + 0.5 * -token[:4].sum() / mask[:4].sum()  # sft: the plain token mean
+    if use_weighting:
+        per_pair = per_pair * weights[:4] * weights[4:]
+    eager = per_pair.mean()
+    eager.backward()
+    eager_grads = _grads(model)
+
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for name, grad in eager_grads.items():
+        scale = grad.abs().max().item() + 1e-12
+        assert (fused_grads[name] - grad).abs().max().item() <= 1e-4 * scale, name
+
+
+def test_dpo_ld_alpha_and_wpo_options(tmp_path, capsys):
+    assert cli_main(["train", "dpo", "--output", str(tmp_path / "run"), "--max-steps", "1",
+                     "--batch-size", "2", "--max-length", "48", "--max-prompt-length", "24",
+                     "--ld-alpha", "0.5", "--use-weighting", "--no-progress",
+                     "--no-plots"]) == 0
+    for options, message in [(["--ld-alpha", "2"], "ld_alpha must be a finite number in [0.0"),
+                             (["--use-weighting", "--loss-type", "aot"],
+                              "use_weighting cannot weight loss_type 'aot'"),
+                             (["--ld-alpha", "0.5", "--padding-free"], "padding_free does not")]:
+        assert cli_main(["train", "dpo", "--output", str(tmp_path / "bad"), *options]) == 2
+        error = capsys.readouterr().err
+        assert f"fastalign train dpo: error: {message}" in error and "Traceback" not in error
+
+
 @pytest.mark.parametrize("loss_type, weights", [("ipo", None), (("sigmoid", "sft"), (1.0, 0.5)),
                                                 ("hinge", None)])
 def test_dpo_loss_types_run_and_differ(tmp_path, tokenizer, pairs, loss_type, weights):

@@ -327,6 +327,39 @@ def test_kto_loss_and_gradients_match_eager(tmp_path, tok, kto_data, pairing):
     assert_same_gradients(trainer.model, loss, eager)
 
 
+@pytest.mark.parametrize("reference", ["copy", "precomputed"])
+def test_kto_apo_zero_unpaired_matches_eager(tmp_path, tok, kto_data, reference):
+    """TRL's KTO loss_type "apo_zero_unpaired": no KL pairs, any batch size (here 3, odd)."""
+    ref = scaled_policy()
+    options = dict(beta=0.5, desirable_weight=1.3, undesirable_weight=0.7, batch_size=3,
+                   loss_type="apo_zero_unpaired", reference=reference)
+    trainer = KTOTrainer(policy(seed=0), tok, kto_data, config(KTOConfig, tmp_path, **options),
+                         ref_model=ref)
+    trainer.before_training()
+    batch = trainer.batch([0, 5, 2])
+    assert "kl_input_ids" not in batch
+    loss, metrics = trainer.compute_loss(batch)
+    ids = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logps, _ = eager_sequence_logps(trainer.model, *ids)
+    with torch.no_grad():
+        ref_logps, _ = eager_sequence_logps(ref, *ids)
+    r = logps - ref_logps
+    eager = torch.where(batch["desirable"], 1.3 * (1 - torch.sigmoid(0.5 * r)),
+                        0.7 * torch.sigmoid(0.5 * r)).mean()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    assert metrics["kl"].item() == 0.0
+    assert_same_gradients(trainer.model, loss, eager)
+
+
+def test_kto_apo_zero_unpaired_trains_with_batches_of_one(tmp_path, tok, kto_data):
+    trainer = KTOTrainer(policy(), tok, kto_data[:6],
+                         config(KTOConfig, tmp_path, batch_size=1,
+                                loss_type="apo_zero_unpaired"),
+                         eval_examples=kto_data[:1])
+    result = trainer.train()
+    assert math.isfinite(result.metrics["loss"]) and "eval/loss" in result.eval_metrics
+
+
 def test_kto_fixed_pairs(tok, kto_data):
     partners = fixed_kl_partners(10, seed=3)
     assert sorted(partners) == list(range(10))  # every completion used once
@@ -420,6 +453,7 @@ def test_kto_adapters_reference(tmp_path, tok, kto_data):
     (dict(kl_pairing="random"), "kl_pairing must be one of"),
     (dict(reference="precomputed", kl_pairing="batch"), "kl_pairing='dataset'"),
     (dict(batch_size=1), "batch_size >= 2"),
+    (dict(loss_type="apo_down"), "loss_type must be one of"),
 ])
 def test_kto_bad_options(tmp_path, options, match):
     with pytest.raises(ValueError, match=match):
