@@ -9,6 +9,9 @@ checks → allocates → launches; what those launchers share lives here:
   names (its backward accumulates with atomics) and a host timer under the interpreter;
 - ``run_kernel``, which launches a kernel at its pinned config, or autotuned;
 - launch helpers: the CUDA device guard, the SM count, the forward's vocabulary splits;
+- the kernels' view of their inputs (``kernel_head``, ``aligned``): H padded to a multiple of 16
+  and every tensor on a 16-byte boundary, so that a launch always gets the JIT's divisibility
+  specialisation (see ``kernel_head``);
 - cheap layout checks (dims, shape, dtype, contiguity, device). The values of the arguments
   (temperature, softcap, target range, ...) are validated once, at the public entry points in
   ``fastalign``; the launchers only make sure that the kernels read what they are told to read.
@@ -31,6 +34,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Vocabulary splits of the forward are multiples of this, hence of every BLOCK_V a config may use.
 SPLIT_GRANULE = 256
+# The JIT marks a pointer argument 16-byte aligned, and an integer argument divisible by 16, when
+# they are: what the kernels' H-loops need to vectorise and pipeline their loads (see kernel_head).
+ALIGNMENT = 16
 
 
 def head_heuristics(**more: Callable[[dict], object]) -> dict:
@@ -182,6 +188,45 @@ def vocab_splits(vocab_size: int, n_tiles: int, device: torch.device) -> tuple[i
     wanted = min(num_granules, max(1, triton.cdiv(2 * num_sms(device), n_tiles)))
     v_per_split = triton.cdiv(num_granules, wanted) * SPLIT_GRANULE
     return v_per_split, triton.cdiv(vocab_size, v_per_split)
+
+
+def aligned(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x``, or a copy of it on a fresh (aligned) allocation if it starts off a 16-byte boundary
+    (a view at an odd offset, such as ``labels[0, 1:]``)."""
+    if x is None or x.data_ptr() % ALIGNMENT == 0:
+        return x
+    return x.clone()
+
+
+def kernel_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """hidden [N, H], weight [V, H] and bias as the kernels read them: H zero-padded to a multiple
+    of 16 and every tensor on a 16-byte boundary (copies only where that is not so already).
+
+    The JIT specialises a launch on H, the row strides and the pointers being multiples of 16
+    (elements, bytes); without that, the H-loops of the logit tiles lose their vectorised,
+    multi-stage pipelined loads and spill registers inside the loop (fastalign.bench.hopper shows
+    both). The padding columns are zeros, so every logit, and hence every result, is the same,
+    bit for bit: the kernels already read zeros past H in the last chunk. Gradients come back
+    [*, padded H]; ``unpadded`` cuts them to the caller's H.
+    """
+    hidden_size = hidden.shape[1]
+    padded = triton.cdiv(hidden_size, ALIGNMENT) * ALIGNMENT
+    if padded == hidden_size:
+        return aligned(hidden), aligned(weight), aligned(bias)
+    pad = (0, padded - hidden_size)
+    return (torch.nn.functional.pad(hidden, pad), torch.nn.functional.pad(weight, pad),
+            aligned(bias))
+
+
+def unpadded(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    """A float32 gradient accumulator, cut to the shape of ``like`` (undoing ``kernel_head``'s
+    padding of H) and cast to its dtype; None stays None."""
+    if grad is None:
+        return None
+    if grad.dim() == 2 and grad.shape[1] != like.shape[1]:
+        return grad[:, :like.shape[1]].to(like.dtype).contiguous()
+    return grad.to(like.dtype)
 
 
 def float32_accumulator(wanted: bool, shape: tuple[int, ...],

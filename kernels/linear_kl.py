@@ -406,6 +406,8 @@ def linear_kl_forward(
     lse and ref_lse are what ``linear_kl_backward`` needs besides kl (module docstring).
     """
     _check_layout(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    hidden, weight, bias = _launch.kernel_head(hidden, weight, bias)
+    ref_hidden, ref_weight, ref_bias = _launch.kernel_head(ref_hidden, ref_weight, ref_bias)
     n_tokens, hidden_size = hidden.shape
     vocab_size, ref_hidden_size = ref_weight.shape
     device = hidden.device
@@ -451,8 +453,7 @@ def linear_kl_backward(
     gradients of absent biases) are None, and a head with none requested costs no gradient work.
     """
     _check_layout(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    n_tokens, hidden_size = hidden.shape
-    vocab_size, ref_hidden_size = ref_weight.shape
+    n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     device = hidden.device
     for name, x, dtype in (("grad_kl", grad_kl, torch.float32), ("kl", kl, torch.float64),
                            ("lse", lse, torch.float64), ("ref_lse", ref_lse, torch.float64)):
@@ -460,6 +461,11 @@ def linear_kl_backward(
     _launch.check_one_device(hidden, grad_kl, kl, lse, ref_lse)
     compute_dbias = compute_dbias and bias is not None
     compute_dref_bias = compute_dref_bias and ref_bias is not None
+    like = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    hidden, weight, bias = _launch.kernel_head(hidden, weight, bias)
+    ref_hidden, ref_weight, ref_bias = _launch.kernel_head(ref_hidden, ref_weight, ref_bias)
+    grad_kl, kl, lse, ref_lse = map(_launch.aligned, (grad_kl, kl, lse, ref_lse))
+    hidden_size, ref_hidden_size = hidden.shape[1], ref_hidden.shape[1]
 
     grads = tuple(_launch.float32_accumulator(wanted, shape, device) for wanted, shape in (
         (compute_dhidden, (n_tokens, hidden_size)),
@@ -479,5 +485,4 @@ def linear_kl_backward(
                                lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"])
                                              * triton.cdiv(vocab_size, meta["BLOCK_V"]),),
                                args, hidden.dtype, n_tokens, _default_config)
-    like = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, like))
+    return tuple(_launch.unpadded(grad, x) for grad, x in zip(grads, like))

@@ -295,6 +295,8 @@ def linear_logprobs_forward(
     kernel's, which otherwise rejects targets ≥ V.
     """
     _check_layout(hidden, weight, bias, targets)
+    hidden, weight, bias = _launch.kernel_head(hidden, weight, bias)
+    targets = _launch.aligned(targets)
     n_tokens, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     device = hidden.device
@@ -344,8 +346,7 @@ def linear_logprobs_backward(
     are None and cost nothing.
     """
     _check_layout(hidden, weight, bias, targets)
-    n_tokens, hidden_size = hidden.shape
-    vocab_size = weight.shape[0]
+    n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     device = hidden.device
     for name, x, dtype in (("grad_logp", grad_logp, torch.float32),
                            ("grad_entropy", grad_entropy, torch.float32),
@@ -354,6 +355,11 @@ def linear_logprobs_backward(
             _launch.check_layout(name, x, dtype, (n_tokens,))
     _launch.check_one_device(hidden, grad_logp, grad_entropy, lse, sum_pz)
     compute_dbias = compute_dbias and bias is not None
+    like = (hidden, weight, bias)
+    hidden, weight, bias = _launch.kernel_head(hidden, weight, bias)
+    targets, lse, sum_pz, grad_logp, grad_entropy = map(
+        _launch.aligned, (targets, lse, sum_pz, grad_logp, grad_entropy))
+    hidden_size = hidden.shape[1]
 
     dh = _launch.float32_accumulator(compute_dhidden, (n_tokens, hidden_size), device)
     dw = _launch.float32_accumulator(compute_dweight, (vocab_size, hidden_size), device)
@@ -369,8 +375,4 @@ def linear_logprobs_backward(
                                lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"])
                                              * triton.cdiv(vocab_size, meta["BLOCK_V"]),),
                                args, hidden.dtype, n_tokens, _default_config)
-    return (
-        None if dh is None else dh.to(hidden.dtype),
-        None if dw is None else dw.to(weight.dtype),
-        None if db is None else db.to(bias.dtype),
-    )
+    return tuple(_launch.unpadded(grad, x) for grad, x in zip((dh, dw, db), like))
