@@ -66,17 +66,22 @@ def autotune_enabled() -> bool:
 
 
 def pinned_config(kind: str, dtype: torch.dtype, n_tokens: int,
-                  block_v_16bit: int) -> triton.Config:
+                  block_v_16bit: int,
+                  fp32_tile: tuple[int, int, int] = (64, 32, 8)) -> triton.Config:
     """The pinned config of a logit-tile kernel: 16-bit inputs take [128, block_v_16bit] logit
     tiles, H in chunks of 64, 8 warps, a 3-stage pipeline; float32 runs exact IEEE dots (no
-    tensor cores) on 64×64 tiles. Few tokens (decoding, tests) shrink BLOCK_N to what is there.
+    tensor cores) on 64 tokens × ``fp32_tile`` = (BLOCK_V, BLOCK_H, warps) (64×64 tiles on 4
+    warps spill registers inside the loops of the forward and of the two-head backward:
+    ``fastalign.bench.hopper``). Few tokens (decoding, tests) shrink BLOCK_N to what is there.
 
     Chosen for Hopper (H100/H200): its shared memory and MMA shapes; not yet timed. Each op
-    picks ``block_v_16bit`` for its register pressure (its ``_default_config``)."""
+    picks the vocabulary tiles and float32 warps for its register pressure (its
+    ``_default_config``)."""
     block_n = min(128 if dtype != torch.float32 else 64, max(16, triton.next_power_of_2(n_tokens)))
     if dtype == torch.float32:
-        kwargs = dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_H=32)
-        num_warps, num_stages = 4, 2
+        block_v, block_h, num_warps = fp32_tile
+        kwargs = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h)
+        num_stages = 2
     else:
         kwargs = dict(BLOCK_N=block_n, BLOCK_V=block_v_16bit, BLOCK_H=64)
         num_warps, num_stages = 8, 3

@@ -359,10 +359,18 @@ def _default_config(kind: str, dtype: torch.dtype, n_tokens: int) -> triton.Conf
     timed.
 
     Two logit tiles are live at once (z and z', and in backward p, q and ∂L/∂a besides), so the
-    vocabulary tile is half that of linear_logprobs: 16-bit inputs take 128×64 logit tiles
-    ((128 + 64)·64·2 B = 24 KiB a stage); float32 is as in linear_logprobs.
+    vocabulary tile is half that of linear_logprobs: 16-bit inputs take 128×64 logit tiles in
+    backward ((128 + 64)·64·2 B = 24 KiB a stage) and 128×32 in forward; float32 takes 64×64
+    tiles on 8 warps in backward and 64×32 tiles on 4 warps in forward, H in chunks of 16 in
+    both (backward must recompute forward's logits bit for bit, so the chunks of H are the same).
+    Larger forward tiles spill registers inside its vocabulary loop (on ragged shapes, odd H,
+    softcap, few tokens), and so does ptxas's allocation of 128 registers a thread on 8 warps
+    (``fastalign.bench.hopper``).
     """
-    return _launch.pinned_config(kind, dtype, n_tokens, block_v_16bit=64)
+    if kind == "backward":
+        return _launch.pinned_config(kind, dtype, n_tokens, block_v_16bit=64,
+                                     fp32_tile=(64, 16, 8))
+    return _launch.pinned_config(kind, dtype, n_tokens, block_v_16bit=32, fp32_tile=(32, 16, 4))
 
 
 def _autotune_configs(kind: str) -> list[triton.Config]:

@@ -249,9 +249,12 @@ def _backward_kernel(
 def _default_config(kind: str, dtype: torch.dtype, n_tokens: int) -> triton.Config:
     """The pinned config (H100). Chosen for Hopper's shared memory and MMA shapes; not yet timed.
 
-    16-bit inputs: 128×128 logit tiles ((128 + 128)·64·2 B = 32 KiB a pipeline stage).
+    16-bit inputs: 128×128 logit tiles in backward ((128 + 128)·64·2 B = 32 KiB a pipeline
+    stage), 128×64 in forward, whose running statistics and softmax of a 128×128 tile take all
+    255 registers a thread and spill inside the vocabulary loop (``fastalign.bench.hopper``).
     """
-    return _launch.pinned_config(kind, dtype, n_tokens, block_v_16bit=128)
+    block_v_16bit = 128 if kind == "backward" else 64
+    return _launch.pinned_config(kind, dtype, n_tokens, block_v_16bit=block_v_16bit)
 
 
 def _autotune_configs(kind: str) -> list[triton.Config]:
