@@ -3,6 +3,8 @@
 #               (progress, reward accuracy and margins, fused-vs-eager loss memory, plots)
 #   make test   set up, then run the whole test suite
 #   make bench  set up, then benchmark the fused op against its peers on this machine's shapes
+#   make hopper-table  set up, then compile every Triton kernel for sm_90/sm_80 (no GPU needed)
+#               and write its registers / spills / shared memory table to benchmarks/results/
 #
 # Set-up makes a virtual environment in .venv with the CPU build of torch (never the CUDA wheels),
 # builds the C++ extension once against it (no pip build isolation, so torch is never downloaded
@@ -15,8 +17,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fastalign-installed
 BENCH_OUT ?= benchmarks/results/latest
 DEMO_OUT ?= fastalign-runs/demo-dpo
+HOPPER_OUT ?= benchmarks/results
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench hopper-table lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +38,9 @@ demo: setup
 
 bench: setup
 	$(BIN)/fastalign bench --output $(BENCH_OUT)
+
+hopper-table: setup
+	env -u TRITON_INTERPRET $(BIN)/python -m fastalign.bench.hopper --out $(HOPPER_OUT)
 
 test: setup
 	$(BIN)/ruff check .

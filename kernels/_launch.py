@@ -12,6 +12,9 @@ checks → allocates → launches; what those launchers share lives here:
 - the chunked backward (``FASTALIGN_TRITON_BACKWARD``): per chunk of tokens a kernel writes
   ∂L/∂logits into a bounded workspace, and tensor-core matrix products turn it into the head's
   gradients (``head_grads_in_chunks``);
+- the kernels' view of their inputs (``kernel_head``, ``aligned``): H padded to a multiple of 16
+  and every tensor on a 16-byte boundary, so that a launch always gets the JIT's divisibility
+  specialisation (see ``kernel_head``);
 - cheap layout checks (dims, shape, dtype, contiguity, device). The values of the arguments
   (temperature, softcap, target range, ...) are validated once, at the public entry points in
   ``fastalign``; the launchers only make sure that the kernels read what they are told to read.
@@ -35,6 +38,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Vocabulary splits of the forward are multiples of this, hence of every BLOCK_V a config may use.
 SPLIT_GRANULE = 256
+# The JIT marks a pointer argument 16-byte aligned, and an integer argument divisible by 16, when
+# they are: what the kernels' H-loops need to vectorise and pipeline their loads (see kernel_head).
+ALIGNMENT = 16
 
 
 def head_heuristics(**more: Callable[[dict], object]) -> dict:
@@ -64,17 +70,22 @@ def autotune_enabled() -> bool:
 
 
 def pinned_config(kind: str, dtype: torch.dtype, n_tokens: int,
-                  block_v_16bit: int) -> triton.Config:
+                  block_v_16bit: int,
+                  fp32_tile: tuple[int, int, int] = (64, 32, 8)) -> triton.Config:
     """The pinned config of a logit-tile kernel: 16-bit inputs take [128, block_v_16bit] logit
     tiles, H in chunks of 64, 8 warps, a 3-stage pipeline; float32 runs exact IEEE dots (no
-    tensor cores) on 64×64 tiles. Few tokens (decoding, tests) shrink BLOCK_N to what is there.
+    tensor cores) on 64 tokens × ``fp32_tile`` = (BLOCK_V, BLOCK_H, warps) (64×64 tiles on 4
+    warps spill registers inside the loops of the forward and of the two-head backward:
+    ``fastalign.bench.hopper``). Few tokens (decoding, tests) shrink BLOCK_N to what is there.
 
     Chosen for Hopper (H100/H200): its shared memory and MMA shapes; not yet timed. Each op
-    picks ``block_v_16bit`` for its register pressure (its ``_default_config``)."""
+    picks the vocabulary tiles and float32 warps for its register pressure (its
+    ``_default_config``)."""
     block_n = min(128 if dtype != torch.float32 else 64, max(16, triton.next_power_of_2(n_tokens)))
     if dtype == torch.float32:
-        kwargs = dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_H=32)
-        num_warps, num_stages = 4, 2
+        block_v, block_h, num_warps = fp32_tile
+        kwargs = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h)
+        num_stages = 2
     else:
         kwargs = dict(BLOCK_N=block_n, BLOCK_V=block_v_16bit, BLOCK_H=64)
         num_warps, num_stages = 8, 3
@@ -188,6 +199,45 @@ def vocab_splits(vocab_size: int, n_tiles: int, device: torch.device) -> tuple[i
     return v_per_split, triton.cdiv(vocab_size, v_per_split)
 
 
+def aligned(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x``, or a copy of it on a fresh (aligned) allocation if it starts off a 16-byte boundary
+    (a view at an odd offset, such as ``labels[0, 1:]``)."""
+    if x is None or x.data_ptr() % ALIGNMENT == 0:
+        return x
+    return x.clone()
+
+
+def kernel_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """hidden [N, H], weight [V, H] and bias as the kernels read them: H zero-padded to a multiple
+    of 16 and every tensor on a 16-byte boundary (copies only where that is not so already).
+
+    The JIT specialises a launch on H, the row strides and the pointers being multiples of 16
+    (elements, bytes); without that, the H-loops of the logit tiles lose their vectorised,
+    multi-stage pipelined loads and spill registers inside the loop (fastalign.bench.hopper shows
+    both). The padding columns are zeros, so every logit, and hence every result, is the same,
+    bit for bit: the kernels already read zeros past H in the last chunk. Gradients come back
+    [*, padded H]; ``unpadded`` cuts them to the caller's H.
+    """
+    hidden_size = hidden.shape[1]
+    padded = triton.cdiv(hidden_size, ALIGNMENT) * ALIGNMENT
+    if padded == hidden_size:
+        return aligned(hidden), aligned(weight), aligned(bias)
+    pad = (0, padded - hidden_size)
+    return (torch.nn.functional.pad(hidden, pad), torch.nn.functional.pad(weight, pad),
+            aligned(bias))
+
+
+def unpadded(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    """A float32 gradient accumulator, cut to the shape of ``like`` (undoing ``kernel_head``'s
+    padding of H) and cast to its dtype; None stays None."""
+    if grad is None:
+        return None
+    if grad.dim() == 2 and grad.shape[1] != like.shape[1]:
+        return grad[:, :like.shape[1]].to(like.dtype).contiguous()
+    return grad.to(like.dtype)
+
+
 def float32_accumulator(wanted: bool, shape: tuple[int, ...],
                         device: torch.device) -> torch.Tensor | None:
     """A zeroed float32 gradient accumulator (the kernels add into it atomically), or None."""
@@ -240,6 +290,7 @@ def chunk_rows(n_tokens: int, vocab_size: int, row_bytes: int) -> int:
     else:
         rows = max(MIN_CHUNK_ROWS,
                    int(WORKSPACE_FRACTION * n_tokens * vocab_size * 4 // max(row_bytes, 1)))
+        rows -= rows % ALIGNMENT  # chunks then start on aligned rows: no copies (``aligned``)
     return max(1, min(n_tokens, rows))
 
 
@@ -281,7 +332,11 @@ def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., None],
     device, dtype = heads[0].hidden.device, heads[0].hidden.dtype
     row_bytes = vocab_size * dtype.itemsize * len(active)
     chunk = chunk_rows(n_tokens, vocab_size, row_bytes)
-    workspaces = {id(head): torch.empty((chunk, vocab_size), dtype=dtype, device=device)
+    # Rows padded to a multiple of ALIGNMENT entries, so that every row of the workspace starts
+    # on a 16-byte boundary (vectorised stores in the kernel; cuBLAS takes the leading dimension).
+    padded_vocab = triton.cdiv(vocab_size, ALIGNMENT) * ALIGNMENT
+    workspaces = {id(head): torch.empty((chunk, padded_vocab), dtype=dtype,
+                                        device=device)[:, :vocab_size]
                   for head in active}
     dw32, db32 = {}, {}
     for head in active:

@@ -375,10 +375,18 @@ def _default_config(kind: str, dtype: torch.dtype, n_tokens: int) -> triton.Conf
     timed.
 
     Two logit tiles are live at once (z and z', and in backward p, q and ∂L/∂a besides), so the
-    vocabulary tile is half that of linear_logprobs: 16-bit inputs take 128×64 logit tiles
-    ((128 + 64)·64·2 B = 24 KiB a stage); float32 is as in linear_logprobs.
+    vocabulary tile is half that of linear_logprobs: 16-bit inputs take 128×64 logit tiles in
+    backward ((128 + 64)·64·2 B = 24 KiB a stage) and 128×32 in forward; float32 takes 64×64
+    tiles on 8 warps in backward and 64×32 tiles on 4 warps in forward, H in chunks of 16 in
+    both (backward must recompute forward's logits bit for bit, so the chunks of H are the same).
+    Larger forward tiles spill registers inside its vocabulary loop (on ragged shapes, odd H,
+    softcap, few tokens), and so does ptxas's allocation of 128 registers a thread on 8 warps
+    (``fastalign.bench.hopper``).
     """
-    return _launch.pinned_config(kind, dtype, n_tokens, block_v_16bit=64)
+    if kind == "backward":
+        return _launch.pinned_config(kind, dtype, n_tokens, block_v_16bit=64,
+                                     fp32_tile=(64, 16, 8))
+    return _launch.pinned_config(kind, dtype, n_tokens, block_v_16bit=32, fp32_tile=(32, 16, 4))
 
 
 def _autotune_configs(kind: str) -> list[triton.Config]:
@@ -422,6 +430,8 @@ def linear_kl_forward(
     lse and ref_lse are what ``linear_kl_backward`` needs besides kl (module docstring).
     """
     _check_layout(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    hidden, weight, bias = _launch.kernel_head(hidden, weight, bias)
+    ref_hidden, ref_weight, ref_bias = _launch.kernel_head(ref_hidden, ref_weight, ref_bias)
     n_tokens, hidden_size = hidden.shape
     vocab_size, ref_hidden_size = ref_weight.shape
     device = hidden.device
@@ -467,8 +477,7 @@ def linear_kl_backward(
     gradients of absent biases) are None, and a head with none requested costs no gradient work.
     """
     _check_layout(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    n_tokens, hidden_size = hidden.shape
-    vocab_size, ref_hidden_size = ref_weight.shape
+    n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     device = hidden.device
     for name, x, dtype in (("grad_kl", grad_kl, torch.float32), ("kl", kl, torch.float64),
                            ("lse", lse, torch.float64), ("ref_lse", ref_lse, torch.float64)):
@@ -476,14 +485,22 @@ def linear_kl_backward(
     _launch.check_one_device(hidden, grad_kl, kl, lse, ref_lse)
     compute_dbias = compute_dbias and bias is not None
     compute_dref_bias = compute_dref_bias and ref_bias is not None
+    like = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    k_hidden, k_weight, k_bias = _launch.kernel_head(hidden, weight, bias)
+    k_ref_hidden, k_ref_weight, k_ref_bias = _launch.kernel_head(ref_hidden, ref_weight, ref_bias)
+    grad_kl, kl, lse, ref_lse = map(_launch.aligned, (grad_kl, kl, lse, ref_lse))
+    hidden_size, ref_hidden_size = k_hidden.shape[1], k_ref_hidden.shape[1]
 
     def launch(rows: slice, grads, dlogits, ref_dlogits) -> None:
         n = rows.stop - rows.start
-        args = (hidden[rows], weight, bias, ref_hidden[rows], ref_weight, ref_bias,
-                kl[rows], lse[rows], ref_lse[rows], grad_kl[rows], *grads, dlogits, ref_dlogits,
+        workspace = dlogits if dlogits is not None else ref_dlogits
+        args = (k_hidden[rows], k_weight, k_bias, k_ref_hidden[rows], k_ref_weight, k_ref_bias,
+                *(_launch.aligned(x[rows]) for x in (kl, lse, ref_lse, grad_kl)),
+                *grads, dlogits, ref_dlogits,
                 n, vocab_size, hidden_size, ref_hidden_size, _launch.n_bucket(n),
-                hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
-                vocab_size,  # the workspaces' row stride
+                k_hidden.stride(0), k_weight.stride(0), k_ref_hidden.stride(0),
+                k_ref_weight.stride(0),
+                vocab_size if workspace is None else workspace.stride(0),  # both alike
                 1.0 / float(temperature), float(softcap))
         with _launch.device_guard(device):
             _launch.run_kernel("backward", _backward_kernel, _backward_kernel_tuned,
@@ -492,6 +509,7 @@ def linear_kl_backward(
                                args, hidden.dtype, n, _default_config)
 
     if _launch.backward_strategy() == "chunked":
+        # The kernel reads the padded, aligned heads; the matrix products take the caller's.
         heads = [_launch.HeadGrads(hidden, weight, bias, compute_dhidden, compute_dweight,
                                    compute_dbias),
                  _launch.HeadGrads(ref_hidden, ref_weight, ref_bias, compute_dref_hidden,
@@ -514,8 +532,7 @@ def linear_kl_backward(
         (compute_dref_bias, (vocab_size,))))
     if n_tokens > 0 and any(x is not None for x in grads):
         launch(slice(0, n_tokens), grads, None, None)
-    like = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, like))
+    return tuple(_launch.unpadded(grad, x) for grad, x in zip(grads, like))
 
 
 def _zeros_if_empty(grad, wanted: bool, like):

@@ -264,9 +264,12 @@ def _backward_kernel(
 def _default_config(kind: str, dtype: torch.dtype, n_tokens: int) -> triton.Config:
     """The pinned config (H100). Chosen for Hopper's shared memory and MMA shapes; not yet timed.
 
-    16-bit inputs: 128×128 logit tiles ((128 + 128)·64·2 B = 32 KiB a pipeline stage).
+    16-bit inputs: 128×128 logit tiles in backward ((128 + 128)·64·2 B = 32 KiB a pipeline
+    stage), 128×64 in forward, whose running statistics and softmax of a 128×128 tile take all
+    255 registers a thread and spill inside the vocabulary loop (``fastalign.bench.hopper``).
     """
-    return _launch.pinned_config(kind, dtype, n_tokens, block_v_16bit=128)
+    block_v_16bit = 128 if kind == "backward" else 64
+    return _launch.pinned_config(kind, dtype, n_tokens, block_v_16bit=block_v_16bit)
 
 
 def _autotune_configs(kind: str) -> list[triton.Config]:
@@ -310,6 +313,8 @@ def linear_logprobs_forward(
     kernel's, which otherwise rejects targets ≥ V.
     """
     _check_layout(hidden, weight, bias, targets)
+    hidden, weight, bias = _launch.kernel_head(hidden, weight, bias)
+    targets = _launch.aligned(targets)
     n_tokens, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     device = hidden.device
@@ -359,8 +364,7 @@ def linear_logprobs_backward(
     are None and cost nothing.
     """
     _check_layout(hidden, weight, bias, targets)
-    n_tokens, hidden_size = hidden.shape
-    vocab_size = weight.shape[0]
+    n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     device = hidden.device
     for name, x, dtype in (("grad_logp", grad_logp, torch.float32),
                            ("grad_entropy", grad_entropy, torch.float32),
@@ -373,14 +377,21 @@ def linear_logprobs_backward(
         return (torch.zeros_like(hidden) if compute_dhidden else None,
                 torch.zeros_like(weight) if compute_dweight else None,
                 torch.zeros_like(bias) if compute_dbias else None)
+    like = (hidden, weight, bias)
+    k_hidden, k_weight, k_bias = _launch.kernel_head(hidden, weight, bias)
+    targets, lse, sum_pz, grad_logp, grad_entropy = map(
+        _launch.aligned, (targets, lse, sum_pz, grad_logp, grad_entropy))
+    k_hidden_size = k_hidden.shape[1]
 
     def launch(rows: slice, dh, dw, db, dlogits) -> None:
         n = rows.stop - rows.start
-        args = (hidden[rows], weight, bias, targets[rows], lse[rows], sum_pz[rows],
-                grad_logp[rows], None if grad_entropy is None else grad_entropy[rows],
+        args = (k_hidden[rows], k_weight, k_bias,
+                *(_launch.aligned(x[rows]) for x in (targets, lse, sum_pz, grad_logp)),
+                None if grad_entropy is None else _launch.aligned(grad_entropy[rows]),
                 dh, dw, db, dlogits,
-                n, vocab_size, hidden_size, _launch.n_bucket(n),
-                hidden.stride(0), weight.stride(0), vocab_size,  # the workspace's row stride
+                n, vocab_size, k_hidden_size, _launch.n_bucket(n),
+                k_hidden.stride(0), k_weight.stride(0),
+                vocab_size if dlogits is None else dlogits.stride(0),
                 1.0 / float(temperature), float(softcap), int(ignore_index))
         with _launch.device_guard(device):
             _launch.run_kernel("backward", _backward_kernel, _backward_kernel_tuned,
@@ -389,6 +400,7 @@ def linear_logprobs_backward(
                                args, hidden.dtype, n, _default_config)
 
     if _launch.backward_strategy() == "chunked":
+        # The kernel reads the padded, aligned head; the matrix products take the caller's.
         head = _launch.HeadGrads(hidden, weight, bias, compute_dhidden, compute_dweight,
                                  compute_dbias)
         _launch.head_grads_in_chunks(
@@ -397,12 +409,8 @@ def linear_logprobs_backward(
             rows_with_grad=targets != ignore_index)
         return head.dh, head.dw, head.db
 
-    dh = _launch.float32_accumulator(compute_dhidden, (n_tokens, hidden_size), device)
-    dw = _launch.float32_accumulator(compute_dweight, (vocab_size, hidden_size), device)
+    dh = _launch.float32_accumulator(compute_dhidden, (n_tokens, k_hidden_size), device)
+    dw = _launch.float32_accumulator(compute_dweight, (vocab_size, k_hidden_size), device)
     db = _launch.float32_accumulator(compute_dbias, (vocab_size,), device)
     launch(slice(0, n_tokens), dh, dw, db, None)
-    return (
-        None if dh is None else dh.to(hidden.dtype),
-        None if dw is None else dw.to(weight.dtype),
-        None if db is None else db.to(bias.dtype),
-    )
+    return tuple(_launch.unpadded(grad, x) for grad, x in zip((dh, dw, db), like))

@@ -44,12 +44,14 @@ class Inputs:
 
 def make_inputs(
     lead_shape, hidden_size, vocab_size, *, dtype=torch.float32, device="cpu", bias=False,
-    ignore_fraction=0.25, logit_scale=3.0, options=None, non_contiguous=False, seed=0,
+    ignore_fraction=0.25, logit_scale=3.0, options=None, non_contiguous=False, misaligned=False,
+    seed=0,
 ) -> Inputs:
     """Random inputs with logits of standard deviation about ``logit_scale``.
 
     Targets include 0 and V − 1 whenever there are at least two tokens, a fraction are ignored, and
-    the upstream gradients are random (never zero, never all ones).
+    the upstream gradients are random (never zero, never all ones). ``misaligned``: every tensor
+    starts off a 16-byte boundary.
     """
     gen = torch.Generator().manual_seed(seed)
     lead_shape = tuple(lead_shape)
@@ -75,15 +77,30 @@ def make_inputs(
     grad_logp = torch.randn(lead_shape, generator=gen)
     grad_entropy = torch.randn(lead_shape, generator=gen)
     to = dict(device=device)
+    place = misaligned_copy if misaligned else (lambda x: x)
     return Inputs(
-        hidden=hidden.to(dtype=dtype, **to),
-        weight=weight.to(dtype=dtype, **to),
-        targets=targets.to(**to),
-        bias=None if bias_tensor is None else bias_tensor.to(dtype=dtype, **to),
+        hidden=place(hidden.to(dtype=dtype, **to)),
+        weight=place(weight.to(dtype=dtype, **to)),
+        targets=place(targets.to(**to)),
+        bias=None if bias_tensor is None else place(bias_tensor.to(dtype=dtype, **to)),
         grad_logp=grad_logp.to(**to),
         grad_entropy=grad_entropy.to(**to),
         options=dict(options or {}),
     )
+
+
+def misaligned_copy(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x``'s values in a view that starts one element into its buffer: off every 16-byte
+    boundary, as a slice such as ``labels[0, 1:]`` is."""
+    if x is None:
+        return None
+    view = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view(x.shape)
+    return view.copy_(x)
+
+
+def zero_padded(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` with its last dimension padded to ``size`` with zeros."""
+    return torch.nn.functional.pad(x, (0, size - x.shape[-1]))
 
 
 @dataclass

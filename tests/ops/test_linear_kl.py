@@ -15,6 +15,8 @@ from helpers import (
     assert_low_precision_ok,
     impl_device,
     impl_is_available,
+    misaligned_copy,
+    zero_padded,
 )
 
 import fastalign
@@ -264,3 +266,44 @@ def test_references_accept_integer_masks():
     assert (kl[mask == 0] == 0).all() and (kl[mask == 1] > 0).all()
     advantages, _ = gae_reference(torch.ones(2, 3), torch.zeros(2, 3), mask)
     assert advantages[0].tolist() == [pytest.approx(1.95), 0.0, 1.0]
+
+
+@pytest.mark.parametrize("sizes, misaligned", [((37, 21), False), ((37, 21), True),
+                                               ((32, 48), True)],
+                         ids=["odd-H", "odd-H-misaligned", "misaligned"])
+@pytest.mark.parametrize("strategy", ["chunked", "atomic"])
+def test_triton_launchers_pad_and_align_without_changing_a_bit(sizes, misaligned, strategy,
+                                                              monkeypatch):
+    """Odd H (of either head) and misaligned inputs take the launchers' padded, aligned path
+    (tests/bench/test_hopper.py checks its specialisation): the same bits as the kernels on
+    explicitly zero-padded, aligned copies. The chunked backward's gradients come from matrix
+    products of the kernel's ∂L/∂logits with the unpadded head, which may sum in another order
+    than with the padded one: close to rounding there, bit for bit with the atomic kernel."""
+    _require("triton")
+    monkeypatch.setenv("FASTALIGN_TRITON_BACKWARD", strategy)
+    from fastalign.kernels.linear_kl import linear_kl_backward, linear_kl_forward
+
+    hidden_size, ref_hidden_size = sizes
+    tensors, _, upstream = make_kl_inputs((9,), hidden_size, 130, ref_hidden_size=ref_hidden_size,
+                                          bias=True, ref_bias=True, device=impl_device("triton"))
+    heads = [tensors[name] for name in ("hidden", "weight", "bias", "ref_hidden", "ref_weight",
+                                        "ref_bias")]
+    place = misaligned_copy if misaligned else (lambda t: t)
+    given = [place(t) for t in heads]
+    padded = [t if t.dim() == 1 else zero_padded(t, -(-t.shape[1] // 16) * 16) for t in heads]
+    options = (0.7, 20.0)
+    ours, theirs = (linear_kl_forward(*inputs, *options) for inputs in (given, padded))
+    for name, a, b in zip(("kl", "lse", "ref_lse"), ours, theirs):
+        assert torch.equal(a, b), name
+    grads, padded_grads = (
+        linear_kl_backward(place(upstream), *inputs, *[place(t) for t in stats], *options,
+                           *[True] * 6)
+        for inputs, stats in ((given, ours), (padded, theirs)))
+    names = ("dhidden", "dweight", "dbias", "dref_hidden", "dref_weight", "dref_bias")
+    for name, grad, padded_grad, like in zip(names, grads, padded_grads, heads):
+        assert grad.shape == like.shape, name
+        if strategy == "atomic":
+            assert torch.equal(grad, padded_grad[..., :like.shape[-1]]), name
+        else:
+            torch.testing.assert_close(grad, padded_grad[..., :like.shape[-1]], rtol=1e-5,
+                                       atol=1e-6, msg=name)

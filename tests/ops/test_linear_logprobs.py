@@ -15,7 +15,9 @@ from helpers import (
     impl_device,
     impl_is_available,
     make_inputs,
+    misaligned_copy,
     run,
+    zero_padded,
 )
 
 import fastalign
@@ -36,6 +38,7 @@ CASES = [
     ("all-ignored", (9,), 16, 100, {"ignore_fraction": 1.0}, {}),
     ("ignore-index-0", (9,), 16, 100, {}, {"ignore_index": 0}),
     ("non-contiguous", (6, 5), 24, 150, {"non_contiguous": True, "bias": True}, {}),
+    ("misaligned-odd-H", (3, 5), 37, 140, {"misaligned": True, "bias": True}, {}),
 ]
 CASE_IDS = [case[0] for case in CASES]
 LOW_PRECISION_CASES = [c for c in CASES if c[0] in ("round", "awkward-3d", "softcap-temp-bias",
@@ -219,3 +222,42 @@ def test_cpp_rejects_bad_tuning_variables(monkeypatch):
     inputs = make_inputs((4,), 8, 30)
     with pytest.raises(ValueError, match="FASTALIGN_CPU_SCHEDULE"):
         run(inputs, impl="cpp")
+
+
+@pytest.mark.parametrize("hidden_size, misaligned", [(37, False), (37, True), (48, True)],
+                         ids=["odd-H", "odd-H-misaligned", "misaligned"])
+@pytest.mark.parametrize("strategy", ["chunked", "atomic"])
+def test_triton_launchers_pad_and_align_without_changing_a_bit(hidden_size, misaligned, strategy,
+                                                              monkeypatch):
+    """Odd H and misaligned inputs take the launchers' padded, aligned path (what keeps the GPU
+    build pipelined; tests/bench/test_hopper.py checks the specialisation): the same bits as the
+    kernels on explicitly zero-padded, aligned copies. The chunked backward's gradients come from
+    matrix products of the kernel's ∂L/∂logits with the unpadded head, which may sum in another
+    order than with the padded one: close to rounding there, bit for bit with the atomic kernel."""
+    _require("triton")
+    monkeypatch.setenv("FASTALIGN_TRITON_BACKWARD", strategy)
+    from fastalign.kernels.linear_logprobs import linear_logprobs_backward, linear_logprobs_forward
+
+    x = make_inputs((11,), hidden_size, 140, bias=True, device=impl_device("triton"))
+    padded_size = -(-hidden_size // 16) * 16
+    place = misaligned_copy if misaligned else (lambda t: t)
+    given = [place(t) for t in (x.hidden, x.weight, x.bias, x.targets)]
+    padded = [zero_padded(x.hidden, padded_size), zero_padded(x.weight, padded_size), x.bias,
+              x.targets]
+    options = (0.7, 20.0, -100)
+    ours, theirs = (linear_logprobs_forward(*tensors, *options) for tensors in (given, padded))
+    for name, a, b in zip(("logp", "entropy", "lse", "sum_pz"), ours, theirs):
+        assert torch.equal(a, b), name
+    upstream = [place(x.grad_logp), place(x.grad_entropy)]
+    grads, padded_grads = (
+        linear_logprobs_backward(*upstream, *tensors, *[place(t) for t in stats], *options,
+                                 True, True, True)
+        for tensors, stats in ((given, ours[2:]), (padded, theirs[2:])))
+    for name, grad, padded_grad, like in zip(("dhidden", "dweight", "dbias"), grads,
+                                             padded_grads, (x.hidden, x.weight, x.bias)):
+        assert grad.shape == like.shape, name
+        if strategy == "atomic":
+            assert torch.equal(grad, padded_grad[..., :like.shape[-1]]), name
+        else:
+            torch.testing.assert_close(grad, padded_grad[..., :like.shape[-1]], rtol=1e-5,
+                                       atol=1e-6, msg=name)
