@@ -410,7 +410,7 @@ def read_cubin(cubin: bytes) -> dict[str, int]:
 # The gate
 # ----------------------------------------------------------------------------------------------
 
-_FLAG = re.compile(r"^(HAS_|EVEN_|COMPUTE_|DOT_)")
+_FLAG = re.compile(r"^(HAS_|EVEN_|COMPUTE_|DOT_|STORE_)")
 
 
 def _plan(only: str | None = None) -> tuple[dict[str, dict], list[dict], set[str]]:
