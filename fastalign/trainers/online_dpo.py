@@ -128,6 +128,10 @@ class OnlineDPOConfig(DPOConfig):
             check_field_number("missing_eos_penalty", self.missing_eos_penalty, low=0.0,
                                inclusive=True)
         if self.feedback is not None:
+            if not isinstance(self.feedback, str):  # a checkpoint records the options as data
+                raise ValueError(f"feedback must be a name such as 'terminal' or "
+                                 f"'module:function', got {type(self.feedback).__name__}; pass "
+                                 f"a callable as OnlineDPOTrainer(feedback=...)")
             resolve_feedback(self.feedback, self.output_dir)  # a bad name fails now
             _check_feedback_alone(self, "feedback")
         if self.reward_fn is not None:

@@ -12,10 +12,12 @@ import time
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from fastalign import assets, data
 from fastalign.cli import main as cli_main
 from fastalign.trainers import OnlineDPOConfig, OnlineDPOTrainer
+from fastalign.trainers.config import pad_token_id
 from fastalign.trainers.feedback import (
     FeedbackError,
     JSONLQueueFeedback,
@@ -388,3 +390,32 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys, args, named):
 def test_one_judge_only(tmp_path, tokenizer, prompts):
     with pytest.raises(ValueError, match="pass one judge, not reward_fn and feedback"):
         _trainer(tmp_path, prompts, tokenizer, reward_fn="length", feedback=CountingHook())
+    with pytest.raises(ValueError, match="feedback must be a name .* OnlineDPOTrainer"):
+        _config(tmp_path, feedback=CountingHook())
+
+
+def test_a_reward_model_judges(tmp_path, tokenizer, prompts):
+    config = AutoConfig.from_pretrained(assets.default_model_dir(), num_labels=1)
+    config.pad_token_id = pad_token_id(tokenizer)
+    torch.manual_seed(3)
+    reward_model = AutoModelForSequenceClassification.from_config(config)
+    trainer = _trainer(tmp_path, prompts, tokenizer, reward_model=reward_model, max_steps=1)
+    seen = _spy_pairs(trainer, tokenizer)
+    scored = []
+    original = trainer.rank
+
+    def rank(*args):
+        rankings, scores = original(*args)
+        scored.append((rankings, scores))
+        return rankings, scores
+
+    trainer.rank = rank
+    result = trainer.train()
+    assert math.isfinite(result.metrics["objective/scores"])
+    (rankings, scores), = scored
+    assert all(scores[p * K + ranking[0]] >= scores[p * K + ranking[-1]]
+               for p, ranking in enumerate(rankings))
+    assert len(seen[0][0]) == 2
+    with pytest.raises(ValueError, match="replaces the reward functions"):
+        OnlineDPOTrainer(assets.build_default_model(seed=0), tokenizer, prompts[:4],
+                         _config(tmp_path, reward_fn="length"), reward_model=reward_model)
