@@ -93,15 +93,16 @@ class FeedbackLog:
                     self.rankings[record["key"]] = record["ranking"]
 
     def reset(self) -> None:
+        """Forget every ranking (a fresh run: an earlier run's answers do not apply)."""
         self.rankings = {}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
+        self.path.unlink(missing_ok=True)
 
     def get(self, key: str) -> list[int] | None:
         return self.rankings.get(key)
 
     def add(self, key: str, step: int, ranking: list[int]) -> None:
         self.rankings[key] = ranking
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as file:
             file.write(json.dumps({"key": key, "step": step, "ranking": ranking}) + "\n")
             file.flush()

@@ -93,6 +93,7 @@ class OnlineDPOConfig(DPOConfig):
     pairs: str = dataclasses.field(default="best-worst", metadata={"help": (
         "the pairs trained per prompt: best-worst (the best candidate against the worst) or all "
         "(every pair of the ranking)")})
+    reference: str = _as_in_ppo("reference")  # no precomputed log-probs of online samples
     reward_fn: str | None = _as_in_ppo("reward_fn")
     reward_weights: tuple[float, ...] | None = _as_in_ppo("reward_weights")
     missing_eos_penalty: float | None = _as_in_ppo("missing_eos_penalty")
@@ -245,7 +246,7 @@ class OnlineDPOTrainer(ReferenceTrainer):
         return None  # TRL's OnlineDPOTrainer logs no num_tokens
 
     def before_training(self) -> None:
-        self.feedback_log.reset()  # a fresh run: an earlier run's answers do not apply
+        self.feedback_log.reset()
 
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
