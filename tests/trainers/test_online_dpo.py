@@ -23,6 +23,7 @@ from fastalign.trainers.feedback import (
     JSONLQueueFeedback,
     TerminalFeedback,
     check_ranking,
+    resolve_feedback,
 )
 from fastalign.trainers.mcts import mcts_search
 from fastalign.trainers.ppo import encode_prompt_examples
@@ -158,6 +159,23 @@ def test_a_bad_ranking_is_a_clear_error(tmp_path, tokenizer, prompts, ranking, m
 
 def test_check_ranking_accepts_any_permutation():
     assert check_ranking((2, 0, 1), 3) == [2, 0, 1]
+
+
+def test_hooks_by_name(tmp_path, monkeypatch):
+    queue = resolve_feedback("jsonl", str(tmp_path))
+    assert isinstance(queue, JSONLQueueFeedback)
+    assert queue.requests_path == tmp_path / "feedback_requests.jsonl"
+    assert queue.responses_path == tmp_path / "feedback_responses.jsonl"
+    assert isinstance(resolve_feedback("terminal"), TerminalFeedback)
+    (tmp_path / "online_dpo_test_hooks.py").write_text(
+        "class Prefer:\n    def __call__(self, prompt, candidates):\n        return [1, 0]\n"
+        "def rank(prompt, candidates):\n    return [0, 1]\n")
+    monkeypatch.chdir(tmp_path)
+    # a class is instantiated
+    assert resolve_feedback("online_dpo_test_hooks:Prefer")("x", ["a", "b"]) == [1, 0]
+    assert resolve_feedback("online_dpo_test_hooks:rank")("x", ["a", "b"]) == [0, 1]
+    with pytest.raises(ValueError, match="feedback 'online_dpo_test_hooks:nope'"):
+        resolve_feedback("online_dpo_test_hooks:nope")
 
 
 def test_jsonl_queue_hook_waits_for_responses_written_by_another_thread(tmp_path, tokenizer,
