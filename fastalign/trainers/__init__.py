@@ -5,6 +5,7 @@ from fastalign.trainers.config import TrainingConfig
 from fastalign.trainers.dpo import DPOConfig, DPOTrainer
 from fastalign.trainers.kto import KTOConfig, KTOTrainer
 from fastalign.trainers.loop import Trainer, TrainResult
+from fastalign.trainers.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 from fastalign.trainers.ppo import GRPOConfig, PPOConfig, PPOTrainer
 from fastalign.trainers.reference import ReferencePolicy
 from fastalign.trainers.reference_free import (
@@ -28,6 +29,8 @@ __all__ = [
     "KTOConfig",
     "KTOTrainer",
     "ORPOConfig",
+    "OnlineDPOConfig",
+    "OnlineDPOTrainer",
     "ORPOTrainer",
     "PPOConfig",
     "PPOTrainer",

@@ -1,4 +1,5 @@
-"""``fastalign train {sft,rm,dpo,simpo,cpo,orpo,kto,ppo,grpo}``: the command line of the trainers.
+"""``fastalign train {sft,rm,dpo,simpo,cpo,orpo,kto,ppo,grpo,online-dpo}``: the trainers' command
+line.
 
 Each trainer's options are the fields of its config dataclass; the parser is built from them (the
 field's ``help`` metadata, its type and default), so the CLI, the Python API and ``--help`` never
@@ -29,7 +30,8 @@ Parquet, Arrow, CSV, JSON, a save_to_disk folder or a hub id; --data-columns ren
   rm, dpo, simpo, cpo, orpo
               {"prompt", "chosen", "rejected"}
   kto         {"prompt", "completion", "label": true|false}
-  ppo, grpo   {"prompt"}; other keys (an "answer", say) reach the --reward-fn functions
+  ppo, grpo, online-dpo
+              {"prompt"}; other keys (an "answer", say) reach the --reward-fn functions
 
 The output directory receives the model (save_pretrained: load it back with
 transformers.AutoModelForCausalLM.from_pretrained(OUTPUT)), metrics.jsonl and metrics.csv (one
@@ -181,7 +183,7 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
 
     train = subparsers.add_parser(
         "train", help="train a model with a fused alignment loss (sft, rm, dpo, simpo, cpo, "
-                      "orpo, kto, ppo, grpo)",
+                      "orpo, kto, ppo, grpo, online-dpo)",
         description=_TRAIN_DESCRIPTION, epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = train.add_subparsers(dest="kind", metavar="KIND", required=True,

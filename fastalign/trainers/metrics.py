@@ -52,6 +52,9 @@ LOGGED_METRICS: dict[str, tuple[str, ...]] = {
     "ppo": (*_ONLINE, "loss/value", "value/clipfrac", "value/mean", "value/error",
             "value/returns", "reward/non_score", "reward/rlhf"),
     "grpo": (*_ONLINE, "frac_reward_zero_std"),
+    "online-dpo": ("objective/kl", "objective/entropy", "objective/non_score_reward",
+                   "objective/rlhf_reward", "objective/scores", "objective/scores_margin",
+                   *_PREFERENCE, "val/contain_eos_token", "beta"),
     "rloo": (*_ONLINE, "frac_reward_zero_std"),
 }
 

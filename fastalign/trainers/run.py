@@ -25,6 +25,7 @@ from fastalign.trainers.config import TrainingConfig, pad_token_id
 from fastalign.trainers.dpo import DPOConfig, DPOTrainer
 from fastalign.trainers.kto import KTOConfig, KTOTrainer
 from fastalign.trainers.loop import Trainer, TrainResult
+from fastalign.trainers.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 from fastalign.trainers.ppo import GRPOConfig, PPOConfig, PPOTrainer, encode_prompt_examples
 from fastalign.trainers.reference_free import (
     CPOConfig,
@@ -152,6 +153,18 @@ JOBS: dict[str, Job] = {
         encode=encode_prompt_examples, default_data="grpo",
         extra_arguments={"ref_model": _REF_MODEL_HELP, "reward_model": _REWARD_MODEL_HELP},
         summary_keys=("reward", "reward_std", "kl", "completions/mean_length", "loss/policy"),
+    ),
+    "online-dpo": Job(
+        kind="online-dpo", help="online DPO: pairs sampled from the policy, ranked by a judge",
+        description="Online DPO (Guo et al. 2024): --num-candidates completions per prompt "
+                    "(sampled, or --sampler mcts), ranked by --reward-fn, --reward-model or a "
+                    "--feedback hook; the best against the worst (or --pairs all) trained by "
+                    "any DPO loss type against the frozen reference.",
+        config_class=OnlineDPOConfig, trainer_class=OnlineDPOTrainer, data_kind="prompt",
+        encode=encode_prompt_examples, default_data="ppo",
+        extra_arguments={"ref_model": _REF_MODEL_HELP, "reward_model": _REWARD_MODEL_HELP},
+        summary_keys=("objective/scores", "objective/kl", "rewards/accuracies",
+                      "rewards/margins", "loss"),
     ),
 }
 

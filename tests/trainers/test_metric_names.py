@@ -42,7 +42,7 @@ def test_a_one_step_run_logs_exactly_the_documented_names(tmp_path, kind):
     out = tmp_path / "run"
     args = ["train", cli_kind, "--output", str(out), "--max-steps", "1", "--batch-size", "2",
             "--no-progress", "--no-plots", *extra]
-    if cli_kind == "ppo":
+    if cli_kind in ("ppo", "online-dpo"):
         args += ["--max-new-tokens", "4"]
     assert cli_main(args) == 0
     record, = (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
