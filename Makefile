@@ -5,6 +5,8 @@
 #   make bench  set up, then benchmark the fused op against its peers on this machine's shapes
 #   make hopper-table  set up, then compile every Triton kernel for sm_90/sm_80 (no GPU needed)
 #               and write its registers / spills / shared memory table to benchmarks/results/
+#   make online-offline  set up, then train offline DPO, online DPO, GRPO, PPO and TRPO with equal
+#               budgets on the shipped task and compare held-out judge reward and KL (CSV, PNG, table)
 #
 # Set-up makes a virtual environment in .venv with the CPU build of torch (never the CUDA wheels),
 # builds the C++ extension once against it (no pip build isolation, so torch is never downloaded
@@ -18,8 +20,9 @@ STAMP := $(VENV)/.fastalign-installed
 BENCH_OUT ?= benchmarks/results/latest
 DEMO_OUT ?= fastalign-runs/demo-dpo
 HOPPER_OUT ?= benchmarks/results
+ONLINE_OFFLINE_OUT ?= benchmarks/results/online_offline
 
-.PHONY: setup demo test bench hopper-table lint clean
+.PHONY: setup demo test bench hopper-table online-offline lint clean
 
 setup: $(STAMP)
 
@@ -41,6 +44,9 @@ bench: setup
 
 hopper-table: setup
 	env -u TRITON_INTERPRET $(BIN)/python -m fastalign.bench.hopper --out $(HOPPER_OUT)
+
+online-offline: setup
+	$(BIN)/python -m fastalign.bench.online_offline --out $(ONLINE_OFFLINE_OUT)
 
 test: setup
 	$(BIN)/ruff check .
