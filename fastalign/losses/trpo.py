@@ -449,14 +449,14 @@ class TRPOResult:
     Attributes:
         accepted: whether the line search took a step.
         kl: the measured mean KL at the accepted step (at the last one tried when rejected;
-            NaN when no step was tried).
+            0.0 when no step was tried: the policy did not move).
         surrogate: the surrogate at θ_old.
         surrogate_improvement: its gain at the accepted step (0.0 when rejected).
         expected_improvement: gᵀs, the first-order prediction of the full step's gain.
         step_fraction: α of the accepted step α·s (0.0 when rejected).
         n_backtracks: shrinkings the line search made.
         cg_iterations: Fisher-vector products CG took.
-        cg_residual: CG's final ‖g − (F + λI)x‖².
+        cg_residual: CG's final ‖g − (F + λI)x‖² (‖g‖² when CG did not run).
         grad_norm: ‖g‖, the surrogate gradient's norm.
         gradient_passes: backward passes taken (the surrogate's and the products').
     """
@@ -510,9 +510,9 @@ def trpo_step(params: Sequence[torch.Tensor], surrogate_fn: ScalarFn, kl_fn: Sca
                                  f"{grad_norm}: stopping rather than stepping")
 
     def rejected(cg: CGResult | None = None, passes: int = 1) -> TRPOResult:
-        return TRPOResult(False, math.nan, surrogate, 0.0, 0.0, 0.0, 0,
+        return TRPOResult(False, 0.0, surrogate, 0.0, 0.0, 0.0, 0,
                           0 if cg is None else cg.iterations,
-                          math.nan if cg is None else cg.residual, grad_norm, passes)
+                          grad_norm**2 if cg is None else cg.residual, grad_norm, passes)
 
     if grad_norm == 0.0:
         return rejected()

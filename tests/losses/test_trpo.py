@@ -239,6 +239,7 @@ def test_a_rejected_step_leaves_the_parameters_unchanged():
     flat = trpo_step(policy.params, lambda: sum(p.sum() * 0.0 for p in policy.params),
                      policy.kl)
     assert not flat.accepted and flat.grad_norm == 0.0 and flat.cg_iterations == 0
+    assert (flat.kl, flat.cg_residual, flat.gradient_passes) == (0.0, 0.0, 1)
     for p, p0 in zip(policy.params, policy.old):
         assert torch.equal(p.detach(), p0)
 

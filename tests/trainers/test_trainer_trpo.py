@@ -8,6 +8,7 @@ from it exactly; bad options are one-line errors naming the option.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -74,12 +75,10 @@ def test_a_rejected_step_leaves_the_model_unchanged(tmp_path, tokenizer, prompts
                          _config(tmp_path, max_backtracks=1))
     rollout = trainer.rollout(range(2), kl_coef=0.05)
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    trainer.config.trpo_options = type(trainer.config.trpo_options)(
-        max_kl=10.0, cg_iters=3, max_backtracks=1, accept_ratio=0.999)
+    trainer.config.trpo_options = dataclasses.replace(trainer.config.trpo_options, max_kl=10.0,
+                                                      accept_ratio=0.999)
     metrics = trainer.trpo_update(rollout, kl_coef=0.05)
-    if metrics["trpo/accepted"]:
-        pytest.skip("this rollout's surrogate happened to meet its linear model")
-    assert metrics["trpo/step_fraction"] == 0.0
+    assert metrics["trpo/accepted"] == 0.0 and metrics["trpo/step_fraction"] == 0.0
     for p, q in zip(before, trainer.model.parameters()):
         assert torch.equal(p, q)
 
