@@ -30,6 +30,7 @@ from fastalign.losses import (
     reward_loss,
     rloo_advantages,
     simpo_loss,
+    trpo_step,
     votes_to_score,
 )
 from fastalign.ops import (
@@ -81,6 +82,7 @@ __all__ = [
     "grpo_advantages",
     "grpo_loss",
     "kl_line_search",
+    "trpo_step",
     "kl_penalty",
     "kl_shaped_rewards",
     "kto_loss",

@@ -47,7 +47,14 @@ from fastalign.losses.options import (
 )
 from fastalign.losses.ppo import ppo_policy_loss, ppo_total_loss, ppo_value_loss
 from fastalign.losses.reward import reward_loss, votes_to_score
-from fastalign.losses.trpo import LineSearchResult, kl_line_search
+from fastalign.losses.trpo import (
+    LineSearchResult,
+    TRPOOptions,
+    TRPOResult,
+    conjugate_gradient,
+    kl_line_search,
+    trpo_step,
+)
 
 __all__ = [
     "AGGREGATION_MODES",
@@ -59,6 +66,8 @@ __all__ = [
     "ORPOOptions",
     "PPOOptions",
     "SimPOOptions",
+    "TRPOOptions",
+    "TRPOResult",
     "DPO_LOSS_TYPES",
     "FixedKLController",
     "KLController",
@@ -67,6 +76,7 @@ __all__ = [
     "REWARD_SCALINGS",
     "ShapedRewards",
     "aggregate_token_loss",
+    "conjugate_gradient",
     "cpo_loss",
     "dpo_loss",
     "grpo_advantages",
@@ -88,6 +98,7 @@ __all__ = [
     "normalize_then_sum_advantages",
     "rloo_advantages",
     "simpo_loss",
+    "trpo_step",
     "votes_to_score",
     "wpo_sequence_weights",
 ]

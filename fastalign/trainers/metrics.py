@@ -30,13 +30,14 @@ REPORT_TO = ("none", "tensorboard")
 # stands for the name of each reward function.
 _PREFERENCE = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
-_ONLINE = ("reward", "reward_std", "rewards/{reward_fn}/mean", "rewards/{reward_fn}/std", "kl",
-           "kl/sequence", "kl_coef", "entropy", "num_tokens", "completions/mean_length",
-           "completions/min_length", "completions/max_length", "completions/clipped_ratio",
-           "completions/mean_terminated_length", "completions/min_terminated_length",
-           "completions/max_terminated_length", "loss/policy", "clip_ratio/low_mean",
-           "clip_ratio/low_min", "clip_ratio/high_mean", "clip_ratio/high_max",
-           "clip_ratio/region_mean", "policy/approx_kl", "policy/ratio_mean", "policy/kl")
+_ROLLOUT = ("reward", "reward_std", "rewards/{reward_fn}/mean", "rewards/{reward_fn}/std", "kl",
+            "kl/sequence", "kl_coef", "entropy", "num_tokens", "completions/mean_length",
+            "completions/min_length", "completions/max_length", "completions/clipped_ratio",
+            "completions/mean_terminated_length", "completions/min_terminated_length",
+            "completions/max_terminated_length")
+_ONLINE = (*_ROLLOUT, "loss/policy", "clip_ratio/low_mean", "clip_ratio/low_min",
+           "clip_ratio/high_mean", "clip_ratio/high_max", "clip_ratio/region_mean",
+           "policy/approx_kl", "policy/ratio_mean", "policy/kl")
 LOOP_METRICS = ("loss", "grad_norm", "learning_rate", "epoch")
 LOGGED_METRICS: dict[str, tuple[str, ...]] = {
     "sft": ("num_tokens", "entropy", "mean_token_accuracy"),
@@ -56,6 +57,8 @@ LOGGED_METRICS: dict[str, tuple[str, ...]] = {
                    "objective/rlhf_reward", "objective/scores", "objective/scores_margin",
                    *_PREFERENCE, "val/contain_eos_token", "beta"),
     "rloo": (*_ONLINE, "frac_reward_zero_std"),
+    "trpo": (*_ROLLOUT, "frac_reward_zero_std", "trpo/kl", "trpo/step_fraction", "trpo/accepted",
+             "trpo/cg_residual", "trpo/surrogate_improvement"),
 }
 
 

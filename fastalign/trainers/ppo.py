@@ -1,4 +1,4 @@
-"""Online RL on a causal LM: PPO, GRPO and RLOO, with the fused head (ALGORITHMS.md §8).
+"""Online RL on a causal LM: PPO, GRPO, RLOO and TRPO, with the fused head (ALGORITHMS.md §8-9).
 
 One training step is one rollout and several updates, written out in ``training_step`` (the
 options are in ``ppo_config.py``, the rollout record and its token bookkeeping in ``rollout.py``):
@@ -19,13 +19,19 @@ options are in ``ppo_config.py``, the rollout record and its token bookkeeping i
    the last one (``kl_shaped_rewards``; with ``kl_estimator="exact"`` the KL is the exact one of
    ``linear_kl``), values from a value head ``nn.Linear(H, 1)`` on the policy's final hidden
    states (shared backbone), GAE(γ, λ) and whitening. ``grpo`` / ``rloo``: one advantage per
-   completion from its group of G (``grpo_advantages``, ``rloo_advantages``); the KL to the
-   reference enters the loss instead, β·k per token (``exact``: the full-vocabulary KL streamed
-   from the reference's hidden states by ``FusedPPOLoss``).
+   completion from its group of G (``grpo_advantages``, ``rloo_advantages``; ``trpo`` takes
+   grpo's, so that no value model is needed); the KL to the reference enters the loss instead,
+   β·k per token (``exact``: the full-vocabulary KL streamed from the reference's hidden states
+   by ``FusedPPOLoss``).
 4. **Updates.** ``ppo_epochs`` passes over the rollout, each in ``num_minibatches`` shuffled
    minibatches, each one optimizer step (``optimizer_step``) of ``FusedPPOLoss``: the clipped
    surrogate (+ β·KL for grpo / rloo, + c_v·value loss for ppo, − c_ent·entropy), aggregated over
    tokens by ``loss_agg``. A minibatch may be split into ``grad_accum_steps`` micro-batches.
+   ``trpo`` instead takes one ``trpo_step`` on the whole rollout (``trpo_update``): the
+   unclipped surrogate ρ·A − β·k aggregated by ``loss_agg``, its natural-gradient direction by
+   conjugate gradient on Fisher-vector products of the exact KL(π_old ‖ π_θ) (``linear_kl``
+   against the policy's own hidden states and head before the step), scaled to ``max_kl`` and
+   line-searched on the measured KL; no optimizer step (the learning rate is unused).
 
 With an adaptive KL controller (``kl_target``) β follows the measured KL after each step; its
 state is checkpointed. Sampling draws from the global torch generator, which checkpoints save and
@@ -63,7 +69,8 @@ from fastalign.losses.kl import (
     kl_penalty,
     kl_shaped_rewards,
 )
-from fastalign.losses.masked import masked_mean, masked_whiten
+from fastalign.losses.masked import aggregate_token_loss, masked_mean, masked_whiten
+from fastalign.losses.trpo import trpo_step
 from fastalign.ops.gae import gae
 from fastalign.ops.linear_kl import linear_kl
 from fastalign.ops.sequence import sequence_logprobs_from_labels
@@ -231,6 +238,9 @@ class PPOTrainer(Trainer):
                              "config.reward_fn to a builtin or 'module:function'")
 
         self.value_head: nn.Linear | None = None
+        if config.mode == "trpo" and self.dist.enabled:
+            raise ValueError("mode='trpo' runs in one process for now: its Fisher-vector products "
+                             "and line search are not reduced across ranks")
         if config.mode == "ppo":
             # nn.Linear's own init, drawn from a generator seeded by config.seed (not the global
             # one): two runs with one seed start from one value head.
@@ -299,8 +309,9 @@ class PPOTrainer(Trainer):
         # Each rank samples and scores the completions of its own prompts.
         rollout = self.engine(self.rollout, self.local_indices(self.stream.next()),
                               kl_coef=kl_coef)
-        updates = []
-        for epoch in range(config.ppo_epochs):
+        updates = [] if config.mode != "trpo" else \
+            [(self.trpo_update(rollout, kl_coef=kl_coef), 1)]
+        for epoch in range(config.ppo_epochs if config.mode != "trpo" else 0):
             generator = torch.Generator().manual_seed(
                 (config.seed * 1_000_003 + self.step) * 1_000_003 + epoch)
             order = torch.randperm(len(rollout), generator=generator).to(self.device)
@@ -337,10 +348,7 @@ class PPOTrainer(Trainer):
         the entropy bonus, a token mean, is weighted per sequence too).
         """
         chunks = rows.tensor_split(self.config.grad_accum_steps)
-        if self.config.loss_options.aggregation in _TOKEN_AGGREGATIONS:
-            sizes = [float(rollout.mask[chunk].sum()) for chunk in chunks]
-        else:
-            sizes = [float(len(chunk)) for chunk in chunks]
+        sizes = self._aggregation_sizes(rollout, chunks)
         total = max(sum(sizes), 1.0)
         parts = []
         for index, (chunk, size) in enumerate(zip(chunks, sizes)):
@@ -352,6 +360,99 @@ class PPOTrainer(Trainer):
                 (loss * (size / total) if len(chunks) > 1 else loss).backward()
             parts.append((as_floats(metrics), len(chunk)))
         return self.merge_metrics(self.gathered(parts)) | self.optimizer_step()
+
+    def _aggregation_sizes(self, rollout: Rollout, chunks: Sequence[torch.Tensor]) -> list[float]:
+        """What each micro-batch weighs in the loss's aggregation: its tokens (token_mean /
+        dapo) or its sequences (grpo, dr_grpo)."""
+        if self.config.loss_options.aggregation in _TOKEN_AGGREGATIONS:
+            return [float(rollout.mask[chunk].sum()) for chunk in chunks]
+        return [float(len(chunk)) for chunk in chunks]
+
+    def trpo_update(self, rollout: Rollout, *, kl_coef: float) -> Metrics:
+        """Mode trpo: one ``trpo_step`` of the policy on the whole rollout, in
+        ``grad_accum_steps`` micro-batches (each gradient pass runs them one after another).
+
+        π_old is the policy now, before the step: its final hidden states and head are kept
+        (detached copies), and the constraint is the exact mean KL(π_old ‖ π_θ) over the
+        completion tokens, from ``linear_kl`` against them. The surrogate is the unclipped
+        ρ·A − β·k of ``trpo_surrogate``, each micro-batch weighted by its share of the
+        aggregation as in ``update``.
+        """
+        chunks = [chunk for chunk in torch.arange(len(rollout), device=self.device)
+                  .tensor_split(self.config.grad_accum_steps) if len(chunk)]
+        sizes = self._aggregation_sizes(rollout, chunks)
+        shares = [size / max(sum(sizes), 1.0) for size in sizes]
+        tokens = max(float(rollout.mask.sum()), 1.0)
+        with torch.no_grad():
+            old_heads = [tuple(None if t is None else t.detach().clone()
+                               for t in self.engine(self._policy_head_inputs, rollout, chunk))
+                         for chunk in chunks]
+
+        def surrogate():
+            for chunk, share in zip(chunks, shares):
+                yield share * self.engine(self.trpo_surrogate, rollout, chunk, kl_coef=kl_coef)
+
+        def mean_kl():
+            for chunk, old_head in zip(chunks, old_heads):
+                yield self.engine(self._kl_to_old_policy, rollout, chunk, *old_head) / tokens
+
+        result = trpo_step(self.trainable_parameters(), surrogate, mean_kl,
+                           self.config.trpo_options)
+        # trpo_step moved the parameters itself and left every .grad empty, so this step is a
+        # no-op; taking it keeps the loop's learning-rate scheduler in its expected order.
+        self.optimizer.step()
+        return {"loss": -result.surrogate, "grad_norm": result.grad_norm,
+                "trpo/kl": result.kl, "trpo/step_fraction": result.step_fraction,
+                "trpo/accepted": float(result.accepted), "trpo/cg_residual": result.cg_residual,
+                "trpo/surrogate_improvement": result.surrogate_improvement}
+
+    def _policy_head_inputs(self, rollout: Rollout, rows: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(hidden [B, T, H], weight, bias) of the policy on the rollout's ``rows``."""
+        with self.autocast():
+            hidden = hf.final_hidden_states(self.model, rollout.input_ids[rows],
+                                            attention_mask=rollout.attention_mask[rows])
+            return hf.head_inputs(hidden, self.head)
+
+    def _kl_to_old_policy(self, rollout: Rollout, rows: torch.Tensor, old_hidden: torch.Tensor,
+                          old_weight: torch.Tensor, old_bias: torch.Tensor | None
+                          ) -> torch.Tensor:
+        """Σ over the completion tokens of ``rows`` of the exact KL(π_old ‖ π_θ) (with graph)."""
+        hidden, weight, bias = self._policy_head_inputs(rollout, rows)
+        with hf.no_autocast(self.device.type):
+            kl = linear_kl(hidden[:, :-1], weight, old_hidden[:, :-1], old_weight,
+                           mask=rollout.mask[rows], bias=bias, ref_bias=old_bias, reverse=True,
+                           impl=self.config.impl, **self.options)
+        return kl.sum()
+
+    def trpo_surrogate(self, rollout: Rollout, rows: torch.Tensor, *,
+                       kl_coef: float) -> torch.Tensor:
+        """The objective TRPO maximises on the rollout's ``rows`` (with graph): per token
+        ρ·A − β·k, ρ = π_θ/π_old, k the reference KL of ``kl_estimator`` (× ρ with
+        ``use_bias_correction_kl``), aggregated by ``loss_agg``. Unclipped: the trust region
+        bounds the step instead."""
+        config = self.config
+        hidden, weight, bias = self._policy_head_inputs(rollout, rows)
+        mask = rollout.mask[rows]
+        with hf.no_autocast(self.device.type):
+            logps = sequence_logprobs_from_labels(hidden, weight, rollout.labels[rows], bias=bias,
+                                                  impl=config.impl, **self.options).token_logps
+            ratio = torch.exp(logps - rollout.old_logps[rows])
+            objective = ratio * rollout.advantages[rows, None]
+            if kl_coef > 0:
+                if config.kl_estimator == "exact":
+                    ref_weight, ref_bias = self._reference_head(weight.dtype)
+                    ref_hidden = rollout.ref_hidden[rows][:, :-1].to(weight.dtype)
+                    token_kl = linear_kl(hidden[:, :-1], weight, ref_hidden, ref_weight,
+                                         mask=mask, bias=bias, ref_bias=ref_bias,
+                                         impl=config.impl, **self.options)
+                else:
+                    token_kl = kl_penalty(logps, rollout.ref_logps[rows],
+                                          estimator=config.kl_estimator)
+                if config.use_bias_correction_kl:
+                    token_kl = token_kl * ratio
+                objective = objective - kl_coef * token_kl
+        return aggregate_token_loss(objective, mask, mode=config.loss_agg)
 
     def minibatch_loss(self, rollout: Rollout, rows: torch.Tensor, *,
                        kl_coef: float | None = None,
@@ -464,7 +565,7 @@ class PPOTrainer(Trainer):
                     reward_scores.to(scores.device),
                     torch.tensor(self.rewards.weights, dtype=torch.float32))
                 advantages = normalize_then_sum_advantages(per_function, group, weights=weights)
-            elif config.mode == "grpo":
+            elif config.mode in ("grpo", "trpo"):
                 advantages = grpo_advantages(scores, group)
             else:
                 advantages = rloo_advantages(scores, group,

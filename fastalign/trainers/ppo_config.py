@@ -1,4 +1,5 @@
-"""The options of online RL training: PPO, GRPO and RLOO (``fastalign train ppo`` / ``grpo``).
+"""The options of online RL training: PPO, GRPO, RLOO and TRPO (``fastalign train ppo`` /
+``grpo``).
 
 :class:`PPOConfig` adds the rollout (sampling), advantage, loss and reward options to
 :class:`~fastalign.trainers.config.TrainingConfig` and checks them together (a group of one
@@ -21,6 +22,7 @@ from fastalign.losses.grpo import (
 from fastalign.losses.kl import KL_ESTIMATORS
 from fastalign.losses.masked import AGGREGATION_NAMES
 from fastalign.losses.options import PPOOptions
+from fastalign.losses.trpo import FVP_DIFFERENCES, TRPOOptions
 from fastalign.ops._checks import (
     check_field_choice,
     check_field_int,
@@ -37,7 +39,14 @@ from fastalign.trainers.reward_functions import (
 
 __all__ = ["KL_ESTIMATOR_NAMES", "MODES", "ROLLOUT_REFERENCE_MODES", "GRPOConfig", "PPOConfig"]
 
-MODES = ("ppo", "grpo", "rloo")
+MODES = ("ppo", "grpo", "rloo", "trpo")
+# The options of the clipped updates, which mode trpo (one TRPO step per rollout) does not use.
+_CLIPPED_UPDATE_OPTIONS = ("ppo_epochs", "num_minibatches", "clip", "clip_high", "ent_coef",
+                           "loss_type", "importance_sampling_level", "off_policy_mask_threshold",
+                           "top_entropy_quantile", "use_adaptive_entropy")
+# TRPOOptions' fields that PPOConfig exposes under the same names.
+_TRPO_OPTIONS = ("max_kl", "cg_iters", "cg_damping", "max_backtracks", "backtrack_ratio",
+                 "fvp_difference")
 KL_ESTIMATOR_NAMES = (*KL_ESTIMATORS, "exact")
 ROLLOUT_REFERENCE_MODES = ("auto", "copy", "adapters")
 
@@ -50,7 +59,8 @@ class PPOConfig(TrainingConfig):
     """
 
     mode: str = option("ppo", "ppo (value head, GAE, KL in the reward), grpo (group-normalised "
-                       "advantages) or rloo (leave-one-out advantages); grpo and rloo put the KL "
+                       "advantages), rloo (leave-one-out advantages) or trpo (grpo's advantages, "
+                       "one TRPO step per rollout within max-kl); grpo, rloo and trpo put the KL "
                        "in the loss")
     num_generations: int = option(1, "completions sampled per prompt (the group size of grpo and "
                                   "rloo, >= 2 there)")
@@ -135,6 +145,19 @@ class PPOConfig(TrainingConfig):
     entropy_target: float = option(0.2, "target mean token entropy (nats) of adaptive entropy "
                                    "control, over the tokens the bonus acts on")
 
+    # TRPO (mode trpo; TRPOOptions in fastalign.losses.trpo).
+    max_kl: float = option(0.01, "trpo: the trust region delta, the bound on the mean exact "
+                           "KL(old policy || new policy) per completion token")
+    cg_iters: int = option(10, "trpo: conjugate-gradient iterations, each a Fisher-vector product "
+                           "(two gradient passes over the rollout with central differences)")
+    cg_damping: float = option(0.1, "trpo: damping lambda added to the Fisher matrix")
+    max_backtracks: int = option(10, "trpo: line-search shrinkings of the step before it is "
+                                 "rejected")
+    backtrack_ratio: float = option(0.5, "trpo: the line search's shrink factor, in (0, 1)")
+    fvp_difference: str = option("central", "trpo: finite differences of the KL gradient for the "
+                                 "Fisher-vector products: " + " or ".join(FVP_DIFFERENCES) +
+                                 " (one gradient pass each, less exact)")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_field_choice("mode", self.mode, MODES)
@@ -142,7 +165,7 @@ class PPOConfig(TrainingConfig):
             check_field_int(name, getattr(self, name), minimum=1)
         check_field_int("top_k", self.top_k, minimum=0)
         check_field_number("top_p", self.top_p, low=0.0, high=1.0, high_inclusive=True)
-        if self.mode in ("grpo", "rloo") and self.num_generations < 2:
+        if self.mode in ("grpo", "rloo", "trpo") and self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 for mode={self.mode!r} (the advantage "
                              f"compares the completions of a prompt), got {self.num_generations}")
         rollout = self.batch_size * self.num_generations
@@ -190,6 +213,7 @@ class PPOConfig(TrainingConfig):
             raise ValueError("reward_weights weighs the functions of reward_fn, which is None "
                              "(PPOTrainer's reward_fn= takes its own reward_weights=)")
         self._check_grpo_options()
+        self._check_trpo_options()
         # What the update's loss takes, passed to it whole; kl_coef is the start value (the
         # adaptive controller and mode ppo, whose KL is in the rewards, override it per update).
         variant = {field.name: getattr(self, field.name)
@@ -199,6 +223,24 @@ class PPOConfig(TrainingConfig):
             kl_estimator=self.kl_estimator, vf_coef=self.vf_coef, vf_clip=self.vf_clip,
             ent_coef=self.ent_coef, loss_agg=self.loss_agg,
             use_bias_correction_kl=self.use_bias_correction_kl, **variant)
+
+    def _given(self, names) -> list[str]:
+        """``name=value`` for each option of ``names`` set away from its default."""
+        return [f"{name}={getattr(self, name)!r}" for name in names
+                if getattr(self, name) != getattr(type(self), name)]
+
+    def _check_trpo_options(self) -> None:
+        """TRPO's options, and the clipped-update options mode trpo would ignore, refused."""
+        self.trpo_options = TRPOOptions(**{name: getattr(self, name) for name in _TRPO_OPTIONS})
+        if self.mode == "trpo":
+            ignored = self._given(_CLIPPED_UPDATE_OPTIONS)
+            if ignored:
+                raise ValueError(f"mode='trpo' takes one TRPO step per rollout, without the "
+                                 f"clipped updates that {', '.join(ignored)} configure: drop "
+                                 f"them (or use mode grpo)")
+        elif self._given(_TRPO_OPTIONS):
+            raise ValueError(f"{', '.join(self._given(_TRPO_OPTIONS))} apply to mode='trpo' "
+                             f"only, not mode={self.mode!r}")
 
     def _check_grpo_options(self) -> None:
         """TRL's GRPO / RLOO options, each named in its message."""
@@ -267,7 +309,8 @@ class GRPOConfig(PPOConfig):
     TRL's bias-corrected KL."""
 
     mode: str = option("grpo", "grpo (group-normalised advantages), rloo (leave-one-out "
-                       "advantages) or ppo (value head, GAE, KL in the reward)")
+                       "advantages), trpo (grpo's advantages, one TRPO step per rollout within "
+                       "max-kl) or ppo (value head, GAE, KL in the reward)")
     num_generations: int = option(4, "completions sampled per prompt (the group size, >= 2)")
     ppo_epochs: int = option(1, "passes over each rollout (TRL's num_iterations)")
     kl_coef: float = option(0.04, "KL coefficient beta (the start value with kl-target)")

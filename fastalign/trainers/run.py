@@ -136,9 +136,10 @@ JOBS: dict[str, Job] = {
         summary_keys=("rewards/margins", "rewards/chosen", "rewards/rejected", "kl", "loss"),
     ),
     "ppo": Job(
-        kind="ppo", help="PPO, GRPO or RLOO (--mode) with a value head by default",
+        kind="ppo", help="PPO, GRPO, RLOO or TRPO (--mode) with a value head by default",
         description="Online RL: sample completions of the prompts, score them with --reward-fn "
-                    "or --reward-model, optimise the clipped objective with the fused head.",
+                    "or --reward-model, optimise the clipped objective (--mode trpo: one "
+                    "trust-region step per rollout) with the fused head.",
         config_class=PPOConfig, trainer_class=PPOTrainer, data_kind="prompt",
         encode=encode_prompt_examples, default_data="ppo",
         extra_arguments={"ref_model": _REF_MODEL_HELP, "reward_model": _REWARD_MODEL_HELP},

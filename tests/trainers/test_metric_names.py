@@ -18,6 +18,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 # kind -> (the CLI's kind, extra options)
 RUNS = {kind: (kind, []) for kind in LOGGED_METRICS}
 RUNS["rloo"] = ("ppo", ["--mode", "rloo", "--num-generations", "2"])
+RUNS["trpo"] = ("ppo", ["--mode", "trpo", "--num-generations", "2", "--cg-iters", "2"])
 
 
 def _readme_table() -> dict[str, tuple[str, ...]]:
