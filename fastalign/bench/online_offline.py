@@ -264,14 +264,14 @@ def write_table(path: Path, rows: list[dict], *, steps: int, batch_size: int,
     lines = [f"Shipped task, judge `polite`, {steps} steps × {batch_size} prompts (pairs for "
              f"dpo), {held_out} held-out prompts; {machine()}.", "",
              "| method | judge reward at step 0 | judge reward | KL to reference (nats per "
-             "completion) | judge calls | pre-labelled pairs | seconds |",
-             "|---|---|---|---|---|---|---|"]
+             "completion) | judge calls | pre-labelled pairs |",
+             "|---|---|---|---|---|---|"]
     for name in dict.fromkeys(row["method"] for row in rows):
         mine = [row for row in rows if row["method"] == name]
         first, last = mine[0], mine[-1]
         lines.append(f"| {name} | {first['judge_reward']:.3f} | {last['judge_reward']:.3f} | "
                      f"{last['kl_to_reference']:.3f} | {last['judge_calls']} | "
-                     f"{last['labels']} | {last['seconds']:.0f} |")
+                     f"{last['labels']} |")
     path.write_text("\n".join(lines) + "\n")
 
 
