@@ -3,6 +3,8 @@
 #               (progress, reward accuracy and margins, fused-vs-eager loss memory, plots)
 #   make test   set up, then run the whole test suite
 #   make bench  set up, then benchmark the fused op against its peers on this machine's shapes
+#   make gpu-check-dry-run  print the plan of benchmarks/gpu_check.sh (the GPU check) and its
+#               estimated duration; needs no set-up and no GPU
 #
 # Set-up makes a virtual environment in .venv with the CPU build of torch (never the CUDA wheels),
 # builds the C++ extension once against it (no pip build isolation, so torch is never downloaded
@@ -15,8 +17,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fastalign-installed
 BENCH_OUT ?= benchmarks/results/latest
 DEMO_OUT ?= fastalign-runs/demo-dpo
+GPU_CHECK_OUT ?= /tmp/fastalign-gpu-check
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench gpu-check-dry-run lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +38,9 @@ demo: setup
 
 bench: setup
 	$(BIN)/fastalign bench --output $(BENCH_OUT)
+
+gpu-check-dry-run:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh $(GPU_CHECK_OUT) --dry-run
 
 test: setup
 	$(BIN)/ruff check .

@@ -27,31 +27,36 @@ for arg in "$@"; do
         *) echo "$usage" >&2; exit 2 ;;
     esac
 done
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 cd "$(dirname "$0")/.." || exit 2
 py=${PYTHON:-python3}
 # Run by path: the plan needs nothing but the standard library, fastalign need not be installed.
 driver=fastalign/bench/gpu_check.py
-mkdir -p "$out" || exit 2
 if [ "$dry_run" = 1 ]; then
     exec "$py" "$driver" --dry-run --out "$out"
 fi
 
-SECONDS=0
-exec > >(tee -a "$out/gpu_check.log") 2>&1
-read -r install_budget total_budget < <("$py" "$driver" --print-budgets)
-unset TRITON_INTERPRET
-site=${TMPDIR:-/tmp}/fastalign-gpu-check-site
-if compgen -G "benchmarks/wheels/*.whl" > /dev/null; then
-    timeout "$install_budget" "$py" -m pip install -q --no-index --no-deps --no-compile \
-        --no-cache-dir --upgrade --target "$site" benchmarks/wheels/*.whl \
-        || echo "gpu_check: installing the wheels failed: their providers will be skipped"
-    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
-fi
-left=$((install_budget - SECONDS))
-FASTALIGN_BUILD_EXT=0 timeout $((left > 10 ? left : 10)) "$py" -m pip install -q \
-    --no-build-isolation --no-deps --no-cache-dir -e . \
-    || { echo "gpu_check: installing fastalign failed"; exit 2; }
-echo "gpu_check: installed in ${SECONDS} s"
-# The driver keeps to its budgets by itself; this timeout is the last resort.
-timeout -k 10 $((total_budget + 20 - SECONDS)) \
-    "$py" -m fastalign.bench.gpu_check --out "$out" --elapsed-s "$SECONDS"
+run() {
+    SECONDS=0
+    local install_budget total_budget left
+    read -r install_budget total_budget < <("$py" "$driver" --print-budgets)
+    unset TRITON_INTERPRET
+    local site=${TMPDIR:-/tmp}/fastalign-gpu-check-site
+    if compgen -G "benchmarks/wheels/*.whl" > /dev/null; then
+        timeout "$install_budget" "$py" -m pip install -q --no-index --no-deps --no-compile \
+            --no-cache-dir --upgrade --target "$site" benchmarks/wheels/*.whl \
+            || echo "gpu_check: installing the wheels failed: their providers will be skipped"
+        export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    left=$((install_budget - SECONDS))
+    FASTALIGN_BUILD_EXT=0 timeout $((left > 10 ? left : 10)) "$py" -m pip install -q \
+        --no-build-isolation --no-deps --no-cache-dir -e . \
+        || { echo "gpu_check: installing fastalign failed"; return 2; }
+    echo "gpu_check: installed in ${SECONDS} s"
+    # The driver keeps to its budgets by itself; this timeout is the last resort.
+    timeout -k 10 $((total_budget + 20 - SECONDS)) \
+        "$py" -m fastalign.bench.gpu_check --out "$out" --elapsed-s "$SECONDS"
+}
+
+run 2>&1 | tee -a "$out/gpu_check.log"
+exit "${PIPESTATUS[0]}"

@@ -132,3 +132,35 @@ def test_the_atomic_backward_is_a_provider_of_its_own(monkeypatch):
         assert LOGPROBS.check_provider(provider, inputs, reference).ok
         assert "FASTALIGN_TRITON_BACKWARD" not in os.environ  # restored after the call
     assert seen == ["atomic", "chunked"]
+
+
+def test_the_script_installs_the_wheels_then_runs_the_check(tmp_path):
+    """gpu_check.sh on a machine where ``python3 -m pip`` and the check itself are stand-ins
+    that record how they were called: what it would run on the GPU machine, in order."""
+    log = tmp_path / "calls.txt"
+    python = tmp_path / "python"
+    python.write_text(f"""#!/usr/bin/env bash
+echo "PYTHONPATH=${{PYTHONPATH:-}} TRITON_INTERPRET=${{TRITON_INTERPRET:-unset}} $*" >> {log}
+case "$1 $2" in
+    "-m pip"|"-m fastalign.bench.gpu_check") exit 0 ;;
+    *) exec {sys.executable} "$@" ;;
+esac
+""")
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(python), "TRITON_INTERPRET": "1", "TMPDIR": str(tmp_path)}
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = log.read_text().splitlines()
+    site = tmp_path / "fastalign-gpu-check-site"
+    assert calls[0].endswith("fastalign/bench/gpu_check.py --print-budgets")
+    assert calls[1].endswith(
+        f"-m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "
+        f"{site} benchmarks/wheels/cut_cross_entropy-25.1.1-py3-none-any.whl "
+        "benchmarks/wheels/liger_kernel-0.8.5-py3-none-any.whl")
+    assert calls[2].endswith("-m pip install -q --no-build-isolation --no-deps --no-cache-dir -e .")
+    assert re.fullmatch(rf"PYTHONPATH={site}\S* TRITON_INTERPRET=unset -m "
+                        rf"fastalign.bench.gpu_check --out {out} --elapsed-s \d+", calls[3])
+    assert len(calls) == 4
+    assert "gpu_check: installed in" in (out / "gpu_check.log").read_text()
