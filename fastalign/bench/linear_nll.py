@@ -26,7 +26,6 @@ import torch
 import fastalign
 from fastalign.bench import heads, linear_logprobs
 from fastalign.bench.harness import (
-    Benchmark,
     Outputs,
     Provider,
     ProviderMismatchError,
@@ -34,7 +33,6 @@ from fastalign.bench.harness import (
     Tolerance,
     eager_provider,
 )
-from fastalign.bench.heads import Shape
 from fastalign.bench.linear_logprobs import LogprobInputs
 from fastalign.bench.measure import ModeFn
 from fastalign.ops.linear_logprobs import linear_logprobs_reference
@@ -69,7 +67,9 @@ def _mean_of_logprobs(provider: Provider) -> Provider:
     return Provider(provider.name, fn, note, env=provider.env)
 
 
-class LinearNllBenchmark(Benchmark):
+class LinearNllBenchmark(linear_logprobs.LinearLogprobsBenchmark):
+    """``linear_logprobs``' shapes and inputs; its own providers, mode, FLOPs and ground truth."""
+
     name = "linear_nll"
     summary = ("mean NLL of an LM head with its gradients: fastalign.linear_nll (when fastalign "
                "has it) and −mean(fastalign.linear_logprobs) vs eager cross_entropy, "
@@ -80,37 +80,16 @@ class LinearNllBenchmark(Benchmark):
     providers = ("fastalign-nll", *(f"fastalign-{impl}" for impl in
                                     linear_logprobs.FASTALIGN_IMPLS),
                  "fastalign-triton-atomic", *linear_logprobs.PEER_PROVIDERS)
-    shape_syntax = heads.SHAPE_SYNTAX
-    shape_meaning = heads.SHAPE_MEANING
-    default_shapes_help = linear_logprobs.BENCHMARK.default_shapes_help
-    example_shapes = "256,128,4000"
     flops_per_nhv = {"full": 6}
     flops_remark = "(logits, dh and dW once each: no recompute)"
     flops_note = ("FLOPs credited: full 6·N·H·V (logits, dh, dW; a provider that recomputes the "
                   "logits does 8·N·H·V of matrix work).")
-    shape_columns_names = ("N", "H", "V")
     value_key = "loss"
     tolerances = {
         torch.float32: Tolerance(1e-4, 2e-3),  # the loss ≈ log V ≈ 11, a mean of N terms
         torch.float16: Tolerance(5e-3, 1e-2),
         torch.bfloat16: Tolerance(2e-2, 3e-2),
     }
-
-    def parse_shape(self, text: str) -> Shape:
-        return heads.parse_shape(text)
-
-    def default_shapes(self, device: torch.device | str) -> list[Shape]:
-        return linear_logprobs.BENCHMARK.default_shapes(device)
-
-    def small_shape(self, device: torch.device | str) -> Shape:
-        return heads.small_shape(device)
-
-    def shape_columns(self, shape: Shape) -> dict:
-        return {"N": shape.n, "H": shape.h, "V": shape.v}
-
-    def make_inputs(self, shape: Shape, dtype: torch.dtype, device: torch.device | str,
-                    seed: int = 0) -> LogprobInputs:
-        return linear_logprobs.BENCHMARK.make_inputs(shape, dtype, device, seed)
 
     def make_provider(self, name: str, device: torch.device | str, dtype: torch.dtype,
                       softcap: float | None = None) -> Provider:
