@@ -476,6 +476,11 @@ def _run_case(case: Case, config, rate: float, row_fields: dict, results: OpResu
         harness.free_memory(device)
         results.skipped.append(harness.Skip(shape, case.provider, "*", f"timed out: {exc}"))
         return f"TIMED OUT: {exc}"
+    except Exception as exc:  # noqa: BLE001 - e.g. the ground truth out of memory: next case
+        harness.free_memory(device)
+        reason = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+        results.skipped.append(harness.Skip(shape, case.provider, "*", f"ERROR {reason}"))
+        return f"FAILED: {reason}"
     results.rows.extend(rows)
     results.skipped.extend(skips)
     if checked:

@@ -164,3 +164,23 @@ esac
                         rf"fastalign.bench.gpu_check --out {out} --elapsed-s \d+", calls[3])
     assert len(calls) == 4
     assert "gpu_check: installed in" in (out / "gpu_check.log").read_text()
+
+
+def test_each_test_run_has_its_strategy_and_a_hard_budget(tmp_path, monkeypatch):
+    (tmp_path / "test_quick.py").write_text(
+        "import os\n\ndef test_environment():\n"
+        "    assert os.environ['FASTALIGN_TRITON_BACKWARD'] == 'chunked'\n"
+        "    assert 'TRITON_INTERPRET' not in os.environ\n")
+    (tmp_path / "test_slow.py").write_text("import time\n\ndef test_hangs():\n"
+                                           "    time.sleep(120)\n")
+    monkeypatch.setattr(gpu_check, "TEST_RUNS", (
+        ("tests (chunked backward)", "chunked", 60, (str(tmp_path / "test_quick.py"),)),
+        ("tests (atomic backward)", "atomic", 12, (str(tmp_path / "test_slow.py"),))))
+    out = tmp_path / "out"
+    out.mkdir()
+    start = time.monotonic()
+    quick, slow = gpu_check.run_tests(out, start + 200, sys.executable)
+    assert time.monotonic() - start < 60  # the hanging test was killed at its budget
+    assert quick.status.startswith("passed: 1 passed in "), (out / "tests.txt").read_text()
+    assert slow.status.startswith("TIMED OUT after 12 s")
+    assert "==== tests (atomic backward):" in (out / "tests.txt").read_text()
