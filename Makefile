@@ -7,6 +7,8 @@
 #               and write its registers / spills / shared memory table to benchmarks/results/
 #   make online-offline  set up, then train offline DPO, online DPO, GRPO, PPO and TRPO with equal
 #               budgets on the shipped task and compare held-out judge reward and KL (CSV, PNG, table)
+#   make gpu-check-dry-run  print the plan of benchmarks/gpu_check.sh (the GPU check) and its
+#               estimated duration; needs no set-up and no GPU
 #
 # Set-up makes a virtual environment in .venv with the CPU build of torch (never the CUDA wheels),
 # builds the C++ extension once against it (no pip build isolation, so torch is never downloaded
@@ -21,8 +23,9 @@ BENCH_OUT ?= benchmarks/results/latest
 DEMO_OUT ?= fastalign-runs/demo-dpo
 HOPPER_OUT ?= benchmarks/results
 ONLINE_OFFLINE_OUT ?= benchmarks/results/online_offline
+GPU_CHECK_OUT ?= /tmp/fastalign-gpu-check
 
-.PHONY: setup demo test bench hopper-table online-offline lint clean
+.PHONY: setup demo test bench hopper-table online-offline gpu-check-dry-run lint clean
 
 setup: $(STAMP)
 
@@ -47,6 +50,9 @@ hopper-table: setup
 
 online-offline: setup
 	$(BIN)/python -m fastalign.bench.online_offline --out $(ONLINE_OFFLINE_OUT)
+
+gpu-check-dry-run:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh $(GPU_CHECK_OUT) --dry-run
 
 test: setup
 	$(BIN)/ruff check .

@@ -26,11 +26,13 @@ writers in ``bench.report``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import math
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +98,24 @@ class Provider:
     fn: Callable
     note: str = ""  # what exactly runs (options, caveats), printed under the table
     exact_grads: bool = True  # False: gradients are approximate by design (checked loosely)
+    # Environment variables set while the provider is checked, timed and measured: a variant of
+    # an op read from the environment at backward time (FASTALIGN_TRITON_BACKWARD) is a provider.
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@contextlib.contextmanager
+def provider_env(provider: Provider) -> Iterator[None]:
+    """Set ``provider.env`` for the duration of the block, then restore the variables."""
+    saved = {name: os.environ.get(name) for name, _ in provider.env}
+    os.environ.update(dict(provider.env))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class ProviderUnavailable(Exception):
@@ -282,7 +302,8 @@ class Benchmark:
         ``eager_errors`` (eager's own ``CheckResult.errors`` in this dtype) widens the tolerance
         of every provider but eager itself. Raises whatever the provider raises.
         """
-        outputs = self.run_outputs(provider, inputs)
+        with provider_env(provider):
+            outputs = self.run_outputs(provider, inputs)
         is_eager = provider.name == "eager"
         half = inputs.dtype in (torch.bfloat16, torch.float16)
         tolerance = self.tolerances.get(inputs.dtype, self.tolerances[torch.float32])
@@ -317,8 +338,9 @@ class Benchmark:
     def measure(self, provider: Provider, inputs, mode: str, timing: TimingOptions,
                 matmul_rate: float | None = None) -> dict:
         """The metrics of ``mode`` of ``provider`` on ``inputs`` (``measure_mode_fn``)."""
-        return measure_mode_fn(self.make_mode_fn(provider, inputs, mode), inputs.device,
-                               self.flops(mode, inputs.shape), timing, matmul_rate)
+        with provider_env(provider):
+            return measure_mode_fn(self.make_mode_fn(provider, inputs, mode), inputs.device,
+                                   self.flops(mode, inputs.shape), timing, matmul_rate)
 
     def describe_flops(self) -> str:
         """``"forward 2*N*H*V, full 8*N*H*V"`` and the remark, for --help."""
@@ -389,6 +411,80 @@ def _resolved_config(benchmark: Benchmark, config: BenchConfig,
     return dataclasses.replace(config, shapes=shapes, providers=names, modes=modes)
 
 
+@dataclass
+class ShapeRun:
+    """One shape's inputs, ground truth and eager's own error, shared by all its providers."""
+
+    shape: object
+    inputs: object
+    reference: Outputs
+    eager_errors: dict[str, float] | None  # set when eager is checked, if it is a provider
+
+
+def prepare_shape(benchmark: Benchmark, shape, config: BenchConfig, device: torch.device,
+                  eager_is_provider: bool) -> ShapeRun:
+    """Inputs and ground truth of ``shape``; eager's own error now unless eager will be checked
+    as a provider (then ``run_provider`` fills it in: run eager first)."""
+    inputs = benchmark.make_inputs(shape, config.dtype, device, config.seed)
+    reference = benchmark.reference(inputs)
+    eager_errors = None if eager_is_provider else benchmark.eager_errors(inputs, reference)
+    return ShapeRun(shape, inputs, reference, eager_errors)
+
+
+def run_provider(benchmark: Benchmark, run: ShapeRun, provider: Provider, config: BenchConfig,
+                 matmul_rate: float, row_fields: dict,
+                 on_step: Callable[[str], None] = lambda step: None,
+                 ) -> tuple[list[dict], list[Skip], bool]:
+    """Check ``provider`` on ``run``, then measure each of ``config.modes``: (rows, skips, checked).
+
+    Providers that run out of memory or (peers only) fail are skipped; a fastalign provider that
+    fails or disagrees raises, unless ``config.on_mismatch`` is "skip". ``row_fields`` (device,
+    versions, date) go into every row.
+    """
+    device, shape = run.inputs.device, run.shape
+    ours = provider.name.startswith("fastalign")
+    on_step(f"{shape} {provider.name} check")
+    try:
+        check = benchmark.check_provider(provider, run.inputs, run.reference, run.eager_errors)
+    except Exception as exc:  # noqa: BLE001 - recorded below, or re-raised
+        free_memory(device)
+        reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        if is_oom(exc) or not ours:
+            return [], [Skip(shape, provider.name, "*", reason)], False
+        if config.on_mismatch == "error":
+            raise
+        print(f"\n!!! ERROR: {provider.name} at {shape}: {reason}; skipped", file=sys.stderr)
+        return [], [Skip(shape, provider.name, "*", f"ERROR {reason}")], False
+    if provider.name == "eager":
+        run.eager_errors = check.errors
+    if not check.ok:
+        message = (f"{provider.name} disagrees with the {benchmark.truth} at {shape} "
+                   f"{dtype_name(config.dtype)}: {check.describe()}")
+        if config.on_mismatch == "error":
+            raise ProviderMismatchError(message)
+        print(f"\n!!! MISMATCH: {message}; skipped", file=sys.stderr)
+        return [], [Skip(shape, provider.name, "*", f"MISMATCH: {check.describe()}")], False
+    rows, skipped = [], []
+    for mode in config.modes:
+        on_step(f"{shape} {provider.name} {mode}")
+        try:
+            metrics = benchmark.measure(provider, run.inputs, mode, config.timing, matmul_rate)
+        except Exception as exc:  # noqa: BLE001
+            free_memory(device)
+            if not (is_oom(exc) or config.on_mismatch == "skip" or not ours):
+                raise
+            skipped.append(Skip(shape, provider.name, mode,
+                                f"{type(exc).__name__}: {_first_line(exc)}"))
+            continue
+        rows.append({
+            "op": benchmark.name, "provider": provider.name, "mode": mode,
+            **benchmark.shape_columns(shape), "dtype": dtype_name(config.dtype),
+            **metrics, **row_fields, "shape": shape,
+        })
+    free_memory(device)
+    return rows, skipped, True
+
+
 def run_benchmark(benchmark: Benchmark, config: BenchConfig) -> BenchResult:
     """Check, then time and measure, every (shape, provider, mode) of ``benchmark``.
 
@@ -401,9 +497,9 @@ def run_benchmark(benchmark: Benchmark, config: BenchConfig) -> BenchResult:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but torch.cuda.is_available() is False")
     config = _resolved_config(benchmark, config, device)
-    env = versions()
     date = datetime.date.today().isoformat()
     dev_name = device_name(device)
+    row_fields = {"device": dev_name, **versions(), "date": date}
     rate = matmul_tflops(device, config.dtype, options=config.timing)
     rows, skipped, notes = [], [], {}
     modes = config.modes
@@ -411,68 +507,27 @@ def run_benchmark(benchmark: Benchmark, config: BenchConfig) -> BenchResult:
                desc=f"bench {benchmark.name}", unit="run", disable=not config.progress,
                file=sys.stderr, dynamic_ncols=True)
 
-    def skip(shape, name, reason, mode="*"):
-        skipped.append(Skip(shape, name, mode, reason))
-        bar.update(len(modes) if mode == "*" else 1)
+    def record(new_rows: list[dict], new_skips: list[Skip]) -> None:
+        rows.extend(new_rows)
+        skipped.extend(new_skips)
+        bar.update(len(new_rows) + sum(len(modes) if item.mode == "*" else 1
+                                       for item in new_skips))
 
     for shape in config.shapes:
         providers, unavailable = benchmark.build_providers(config.providers, device, config.dtype,
                                                            shape.softcap)
-        for name, reason in unavailable.items():
-            skip(shape, name, reason)
+        record([], [Skip(shape, name, "*", reason) for name, reason in unavailable.items()])
         # eager first: its own error against the ground truth sets the low-precision tolerance.
         providers.sort(key=lambda p: p.name != "eager")
-        inputs = benchmark.make_inputs(shape, config.dtype, device, config.seed)
         bar.set_postfix_str(f"{shape} ground truth")
-        reference = benchmark.reference(inputs)
-        eager_errors = (benchmark.eager_errors(inputs, reference)
-                        if "eager" not in config.providers else None)
+        run = prepare_shape(benchmark, shape, config, device, "eager" in config.providers)
         for provider in providers:
-            ours = provider.name.startswith("fastalign")
-            bar.set_postfix_str(f"{shape} {provider.name} check")
-            try:
-                check = benchmark.check_provider(provider, inputs, reference, eager_errors)
-            except Exception as exc:  # noqa: BLE001 - recorded below, or re-raised
-                free_memory(device)
-                reason = f"{type(exc).__name__}: {_first_line(exc)}"
-                if is_oom(exc) or not ours:
-                    skip(shape, provider.name, reason)
-                    continue
-                if config.on_mismatch == "error":
-                    raise
-                print(f"\n!!! ERROR: {provider.name} at {shape}: {reason}; skipped",
-                      file=sys.stderr)
-                skip(shape, provider.name, f"ERROR {reason}")
-                continue
-            if provider.name == "eager":
-                eager_errors = check.errors
-            if not check.ok:
-                message = (f"{provider.name} disagrees with the {benchmark.truth} at {shape} "
-                           f"{dtype_name(config.dtype)}: {check.describe()}")
-                if config.on_mismatch == "error":
-                    raise ProviderMismatchError(message)
-                print(f"\n!!! MISMATCH: {message}; skipped", file=sys.stderr)
-                skip(shape, provider.name, f"MISMATCH: {check.describe()}")
-                continue
-            notes[provider.name] = provider.note
-            for mode in modes:
-                bar.set_postfix_str(f"{shape} {provider.name} {mode}")
-                try:
-                    metrics = benchmark.measure(provider, inputs, mode, config.timing, rate)
-                except Exception as exc:  # noqa: BLE001
-                    free_memory(device)
-                    if not (is_oom(exc) or config.on_mismatch == "skip" or not ours):
-                        raise
-                    skip(shape, provider.name, f"{type(exc).__name__}: {_first_line(exc)}", mode)
-                    continue
-                rows.append({
-                    "op": benchmark.name, "provider": provider.name, "mode": mode,
-                    **benchmark.shape_columns(shape), "dtype": dtype_name(config.dtype),
-                    **metrics, "device": dev_name, **env, "date": date, "shape": shape,
-                })
-                bar.update(1)
-            free_memory(device)
-        del inputs, reference
+            new_rows, new_skips, checked = run_provider(benchmark, run, provider, config, rate,
+                                                        row_fields, bar.set_postfix_str)
+            if checked:
+                notes[provider.name] = provider.note
+            record(new_rows, new_skips)
+        del run
         free_memory(device)
     bar.close()
     return BenchResult(config, rows, skipped, notes, rate, dev_name, date, op=benchmark.name,

@@ -6,7 +6,9 @@ differentiable with respect to ``hidden`` and ``weight``. Providers:
 
 * ``fastalign-<impl>``: ``fastalign.linear_logprobs(..., impl=impl)`` for each implementation that
   can run on the device ("triton" on CUDA, or on CPU under ``TRITON_INTERPRET=1``; "cpp" on CPU).
-  "reference" is not a fastalign provider: it is the eager baseline below.
+  "reference" is not a fastalign provider: it is the eager baseline below. ``fastalign-triton``
+  runs the chunked backward (``FASTALIGN_TRITON_BACKWARD=chunked``, the default),
+  ``fastalign-triton-atomic`` the atomic one.
 * ``eager``: ``hidden @ weight.T`` in the input dtype → float32 → softcap → ``log_softmax`` →
   gather, what a user writes without fastalign (the reference's math; the reference itself
   multiplies in float32 and is used as ground truth, see ``reference``).
@@ -14,8 +16,8 @@ differentiable with respect to ``hidden`` and ``weight``. Providers:
 * ``torch-lce``: ``torch.nn.functional.linear_cross_entropy(..., reduction="none",
   options=LinearCrossEntropyOptions(...))``, negated (it returns the NLL), where torch has it.
 * ``liger``, ``cce``, ``cce-exact``: Liger-Kernel's fused linear cross entropy and Cut
-  Cross-Entropy (its default, which skips small gradients, and ``impl="cce_exact"``), whenever
-  they import (CUDA only).
+  Cross-Entropy (its default, which skips small gradients, and ``filter_eps=None``, which skips
+  none), whenever they are installed (CUDA only).
 
 Modes:
 
@@ -99,15 +101,33 @@ def eager_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 # ----------------------------------------------------------------------------------------------
 
 
-def _fastalign_provider(impl: str, device: torch.device) -> Provider:
+def _fastalign_provider(impl: str, device: torch.device, backward: str | None = None) -> Provider:
+    """``fastalign.linear_logprobs(impl=impl)``; for Triton, with ``backward`` (a
+    ``FASTALIGN_TRITON_BACKWARD`` strategy, None: the default) set while it runs."""
     require_impl(impl, device)
 
     def fn(hidden, weight, targets, softcap):
         return fastalign.linear_logprobs(hidden, weight, targets, softcap=softcap, impl=impl)
 
-    note = "Triton interpreter (TRITON_INTERPRET=1)" if (
-        impl == "triton" and device.type == "cpu") else ""
-    return Provider(f"fastalign-{impl}", fn, note)
+    notes = []
+    if impl == "triton" and device.type == "cpu":
+        notes.append("Triton interpreter (TRITON_INTERPRET=1)")
+    if backward is not None:
+        notes.append(f"FASTALIGN_TRITON_BACKWARD={backward}")
+    name = f"fastalign-{impl}" + (f"-{backward}" if backward == "atomic" else "")
+    env = (("FASTALIGN_TRITON_BACKWARD", backward),) if backward else ()
+    return Provider(name, fn, ", ".join(notes), env=env)
+
+
+def fastalign_provider(name: str, device: torch.device) -> Provider | None:
+    """Provider ``fastalign-<impl>`` or ``fastalign-triton-atomic`` (the Triton op with its old
+    atomic backward), or None for a name that is neither."""
+    if name == "fastalign-triton-atomic":
+        return _fastalign_provider("triton", device, backward="atomic")
+    impl = name.removeprefix("fastalign-")
+    if name.startswith("fastalign-") and impl in FASTALIGN_IMPLS:
+        return _fastalign_provider(impl, device, "chunked" if impl == "triton" else None)
+    return None
 
 
 def _lce_options_candidates() -> list:
@@ -117,14 +137,20 @@ def _lce_options_candidates() -> list:
     return [options(), options(acc_policy="accurate", chunking_method="aspect_ratio")]
 
 
-def _lce_call(options, hidden, weight, targets):
+def _lce_call(options, hidden, weight, targets, reduction="none"):
     import torch.nn.functional as F
 
-    return F.linear_cross_entropy(hidden, weight, targets, reduction="none", options=options)
+    return F.linear_cross_entropy(hidden, weight, targets, reduction=reduction, options=options)
 
 
-def _torch_lce_provider(device: torch.device, dtype: torch.dtype,
-                        softcap: float | None) -> Provider:
+def as_output(nll: torch.Tensor, reduction: str) -> torch.Tensor:
+    """A peer's cross entropy as an op's float32 output: per-token log-probs (−NLL) for
+    reduction "none" (``linear_logprobs``), the mean NLL itself for "mean" (``linear_nll``)."""
+    return -nll.float() if reduction == "none" else nll.float()
+
+
+def torch_lce_provider(device: torch.device, dtype: torch.dtype, softcap: float | None,
+                       reduction: str = "none") -> Provider:
     import torch.nn.functional as F
 
     if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn,
@@ -141,9 +167,8 @@ def _torch_lce_provider(device: torch.device, dtype: torch.dtype,
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                loss = _lce_call(options, probe.hidden, probe.weight, probe.targets)
-                torch.autograd.grad(loss, (probe.hidden, probe.weight),
-                                    probe.grad_logp.to(loss.dtype))
+                loss = _lce_call(options, probe.hidden, probe.weight, probe.targets, reduction)
+                torch.autograd.grad(loss.float().sum(), (probe.hidden, probe.weight))
             except Exception as exc:  # noqa: BLE001 - any failure means "try the next options"
                 failures.append(f"{_describe_options(options)}: {type(exc).__name__}: {exc}")
                 continue
@@ -153,7 +178,7 @@ def _torch_lce_provider(device: torch.device, dtype: torch.dtype,
             continue
 
         def fn(hidden, weight, targets, softcap, _options=options):
-            return -_lce_call(_options, hidden, weight, targets).float()
+            return as_output(_lce_call(_options, hidden, weight, targets, reduction), reduction)
 
         note = f"chunked, {_describe_options(options)}"
         if "auto" in (options.acc_policy, options.chunking_method):
@@ -177,37 +202,44 @@ def _describe_options(options) -> str:
     return text
 
 
-def _liger_provider(device: torch.device) -> Provider:
-    if device.type != "cuda":
-        raise ProviderUnavailable("Liger-Kernel runs on CUDA only")
+def liger_provider(device: torch.device, reduction: str = "none") -> Provider:
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     except ImportError as exc:
-        raise ProviderUnavailable(f"liger_kernel is not importable ({exc})") from None
+        raise ProviderUnavailable(f"Liger-Kernel is not installed ({exc}; pip install "
+                                  "liger-kernel, or benchmarks/wheels on the GPU)") from None
+    if device.type != "cuda":
+        raise ProviderUnavailable("Liger-Kernel runs on CUDA only")
 
     def fn(hidden, weight, targets, softcap):
-        out = liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="none",
+        out = liger_fused_linear_cross_entropy(hidden, weight, targets, reduction=reduction,
                                                softcap=softcap)
-        return -(out[0] if isinstance(out, tuple) else out).float()
+        return as_output(out[0] if isinstance(out, tuple) else out, reduction)
 
-    return Provider("liger", fn, "gradients computed inside forward")
+    note = ("gradients computed inside forward" if reduction == "mean"
+            else "reduction='none': gradients recomputed in backward")
+    return Provider("liger", fn, note)
 
 
-def _cce_provider(device: torch.device, exact: bool) -> Provider:
+def cce_provider(device: torch.device, exact: bool, reduction: str = "none") -> Provider:
+    """Cut Cross-Entropy: by default it skips the gradient of vocabulary blocks whose softmax is
+    negligible (``filter_eps="high"``); exact is ``filter_eps=None``, which filters nothing."""
     name = "cce-exact" if exact else "cce"
-    if device.type != "cuda":
-        raise ProviderUnavailable("Cut Cross-Entropy's kernels run on CUDA only")
     try:
         from cut_cross_entropy import linear_cross_entropy
     except ImportError as exc:
-        raise ProviderUnavailable(f"cut_cross_entropy is not importable ({exc})") from None
-    kwargs = {"impl": "cce_exact"} if exact else {}
+        raise ProviderUnavailable(f"Cut Cross-Entropy is not installed ({exc}; pip install "
+                                  "cut-cross-entropy, or benchmarks/wheels on the GPU)") from None
+    if device.type != "cuda":
+        raise ProviderUnavailable("Cut Cross-Entropy's kernels run on CUDA only")
+    kwargs = {"filter_eps": None} if exact else {}
 
     def fn(hidden, weight, targets, softcap):
-        return -linear_cross_entropy(hidden, weight, targets, softcap=softcap, reduction="none",
-                                     **kwargs).float()
+        return as_output(linear_cross_entropy(hidden, weight, targets, softcap=softcap,
+                                              reduction=reduction, **kwargs), reduction)
 
-    note = 'impl="cce_exact"' if exact else "default impl: skips small gradients (approximate)"
+    note = "filter_eps=None (no gradient filtering)" if exact else (
+        "default filter_eps: skips small gradients (approximate)")
     return Provider(name, fn, note, exact_grads=exact)
 
 
@@ -222,7 +254,8 @@ class LinearLogprobsBenchmark(Benchmark):
                "torch.nn.functional.linear_cross_entropy and (on CUDA, when installed) "
                "Liger-Kernel and Cut Cross-Entropy")
     modes = ("forward", "backward", "full")
-    providers = tuple(f"fastalign-{impl}" for impl in FASTALIGN_IMPLS) + PEER_PROVIDERS
+    providers = (*(f"fastalign-{impl}" for impl in FASTALIGN_IMPLS), "fastalign-triton-atomic",
+                 *PEER_PROVIDERS)
     shape_syntax = heads.SHAPE_SYNTAX
     shape_meaning = heads.SHAPE_MEANING
     default_shapes_help = (
@@ -275,18 +308,19 @@ class LinearLogprobsBenchmark(Benchmark):
     def make_provider(self, name: str, device: torch.device | str, dtype: torch.dtype,
                       softcap: float | None = None) -> Provider:
         device = torch.device(device)
-        if name.startswith("fastalign-") and name[len("fastalign-"):] in FASTALIGN_IMPLS:
-            return _fastalign_provider(name[len("fastalign-"):], device)
+        ours = fastalign_provider(name, device)
+        if ours is not None:
+            return ours
         peer = eager_provider(name, self.name, eager_logprobs,
                               "matmul in input dtype, log_softmax in float32")
         if peer is not None:
             return peer
         if name == "torch-lce":
-            return _torch_lce_provider(device, dtype, softcap)
+            return torch_lce_provider(device, dtype, softcap)
         if name == "liger":
-            return _liger_provider(device)
+            return liger_provider(device)
         if name in ("cce", "cce-exact"):
-            return _cce_provider(device, exact=name == "cce-exact")
+            return cce_provider(device, exact=name == "cce-exact")
         raise ValueError(f"unknown provider {name!r}; known: {', '.join(self.providers)}")
 
     def reference(self, inputs: LogprobInputs,

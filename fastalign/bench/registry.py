@@ -3,12 +3,13 @@ suite in ``benchmarks/`` read. A new op is a module with a ``Benchmark`` and a l
 
 from __future__ import annotations
 
-from fastalign.bench import dpo, linear_kl, linear_logprobs
+from fastalign.bench import dpo, linear_kl, linear_logprobs, linear_nll
 from fastalign.bench.harness import MODES, Benchmark
 
 BENCHMARKS: dict[str, Benchmark] = {
     benchmark.name: benchmark
-    for benchmark in (linear_logprobs.BENCHMARK, linear_kl.BENCHMARK, dpo.BENCHMARK)
+    for benchmark in (linear_logprobs.BENCHMARK, linear_nll.BENCHMARK, linear_kl.BENCHMARK,
+                      dpo.BENCHMARK)
 }
 DEFAULT = linear_logprobs.BENCHMARK.name  # what `fastalign bench` runs without --op
 

@@ -23,6 +23,8 @@ from fastalign.cli import main as cli_main
 CSV_COLUMNS = {
     "linear_logprobs": "op,provider,mode,N,H,V,dtype,ms_median,ms_p20,ms_p80,tflops,"
                        "frac_of_matmul,peak_mem_mb,device,torch,triton,date",
+    "linear_nll": "op,provider,mode,N,H,V,dtype,ms_median,ms_p20,ms_p80,tflops,"
+                  "frac_of_matmul,peak_mem_mb,device,torch,triton,date",
     "linear_kl": "op,provider,mode,N,H,V,softcap,dtype,ms_median,ms_p20,ms_p80,tflops,"
                  "frac_of_matmul,peak_mem_mb,device,torch,triton,date",
     "dpo": "op,provider,mode,B,T,N,H,V,softcap,dtype,ms_median,ms_p20,ms_p80,tflops,"
@@ -31,6 +33,7 @@ CSV_COLUMNS = {
 # (shape, providers) of a run that takes a second or two on CPU.
 TINY_RUNS = {
     "linear_logprobs": ("64,32,500,30", ["fastalign-cpp", "eager"]),
+    "linear_nll": ("64,32,500,30", ["fastalign-cpp", "eager"]),
     "linear_kl": ("64,32,500,30", ["fastalign-cpp", "eager"]),
     "dpo": ("2,16,32,500", ["fastalign", "eager"]),
 }
@@ -43,7 +46,7 @@ def _bench_help() -> str:
 
 
 def test_every_op_declares_what_the_harness_needs():
-    assert list(BENCHMARKS) == ["linear_logprobs", "linear_kl", "dpo"]
+    assert list(BENCHMARKS) == ["linear_logprobs", "linear_nll", "linear_kl", "dpo"]
     for name, benchmark in BENCHMARKS.items():
         assert benchmark.name == name
         assert set(benchmark.modes) <= set(harness.MODES)
