@@ -282,14 +282,15 @@ def plot(path: Path, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name in dict.fromkeys(row["method"] for row in rows):
+    for i, name in enumerate(dict.fromkeys(row["method"] for row in rows)):
         mine = [row for row in rows if row["method"] == name]
         steps = [row["step"] for row in mine]
-        axes[0].plot(steps, [row["judge_reward"] for row in mine], marker="o", label=name)
-        axes[1].plot(steps, [row["kl_to_reference"] for row in mine], marker="o", label=name)
+        style = {"marker": "o", "label": name, "color": f"C{i}"}  # one colour a method throughout
+        axes[0].plot(steps, [row["judge_reward"] for row in mine], **style)
+        axes[1].plot(steps, [row["kl_to_reference"] for row in mine], **style)
         if mine[-1]["judge_calls"]:
             axes[2].plot([row["judge_calls"] for row in mine],
-                         [row["judge_reward"] for row in mine], marker="o", label=name)
+                         [row["judge_reward"] for row in mine], **style)
     axes[0].set(title="held-out judge reward", xlabel="optimizer step", ylabel="mean reward")
     axes[1].set(title="KL(π ‖ π_ref), exact", xlabel="optimizer step",
                 ylabel="nats per completion")
@@ -297,7 +298,8 @@ def plot(path: Path, rows: list[dict]) -> None:
                 ylabel="mean reward")
     for axis in axes:
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
