@@ -1,0 +1,284 @@
+"""Values and gradients of every linear_nll implementation against the reference.
+
+Ground truth: the materialising reference in float64 on the same inputs, back-propagated from a
+random upstream scalar (the gradients are formed in forward and only scaled in backward, so a
+scale other than 1 must reach them). float32 must agree to 1e-5 relative to each tensor's scale;
+bfloat16 / float16 are judged relative to PyTorch's own error at that dtype.
+"""
+
+import pytest
+import torch
+from helpers import (
+    assert_close_fp32,
+    assert_low_precision_ok,
+    impl_device,
+    impl_is_available,
+    make_inputs,
+)
+
+import fastalign
+from fastalign import linear_nll, linear_nll_reference
+from fastalign.bench.memory import cpu_peak_supported, measure_peak_memory
+from fastalign.ops._extension import EXTENSION
+
+IMPLS = ("torch", "triton", "cpp")
+
+# (id, leading shape, H, V, input options, option overrides)
+CASES = [
+    ("round", (64,), 32, 256, {}, {}),
+    ("awkward-3d", (3, 7), 31, 123, {}, {}),
+    ("one-token", (1,), 33, 1100, {}, {}),
+    ("vocab-prime", (17,), 24, 997, {"bias": True}, {}),
+    ("temperature", (13,), 40, 211, {}, {"temperature": 0.7}),
+    ("softcap", (13,), 40, 211, {"logit_scale": 40.0}, {"softcap": 30.0}),
+    ("softcap-temp-bias", (2, 5), 20, 130, {"bias": True, "logit_scale": 40.0},
+     {"softcap": 30.0, "temperature": 0.7}),
+    ("all-ignored", (9,), 16, 100, {"ignore_fraction": 1.0}, {}),
+    ("ignore-index-0", (9,), 16, 100, {}, {"ignore_index": 0}),
+    ("non-contiguous", (6, 5), 24, 150, {"non_contiguous": True, "bias": True}, {}),
+    ("misaligned-odd-H", (3, 5), 37, 140, {"misaligned": True, "bias": True}, {}),
+]
+CASE_IDS = [case[0] for case in CASES]
+
+
+def _available(impl: str) -> bool:
+    if impl == "torch":
+        return True
+    if impl == "cpp" and not hasattr(EXTENSION, "linear_nll_forward"):
+        return False
+    return impl_is_available(impl)
+
+
+def _require(impl):
+    if not _available(impl):
+        pytest.skip(f"{impl} is not available here: {fastalign.available_implementations()}")
+
+
+def _inputs(case, dtype, device):
+    _, shape, hidden_size, vocab_size, input_options, options = case
+    inputs = make_inputs(shape, hidden_size, vocab_size, dtype=dtype, device=device,
+                         options=options, **input_options)
+    if case[0] == "all-ignored":  # make_inputs keeps two valid tokens; ignore those too
+        inputs.targets.fill_(-100)
+    return inputs
+
+
+def _run(inputs, *, impl=None, upcast=None, upstream=-1.7, **kwargs):
+    """(loss, grads) after backward(upstream · loss); impl None: the reference."""
+    leaves = {"hidden": inputs.hidden, "weight": inputs.weight}
+    if inputs.bias is not None:
+        leaves["bias"] = inputs.bias
+    leaves = {name: (t.detach().to(upcast) if upcast else t.detach()).requires_grad_()
+              for name, t in leaves.items()}
+    options = dict(bias=leaves.get("bias"), **inputs.options, **kwargs)
+    if impl is None:
+        loss = linear_nll_reference(leaves["hidden"], leaves["weight"], inputs.targets,
+                                    compute_dtype=upcast or torch.float32, **options)
+    else:
+        loss = linear_nll(leaves["hidden"], leaves["weight"], inputs.targets, impl=impl,
+                          **options)
+    upstream = torch.as_tensor(upstream, dtype=loss.dtype)
+    (loss * upstream).sum().backward()
+    return loss.detach(), {name: leaf.grad for name, leaf in leaves.items()}
+
+
+def _eager_same_dtype(inputs, reduction, upstream=-1.7):
+    """What a PyTorch user gets at the inputs' dtype: the head matmul in that dtype, then
+    cross-entropy in float32."""
+    leaves = {"hidden": inputs.hidden, "weight": inputs.weight}
+    if inputs.bias is not None:
+        leaves["bias"] = inputs.bias
+    leaves = {k: t.detach().clone().requires_grad_() for k, t in leaves.items()}
+    logits = leaves["hidden"] @ leaves["weight"].T
+    if "bias" in leaves:
+        logits = logits + leaves["bias"]
+    logits = logits.float()
+    softcap = inputs.options.get("softcap")
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits / inputs.options.get("temperature", 1.0)
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), inputs.targets.reshape(-1), reduction=reduction,
+        ignore_index=inputs.options.get("ignore_index", -100))
+    (loss * upstream).backward()
+    return loss.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_float32_matches_reference(impl, reduction, case):
+    _require(impl)
+    inputs = _inputs(case, torch.float32, impl_device(impl))
+    loss, grads = _run(inputs, impl=impl, reduction=reduction)
+    truth, true_grads = _run(inputs, upcast=torch.float64, reduction=reduction)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_close_fp32(loss, truth, "loss")
+    for name, grad in true_grads.items():
+        assert grads[name].dtype == torch.float32
+        assert_close_fp32(grads[name], grad, f"d{name}")
+    if case[0] == "all-ignored":  # a mean over no token is 0, with zero gradients
+        assert loss.item() == 0.0
+        assert all(not grad.any() for grad in grads.values())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES[:2] + CASES[6:7], ids=["round", "awkward-3d", "softcap"])
+def test_reduction_none_is_minus_logprobs(impl, case):
+    _require(impl)
+    inputs = _inputs(case, torch.float32, impl_device(impl))
+    upstream = torch.randn(inputs.targets.shape, generator=torch.Generator().manual_seed(1))
+    loss, grads = _run(inputs, impl=impl, reduction="none", upstream=upstream)
+    truth, true_grads = _run(inputs, upcast=torch.float64, reduction="none", upstream=upstream)
+    assert loss.shape == inputs.targets.shape
+    assert_close_fp32(loss, truth, "nll")
+    assert_close_fp32(-fastalign.linear_logprobs(inputs.hidden, inputs.weight, inputs.targets,
+                                                 bias=inputs.bias, **inputs.options), truth,
+                      "-logp")
+    for name, grad in true_grads.items():
+        assert_close_fp32(grads[name], grad, f"d{name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["number", "tensor"])
+def test_num_items_in_batch_divides_the_sum(impl, as_tensor):
+    _require(impl)
+    inputs = _inputs(CASES[3], torch.float32, impl_device(impl))
+    num_items = torch.tensor(40) if as_tensor else 40
+    loss, grads = _run(inputs, impl=impl, num_items_in_batch=num_items)
+    total, total_grads = _run(inputs, upcast=torch.float64, reduction="sum")
+    assert_close_fp32(loss, total / 40, "loss")
+    for name, grad in total_grads.items():
+        assert_close_fp32(grads[name], grad / 40, f"d{name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradient_accumulation_over_two_calls_equals_one_call(impl):
+    """transformers' gradient accumulation: each micro-batch divided by the step's token count."""
+    _require(impl)
+    device = impl_device(impl)
+    first = make_inputs((7,), 24, 190, bias=True, device=device, seed=1)
+    second = make_inputs((11,), 24, 190, bias=True, device=device, seed=2)
+    targets = torch.cat([first.targets, second.targets])
+    count = int((targets != -100).sum())
+    leaves = [first.hidden.clone().requires_grad_(), second.hidden.clone().requires_grad_(),
+              first.weight.clone().requires_grad_(), first.bias.clone().requires_grad_()]
+    h1, h2, weight, bias = leaves
+    for hidden, part in ((h1, first), (h2, second)):
+        linear_nll(hidden, weight, part.targets, bias=bias, num_items_in_batch=count,
+                   impl=impl).backward()
+    joint = [leaf.detach().clone().requires_grad_() for leaf in leaves]
+    whole = linear_nll(torch.cat(joint[:2]), joint[2], targets, bias=joint[3], impl=impl)
+    whole.backward()
+    for name, ours, theirs in zip(("h1", "h2", "weight", "bias"), leaves, joint):
+        assert_close_fp32(ours.grad, theirs.grad, f"d{name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6]],
+                         ids=["round", "vocab-prime", "softcap-temp-bias"])
+def test_low_precision_against_float64_truth(impl, dtype, case):
+    _require(impl)
+    inputs = _inputs(case, dtype, impl_device(impl))
+    loss, grads = _run(inputs, impl=impl, reduction="mean")
+    truth, true_grads = _run(inputs, upcast=torch.float64, reduction="mean")
+    theirs, their_grads = _eager_same_dtype(inputs, "mean")
+    assert loss.dtype == torch.float32
+    assert_low_precision_ok(loss, theirs, truth, "loss")
+    for name, grad in true_grads.items():
+        assert grads[name].dtype == dtype, f"d{name} must come back in the input dtype"
+        assert_low_precision_ok(grads[name], their_grads[name], grad, f"d{name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mib", ["0.000001", "0.002"], ids=["one-row", "few-rows"])
+def test_small_workspace_budgets_cross_chunk_boundaries(impl, mib, monkeypatch):
+    _require(impl)
+    inputs = _inputs(CASES[6], torch.float32, impl_device(impl))
+    default_loss, default_grads = _run(inputs, impl=impl)
+    monkeypatch.setenv("FASTALIGN_BACKWARD_WORKSPACE_MIB", mib)
+    loss, grads = _run(inputs, impl=impl)
+    assert_close_fp32(loss, default_loss, "loss")
+    for name, grad in default_grads.items():
+        assert_close_fp32(grads[name], grad, f"d{name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_only_requested_gradients_and_none_without_grad(impl):
+    _require(impl)
+    inputs = _inputs(CASES[3], torch.float32, impl_device(impl))
+    truth = linear_nll_reference(inputs.hidden, inputs.weight, inputs.targets, bias=inputs.bias)
+    with torch.no_grad():
+        loss = linear_nll(inputs.hidden.requires_grad_(), inputs.weight, inputs.targets,
+                          bias=inputs.bias, impl=impl)
+    assert not loss.requires_grad
+    assert_close_fp32(loss, truth, "loss without grad")
+    hidden = inputs.hidden.detach().requires_grad_()
+    weight = inputs.weight.detach()
+    linear_nll(hidden, weight, inputs.targets, bias=inputs.bias, impl=impl).backward()
+    assert hidden.grad is not None and weight.grad is None
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_float64_gradcheck(impl):
+    _require(impl)
+    inputs = make_inputs((5,), 7, 23, bias=True, options={"softcap": 4.0, "temperature": 0.8})
+    hidden, weight, bias = (x.double().requires_grad_() for x in
+                            (inputs.hidden, inputs.weight, inputs.bias))
+
+    def op(h, w, b):
+        return linear_nll(h, w, inputs.targets, bias=b, softcap=4.0, temperature=0.8, impl=impl)
+
+    assert torch.autograd.gradcheck(op, (hidden, weight, bias), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not cpu_peak_supported(), reason="needs /proc/self/clear_refs (Linux)")
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_memory_stays_within_the_chunk_workspace(impl, monkeypatch):
+    """N = 4096 tokens, V = 4096: eager's float32 logits are 64 MiB; with a 2 MiB workspace the
+    op's peak is that, a few float32 temporaries of the chunk and the gradients (2 MiB)."""
+    _require(impl)
+    monkeypatch.setenv("FASTALIGN_BACKWARD_WORKSPACE_MIB", "2")
+    n_tokens, hidden_size, vocab_size = 4096, 64, 4096
+    inputs = make_inputs((n_tokens,), hidden_size, vocab_size, ignore_fraction=0.0)
+    hidden = inputs.hidden.requires_grad_()
+    weight = inputs.weight.requires_grad_()
+    logits_bytes = n_tokens * vocab_size * 4
+
+    def step():
+        loss = linear_nll(hidden, weight, inputs.targets, impl=impl)
+        loss.backward()
+        return loss.detach()
+
+    step()  # warm-up: allocator pools, thread pools
+    hidden.grad = weight.grad = None
+    _, peak = measure_peak_memory(step, "cpu")
+    gradients = (n_tokens + vocab_size) * hidden_size * 4 * 3  # dh, dW, dW's float32 sum, .grad
+    assert peak < 5 * 2**20 + gradients, (
+        f"peak {peak / 2**20:.1f} MiB, eager logits {logits_bytes / 2**20:.0f} MiB")
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"reduction": "avg"}, "reduction"),
+    ({"num_items_in_batch": 0}, "num_items_in_batch"),
+    ({"num_items_in_batch": 3, "reduction": "sum"}, "num_items_in_batch"),
+    ({"num_items_in_batch": torch.ones(2)}, "num_items_in_batch"),
+    ({"impl": "fast"}, "impl"),
+    ({"temperature": 0.0}, "temperature"),
+    ({"softcap": -1.0}, "softcap"),
+])
+def test_bad_arguments_name_the_argument(kwargs, match):
+    inputs = make_inputs((4,), 8, 16)
+    with pytest.raises((ValueError, TypeError), match=match):
+        linear_nll(inputs.hidden, inputs.weight, inputs.targets, **kwargs)
+
+
+def test_bad_tensors_name_the_tensor():
+    inputs = make_inputs((4,), 8, 16)
+    with pytest.raises(ValueError, match="targets"):
+        linear_nll(inputs.hidden, inputs.weight, inputs.targets.clamp(min=0) + 16)
+    with pytest.raises(ValueError, match="targets"):
+        linear_nll(inputs.hidden, inputs.weight, inputs.targets[:3])
+    with pytest.raises((ValueError, TypeError), match="weight"):
+        linear_nll(inputs.hidden, inputs.weight[:, :5], inputs.targets)
