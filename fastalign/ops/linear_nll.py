@@ -144,7 +144,8 @@ class LinearNLLFunction(torch.autograd.Function):
             params.ignore_index, wants_dh, wants_dw, wants_db and bias is not None)
         ctx.save_for_backward(dh, dw, db)
         ctx.set_materialize_grads(False)
-        return (nll.sum() * scale).squeeze(0)
+        # A fresh 0-d tensor, not a view: callers scale the loss in place (transformers.Trainer).
+        return nll.sum() * scale.reshape(())
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -220,6 +220,20 @@ def test_only_requested_gradients_and_none_without_grad(impl):
     assert hidden.grad is not None and weight.grad is None
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_loss_can_be_scaled_in_place(impl):
+    """transformers.Trainer multiplies the loss in place under gradient accumulation."""
+    _require(impl)
+    inputs = _inputs(CASES[0], torch.float32, impl_device(impl))
+    hidden = inputs.hidden.requires_grad_()
+    loss = linear_nll(hidden, inputs.weight, inputs.targets, impl=impl)
+    loss *= 2.0
+    loss.backward()
+    truth = inputs.hidden.detach().requires_grad_()
+    (2.0 * linear_nll_reference(truth, inputs.weight, inputs.targets)).backward()
+    assert_close_fp32(hidden.grad, truth.grad, "dhidden")
+
+
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
 def test_float64_gradcheck(impl):
     _require(impl)
