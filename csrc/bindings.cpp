@@ -65,8 +65,9 @@ Args:
     compute_dhidden, compute_dweight, compute_dbias: which gradients to compute.
     block_rows: tokens per block (the [block_rows, V] logits are the workspace).
 Returns:
-    [nll, dhidden, dweight, dbias]: nll [N] float32 (float64 for float64 inputs; 0 on ignored
-    rows), each gradient in the dtype of its input, or None where not asked for.)doc",
+    [nll, entropy, argmax, dhidden, dweight, dbias]: nll and entropy [N] float32 (float64 for
+    float64 inputs), argmax [N] int64 (all three 0 on ignored rows), each gradient in the dtype
+    of its input, or None where not asked for.)doc",
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"),
         py::arg("scale"), py::arg("temperature"), py::arg("softcap"), py::arg("ignore_index"),
         py::arg("compute_dhidden"), py::arg("compute_dweight"), py::arg("compute_dbias"),

@@ -47,22 +47,30 @@ struct RowMath {
     return (T(1) - t) * (T(1) + t) * inv_t;
   }
 
-  // Raw logits a of one row in x → scale·∂nll/∂a in place; returns the row's nll.
-  T row(T* x, int64_t y) const {
+  // Raw logits a of one row in x → scale·∂nll/∂a in place; returns the row's nll, and its
+  // entropy and arg-max (first column of the largest z) through the last two arguments.
+  T row(T* x, int64_t y, T& entropy, int64_t& argmax) const {
     T max = -std::numeric_limits<T>::infinity();
+    argmax = 0;
     for (int64_t v = 0; v < vocab; ++v) {
       T a = x[v];
       if (bias != nullptr) a += bias[v];
       const T z = softcap ? cap_over_t * std::tanh(a * inv_cap) : a * inv_t;
       x[v] = z;
-      max = std::max(max, z);
+      if (z > max) {
+        max = z;
+        argmax = v;
+      }
     }
     T sum_exp = 0;
     for (int64_t v = 0; v < vocab; ++v) sum_exp += std::exp(x[v] - max);
     const T lse = max + std::log(sum_exp);
     const T z_target = x[y];
+    entropy = 0;  // −Σ p·log p: terms of one sign, no cancellation
     for (int64_t v = 0; v < vocab; ++v) {
-      x[v] = std::exp(x[v] - lse) * dz_da(x[v]) * scale;
+      const T log_p = x[v] - lse, p = std::exp(log_p);
+      entropy -= p * log_p;
+      x[v] = p * dz_da(x[v]) * scale;
     }
     x[y] -= dz_da(z_target) * scale;  // the −1[v = y] of p − 1[v = y]
     return std::max(lse - z_target, T(0));  // z_y ≤ lse exactly; rounding must not say otherwise
@@ -115,7 +123,8 @@ std::vector<at::Tensor> linear_nll_forward(const at::Tensor& hidden, const at::T
   const int64_t n = hidden.size(0), vocab = weight.size(0);
   const at::ScalarType dtype = compute_dtype(hidden.scalar_type());
   const auto opts = hidden.options().dtype(dtype);
-  at::Tensor nll = at::zeros({n}, opts);
+  at::Tensor nll = at::zeros({n}, opts), entropy = at::zeros({n}, opts);
+  at::Tensor argmax = at::zeros({n}, targets.options());
 
   const int64_t* y = targets.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
@@ -126,7 +135,7 @@ std::vector<at::Tensor> linear_nll_forward(const at::Tensor& hidden, const at::T
   const RowSelection sel =
       select_rows(n, targets.options(), [&](int64_t i) { return y[i] != ignore_index; });
   if (sel.count == 0) {
-    return {nll, zeros_if(compute_dhidden, hidden), zeros_if(compute_dweight, weight),
+    return {nll, entropy, argmax, zeros_if(compute_dhidden, hidden), zeros_if(compute_dweight, weight),
             zeros_if(compute_dbias, bias)};
   }
   const at::Tensor h = kept_rows(hidden, sel, dtype);
@@ -138,7 +147,8 @@ std::vector<at::Tensor> linear_nll_forward(const at::Tensor& hidden, const at::T
   at::Tensor dh = compute_dhidden ? at::empty({count, hidden.size(1)}, opts) : at::Tensor();
   at::Tensor dw = compute_dweight ? at::zeros({vocab, hidden.size(1)}, opts) : at::Tensor();
   at::Tensor db = compute_dbias ? at::zeros({vocab}, opts) : at::Tensor();
-  at::Tensor kept_nll = at::empty({count}, opts);
+  at::Tensor kept_nll = at::empty({count}, opts), kept_entropy = at::empty({count}, opts);
+  at::Tensor kept_argmax = at::empty({count}, targets.options());
   at::Tensor buffer = at::empty({rows * vocab}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(dtype, fn, [&] {
@@ -152,6 +162,8 @@ std::vector<at::Tensor> linear_nll_forward(const at::Tensor& hidden, const at::T
                           softcap > 0};
     const int64_t* target = kept_targets.data_ptr<int64_t>();
     T* nll_out = kept_nll.data_ptr<T>();
+    T* entropy_out = kept_entropy.data_ptr<T>();
+    int64_t* argmax_out = kept_argmax.data_ptr<int64_t>();
     for (int64_t n0 = 0; n0 < count; n0 += rows) {
       const int64_t block = std::min(rows, count - n0);
       const at::Tensor h_blk = h.narrow(0, n0, block);
@@ -160,7 +172,8 @@ std::vector<at::Tensor> linear_nll_forward(const at::Tensor& hidden, const at::T
       T* data = tile.data_ptr<T>();
       at::parallel_for(0, block, 1, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
-          nll_out[n0 + r] = math.row(data + r * vocab, target[n0 + r]);
+          const int64_t i = n0 + r;
+          nll_out[i] = math.row(data + r * vocab, target[i], entropy_out[i], argmax_out[i]);
         }
       });
       if (dh.defined()) {
@@ -174,10 +187,14 @@ std::vector<at::Tensor> linear_nll_forward(const at::Tensor& hidden, const at::T
 
   if (sel.compact) {
     nll.index_copy_(0, sel.index, kept_nll);
+    entropy.index_copy_(0, sel.index, kept_entropy);
+    argmax.index_copy_(0, sel.index, kept_argmax);
   } else {
     nll = kept_nll;
+    entropy = kept_entropy;
+    argmax = kept_argmax;
   }
-  return {nll, compute_dhidden ? scatter_rows(dh, hidden, sel) : at::Tensor(),
+  return {nll, entropy, argmax, compute_dhidden ? scatter_rows(dh, hidden, sel) : at::Tensor(),
           compute_dweight ? dw.to(weight.scalar_type()) : at::Tensor(),
           compute_dbias ? db.to(bias->scalar_type()) : at::Tensor()};
 }

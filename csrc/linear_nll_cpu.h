@@ -10,8 +10,10 @@
 
 namespace fastalign {
 
-// Returns {nll[N], dhidden, dweight, dbias}: nll float32 (float64 for float64 inputs, 0 on rows
-// whose target is ignore_index), and the gradients of scale · Σ_n nll_n, each in the dtype of
+// Returns {nll[N], entropy[N], argmax[N], dhidden, dweight, dbias}: nll and entropy float32
+// (float64 for float64 inputs), argmax int64 (the first column of the largest logit), all three
+// 0 on rows whose target is ignore_index; the entropy and arg-max come from the loss's pass over
+// each row (metrics, no gradient). The gradients of scale · Σ_n nll_n, each in the dtype of
 // its input, or undefined (None in Python) when not asked for. hidden [N, H], weight [V, H] and
 // bias [V] share one dtype (float32, bfloat16, float16, float64); targets [N] int64; softcap 0
 // means none. block_rows: tokens per block, whose [block_rows, V] logits are all the workspace.

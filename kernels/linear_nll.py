@@ -1,5 +1,6 @@
 """Triton kernel for ``linear_nll``: the summed NLL of the targets and its head gradients in one
-pass, for an upstream gradient known in forward (a scalar loss such as SFT's mean NLL).
+pass, for an upstream gradient known in forward (a scalar loss such as SFT's mean NLL), and the
+entropy and arg-max of each row on the way (SFT's metrics, no gradient).
 
 Math in ``docs/ALGORITHMS.md`` §1; the contract in ``fastalign/ops/linear_nll.py``.
 
@@ -45,6 +46,7 @@ def _nll_rows_kernel(
     b_ptr, targets_ptr,           # bias [V] or None, targets [C] int64
     scale_ptr,                    # float32 [1]: the loss's normalisation (1/count, or 1)
     nll_ptr,                      # float32 [C] out: the row's NLL (0 on ignored rows)
+    entropy_ptr, argmax_ptr,      # float32 [C], int64 [C] out: metrics, no gradient (0 if ignored)
     # shapes and strides (the last dimension of the logits is contiguous)
     V, stride_ln,
     # scalars
@@ -64,15 +66,20 @@ def _nll_rows_kernel(
             tl.store(row_ptr + v0 + offs, tl.zeros([BLOCK_V], dtype=tl.float32)
                      .to(logits_ptr.dtype.element_ty), mask=(v0 + offs) < V)
         tl.store(nll_ptr + row, 0.0)
+        tl.store(entropy_ptr + row, 0.0)
+        tl.store(argmax_ptr + row, 0)
     else:
-        # Pass 1: the log-sum-exp, one running (max, Σ e^{z − max}) per lane, merged at the end.
+        # Pass 1: the log-sum-exp, one running (max, Σ e^{z − max}) per lane, merged at the end,
+        # and the column of each lane's max (the first, as lanes see their columns in order).
         m = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
         s = tl.zeros([BLOCK_V], dtype=tl.float32)
+        best = tl.zeros([BLOCK_V], dtype=tl.int64)
         z_target = 0.0
         for v0 in range(0, V, BLOCK_V):
             z, _ = _scaled(row_ptr, b_ptr, v0, offs, V, inv_temperature, softcap,
                            BLOCK_V, HAS_BIAS, HAS_SOFTCAP, EVEN_V)
             z_target += tl.sum(tl.where(v0 + offs == target, z, 0.0), axis=0)
+            best = tl.where(z > m, (v0 + offs).to(tl.int64), best)
             m_new = tl.maximum(m, z)
             # A lane that has seen only padding keeps m = −inf; shifting it by 0 rather than by
             # −inf gives e^{−inf} = 0 instead of e^{−inf − (−inf)} = NaN.
@@ -84,16 +91,21 @@ def _nll_rows_kernel(
         lse = m_row + tl.log(s_row)
         # lse − z_y ≥ 0 exactly; the rounding of the two must not make a probability exceed 1.
         tl.store(nll_ptr + row, tl.maximum(lse - z_target, 0.0))
+        tl.store(argmax_ptr + row, tl.min(tl.where(m == m_row, best, V), axis=0))
 
         # Pass 2: ∂L/∂a_v = scale·(p_v − 1[v = y])·∂z/∂a, over the same bits of z.
+        # The entropy −Σ p·(z − lse) on the way: terms of one sign, no cancellation.
         scale = tl.load(scale_ptr)
+        entropy = tl.zeros([BLOCK_V], dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
             z, dz_da = _scaled(row_ptr, b_ptr, v0, offs, V, inv_temperature, softcap,
                                BLOCK_V, HAS_BIAS, HAS_SOFTCAP, EVEN_V)
             p = tl.exp(z - lse)
+            entropy += p * tl.where(v0 + offs < V, lse - z, 0.0)  # not 0·inf past V
             grad = (p - tl.where(v0 + offs == target, 1.0, 0.0)) * (dz_da * scale)
             tl.store(row_ptr + v0 + offs, grad.to(logits_ptr.dtype.element_ty),
                      mask=(v0 + offs) < V)
+        tl.store(entropy_ptr + row, tl.sum(entropy, axis=0))
 
 
 @triton.jit
@@ -126,14 +138,15 @@ def linear_nll_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
     scale: torch.Tensor, temperature: float, softcap: float, ignore_index: int,
     compute_dhidden: bool, compute_dweight: bool, compute_dbias: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(nll[N] float32, dhidden, dweight, dbias) from hidden [N, H] and weight [V, H].
+) -> tuple[torch.Tensor, ...]:
+    """(nll, entropy, argmax, dhidden, dweight, dbias) from hidden [N, H] and weight [V, H].
 
-    The gradients are those of ``scale · Σ_n nll_n`` (``scale`` a float32 [1] tensor, read on
-    the device: no synchronisation), each in its input's dtype and accumulated in float32 (dW,
-    db), or None when not asked for. ``softcap`` 0.0 means none; ignored tokens get nll 0 and no
-    gradient. At least one gradient must be asked for (a loss alone is linear_logprobs' forward,
-    a third of the work).
+    nll and entropy are float32 [N], argmax int64 [N] (the first column of the largest logit;
+    all three 0 on ignored tokens). The gradients are those of ``scale · Σ_n nll_n`` (``scale``
+    a float32 [1] tensor, read on the device: no synchronisation), each in its input's dtype
+    and accumulated in float32 (dW, db), or None when not asked for. ``softcap`` 0.0 means none.
+    At least one gradient must be asked for (a loss alone is linear_logprobs' forward, a third
+    of the work).
     """
     _launch.check_head_layout(hidden, weight, bias)
     n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
@@ -143,28 +156,32 @@ def linear_nll_forward(
     compute_dbias = compute_dbias and bias is not None
     if not (compute_dhidden or compute_dweight or compute_dbias):
         raise ValueError("linear_nll_forward computes gradients: ask for at least one")
-    nll = torch.zeros(n_tokens, dtype=torch.float32, device=hidden.device)
+    device = hidden.device
+    per_row = (torch.zeros(n_tokens, dtype=torch.float32, device=device),
+               torch.zeros(n_tokens, dtype=torch.float32, device=device),
+               torch.zeros(n_tokens, dtype=torch.int64, device=device))
     if n_tokens == 0:
-        return (nll, torch.zeros_like(hidden) if compute_dhidden else None,
+        return (*per_row, torch.zeros_like(hidden) if compute_dhidden else None,
                 torch.zeros_like(weight) if compute_dweight else None,
                 torch.zeros_like(bias) if compute_dbias else None)
     bias_k, targets_k = _launch.aligned(bias), _launch.aligned(targets)
 
     def fill(start: int, end: int, dlogits: torch.Tensor) -> None:
         torch.mm(hidden[start:end], weight.T, out=dlogits)
-        rows_nll = nll[start:end]
-        kernel_nll = _launch.aligned(rows_nll)  # a copy if the chunk starts off 16 bytes
-        with _launch.device_guard(hidden.device):
+        rows = [x[start:end] for x in per_row]
+        kernel_rows = [_launch.aligned(x) for x in rows]  # copies if off a 16-byte boundary
+        with _launch.device_guard(device):
             _nll_rows_kernel[(end - start,)](
-                dlogits, bias_k, _launch.aligned(targets_k[start:end]), scale, kernel_nll,
+                dlogits, bias_k, _launch.aligned(targets_k[start:end]), scale, *kernel_rows,
                 vocab_size, dlogits.stride(0),
                 1.0 / float(temperature), float(softcap), int(ignore_index),
                 BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
             )
-        if kernel_nll is not rows_nll:
-            rows_nll.copy_(kernel_nll)
+        for out, written in zip(rows, kernel_rows):
+            if written is not out:
+                out.copy_(written)
 
     head = _launch.HeadGrads(hidden, weight, bias, compute_dhidden, compute_dweight,
                              compute_dbias)
     _launch.head_grads_in_chunks([head], fill, rows_with_grad=targets != ignore_index)
-    return nll, head.dh, head.dw, head.db
+    return (*per_row, head.dh, head.dw, head.db)

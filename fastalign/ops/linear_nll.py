@@ -19,11 +19,13 @@ Every implementation has one contract, on flattened, contiguous inputs::
             scale[1] (float32; float64 for float64 inputs),
             temperature, softcap (0 = none), ignore_index,
             compute_dhidden, compute_dweight, compute_dbias)
-        -> (nll[N] float32 (float64 for float64 inputs), dhidden | None, dweight | None,
-            dbias | None)
+        -> (nll[N], entropy[N], argmax[N] int64, dhidden | None, dweight | None, dbias | None)
+           # nll, entropy: float32 (float64 for float64 inputs); all three 0 on ignored tokens
 
 with the gradients those of ``scale · Σ_n nll_n``, each in its input's dtype (dW and db
-accumulated in float32), and at least one of them asked for.
+accumulated in float32), and at least one of them asked for. The entropy of softmax(z) and the
+arg-max of z (its first column) come from the pass over each row that the loss makes anyway:
+SFT's metrics at no extra matrix product.
 
 The cost of knowing the gradients early: dh, dW (and db) are held from forward until backward
 (N·H + V·H entries in the input dtype; dW is the size of the head's ``.grad``, which training
@@ -39,7 +41,8 @@ import torch
 
 from fastalign.kernels import _chunked
 from fastalign.ops._backends import IMPLEMENTATIONS, HeadParams, resolve_impl
-from fastalign.ops._checks import check_choice, check_positive, check_token_range
+from fastalign.ops._checks import check_bool, check_choice, check_positive, check_token_range
+from fastalign.ops.linear_argmax import linear_argmax
 from fastalign.ops.linear_logprobs import (
     check_linear_logprobs_args,
     compute_linear_logprobs,
@@ -84,10 +87,9 @@ def _cpp_forward(hidden, weight, bias, targets, scale, temperature, softcap, ign
     # One token block of float32 (float64) logits at a time, within the workspace budget.
     itemsize = 8 if hidden.dtype == torch.float64 else 4
     block_rows = _chunked.chunk_rows(hidden.shape[0], weight.shape[0], weight.shape[0] * itemsize)
-    nll, dh, dw, db = EXTENSION.linear_nll_forward(
+    return tuple(EXTENSION.linear_nll_forward(
         hidden, weight, bias, targets, float(scale), temperature, softcap, ignore_index,
-        compute_dhidden, compute_dweight, compute_dbias, block_rows)
-    return nll, dh, dw, db
+        compute_dhidden, compute_dweight, compute_dbias, block_rows))
 
 
 def torch_linear_nll_forward(hidden, weight, bias, targets, scale, temperature, softcap,
@@ -95,7 +97,9 @@ def torch_linear_nll_forward(hidden, weight, bias, targets, scale, temperature, 
     """The contract's forward in plain PyTorch, chunk by chunk (the workspace budget of
     ``_chunked.chunk_rows``): where neither kernel can run, and a check on both."""
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    nll = torch.zeros(hidden.shape[0], dtype=compute, device=hidden.device)
+    nll, entropy = (torch.zeros(hidden.shape[0], dtype=compute, device=hidden.device)
+                    for _ in range(2))
+    argmax = torch.zeros(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     valid = targets != ignore_index
     inv_t = 1.0 / temperature
 
@@ -114,7 +118,10 @@ def torch_linear_nll_forward(hidden, weight, bias, targets, scale, temperature, 
         lse = torch.logsumexp(z, dim=1, keepdim=True)
         row_nll = (lse - z.gather(1, safe)).clamp_(min=0.0)  # z_y ≤ lse exactly
         nll[start:end] = row_nll.masked_fill_(~rows_valid, 0.0).squeeze(1)
-        grad = z.sub_(lse).exp_()
+        argmax[start:end] = z.argmax(dim=1).masked_fill_(~rows_valid[:, 0], 0)
+        log_p = z.sub_(lse)
+        grad = log_p.exp()
+        entropy[start:end] = log_p.mul_(grad).sum(1).neg_().masked_fill_(~rows_valid[:, 0], 0.0)
         grad.scatter_add_(1, safe, -rows_valid.to(compute))  # p − 1[v = y]
         grad.mul_(dz_da).mul_(scale)
         dlogits.copy_(grad.masked_fill_(~rows_valid, 0.0))  # NaN padding rows too
@@ -124,7 +131,7 @@ def torch_linear_nll_forward(hidden, weight, bias, targets, scale, temperature, 
     # fill's own temporaries: the float32 logits, ∂z/∂a with a softcap, and logsumexp's.
     _chunked.head_grads_in_chunks([head], fill, rows_with_grad=valid,
                                   fill_bytes_per_logit=3 * torch.finfo(compute).bits // 8)
-    return nll, head.dh, head.dw, head.db
+    return nll, entropy, argmax, head.dh, head.dw, head.db
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,16 +146,17 @@ class LinearNLLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, scale, params: NLLParams, impl: str):
         wants_dh, wants_dw, wants_db = ctx.needs_input_grad[:3]
-        nll, dh, dw, db = _kernel(impl)(
+        nll, entropy, argmax, dh, dw, db = _kernel(impl)(
             hidden, weight, bias, targets, scale, params.temperature, params.softcap_or_zero,
             params.ignore_index, wants_dh, wants_dw, wants_db and bias is not None)
         ctx.save_for_backward(dh, dw, db)
         ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(entropy, argmax)
         # A fresh 0-d tensor, not a view: callers scale the loss in place (transformers.Trainer).
-        return nll.sum() * scale.reshape(())
+        return nll.sum() * scale.reshape(()), entropy, argmax
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_entropy, grad_argmax):
         if grad_loss is None:
             return (None,) * 7
         grads = tuple(None if g is None else g * grad_loss.to(g.dtype)
@@ -187,7 +195,8 @@ def linear_nll(
     ignore_index: int = -100,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     impl: str = "auto",
-) -> torch.Tensor:
+    return_metrics: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``targets`` under the LM head, gradients formed in the forward pass.
 
     With ``z = softcap·tanh((h·Wᵀ + b)/softcap) / temperature`` (softcap optional) and
@@ -221,16 +230,22 @@ def linear_nll(
             scored tokens: a number > 0 or a one-element tensor (read on the device).
         impl: "auto" (Triton on CUDA, the C++ kernel on CPU, else "torch"), "triton", "cpp",
             "torch" (the chunked algorithm in plain PyTorch) or "reference" (materialising).
+        return_metrics: also return, per token and without gradient, the entropy of softmax(z)
+            and the arg-max of the logits (SFT's metrics; 0 at ignored tokens). With gradients
+            they come from the loss's own pass over each row; without (no_grad, "none"), from
+            linear_logprobs' and linear_argmax's forward passes.
 
     Returns:
-        A scalar (the shape of ``targets`` for "none"), float32 (float64 for float64 inputs).
-        Gradients reach ``hidden``, ``weight`` and ``bias`` in their dtypes, accumulated in
-        float32.
+        A scalar (the shape of ``targets`` for "none"), float32 (float64 for float64 inputs);
+        with ``return_metrics``, ``(loss, entropy, argmax)``, the last two shaped like
+        ``targets``. Gradients reach ``hidden``, ``weight`` and ``bias`` in their dtypes,
+        accumulated in float32.
     """
     check_linear_logprobs_args(hidden, weight, targets, bias, temperature, softcap, ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
     num_items_in_batch = _check_num_items(num_items_in_batch, reduction)
     check_choice("impl", impl, NLL_IMPLEMENTATIONS)
+    check_bool("return_metrics", return_metrics)
     chosen = impl if impl == "torch" else resolve_impl(impl, hidden.device, hidden.dtype)
     if impl == "auto" and chosen == "reference":
         chosen = "torch"
@@ -241,24 +256,32 @@ def linear_nll(
 
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, weight, bias))
-    if chosen == "reference" or targets.numel() == 0:
-        return linear_nll_reference(hidden, weight, targets, reduction=reduction,
-                                    num_items_in_batch=num_items_in_batch, **options)
-    if reduction == "none" or not wants_grad:
+    if chosen == "reference" or targets.numel() == 0 or reduction == "none" or not wants_grad:
         # Without gradients to form, linear_logprobs' forward is all there is to do.
-        nll = -compute_linear_logprobs(hidden, weight, targets, return_entropy=False,
-                                       impl="reference" if chosen == "torch" else chosen,
-                                       **options)
-        return nll if reduction == "none" else _reduce(nll.sum(), targets, reduction,
+        logp_impl = "reference" if chosen in ("torch", "reference") else chosen
+        nll, entropy = compute_linear_logprobs(hidden, weight, targets, return_entropy=True,
+                                               impl=logp_impl, **options)
+        nll = -nll
+        loss = nll if reduction == "none" else _reduce(nll.sum(), targets, reduction,
                                                        num_items_in_batch, ignore_index)
+        if not return_metrics:
+            return loss
+        with torch.no_grad():
+            argmax = linear_argmax(hidden.detach(), weight.detach(), bias=bias,
+                                   temperature=temperature, softcap=softcap)
+            argmax = argmax.masked_fill(targets == ignore_index, 0)
+        return loss, entropy.detach(), argmax
 
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     scale = _normalisation(targets, reduction, num_items_in_batch, ignore_index, compute)
-    return LinearNLLFunction.apply(
+    loss, entropy, argmax = LinearNLLFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(),
         targets.reshape(-1).to(torch.int64).contiguous(), scale.reshape(1).contiguous(),
         NLLParams(temperature, softcap, ignore_index), chosen)
+    if not return_metrics:
+        return loss
+    return loss, entropy.view(targets.shape), argmax.view(targets.shape)
 
 
 def _normalisation(targets, reduction, num_items_in_batch, ignore_index, dtype) -> torch.Tensor:

@@ -221,6 +221,31 @@ def test_only_requested_gradients_and_none_without_grad(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("with_grad", [True, False], ids=["grad", "no-grad"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[10]],
+                         ids=["awkward-3d", "softcap-temp-bias", "misaligned-odd-H"])
+def test_metrics_are_the_entropy_and_the_argmax(impl, with_grad, case):
+    """return_metrics: the entropy and arg-max SFT logs, from the loss's own pass (with
+    gradients) or from linear_logprobs' and linear_argmax's (without); 0 at ignored tokens."""
+    _require(impl)
+    inputs = _inputs(case, torch.float32, impl_device(impl))
+    hidden = inputs.hidden.detach().requires_grad_(with_grad)
+    loss, entropy, argmax = linear_nll(hidden, inputs.weight, inputs.targets, bias=inputs.bias,
+                                       impl=impl, return_metrics=True, **inputs.options)
+    assert loss.requires_grad == with_grad
+    assert not entropy.requires_grad and argmax.dtype == torch.int64
+    _, truth = fastalign.linear_logprobs_reference(
+        inputs.hidden.double(), inputs.weight.double(), inputs.targets, return_entropy=True,
+        bias=None if inputs.bias is None else inputs.bias.double(), **inputs.options)
+    assert entropy.shape == argmax.shape == inputs.targets.shape
+    assert_close_fp32(entropy, truth, "entropy")
+    scored = inputs.targets != inputs.options.get("ignore_index", -100)
+    want = fastalign.linear_argmax_reference(inputs.hidden, inputs.weight, bias=inputs.bias)
+    assert torch.equal(argmax[scored], want[scored])
+    assert not argmax[~scored].any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_the_loss_can_be_scaled_in_place(impl):
     """transformers.Trainer multiplies the loss in place under gradient accumulation."""
     _require(impl)
