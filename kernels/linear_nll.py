@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from fastalign.kernels import _launch
-from fastalign.kernels._tile import tanh_sech2
+from fastalign.kernels._tile import logit_transform
 
 __all__ = ["linear_nll_forward"]
 
@@ -77,7 +77,7 @@ def _nll_rows_kernel(
         z_target = 0.0
         for v0 in range(0, V, BLOCK_V):
             z, _ = _scaled(row_ptr, b_ptr, v0, offs, V, inv_temperature, softcap,
-                           BLOCK_V, HAS_BIAS, HAS_SOFTCAP, EVEN_V)
+                           HAS_BIAS, HAS_SOFTCAP, EVEN_V)
             z_target += tl.sum(tl.where(v0 + offs == target, z, 0.0), axis=0)
             best = tl.where(z > m, (v0 + offs).to(tl.int64), best)
             m_new = tl.maximum(m, z)
@@ -99,7 +99,7 @@ def _nll_rows_kernel(
         entropy = tl.zeros([BLOCK_V], dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
             z, dz_da = _scaled(row_ptr, b_ptr, v0, offs, V, inv_temperature, softcap,
-                               BLOCK_V, HAS_BIAS, HAS_SOFTCAP, EVEN_V)
+                               HAS_BIAS, HAS_SOFTCAP, EVEN_V)
             p = tl.exp(z - lse)
             entropy += p * tl.where(v0 + offs < V, lse - z, 0.0)  # not 0·inf past V
             grad = (p - tl.where(v0 + offs == target, 1.0, 0.0)) * (dz_da * scale)
@@ -109,7 +109,7 @@ def _nll_rows_kernel(
 
 
 @triton.jit
-def _scaled(row_ptr, b_ptr, v0, offs, V, inv_temperature, softcap, BLOCK_V: tl.constexpr,
+def _scaled(row_ptr, b_ptr, v0, offs, V, inv_temperature, softcap,
             HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_V: tl.constexpr):
     """z = c·tanh(a/c)/T (or a/T) of one column tile of a row, and ∂z/∂a; −inf past V."""
     cols = v0 + offs
@@ -117,13 +117,7 @@ def _scaled(row_ptr, b_ptr, v0, offs, V, inv_temperature, softcap, BLOCK_V: tl.c
     a = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         a += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SOFTCAP:
-        th, sech2 = tanh_sech2(a * (1.0 / softcap))
-        z = th * (softcap * inv_temperature)
-        dz_da = sech2 * inv_temperature
-    else:
-        z = a * inv_temperature
-        dz_da = tl.full([BLOCK_V], 1.0, dtype=tl.float32) * inv_temperature
+    z, dz_da = logit_transform(a, inv_temperature, softcap, HAS_SOFTCAP)
     if not EVEN_V:
         z = tl.where(mask, z, float("-inf"))
     return z, dz_da

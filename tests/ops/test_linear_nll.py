@@ -11,10 +11,12 @@ import torch
 from helpers import (
     assert_close_fp32,
     assert_low_precision_ok,
+    eager_log_probs,
     impl_device,
     impl_is_available,
     make_inputs,
 )
+from test_linear_logprobs import CASES as LOGPROB_CASES
 
 import fastalign
 from fastalign import linear_nll, linear_nll_reference
@@ -23,22 +25,12 @@ from fastalign.ops._extension import EXTENSION
 
 IMPLS = ("torch", "triton", "cpp")
 
-# (id, leading shape, H, V, input options, option overrides)
-CASES = [
-    ("round", (64,), 32, 256, {}, {}),
-    ("awkward-3d", (3, 7), 31, 123, {}, {}),
-    ("one-token", (1,), 33, 1100, {}, {}),
-    ("vocab-prime", (17,), 24, 997, {"bias": True}, {}),
-    ("temperature", (13,), 40, 211, {}, {"temperature": 0.7}),
-    ("softcap", (13,), 40, 211, {"logit_scale": 40.0}, {"softcap": 30.0}),
-    ("softcap-temp-bias", (2, 5), 20, 130, {"bias": True, "logit_scale": 40.0},
-     {"softcap": 30.0, "temperature": 0.7}),
-    ("all-ignored", (9,), 16, 100, {"ignore_fraction": 1.0}, {}),
-    ("ignore-index-0", (9,), 16, 100, {}, {"ignore_index": 0}),
-    ("non-contiguous", (6, 5), 24, 150, {"non_contiguous": True, "bias": True}, {}),
-    ("misaligned-odd-H", (3, 5), 37, 140, {"misaligned": True, "bias": True}, {}),
-]
+# linear_logprobs' cases (round and awkward shapes, every option, ignored tokens, strided and
+# misaligned inputs), and one token with an odd H and a vocabulary past one column tile
+CASES = [case for case in LOGPROB_CASES if case[0] != "gpt2-vocab"] + [
+    ("one-token-odd-H", (1,), 33, 1100, {}, {})]
 CASE_IDS = [case[0] for case in CASES]
+CASE = dict(zip(CASE_IDS, CASES))
 
 
 def _available(impl: str) -> bool:
@@ -85,21 +77,10 @@ def _run(inputs, *, impl=None, upcast=None, upstream=-1.7, **kwargs):
 def _eager_same_dtype(inputs, reduction, upstream=-1.7):
     """What a PyTorch user gets at the inputs' dtype: the head matmul in that dtype, then
     cross-entropy in float32."""
-    leaves = {"hidden": inputs.hidden, "weight": inputs.weight}
-    if inputs.bias is not None:
-        leaves["bias"] = inputs.bias
-    leaves = {k: t.detach().clone().requires_grad_() for k, t in leaves.items()}
-    logits = leaves["hidden"] @ leaves["weight"].T
-    if "bias" in leaves:
-        logits = logits + leaves["bias"]
-    logits = logits.float()
-    softcap = inputs.options.get("softcap")
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    logits = logits / inputs.options.get("temperature", 1.0)
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), inputs.targets.reshape(-1), reduction=reduction,
-        ignore_index=inputs.options.get("ignore_index", -100))
+    leaves, log_probs = eager_log_probs(inputs)
+    loss = torch.nn.functional.nll_loss(
+        log_probs.reshape(-1, log_probs.shape[-1]), inputs.targets.reshape(-1),
+        reduction=reduction, ignore_index=inputs.options.get("ignore_index", -100))
     (loss * upstream).backward()
     return loss.detach(), {k: v.grad for k, v in leaves.items()}
 
@@ -123,10 +104,10 @@ def test_float32_matches_reference(impl, reduction, case):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", CASES[:2] + CASES[6:7], ids=["round", "awkward-3d", "softcap"])
-def test_reduction_none_is_minus_logprobs(impl, case):
+@pytest.mark.parametrize("name", ["round", "awkward-3d", "softcap-temp-bias"])
+def test_reduction_none_is_minus_logprobs(impl, name):
     _require(impl)
-    inputs = _inputs(case, torch.float32, impl_device(impl))
+    inputs = _inputs(CASE[name], torch.float32, impl_device(impl))
     upstream = torch.randn(inputs.targets.shape, generator=torch.Generator().manual_seed(1))
     loss, grads = _run(inputs, impl=impl, reduction="none", upstream=upstream)
     truth, true_grads = _run(inputs, upcast=torch.float64, reduction="none", upstream=upstream)
@@ -143,7 +124,7 @@ def test_reduction_none_is_minus_logprobs(impl, case):
 @pytest.mark.parametrize("as_tensor", [False, True], ids=["number", "tensor"])
 def test_num_items_in_batch_divides_the_sum(impl, as_tensor):
     _require(impl)
-    inputs = _inputs(CASES[3], torch.float32, impl_device(impl))
+    inputs = _inputs(CASE["vocab-prime"], torch.float32, impl_device(impl))
     num_items = torch.tensor(40) if as_tensor else 40
     loss, grads = _run(inputs, impl=impl, num_items_in_batch=num_items)
     total, total_grads = _run(inputs, upcast=torch.float64, reduction="sum")
@@ -176,11 +157,10 @@ def test_gradient_accumulation_over_two_calls_equals_one_call(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6]],
-                         ids=["round", "vocab-prime", "softcap-temp-bias"])
-def test_low_precision_against_float64_truth(impl, dtype, case):
+@pytest.mark.parametrize("name", ["round", "vocab-prime", "softcap-temp-bias"])
+def test_low_precision_against_float64_truth(impl, dtype, name):
     _require(impl)
-    inputs = _inputs(case, dtype, impl_device(impl))
+    inputs = _inputs(CASE[name], dtype, impl_device(impl))
     loss, grads = _run(inputs, impl=impl, reduction="mean")
     truth, true_grads = _run(inputs, upcast=torch.float64, reduction="mean")
     theirs, their_grads = _eager_same_dtype(inputs, "mean")
@@ -195,7 +175,7 @@ def test_low_precision_against_float64_truth(impl, dtype, case):
 @pytest.mark.parametrize("mib", ["0.000001", "0.002"], ids=["one-row", "few-rows"])
 def test_small_workspace_budgets_cross_chunk_boundaries(impl, mib, monkeypatch):
     _require(impl)
-    inputs = _inputs(CASES[6], torch.float32, impl_device(impl))
+    inputs = _inputs(CASE["softcap-temp-bias"], torch.float32, impl_device(impl))
     default_loss, default_grads = _run(inputs, impl=impl)
     monkeypatch.setenv("FASTALIGN_BACKWARD_WORKSPACE_MIB", mib)
     loss, grads = _run(inputs, impl=impl)
@@ -207,7 +187,7 @@ def test_small_workspace_budgets_cross_chunk_boundaries(impl, mib, monkeypatch):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_only_requested_gradients_and_none_without_grad(impl):
     _require(impl)
-    inputs = _inputs(CASES[3], torch.float32, impl_device(impl))
+    inputs = _inputs(CASE["vocab-prime"], torch.float32, impl_device(impl))
     truth = linear_nll_reference(inputs.hidden, inputs.weight, inputs.targets, bias=inputs.bias)
     with torch.no_grad():
         loss = linear_nll(inputs.hidden.requires_grad_(), inputs.weight, inputs.targets,
@@ -222,13 +202,12 @@ def test_only_requested_gradients_and_none_without_grad(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("with_grad", [True, False], ids=["grad", "no-grad"])
-@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[10]],
-                         ids=["awkward-3d", "softcap-temp-bias", "misaligned-odd-H"])
-def test_metrics_are_the_entropy_and_the_argmax(impl, with_grad, case):
+@pytest.mark.parametrize("name", ["awkward-3d", "softcap-temp-bias", "misaligned-odd-H"])
+def test_metrics_are_the_entropy_and_the_argmax(impl, with_grad, name):
     """return_metrics: the entropy and arg-max SFT logs, from the loss's own pass (with
     gradients) or from linear_logprobs' and linear_argmax's (without); 0 at ignored tokens."""
     _require(impl)
-    inputs = _inputs(case, torch.float32, impl_device(impl))
+    inputs = _inputs(CASE[name], torch.float32, impl_device(impl))
     hidden = inputs.hidden.detach().requires_grad_(with_grad)
     loss, entropy, argmax = linear_nll(hidden, inputs.weight, inputs.targets, bias=inputs.bias,
                                        impl=impl, return_metrics=True, **inputs.options)
@@ -249,7 +228,7 @@ def test_metrics_are_the_entropy_and_the_argmax(impl, with_grad, case):
 def test_the_loss_can_be_scaled_in_place(impl):
     """transformers.Trainer multiplies the loss in place under gradient accumulation."""
     _require(impl)
-    inputs = _inputs(CASES[0], torch.float32, impl_device(impl))
+    inputs = _inputs(CASE["round"], torch.float32, impl_device(impl))
     hidden = inputs.hidden.requires_grad_()
     loss = linear_nll(hidden, inputs.weight, inputs.targets, impl=impl)
     loss *= 2.0
