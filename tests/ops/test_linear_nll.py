@@ -6,6 +6,8 @@ scale other than 1 must reach them). float32 must agree to 1e-5 relative to each
 bfloat16 / float16 are judged relative to PyTorch's own error at that dtype.
 """
 
+import importlib
+
 import pytest
 import torch
 from helpers import (
@@ -17,6 +19,7 @@ from helpers import (
     make_inputs,
 )
 from test_linear_logprobs import CASES as LOGPROB_CASES
+from test_linear_logprobs import _inputs
 
 import fastalign
 from fastalign import linear_nll, linear_nll_reference
@@ -44,15 +47,6 @@ def _available(impl: str) -> bool:
 def _require(impl):
     if not _available(impl):
         pytest.skip(f"{impl} is not available here: {fastalign.available_implementations()}")
-
-
-def _inputs(case, dtype, device):
-    _, shape, hidden_size, vocab_size, input_options, options = case
-    inputs = make_inputs(shape, hidden_size, vocab_size, dtype=dtype, device=device,
-                         options=options, **input_options)
-    if case[0] == "all-ignored":  # make_inputs keeps two valid tokens; ignore those too
-        inputs.targets.fill_(-100)
-    return inputs
 
 
 def _run(inputs, *, impl=None, upcast=None, upstream=-1.7, **kwargs):
@@ -300,3 +294,20 @@ def test_bad_tensors_name_the_tensor():
         linear_nll(inputs.hidden, inputs.weight, inputs.targets[:3])
     with pytest.raises((ValueError, TypeError), match="weight"):
         linear_nll(inputs.hidden, inputs.weight[:, :5], inputs.targets)
+
+
+def test_auto_without_the_extension_runs_the_chunked_torch_implementation(monkeypatch):
+    """FASTALIGN_BUILD_EXT=0 on CPU: "auto" falls back to the chunked plain-PyTorch algorithm
+    (gradients in forward), not to the materialising reference."""
+    from fastalign.ops import _backends
+
+    module = importlib.import_module("fastalign.ops.linear_nll")
+    monkeypatch.setattr(_backends, "EXTENSION", None)
+    calls = []
+    chunked = module.torch_linear_nll_forward
+    monkeypatch.setattr(module, "torch_linear_nll_forward",
+                        lambda *args: calls.append(args) or chunked(*args))
+    inputs = make_inputs((6,), 8, 40)
+    hidden = inputs.hidden.requires_grad_()
+    linear_nll(hidden, inputs.weight, inputs.targets).backward()
+    assert len(calls) == 1 and hidden.grad is not None
