@@ -274,28 +274,7 @@ Tile<T> row_tile(const Problem<T, 1>& p, const int64_t* targets, const TileSet<T
 void check_inputs(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
                   double temperature, double softcap) {
-  check_cpu_contiguous(fn, "hidden [N, H]", hidden, 2);
-  check_cpu_contiguous(fn, "weight [V, H]", weight, 2);
-  check_cpu_contiguous(fn, "targets [N]", targets, 1);
-  const auto dtype = hidden.scalar_type();
-  check_head_dtype(fn, dtype);
-  TORCH_CHECK_TYPE(weight.scalar_type() == dtype, fn,
-                   ": hidden and weight must have the same dtype, got ", dtype, " and ",
-                   weight.scalar_type());
-  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), fn, ": hidden is [N, H] with H = ",
-                    hidden.size(1), " but weight is [V, H] with H = ", weight.size(1));
-  TORCH_CHECK_VALUE(weight.size(0) >= 1, fn, ": weight must have at least one row (V >= 1)");
-  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, fn, ": targets must be int64, got ",
-                   targets.scalar_type());
-  TORCH_CHECK_VALUE(targets.size(0) == hidden.size(0), fn, ": targets must have shape [N] = [",
-                    hidden.size(0), "], got ", targets.sizes());
-  if (has_tensor(bias)) {
-    check_cpu_contiguous(fn, "bias [V]", *bias, 1);
-    TORCH_CHECK_TYPE(bias->scalar_type() == dtype, fn, ": bias must have weight's dtype ", dtype,
-                     ", got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->size(0) == weight.size(0), fn, ": bias must have shape [V] = [",
-                      weight.size(0), "], got ", bias->sizes());
-  }
+  check_head_and_targets(fn, hidden, weight, bias, targets);
   check_logit_options(fn, temperature, softcap);
 }
 

@@ -47,6 +47,8 @@ from fastalign.ops import (
     linear_logit_stats_reference,
     linear_logprobs,
     linear_logprobs_reference,
+    linear_nll,
+    linear_nll_reference,
     next_token_targets,
     sequence_logprobs,
     sequence_logprobs_from_labels,
@@ -68,6 +70,8 @@ __all__ = [
     "linear_kl_reference",
     "linear_logprobs",
     "linear_logprobs_reference",
+    "linear_nll",
+    "linear_nll_reference",
     # sequence reductions
     "SequenceLogprobs",
     "next_token_targets",

@@ -24,7 +24,6 @@ checks → allocates → launches; what those launchers share lives here:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 import time
@@ -33,14 +32,24 @@ from collections.abc import Callable, Sequence
 import torch
 import triton
 
+# The chunked head gradients live in a module of their own, free of triton (linear_nll's plain
+# PyTorch implementation uses them too); the launchers reach them through this module.
+from fastalign.kernels._chunked import (  # noqa: F401
+    ALIGNMENT,
+    MIN_CHUNK_ROWS,
+    WORKSPACE_FRACTION,
+    HeadGrads,
+    addmm_float32,
+    chunk_rows,
+    float32_accumulator,
+    head_grads_in_chunks,
+)
+
 # Set once, when the kernels are imported (Triton itself reads the variable at decoration time).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Vocabulary splits of the forward are multiples of this, hence of every BLOCK_V a config may use.
 SPLIT_GRANULE = 256
-# The JIT marks a pointer argument 16-byte aligned, and an integer argument divisible by 16, when
-# they are: what the kernels' H-loops need to vectorise and pipeline their loads (see kernel_head).
-ALIGNMENT = 16
 
 
 def head_heuristics(**more: Callable[[dict], object]) -> dict:
@@ -238,22 +247,11 @@ def unpadded(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tens
     return grad.to(like.dtype)
 
 
-def float32_accumulator(wanted: bool, shape: tuple[int, ...],
-                        device: torch.device) -> torch.Tensor | None:
-    """A zeroed float32 gradient accumulator (the kernels add into it atomically), or None."""
-    return torch.zeros(shape, dtype=torch.float32, device=device) if wanted else None
-
-
 # ----------------------------------------------------------------------------------------------
 # The chunked backward
 # ----------------------------------------------------------------------------------------------
 
 BACKWARD_STRATEGIES = ("chunked", "atomic")
-# The default workspace: this fraction of what eager autograd holds for the logits alone
-# (N × V float32), and never fewer rows than one chunk of this many tokens, below which the
-# matrix products stop filling the tensor cores (at small N the bytes do not matter).
-WORKSPACE_FRACTION = 0.05
-MIN_CHUNK_ROWS = 64
 
 
 def backward_strategy() -> str:
@@ -269,114 +267,6 @@ def backward_strategy() -> str:
         raise ValueError(f"FASTALIGN_TRITON_BACKWARD must be one of {BACKWARD_STRATEGIES}, got "
                          f"{strategy!r}")
     return strategy
-
-
-def chunk_rows(n_tokens: int, vocab_size: int, row_bytes: int) -> int:
-    """Tokens per chunk of the chunked backward, whose workspace takes ``row_bytes`` a token.
-
-    ``FASTALIGN_BACKWARD_WORKSPACE_MIB`` sets the workspace; by default it is WORKSPACE_FRACTION
-    of eager's N × V float32 logits (at least MIN_CHUNK_ROWS tokens).
-    """
-    budget = os.environ.get("FASTALIGN_BACKWARD_WORKSPACE_MIB")
-    if budget is not None:
-        try:
-            budget_bytes = float(budget) * 2**20
-        except ValueError:
-            budget_bytes = -1.0
-        if not budget_bytes > 0:
-            raise ValueError("FASTALIGN_BACKWARD_WORKSPACE_MIB must be a positive number of MiB, "
-                             f"got {budget!r}")
-        rows = int(budget_bytes // max(row_bytes, 1))
-    else:
-        rows = max(MIN_CHUNK_ROWS,
-                   int(WORKSPACE_FRACTION * n_tokens * vocab_size * 4 // max(row_bytes, 1)))
-        rows -= rows % ALIGNMENT  # chunks then start on aligned rows: no copies (``aligned``)
-    return max(1, min(n_tokens, rows))
-
-
-@dataclasses.dataclass
-class HeadGrads:
-    """One head's part of a chunked backward: its inputs, which gradients it wants, and (after
-    ``head_grads_in_chunks``) the gradients, in the inputs' dtypes."""
-
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    want_dh: bool
-    want_dw: bool
-    want_db: bool
-    dh: torch.Tensor | None = None
-    dw: torch.Tensor | None = None
-    db: torch.Tensor | None = None
-
-    @property
-    def wanted(self) -> bool:
-        return self.want_dh or self.want_dw or (self.want_db and self.bias is not None)
-
-
-def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., None],
-                         rows_with_grad: torch.Tensor | None = None) -> None:
-    """Fill each head's dh, dW, db, chunk of tokens by chunk of tokens.
-
-    ``fill(start, end, *workspaces)`` launches the kernel that writes ∂L/∂a of tokens
-    [start, end) into each head's workspace ([end − start, V] in the input dtype, None for a head
-    that wants no gradient), 0 wherever there is no gradient. Then dh[start:end] = ∂L/∂a · W and
-    dW += (∂L/∂a)ᵀ · h[start:end] (float32), db += Σ_rows ∂L/∂a. ``rows_with_grad`` (bool [N]):
-    rows outside it have ∂L/∂a = 0, and their hidden state is left out of dW (a NaN in a padding
-    row must not enter as 0·NaN).
-    """
-    active = [head for head in heads if head.wanted]
-    if not active:
-        return
-    n_tokens, vocab_size = heads[0].hidden.shape[0], heads[0].weight.shape[0]
-    device, dtype = heads[0].hidden.device, heads[0].hidden.dtype
-    row_bytes = vocab_size * dtype.itemsize * len(active)
-    chunk = chunk_rows(n_tokens, vocab_size, row_bytes)
-    # Rows padded to a multiple of ALIGNMENT entries, so that every row of the workspace starts
-    # on a 16-byte boundary (vectorised stores in the kernel; cuBLAS takes the leading dimension).
-    padded_vocab = triton.cdiv(vocab_size, ALIGNMENT) * ALIGNMENT
-    workspaces = {id(head): torch.empty((chunk, padded_vocab), dtype=dtype,
-                                        device=device)[:, :vocab_size]
-                  for head in active}
-    dw32, db32 = {}, {}
-    for head in active:
-        if head.want_dh:
-            head.dh = torch.empty_like(head.hidden)
-        dw32[id(head)] = float32_accumulator(head.want_dw, tuple(head.weight.shape), device)
-        db32[id(head)] = float32_accumulator(head.want_db and head.bias is not None,
-                                             (vocab_size,), device)
-    for start in range(0, n_tokens, chunk):
-        end = min(start + chunk, n_tokens)
-        chunk_ws = [workspaces[id(h)][:end - start] if h.wanted else None for h in heads]
-        fill(start, end, *chunk_ws)
-        for head, grad in zip(heads, chunk_ws):
-            if grad is None:
-                continue
-            if head.want_dh:  # one product over the whole vocabulary: one rounding per entry
-                torch.mm(grad, head.weight, out=head.dh[start:end])
-            if dw32[id(head)] is not None:
-                rows = head.hidden[start:end]
-                if rows_with_grad is not None:
-                    rows = rows.masked_fill(~rows_with_grad[start:end, None], 0.0)
-                addmm_float32(dw32[id(head)], grad.T, rows)
-            if db32[id(head)] is not None:
-                db32[id(head)] += grad.sum(dim=0, dtype=torch.float32)
-    for head in active:
-        if dw32[id(head)] is not None:
-            head.dw = dw32[id(head)].to(head.weight.dtype)
-        if db32[id(head)] is not None:
-            head.db = db32[id(head)].to(head.bias.dtype)
-
-
-def addmm_float32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b into a float32 ``acc``, the product never rounded to a 16-bit dtype (each
-    chunk's share of dW rounded to bfloat16 before the sum would lose the small ones)."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif acc.device.type == "cuda":  # cuBLAS: 16-bit operands, float32 accumulator and output
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.float(), b.float())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -76,6 +76,13 @@ def scaled_logits(
     a = raw_logits(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask,
                    H, stride_hn, stride_wv, BLOCK_N, BLOCK_V, BLOCK_H,
                    HAS_BIAS, EVEN_H, DOT_IN_FP32)
+    return logit_transform(a, inv_temperature, softcap, HAS_SOFTCAP)
+
+
+@triton.jit
+def logit_transform(a, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
+    """z = c·tanh(a/c)/T (or a/T) of raw logits a, elementwise, and ∂z/∂a (a scalar without
+    softcap)."""
     if HAS_SOFTCAP:
         th, sech2 = tanh_sech2(a * (1.0 / softcap))
         z = th * (softcap * inv_temperature)

@@ -139,9 +139,10 @@ def run(inputs: Inputs, *, impl=None, upcast=None, entropy_only=False) -> Result
     return Result(logp.detach(), entropy.detach(), {k: v.grad for k, v in leaves.items()})
 
 
-def eager_same_dtype(inputs: Inputs, entropy_only=False) -> Result:
-    """What a PyTorch user gets at the inputs' own dtype: the head matmul in that dtype, then the
-    softmax in float32. Its error against the float64 truth sets the bar for low precision."""
+def eager_log_probs(inputs: Inputs) -> tuple[dict, torch.Tensor]:
+    """(leaves, log_probs): fresh leaves (hidden, weight, bias) requiring grad and the float32
+    log-softmax of their logits, the head matmul at the inputs' dtype (as a PyTorch user has
+    them)."""
     leaves = {"hidden": inputs.hidden, "weight": inputs.weight}
     if inputs.bias is not None:
         leaves["bias"] = inputs.bias
@@ -154,7 +155,13 @@ def eager_same_dtype(inputs: Inputs, entropy_only=False) -> Result:
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     logits = logits / inputs.options.get("temperature", 1.0)
-    log_probs = torch.log_softmax(logits, -1)
+    return leaves, torch.log_softmax(logits, -1)
+
+
+def eager_same_dtype(inputs: Inputs, entropy_only=False) -> Result:
+    """What a PyTorch user gets at the inputs' own dtype: the head matmul in that dtype, then the
+    softmax in float32. Its error against the float64 truth sets the bar for low precision."""
+    leaves, log_probs = eager_log_probs(inputs)
     ignore_index = inputs.options.get("ignore_index", -100)
     valid = inputs.targets != ignore_index
     safe = torch.where(valid, inputs.targets, 0)

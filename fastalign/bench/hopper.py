@@ -55,7 +55,7 @@ import torch
 
 # Kernel modules whose every @triton.jit kernel (a name ending in "_kernel") must be launched.
 KERNEL_MODULES = ("fastalign.kernels.linear_logprobs", "fastalign.kernels.linear_kl",
-                  "fastalign.kernels.gae")
+                  "fastalign.kernels.linear_nll", "fastalign.kernels.gae")
 # Shared memory a block may use (opt-in maximum): 227 KiB on H100/H200, 163 KiB on A100.
 SMEM_LIMITS = {90: 227 * 1024, 80: 163 * 1024}
 SM_COUNT = 132  # H100 SXM / H200: the forward's vocabulary splits follow it
@@ -217,6 +217,30 @@ def _backward_strategy(strategy: str) -> Iterator[None]:
         yield
 
 
+def linear_nll_scenarios(dname: str) -> Iterator[Scenario]:
+    import triton
+
+    from fastalign.kernels import linear_nll as op
+
+    dtype = DTYPES[dname]
+    # (tag, bias, softcap, dh, dw, db): the row kernel at its one config, on every chunk of the
+    # default workspace (the logits and the head's gradients are torch.mm's)
+    forward = [("", False, 0.0, True, True, False), (" bias+softcap", True, 30.0, True, True, True),
+               (" dh-only", False, 0.0, True, False, False)]
+
+    def run_forward(n, h, v, bias, softcap, dh, dw, db, offset):
+        op.linear_nll_forward(
+            _meta(n, h, dtype=dtype, offset=offset), _meta(v, h, dtype=dtype, offset=offset),
+            _meta(v, dtype=dtype, offset=offset) if bias else None,
+            _meta(n, dtype=torch.int64, offset=offset), _meta(1), 0.7, softcap, -100, dh, dw, db)
+
+    def one_config(kind, dtype, n_tokens):
+        return triton.Config({"BLOCK_V": op.BLOCK_V}, num_warps=op.NUM_WARPS)
+
+    yield from _head_scenarios("linear_nll", dname, one_config,
+                               (("forward", forward, run_forward),))
+
+
 def gae_scenarios(dname: str) -> Iterator[Scenario]:
     from fastalign.kernels import gae as op
 
@@ -231,7 +255,7 @@ def gae_scenarios(dname: str) -> Iterator[Scenario]:
 
 # One function per op module: (dtype name) -> its scenarios. A new launcher adds one here.
 SCENARIO_SOURCES: tuple[Callable[[str], Iterator[Scenario]], ...] = (
-    linear_logprobs_scenarios, linear_kl_scenarios, gae_scenarios)
+    linear_logprobs_scenarios, linear_kl_scenarios, linear_nll_scenarios, gae_scenarios)
 
 
 def scenarios() -> list[Scenario]:

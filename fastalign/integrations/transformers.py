@@ -3,8 +3,9 @@
 ``model(input_ids, labels=labels)`` normally runs the LM head on every position, holds [B, T, V]
 logits (an fp32 copy for the loss, and more in backward) and takes their cross-entropy. After
 ``patch_model(model)`` the same call runs the backbone, hands the final hidden states and the
-head's weight to ``fastalign.linear_logprobs`` (which streams over the vocabulary) and returns
-the same loss with ``logits=None``; gradients reach every parameter, the head included.
+head's weight to ``fastalign.linear_nll`` (which streams over the vocabulary, and forms the
+gradients in the forward pass) and returns the same loss with ``logits=None``; gradients reach
+every parameter, the head included.
 
 What it keeps of transformers' loss (``ForCausalLMLoss``): labels are shifted by one inside
 (or, with ``shift_labels=`` given too, taken from that, already shifted), ``ignore_index`` -100
@@ -32,7 +33,7 @@ from torch import nn
 import fastalign.hf as hf
 from fastalign.ops._backends import IMPLEMENTATIONS
 from fastalign.ops._checks import check_field_choice
-from fastalign.ops.linear_logprobs import linear_logprobs
+from fastalign.ops.linear_nll import linear_nll
 
 __all__ = ["is_patched", "patch_model", "unpatch_model"]
 
@@ -147,17 +148,12 @@ def _shifted_targets(labels, shift_labels, shape) -> torch.Tensor:
 
 def _fused_loss(model, hidden, targets, num_items_in_batch, impl) -> torch.Tensor:
     """transformers' causal-LM loss from the hidden states: −Σ log p(target) over the scored
-    tokens, divided by their count or by ``num_items_in_batch``."""
+    tokens, divided by their count (0 when there is none) or by ``num_items_in_batch``.
+    ``linear_nll`` forms the gradients in the forward pass: 6·N·H·V FLOPs, not 8."""
     scored = targets != IGNORE_INDEX
     head = hf.lm_head(model)
     # Only the scored rows go to the head: prompt and padding positions cost nothing there.
     rows, weight, bias = hf.head_inputs(hidden[scored], head)
     with hf.no_autocast(rows.device.type):
-        logps = linear_logprobs(rows, weight, targets[scored], bias=bias, impl=impl,
-                                **head.options())
-    total = -logps.sum()
-    if num_items_in_batch is None:
-        return total / scored.sum().clamp(min=1)  # no scored token: 0, as a mean over nothing
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+        return linear_nll(rows, weight, targets[scored], bias=bias, impl=impl,
+                          num_items_in_batch=num_items_in_batch, **head.options())

@@ -8,6 +8,8 @@ plain-PyTorch reference:
   and the LM head;
 * ``linear_argmax`` and ``linear_logit_stats``: the arg-max, the mean and log Σ p² over the
   vocabulary of the head's logits (no gradient), for metrics and WPO's weights;
+* ``linear_nll``: the NLL loss of the targets (mean, sum or per token), its gradients formed in
+  the forward pass when the loss is a scalar (6·N·H·V FLOPs instead of 8);
 * ``linear_kl``: the exact per-token KL between a policy head and a reference head;
 * ``gae``: generalised advantage estimation;
 * ``sequence``: the causal shift and per-sequence sums on top of ``linear_logprobs``.
@@ -28,6 +30,7 @@ from fastalign.ops.linear_argmax import (
 )
 from fastalign.ops.linear_kl import linear_kl, linear_kl_reference
 from fastalign.ops.linear_logprobs import linear_logprobs, linear_logprobs_reference
+from fastalign.ops.linear_nll import linear_nll, linear_nll_reference
 from fastalign.ops.sequence import (
     SequenceLogprobs,
     next_token_targets,
@@ -50,6 +53,8 @@ __all__ = [
     "linear_kl_reference",
     "linear_logprobs",
     "linear_logprobs_reference",
+    "linear_nll",
+    "linear_nll_reference",
     "next_token_targets",
     "sequence_logprobs",
     "sequence_logprobs_from_labels",

@@ -3,9 +3,10 @@
 One micro-batch is B (prompt, completion) examples collated by ``fastalign.data.SFTCollator``
 (right padding; ``labels`` are the completion ids, -100 on prompt and padding). The loss is TRL's
 ``SFTTrainer`` loss: the negative log-likelihood averaged over every scored token of the
-micro-batch (a token mean, not a mean of per-sequence means). The log-probs come from the fused
-head (``fastalign.hf.sequence_logprobs``: backbone, then the LM-head weight streamed by
-``linear_logprobs``), so the [tokens × vocab] logits are never held. With ``padding_free`` the
+micro-batch (a token mean, not a mean of per-sequence means). The loss comes from the fused
+head: the backbone's hidden states and the LM-head weight go to ``linear_nll``, which forms the
+head's gradients in the forward pass (6·N·H·V FLOPs instead of linear_logprobs' 8) and never
+holds the [tokens × vocab] logits. With ``padding_free`` the
 micro-batch is one unpadded row [1, total] with ``cu_seqlens``; with ``assistant_only_loss`` the
 examples' ``assistant_mask`` (``encode_sft``) leaves only the assistant turns scored; with
 ``packing`` the training examples are first grouped into rows of at most ``max_length`` tokens
@@ -22,7 +23,8 @@ from torch import nn
 
 from fastalign import hf
 from fastalign.data import SFTCollator, pack_examples
-from fastalign.ops.sequence import next_token_targets
+from fastalign.ops.linear_nll import linear_nll
+from fastalign.ops.sequence import next_token_targets, packed_position_ids
 from fastalign.trainers.config import PADDING_FREE_HELP, TrainingConfig, option, pad_token_id
 from fastalign.trainers.loop import Trainer
 
@@ -61,11 +63,10 @@ class SFTTrainer(Trainer):
 
     Metrics of each step (TRL's names): ``loss`` (mean NLL per scored token), ``num_tokens``
     (the input tokens trained on so far, prompts included, a running total as TRL counts it),
-    ``entropy`` (mean entropy of the next-token distribution over the scored positions, which
-    the fused op returns almost for free) and ``mean_token_accuracy`` (the fraction of scored
-    tokens that are the arg-max of their distribution: ``linear_argmax`` streams the head over
-    the same hidden states, one extra forward matrix product of the head without gradient, and
-    still no [tokens × vocab] logits).
+    ``entropy`` (mean entropy of the next-token distribution over the scored positions) and
+    ``mean_token_accuracy`` (the fraction of scored tokens that are the arg-max of their
+    distribution). Both come from ``linear_nll``'s own pass over each row of logits: no extra
+    matrix product (in eval, without gradients, they cost linear_argmax's forward pass).
 
     Example::
 
@@ -97,24 +98,35 @@ class SFTTrainer(Trainer):
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         config = self.config
-        labels, attention_mask = batch["labels"], batch.get("attention_mask")
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        attention_mask, cu_seqlens = batch.get("attention_mask"), batch.get("cu_seqlens")
         if not config.completion_only_loss:  # every attended (padding free: every) token
-            labels = batch["input_ids"] if attention_mask is None else torch.where(
-                attention_mask.bool(), batch["input_ids"], IGNORE_INDEX)
-        out = hf.sequence_logprobs(
-            self.model, batch["input_ids"], labels=labels, attention_mask=attention_mask,
-            cu_seqlens=batch.get("cu_seqlens"), temperature=config.temperature,
-            return_entropy=True, return_predictions=True, impl=config.impl)
-        num_tokens = out.lengths.sum()  # scored tokens
+            labels = input_ids if attention_mask is None else torch.where(
+                attention_mask.bool(), input_ids, IGNORE_INDEX)
+        model_kwargs = {}
+        if cu_seqlens is not None:  # positions restart at each packed sequence
+            model_kwargs["position_ids"] = packed_position_ids(
+                cu_seqlens.to(input_ids.device), input_ids.shape[1])[None]
+        hidden = hf.final_hidden_states(self.model, input_ids, attention_mask=attention_mask,
+                                        **model_kwargs)
+        # Each position's target is the next label of its sequence; only the scored positions
+        # go to the head (prompts and padding cost nothing there).
+        targets = next_token_targets(labels.reshape(-1) if cu_seqlens is not None else labels,
+                                     cu_seqlens=cu_seqlens).reshape(-1)
+        scored = targets != IGNORE_INDEX
+        targets = targets[scored]
+        head = hf.lm_head(self.model)
+        rows, weight, bias = hf.head_inputs(hidden.reshape(-1, hidden.shape[-1])[scored], head)
+        num_tokens = scored.sum()
         # The mean over every rank's tokens: gradients are averaged over ranks, so each rank
         # divides its sum by the ranks' mean token count (its own count in one process).
         # A micro-batch whose completions were all truncated away has loss 0, not NaN.
-        loss = -out.sum_logps.sum() / self.all_ranks_mean(num_tokens.float()).clamp(min=1)
+        normaliser = self.all_ranks_mean(num_tokens.float()).clamp(min=1)
+        with hf.no_autocast(rows.device.type):
+            loss, entropy, predictions = linear_nll(
+                rows, weight, targets, bias=bias, num_items_in_batch=normaliser,
+                return_metrics=True, impl=config.impl, **head.options(config.temperature))
         with torch.no_grad():
-            entropy = (out.token_entropy * out.token_mask).sum() / num_tokens.clamp(min=1)
-            cu_seqlens = batch.get("cu_seqlens")  # padding-free: per-token results are [total]
-            targets = labels[:, 1:] if cu_seqlens is None else next_token_targets(
-                labels.reshape(-1), cu_seqlens=cu_seqlens)
-            correct = (out.token_predictions == targets) & out.token_mask
-            accuracy = correct.sum() / num_tokens.clamp(min=1)
+            entropy = entropy.sum() / num_tokens.clamp(min=1)
+            accuracy = (predictions == targets).sum() / num_tokens.clamp(min=1)
         return loss, {"entropy": entropy, "mean_token_accuracy": accuracy}

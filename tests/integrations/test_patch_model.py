@@ -105,6 +105,21 @@ def test_loss_and_every_gradient_equal_the_unpatched_model(name):
     assert_same(loss_and_grads(model, **call, num_items_in_batch=torch.tensor(37)), want)
 
 
+def test_the_loss_forms_its_gradients_in_forward(monkeypatch):
+    """The labels= loss goes through linear_nll: backward scales the gradients formed in forward
+    and never recomputes the head's logits (linear_logprobs' backward)."""
+    from fastalign.ops.linear_logprobs import LinearLogprobsFunction
+
+    def recompute(*args):
+        raise AssertionError("the head's logits were recomputed in backward")
+
+    monkeypatch.setattr(LinearLogprobsFunction, "backward", staticmethod(recompute))
+    model = patch_model(make_model("qwen2"))
+    input_ids, mask, labels = make_batch()
+    out, grads = loss_and_grads(model, input_ids=input_ids, attention_mask=mask, labels=labels)
+    assert out.logits is None and all(grad.isfinite().all() for grad in grads.values())
+
+
 def test_positional_ids_shift_labels_and_an_unchanged_forward_without_labels():
     model = make_model("gpt2")  # GPT-2's second positional parameter is past_key_values
     input_ids, mask, labels = make_batch()

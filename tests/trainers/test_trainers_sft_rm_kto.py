@@ -179,6 +179,23 @@ def test_sft_loss_and_gradients_match_eager(tmp_path, tok, sft_data, completion_
     assert_same_gradients(trainer.model, loss, eager)
 
 
+def test_sft_loss_forms_its_gradients_in_forward(tmp_path, tok, sft_data, monkeypatch):
+    """SFT's loss goes through linear_nll (6·N·H·V): backward never recomputes the head's logits
+    (linear_logprobs' backward), and the metrics come from the same pass."""
+    from fastalign.ops.linear_logprobs import LinearLogprobsFunction
+
+    def recompute(*args):
+        raise AssertionError("the head's logits were recomputed in backward")
+
+    monkeypatch.setattr(LinearLogprobsFunction, "backward", staticmethod(recompute))
+    trainer = SFTTrainer(policy(), tok, sft_data, config(SFTConfig, tmp_path))
+    batch = trainer.batch(range(4))
+    loss, metrics = trainer.compute_loss(batch)
+    loss.backward()
+    assert trainer.model.lm_head.weight.grad is not None
+    assert 0 < float(metrics["entropy"]) and 0 <= float(metrics["mean_token_accuracy"]) <= 1
+
+
 class RecordingSFT(SFTTrainer):
     """Records the example indices of every training micro-batch; fails at call ``fail_at``."""
 

@@ -1,0 +1,141 @@
+"""The chunked head gradients: ∂L/∂logits of a chunk of tokens in a bounded workspace, turned
+into dh, dW and db by matrix products (cuBLAS on CUDA, MKL on CPU).
+
+Shared by the Triton launchers (the chunked backward of ``linear_logprobs`` and ``linear_kl``,
+the forward of ``linear_nll``) and by ``linear_nll``'s plain-PyTorch implementation, which must
+run where triton is not installed: so nothing here imports triton.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+# The JIT marks a pointer argument 16-byte aligned, and an integer argument divisible by 16, when
+# they are: what the kernels' H-loops need to vectorise and pipeline their loads (see
+# ``_launch.kernel_head``).
+ALIGNMENT = 16
+# The default workspace: this fraction of what eager autograd holds for the logits alone
+# (N × V float32), and never fewer rows than one chunk of this many tokens, below which the
+# matrix products stop filling the tensor cores (at small N the bytes do not matter).
+WORKSPACE_FRACTION = 0.05
+MIN_CHUNK_ROWS = 64
+
+
+def float32_accumulator(wanted: bool, shape: tuple[int, ...],
+                        device: torch.device) -> torch.Tensor | None:
+    """A zeroed float32 gradient accumulator (the kernels add into it atomically), or None."""
+    return torch.zeros(shape, dtype=torch.float32, device=device) if wanted else None
+
+
+def chunk_rows(n_tokens: int, vocab_size: int, row_bytes: int) -> int:
+    """Tokens per chunk of the chunked backward, whose workspace takes ``row_bytes`` a token.
+
+    ``FASTALIGN_BACKWARD_WORKSPACE_MIB`` sets the workspace; by default it is WORKSPACE_FRACTION
+    of eager's N × V float32 logits (at least MIN_CHUNK_ROWS tokens).
+    """
+    budget = os.environ.get("FASTALIGN_BACKWARD_WORKSPACE_MIB")
+    if budget is not None:
+        try:
+            budget_bytes = float(budget) * 2**20
+        except ValueError:
+            budget_bytes = -1.0
+        if not budget_bytes > 0:
+            raise ValueError("FASTALIGN_BACKWARD_WORKSPACE_MIB must be a positive number of MiB, "
+                             f"got {budget!r}")
+        rows = int(budget_bytes // max(row_bytes, 1))
+    else:
+        rows = max(MIN_CHUNK_ROWS,
+                   int(WORKSPACE_FRACTION * n_tokens * vocab_size * 4 // max(row_bytes, 1)))
+        rows -= rows % ALIGNMENT  # chunks then start on aligned rows: no copies (``aligned``)
+    return max(1, min(n_tokens, rows))
+
+
+@dataclasses.dataclass
+class HeadGrads:
+    """One head's part of a chunked backward: its inputs, which gradients it wants, and (after
+    ``head_grads_in_chunks``) the gradients, in the inputs' dtypes."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    want_dh: bool
+    want_dw: bool
+    want_db: bool
+    dh: torch.Tensor | None = None
+    dw: torch.Tensor | None = None
+    db: torch.Tensor | None = None
+
+    @property
+    def wanted(self) -> bool:
+        return self.want_dh or self.want_dw or (self.want_db and self.bias is not None)
+
+
+def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., None],
+                         rows_with_grad: torch.Tensor | None = None,
+                         fill_bytes_per_logit: int = 0) -> None:
+    """Fill each head's dh, dW, db, chunk of tokens by chunk of tokens.
+
+    ``fill(start, end, *workspaces)`` launches the kernel that writes ∂L/∂a of tokens
+    [start, end) into each head's workspace ([end − start, V] in the input dtype, None for a head
+    that wants no gradient), 0 wherever there is no gradient. Then dh[start:end] = ∂L/∂a · W and
+    dW += (∂L/∂a)ᵀ · h[start:end] (float32), db += Σ_rows ∂L/∂a. ``rows_with_grad`` (bool [N]):
+    rows outside it have ∂L/∂a = 0, and their hidden state is left out of dW (a NaN in a padding
+    row must not enter as 0·NaN). ``fill_bytes_per_logit``: the temporaries ``fill`` itself holds
+    per logit of a chunk, counted in the workspace budget.
+    """
+    active = [head for head in heads if head.wanted]
+    if not active:
+        return
+    n_tokens, vocab_size = heads[0].hidden.shape[0], heads[0].weight.shape[0]
+    device, dtype = heads[0].hidden.device, heads[0].hidden.dtype
+    row_bytes = vocab_size * (dtype.itemsize * len(active) + fill_bytes_per_logit)
+    chunk = chunk_rows(n_tokens, vocab_size, row_bytes)
+    # Rows padded to a multiple of ALIGNMENT entries, so that every row of the workspace starts
+    # on a 16-byte boundary (vectorised stores in the kernel; cuBLAS takes the leading dimension).
+    padded_vocab = -(-vocab_size // ALIGNMENT) * ALIGNMENT
+    workspaces = {id(head): torch.empty((chunk, padded_vocab), dtype=dtype,
+                                        device=device)[:, :vocab_size]
+                  for head in active}
+    dw32, db32 = {}, {}
+    for head in active:
+        if head.want_dh:
+            head.dh = torch.empty_like(head.hidden)
+        dw32[id(head)] = float32_accumulator(head.want_dw, tuple(head.weight.shape), device)
+        db32[id(head)] = float32_accumulator(head.want_db and head.bias is not None,
+                                             (vocab_size,), device)
+    for start in range(0, n_tokens, chunk):
+        end = min(start + chunk, n_tokens)
+        chunk_ws = [workspaces[id(h)][:end - start] if h.wanted else None for h in heads]
+        fill(start, end, *chunk_ws)
+        for head, grad in zip(heads, chunk_ws):
+            if grad is None:
+                continue
+            if head.want_dh:  # one product over the whole vocabulary: one rounding per entry
+                torch.mm(grad, head.weight, out=head.dh[start:end])
+            if dw32[id(head)] is not None:
+                rows = head.hidden[start:end]
+                if rows_with_grad is not None:
+                    rows = rows.masked_fill(~rows_with_grad[start:end, None], 0.0)
+                addmm_float32(dw32[id(head)], grad.T, rows)
+            if db32[id(head)] is not None:
+                db32[id(head)] += grad.sum(dim=0, dtype=torch.float32)
+    for head in active:
+        if dw32[id(head)] is not None:
+            head.dw = dw32[id(head)].to(head.weight.dtype)
+        if db32[id(head)] is not None:
+            head.db = db32[id(head)].to(head.bias.dtype)
+
+
+def addmm_float32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b into a float32 ``acc``, the product never rounded to a 16-bit dtype (each
+    chunk's share of dW rounded to bfloat16 before the sum would lose the small ones)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda":  # cuBLAS: 16-bit operands, float32 accumulator and output
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
