@@ -15,6 +15,7 @@ from helpers import (
     assert_low_precision_ok,
     impl_device,
     impl_is_available,
+    tiled,
 )
 from test_linear_kl import make_kl_inputs
 
@@ -147,6 +148,26 @@ def test_both_triton_backward_strategies(monkeypatch, strategy, case):
     _, grads = run_scored(tensors, mask, targets, upstreams, impl="triton", options=options)
     _, truth_grads = run_scored(tensors, mask, targets, upstreams, upcast=torch.float64,
                                 options=options)
+    for name, grad in truth_grads.items():
+        assert_close_fp32(grads[name], grad, f"d{name}")
+
+
+@pytest.mark.parametrize("schedule", ["owned", "shared"])
+@pytest.mark.parametrize("case", [CASES[2], CASES[5]], ids=[CASES[2][0], CASES[5][0]])
+def test_cpp_across_vocabulary_blocks_and_threads(schedule, case):
+    """Small blocks: each row's statistics (and its target logit) merge over many vocabulary
+    blocks, and, in the shared schedule, over the threads' slots."""
+    _require("cpp")
+    tensors, mask, targets, upstreams, options = _case(case, torch.float32, "cpu")
+    tiling = {"FASTALIGN_CPU_SCHEDULE": schedule, "FASTALIGN_CPU_BLOCK_N": 3,
+              "FASTALIGN_CPU_BLOCK_V": 13, "threads": 2}
+    with tiled(tiling):
+        outputs, grads = run_scored(tensors, mask, targets, upstreams, impl="cpp",
+                                    options=options)
+    truth, truth_grads = run_scored(tensors, mask, targets, upstreams, upcast=torch.float64,
+                                    options=options)
+    for name, ours, expected in zip(NAMES, outputs, truth):
+        assert_close_fp32(ours, expected, name)
     for name, grad in truth_grads.items():
         assert_close_fp32(grads[name], grad, f"d{name}")
 
