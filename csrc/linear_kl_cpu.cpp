@@ -664,6 +664,9 @@ std::vector<at::Tensor> linear_kl_forward(const at::Tensor& hidden, const at::Te
     double* kl_out = kl.data_ptr<double>();
     double* lse_out = lse.data_ptr<double>();
     double* ref_lse_out = ref_lse.data_ptr<double>();
+    T* logp_out = scored ? logp.data_ptr<T>() : nullptr;
+    T* entropy_out = scored ? entropy.data_ptr<T>() : nullptr;
+    double* sum_pz_out = scored ? sum_pz.data_ptr<double>() : nullptr;
     at::parallel_for(0, n, kRowGrain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const double s_z = 1.0 + state.rest_z[i];
@@ -686,11 +689,12 @@ std::vector<at::Tensor> linear_kl_forward(const at::Tensor& hidden, const at::Te
         if (scored) {  // as linear_logprobs_forward, with the statistics in float64 already
           const bool valid = target_ids[i] != ignore_index;
           const double mean_dz = state.ent[i] / s_z;  // Σ p (z − m_z)
-          sum_pz.data_ptr<double>()[i] = state.max_z[i] + mean_dz;
-          logp.data_ptr<T>()[i] =
+          sum_pz_out[i] = state.max_z[i] + mean_dz;
+          // z_y − lse ≤ 0 exactly; rounding must not make a probability exceed 1 (NaN stays).
+          logp_out[i] =
               valid ? static_cast<T>(std::min((z_target[i] - state.max_z[i]) - log_s_z, 0.0))
                     : T(0);
-          entropy.data_ptr<T>()[i] = valid ? static_cast<T>(log_s_z - mean_dz) : T(0);
+          entropy_out[i] = valid ? static_cast<T>(log_s_z - mean_dz) : T(0);
         }
       }
     });
