@@ -89,12 +89,16 @@ Args:
     ref_bias: [V] contiguous, hidden's dtype, or None.
     temperature: > 0; both heads' logits are divided by it (after the softcap).
     softcap: 0 for none, else a -> softcap * tanh(a / softcap) on both heads.
+    targets: optional [N] int64 targets of the first head (each in [0, V) or ignore_index).
+    ignore_index: the target value of rows whose logp and entropy are 0.
 
 Returns:
     [kl, lse, ref_lse], each [N] float64: KL(p || q) >= 0 per row, and the log-sum-exp of z and
-    of r (what backward needs besides kl).)doc",
+    of r (what backward needs besides kl); with targets also [logp, entropy, sum_pz] of the first
+    head from the same pass (float32, float32 and float64; float64 throughout for float64).)doc",
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("ref_hidden"),
-        py::arg("ref_weight"), py::arg("ref_bias"), py::arg("temperature"), py::arg("softcap"));
+        py::arg("ref_weight"), py::arg("ref_bias"), py::arg("temperature"), py::arg("softcap"),
+        py::arg("targets") = py::none(), py::arg("ignore_index") = -100);
 
   m.def("linear_kl_backward", &fastalign::linear_kl_backward,
         R"doc(Gradients of linear_kl_forward, recomputing both heads' logits tile by tile.
@@ -109,6 +113,9 @@ Args:
     kl, lse, ref_lse: [N] float64, as returned by forward.
     compute_dhidden, compute_dweight, compute_dbias: which policy-head gradients to compute.
     compute_dref_hidden, compute_dref_weight, compute_dref_bias: which reference-head gradients.
+    grad_logp, grad_entropy, targets, sum_pz, ignore_index: with targets (as in forward), the
+        upstream gradients of logp and (optional) entropy and forward's sum_pz; the policy's
+        gradients are then those of all three outputs.
 
 Returns:
     [dhidden, dweight, dbias, dref_hidden, dref_weight, dref_bias], each in the dtype of its
@@ -118,7 +125,9 @@ Returns:
         py::arg("lse"), py::arg("ref_lse"), py::arg("temperature"), py::arg("softcap"),
         py::arg("compute_dhidden"), py::arg("compute_dweight"), py::arg("compute_dbias"),
         py::arg("compute_dref_hidden"), py::arg("compute_dref_weight"),
-        py::arg("compute_dref_bias"));
+        py::arg("compute_dref_bias"), py::arg("grad_logp") = py::none(),
+        py::arg("grad_entropy") = py::none(), py::arg("targets") = py::none(),
+        py::arg("sum_pz") = py::none(), py::arg("ignore_index") = -100);
 
   m.def("gae_forward", &fastalign::gae_forward,
         R"doc(Generalised advantage estimation: one reverse scan per row over the masked positions.

@@ -16,6 +16,10 @@
 // (streaming.h); a thread's scratch is two logit tiles and, for bf16/fp16 heads, float32 copies of
 // the two weight blocks (and of the dW blocks being accumulated).
 //
+// With the policy's targets (PPO with the exact KL) the same pass also gives the policy's log-prob
+// of each target and its entropy, as linear_logprobs would: forward picks up the target logit and
+// Σ e^{z−m_z}·(z − m_z) beside the KL's sums; backward adds their terms to dL/dz (see to_grads).
+//
 // This file holds the op's row math and its entry points; the block loops, schedules, problem,
 // scratch and row selection are streaming.h's, the choice of variant and instruction set
 // dispatch.h's.
@@ -26,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -58,7 +63,9 @@ struct KlTile {
   T* r;               // [rows, cols] reference: raw logits h_ref·W_ref_v on entry, overwritten
   const T* bias;      // [cols] biases of this vocabulary block: both set when either head has
   const T* ref_bias;  //   one (zeros stand in for the other), else both nullptr
+  const int64_t* targets;  // [rows] the policy's targets, or nullptr (not scored)
   int64_t cols;
+  int64_t v0;  // vocabulary id of column 0
   // z = cap_over_t · tanh(a · inv_cap) with a softcap, else z = a · inv_t
   T inv_t;
   T inv_cap;
@@ -84,7 +91,9 @@ struct KlTile {
 // carry the independent float32 rounding of two sums. When the sums are far apart
 // (|diff| ≥ s_z/2: no cancellation to fear, while diff itself may cancel) the rests give the
 // ratio instead. Identical heads give exactly KL = 0 (every z − r, e^{r̃} − e^{z̃} and K is 0).
-// An empty row has m = −inf, rest = −1, center = csum = diff = 0.
+// With targets, also ent = Σ e^{z̃}·z̃ (linear_logprobs' t: entropy = log s_z − ent/s_z) and the
+// target logit z_y (one array shared by every slot: a row's target lies in one block).
+// An empty row has m = −inf, rest = −1, center = csum = diff = ent = 0.
 struct KlState {
   double* max_z;
   double* rest_z;
@@ -93,24 +102,28 @@ struct KlState {
   double* center;
   double* csum;
   double* diff;
+  double* ent;
+  double* z_target;  // nullptr when not scored
 };
 
-constexpr int64_t kStateArrays = 7;
+constexpr int64_t kStateArrays = 8;  // the merged arrays, z_target aside
 
 KlState shifted(const KlState& s, int64_t n0) {
   return {s.max_z + n0,  s.rest_z + n0, s.max_r + n0, s.rest_r + n0,
-          s.center + n0, s.csum + n0,   s.diff + n0};
+          s.center + n0, s.csum + n0,   s.diff + n0,  s.ent + n0,
+          s.z_target != nullptr ? s.z_target + n0 : nullptr};
 }
 
 // One set of logits' statistics (a block of a row), as merge_row takes them.
 struct KlStats {
-  double max_z, rest_z, max_r, rest_r, center, csum, diff;
+  double max_z, rest_z, max_r, rest_r, center, csum, diff, ent;
 };
 
 // State row i ← state row i merged with the statistics of one more set of logits. With M the
 // merged maxima, α = e^{m_z − M_z} and β = e^{m_r − M_r} per set, a set's s_z rescales to α·s_z,
 // its s_r to β·s_r, its csum to α·(csum + (K − K_new)·s_z) (K_new: the center of the set holding
-// the larger z) and its diff = s_r − s_z to β·diff + (β − α)·s_z.
+// the larger z), its diff = s_r − s_z to β·diff + (β − α)·s_z and its ent to
+// α·(ent + (m_z − M_z)·s_z).
 inline void merge_row(const KlState& st, int64_t i, const KlStats& b) {
   constexpr double kEmpty = -std::numeric_limits<double>::infinity();
   if (b.max_z == kEmpty && b.max_r == kEmpty) {
@@ -132,6 +145,7 @@ inline void merge_row(const KlState& st, int64_t i, const KlStats& b) {
     st.center[i] = b.center;
     st.csum[i] = b.csum + old_csum;
     st.diff[i] = b.diff;
+    st.ent[i] = b.ent;
     return;
   }
   const double new_max_z = std::max(m_z, b.max_z), new_max_r = std::max(m_r, b.max_r);
@@ -145,6 +159,8 @@ inline void merge_row(const KlState& st, int64_t i, const KlStats& b) {
   st.csum[i] = scale_z * (st.csum[i] + (st.center[i] - center) * s_z) +
                other_scale_z * (b.csum + (b.center - center) * other_s_z);
   st.center[i] = center;
+  st.ent[i] = scale_z * (st.ent[i] + shift_z * s_z) +
+              other_scale_z * (b.ent + other_shift_z * other_s_z);
   st.diff[i] = (scale_r * st.diff[i] + (scale_r - scale_z) * s_z) +
                (other_scale_r * b.diff + (other_scale_r - other_scale_z) * other_s_z);
   // The rest of the set holding the maximum stays as it is (its scale is 1); the other set joins
@@ -211,12 +227,14 @@ FASTALIGN_INLINE void to_logits(const KlTile<ScalarOf<U>>& tile, ScalarOf<U>* __
 
 // The block's (rest, ties) per head, csum and diff, relative to the block maxima and to the
 // center K: ties counts the logits equal to the maximum (each contributes exactly e^0 = 1), rest
-// sums e^{z−m} over the others, so that the maximum's 1 never enters a float32 sum.
-template <typename U>
+// sums e^{z−m} over the others, so that the maximum's 1 never enters a float32 sum. SCORED: ent
+// too, Σ e^{z−m}·(z − m).
+template <typename U, bool SCORED>
 FASTALIGN_INLINE void block_sums(const ScalarOf<U>* __restrict__ z,
                                  const ScalarOf<U>* __restrict__ r, int64_t begin, int64_t end,
                                  ScalarOf<U> max_z, ScalarOf<U> max_r, ScalarOf<U> center,
-                                 U& rest_z, U& ties_z, U& rest_r, U& ties_r, U& csum, U& diff) {
+                                 U& rest_z, U& ties_z, U& rest_r, U& ties_r, U& csum, U& diff,
+                                 U& ent) {
   constexpr int64_t kStep = Lanes<U>::kCount;
   const U m_z = splat<U>(max_z), m_r = splat<U>(max_r), k = splat<U>(center);
   const U zero = splat<U>(0), one = splat<U>(1);
@@ -232,6 +250,7 @@ FASTALIGN_INLINE void block_sums(const ScalarOf<U>* __restrict__ z,
     ties_z += dz == zero ? one : zero;
     rest_r += dr == zero ? zero : er;
     ties_r += dr == zero ? one : zero;
+    if constexpr (SCORED) ent += ez * dz;
   }
 }
 
@@ -256,12 +275,33 @@ struct KlRows {
   const T* c_hi;
   const T* c_lo;
   const T* kl;  // KL rounded to T
+  // with targets (else nullptr): the upstream gradients of logp and entropy (the latter may be
+  // nullptr: zero) and Σ p z as hi + lo, as linear_logprobs' backward takes them
+  const T* grad_logp;
+  const T* grad_entropy;
+  const T* sum_pz_hi;
+  const T* sum_pz_lo;
 };
 
 template <typename T>
+const T* shifted_or_null(const T* p, int64_t n0) {
+  return p != nullptr ? p + n0 : nullptr;
+}
+
+template <typename T>
 KlRows<T> shifted(const KlRows<T>& in, int64_t n0) {
-  return {in.grad + n0,       in.lse_hi + n0, in.lse_lo + n0, in.ref_lse_hi + n0,
-          in.ref_lse_lo + n0, in.c_hi + n0,   in.c_lo + n0,   in.kl + n0};
+  return {in.grad + n0,
+          in.lse_hi + n0,
+          in.lse_lo + n0,
+          in.ref_lse_hi + n0,
+          in.ref_lse_lo + n0,
+          in.c_hi + n0,
+          in.c_lo + n0,
+          in.kl + n0,
+          shifted_or_null(in.grad_logp, n0),
+          shifted_or_null(in.grad_entropy, n0),
+          shifted_or_null(in.sum_pz_hi, n0),
+          shifted_or_null(in.sum_pz_lo, n0)};
 }
 
 // e^x − 1 for |x| ≤ 1/4: float32, the Taylor series to x⁷ (truncation < x⁸/40320, 4e-10 relative
@@ -284,12 +324,18 @@ FASTALIGN_INLINE U expm1_small(const U& x) {
 // Both tiles → dL/da · T in place (the 1/T becomes the alpha of the gradient products):
 //   dL/da_z = dL/dz · (1 − tanh²(a_z/c)),  dL/da_r = dL/dr · (1 − tanh²(a_r/c))   (no tanh factor
 // without softcap). A tile whose head needs no gradient is left holding its logits.
-template <typename U, bool HAS_BIAS, bool HAS_SOFTCAP, bool GRAD_Z, bool GRAD_R>
+// SCORED adds logp's and the entropy's terms for their upstream gradients g_y and g_e (as
+// linear_logprobs' backward; ∂ent/∂z_v = −p_v·(z_v − Σ_u p_u z_u)):
+//   dL/dz_v = g·p_v·u_v + g_y·(1[v = y] − p_v) − g_e·p_v·(z_v − Σ_u p_u z_u),
+// all but the g_y·1[v = y] term, which the caller adds at y.
+template <typename U, bool HAS_BIAS, bool HAS_SOFTCAP, bool GRAD_Z, bool GRAD_R, bool SCORED>
 FASTALIGN_INLINE void to_grads(const KlTile<ScalarOf<U>>& tile, ScalarOf<U>* __restrict__ zp,
                                ScalarOf<U>* __restrict__ rp, int64_t begin, int64_t end,
                                ScalarOf<U> grad, ScalarOf<U> lse_hi, ScalarOf<U> lse_lo,
                                ScalarOf<U> ref_lse_hi, ScalarOf<U> ref_lse_lo, ScalarOf<U> c_hi,
-                               ScalarOf<U> c_lo, ScalarOf<U> kl) {
+                               ScalarOf<U> c_lo, ScalarOf<U> kl, ScalarOf<U> grad_logp,
+                               ScalarOf<U> grad_entropy, ScalarOf<U> sum_pz_hi,
+                               ScalarOf<U> sum_pz_lo) {
   constexpr int64_t kStep = Lanes<U>::kCount;
   const ScalarOf<U>* __restrict__ bias = tile.bias;
   const ScalarOf<U>* __restrict__ ref_bias = tile.ref_bias;
@@ -300,6 +346,8 @@ FASTALIGN_INLINE void to_grads(const KlTile<ScalarOf<U>>& tile, ScalarOf<U>* __r
   const U row_ref_lse_hi = splat<U>(ref_lse_hi), row_ref_lse_lo = splat<U>(ref_lse_lo);
   const U row_c_hi = splat<U>(c_hi), row_c_lo = splat<U>(c_lo);
   const U row_kl = splat<U>(kl);
+  const U g_y = splat<U>(grad_logp), g_e = splat<U>(grad_entropy);
+  const U row_sum_pz_hi = splat<U>(sum_pz_hi), row_sum_pz_lo = splat<U>(sum_pz_lo);
   const U small = splat<U>(ScalarOf<U>(0.0625));  // (1/4)²
   for (int64_t v = begin; v < end; v += kStep) {
     U a = load<U>(zp + v), a_ref = load<U>(rp + v);
@@ -314,6 +362,7 @@ FASTALIGN_INLINE void to_grads(const KlTile<ScalarOf<U>>& tile, ScalarOf<U>* __r
     const U u = ((t - row_c_hi) - row_c_lo) + difference_error(z, r, t);
     if constexpr (GRAD_Z) {
       U d = g * p * u;
+      if constexpr (SCORED) d -= p * (g_y + g_e * ((z - row_sum_pz_hi) - row_sum_pz_lo));
       if constexpr (HAS_SOFTCAP) d *= vsech2(a * inv_cap);
       store(zp + v, d);
     }
@@ -330,7 +379,7 @@ FASTALIGN_INLINE void to_grads(const KlTile<ScalarOf<U>>& tile, ScalarOf<U>* __r
 // The fused passes, as dispatch.h's run_rows takes them (switches: bias, softcap; backward also
 // which heads need gradients).
 struct ForwardKernel {
-  template <typename V, bool HAS_BIAS, bool HAS_SOFTCAP>
+  template <typename V, bool HAS_BIAS, bool HAS_SOFTCAP, bool SCORED>
   static FASTALIGN_INLINE void rows(const KlTile<ScalarOf<V>>& tile, const KlState& state,
                                     int64_t r0, int64_t r1) {
     using T = ScalarOf<V>;
@@ -359,14 +408,18 @@ struct ForwardKernel {
       // The center: z − r rounded at the largest z, exactly as block_sums rounds it there.
       const T center = max_z - r_at;
 
-      V v_rest_z{}, v_ties_z{}, v_rest_r{}, v_ties_r{}, v_csum{}, v_diff{};
-      block_sums<V>(z, r, 0, bulk, max_z, max_r, center, v_rest_z, v_ties_z, v_rest_r, v_ties_r,
-                    v_csum, v_diff);
+      V v_rest_z{}, v_ties_z{}, v_rest_r{}, v_ties_r{}, v_csum{}, v_diff{}, v_ent{};
+      block_sums<V, SCORED>(z, r, 0, bulk, max_z, max_r, center, v_rest_z, v_ties_z, v_rest_r,
+                            v_ties_r, v_csum, v_diff, v_ent);
       T rest_z = lane_sum(v_rest_z), ties_z = lane_sum(v_ties_z);
       T rest_r = lane_sum(v_rest_r), ties_r = lane_sum(v_ties_r);
-      T csum = lane_sum(v_csum), diff = lane_sum(v_diff);
-      block_sums<T>(z, r, bulk, cols, max_z, max_r, center, rest_z, ties_z, rest_r, ties_r, csum,
-                    diff);
+      T csum = lane_sum(v_csum), diff = lane_sum(v_diff), ent = lane_sum(v_ent);
+      block_sums<T, SCORED>(z, r, bulk, cols, max_z, max_r, center, rest_z, ties_z, rest_r,
+                            ties_r, csum, diff, ent);
+      if constexpr (SCORED) {  // (an ignored target may land anywhere: its logp is zeroed later)
+        const int64_t y = tile.targets[row] - tile.v0;
+        if (y >= 0 && y < cols) state.z_target[row] = static_cast<double>(z[y]);
+      }
       // rest = (ties − 1) + Σ_others: the ties are small integers, exact in any dtype.
       merge_row(state, row,
                 {static_cast<double>(max_z),
@@ -374,14 +427,14 @@ struct ForwardKernel {
                  static_cast<double>(max_r),
                  static_cast<double>(rest_r) + (static_cast<double>(ties_r) - 1.0),
                  static_cast<double>(center), static_cast<double>(csum),
-                 static_cast<double>(diff)});
+                 static_cast<double>(diff), static_cast<double>(ent)});
     }
   }
 };
 
 // At least one of GRAD_Z, GRAD_R is true when it runs (the entry point returns early otherwise).
 struct BackwardKernel {
-  template <typename V, bool HAS_BIAS, bool HAS_SOFTCAP, bool GRAD_Z, bool GRAD_R>
+  template <typename V, bool HAS_BIAS, bool HAS_SOFTCAP, bool GRAD_Z, bool GRAD_R, bool SCORED>
   static FASTALIGN_INLINE void rows(const KlTile<ScalarOf<V>>& tile, const KlRows<ScalarOf<V>>& in,
                                     int64_t r0, int64_t r1) {
     using T = ScalarOf<V>;
@@ -394,10 +447,33 @@ struct BackwardKernel {
       const T lse_hi = in.lse_hi[row], lse_lo = in.lse_lo[row];
       const T ref_lse_hi = in.ref_lse_hi[row], ref_lse_lo = in.ref_lse_lo[row];
       const T c_hi = in.c_hi[row], c_lo = in.c_lo[row], kl = in.kl[row];
-      to_grads<V, HAS_BIAS, HAS_SOFTCAP, GRAD_Z, GRAD_R>(tile, z, r, 0, bulk, g, lse_hi, lse_lo,
-                                                         ref_lse_hi, ref_lse_lo, c_hi, c_lo, kl);
-      to_grads<T, HAS_BIAS, HAS_SOFTCAP, GRAD_Z, GRAD_R>(tile, z, r, bulk, cols, g, lse_hi, lse_lo,
-                                                         ref_lse_hi, ref_lse_lo, c_hi, c_lo, kl);
+      T g_y = T(0), g_e = T(0), sum_pz_hi = T(0), sum_pz_lo = T(0);
+      int64_t y = -1;       // the target's column in this block, if there
+      T target_grad = T(0);  // the g_y·1[v = y] term, times the tanh factor at y
+      if constexpr (SCORED) {
+        g_y = in.grad_logp[row];
+        g_e = in.grad_entropy != nullptr ? in.grad_entropy[row] : T(0);
+        sum_pz_hi = in.sum_pz_hi[row];
+        sum_pz_lo = in.sum_pz_lo[row];
+        y = tile.targets[row] - tile.v0;  // g_y = 0 on rows whose target is ignored
+        if (y >= 0 && y < cols) {
+          target_grad = g_y;
+          if constexpr (HAS_SOFTCAP) {
+            T a = z[y];  // still the raw logit
+            if constexpr (HAS_BIAS) a += tile.bias[y];
+            target_grad = g_y * vsech2(a * tile.inv_cap);
+          }
+        } else {
+          y = -1;
+        }
+      }
+      to_grads<V, HAS_BIAS, HAS_SOFTCAP, GRAD_Z, GRAD_R, SCORED>(
+          tile, z, r, 0, bulk, g, lse_hi, lse_lo, ref_lse_hi, ref_lse_lo, c_hi, c_lo, kl, g_y, g_e,
+          sum_pz_hi, sum_pz_lo);
+      to_grads<T, HAS_BIAS, HAS_SOFTCAP, GRAD_Z, GRAD_R, SCORED>(
+          tile, z, r, bulk, cols, g, lse_hi, lse_lo, ref_lse_hi, ref_lse_lo, c_hi, c_lo, kl, g_y,
+          g_e, sum_pz_hi, sum_pz_lo);
+      if (y >= 0) z[y] += target_grad;
     }
   }
 };
@@ -405,12 +481,14 @@ struct BackwardKernel {
 // The tiles of the fused passes for one tile of the stream (see streaming.h). Both biases are set
 // when either head has one (make_head gives the other zeros), else both nullptr.
 template <typename T>
-KlTile<T> row_tile(const Problem<T, 2>& p, const TileSet<T, 2>& tiles) {
+KlTile<T> row_tile(const Problem<T, 2>& p, const TileSet<T, 2>& tiles, const int64_t* targets) {
   return {tiles.logits[kPolicy],
           tiles.logits[kRef],
           p.bias(kPolicy, tiles.v0),
           p.bias(kRef, tiles.v0),
+          targets != nullptr ? targets + tiles.n0 : nullptr,
           tiles.cols,
+          tiles.v0,
           p.inv_t,
           p.inv_cap,
           p.cap_over_t};
@@ -460,14 +538,31 @@ void check_inputs(const char* fn, const at::Tensor& hidden, const at::Tensor& we
   check_logit_options(fn, temperature, softcap);
 }
 
+// The policy's targets: [N] int64, each in [0, V) or ignore_index.
+void check_targets(const char* fn, const at::Tensor& targets, int64_t n, int64_t vocab,
+                   int64_t ignore_index) {
+  check_cpu_contiguous(fn, "targets [N]", targets, 1);
+  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, fn, ": targets must be int64, got ",
+                   targets.scalar_type());
+  TORCH_CHECK_VALUE(targets.size(0) == n, fn, ": targets must have shape [N] = [", n, "], got ",
+                    targets.sizes());
+  const int64_t* y = targets.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(y[i] == ignore_index || (y[i] >= 0 && y[i] < vocab), fn,
+                      ": targets must lie in [0, V) = [0, ", vocab, ") or equal ignore_index (",
+                      ignore_index, "); found ", y[i], " at position ", i);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
 
 // n rows of empty state in `storage` (kStateArrays·n doubles).
-KlState empty_state(double* storage, int64_t n) {
+KlState empty_state(double* storage, int64_t n, double* z_target) {
   KlState st{storage,         storage + n,     storage + 2 * n, storage + 3 * n,
-             storage + 4 * n, storage + 5 * n, storage + 6 * n};
+             storage + 4 * n, storage + 5 * n, storage + 6 * n, storage + 7 * n,
+             z_target};
   std::fill(st.max_z, st.max_z + n, -std::numeric_limits<double>::infinity());
   std::fill(st.rest_z, st.rest_z + n, -1.0);
   std::fill(st.max_r, st.max_r + n, -std::numeric_limits<double>::infinity());
@@ -475,14 +570,16 @@ KlState empty_state(double* storage, int64_t n) {
   std::fill(st.center, st.center + n, 0.0);
   std::fill(st.csum, st.csum + n, 0.0);
   std::fill(st.diff, st.diff + n, 0.0);
+  std::fill(st.ent, st.ent + n, 0.0);
   return st;
 }
 
-// The op's side of stream_forward: a KlState per slot.
+// The op's side of stream_forward: a KlState per slot (z_target shared, see KlState).
 template <typename T>
 struct ForwardOp {
   using State = KlState;
   const Problem<T, 2>& p;
+  const int64_t* targets;           // nullptr: not scored
   std::vector<KlState> slot_state;  // [0]: the output
   std::vector<double> extra;        // the storage of slots 1, 2, ...
 
@@ -493,7 +590,8 @@ struct ForwardOp {
     extra.resize(static_cast<size_t>((slots - 1) * kStateArrays * n));
     slot_state.resize(static_cast<size_t>(slots));
     for (int64_t slot = 1; slot < slots; ++slot) {
-      slot_state[slot] = empty_state(extra.data() + (slot - 1) * kStateArrays * n, n);
+      slot_state[slot] = empty_state(extra.data() + (slot - 1) * kStateArrays * n, n,
+                                     slot_state[0].z_target);
     }
   }
 
@@ -501,12 +599,12 @@ struct ForwardOp {
     const KlState& st = slot_state[slot];
     merge_row(slot_state[0], i,
               {st.max_z[i], st.rest_z[i], st.max_r[i], st.rest_r[i], st.center[i], st.csum[i],
-               st.diff[i]});
+               st.diff[i], st.ent[i]});
   }
 
   void rows(const TileSet<T, 2>& tiles, const State& st, int64_t r0, int64_t r1) const {
-    const KlTile<T> tile = row_tile(p, tiles);
-    const Switches<2> on{tile.bias != nullptr, p.has_softcap};
+    const KlTile<T> tile = row_tile(p, tiles, targets);
+    const Switches<3> on{tile.bias != nullptr, p.has_softcap, targets != nullptr};
     run_rows<ForwardKernel, T>(p.isa, on, tile, shifted(st, tiles.n0), r0, r1);
   }
 };
@@ -518,18 +616,33 @@ std::vector<at::Tensor> linear_kl_forward(const at::Tensor& hidden, const at::Te
                                           const at::Tensor& ref_hidden,
                                           const at::Tensor& ref_weight,
                                           const c10::optional<at::Tensor>& ref_bias,
-                                          double temperature, double softcap) {
+                                          double temperature, double softcap,
+                                          const c10::optional<at::Tensor>& targets,
+                                          int64_t ignore_index) {
   constexpr const char* fn = "linear_kl_forward";
   check_inputs(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, softcap);
-  at::NoGradGuard no_grad;
   const int64_t n = hidden.size(0);
+  const bool scored = has_tensor(targets);
+  if (scored) check_targets(fn, *targets, n, weight.size(0), ignore_index);
+  at::NoGradGuard no_grad;
   const auto stat_opts = hidden.options().dtype(at::kDouble);
   at::Tensor kl = at::zeros({n}, stat_opts), lse = at::zeros({n}, stat_opts),
              ref_lse = at::zeros({n}, stat_opts);
-  if (n == 0) {
-    return {kl, lse, ref_lse};
-  }
   const at::ScalarType dtype = compute_dtype(hidden.scalar_type());
+  // With targets: logp and entropy in the compute dtype, Σ p z in float64 (for backward).
+  at::Tensor logp, entropy, sum_pz;
+  if (scored) {
+    logp = at::zeros({n}, hidden.options().dtype(dtype));
+    entropy = at::zeros({n}, hidden.options().dtype(dtype));
+    sum_pz = at::zeros({n}, stat_opts);
+  }
+  const auto outputs = [&]() -> std::vector<at::Tensor> {
+    if (!scored) return {kl, lse, ref_lse};
+    return {kl, lse, ref_lse, logp, entropy, sum_pz};
+  };
+  if (n == 0) {
+    return outputs();
+  }
   // detach: worker threads run with autograd on (grad mode is thread-local), and out= products
   // refuse inputs that require grad.
   const at::Tensor h = hidden.detach().to(dtype).contiguous();
@@ -541,14 +654,19 @@ std::vector<at::Tensor> linear_kl_forward(const at::Tensor& hidden, const at::Te
   AT_DISPATCH_FLOATING_TYPES(dtype, fn, [&] {
     using T = scalar_t;
     std::vector<double> storage(static_cast<size_t>(kStateArrays * n));
-    const KlState state = empty_state(storage.data(), n);
+    std::vector<double> z_target(static_cast<size_t>(scored ? n : 0), 0.0);
+    const KlState state = empty_state(storage.data(), n, scored ? z_target.data() : nullptr);
     const Problem<T, 2> problem(heads, temperature, softcap);
-    ForwardOp<T> op{problem, {state}, {}};
+    const int64_t* target_ids = scored ? targets->data_ptr<int64_t>() : nullptr;
+    ForwardOp<T> op{problem, target_ids, {state}, {}};
     stream_forward(problem, op);
 
     double* kl_out = kl.data_ptr<double>();
     double* lse_out = lse.data_ptr<double>();
     double* ref_lse_out = ref_lse.data_ptr<double>();
+    T* logp_out = scored ? logp.data_ptr<T>() : nullptr;
+    T* entropy_out = scored ? entropy.data_ptr<T>() : nullptr;
+    double* sum_pz_out = scored ? sum_pz.data_ptr<double>() : nullptr;
     at::parallel_for(0, n, kRowGrain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const double s_z = 1.0 + state.rest_z[i];
@@ -568,10 +686,20 @@ std::vector<at::Tensor> linear_kl_forward(const at::Tensor& hidden, const at::Te
         // to float64 rounding (see KlRows): two independently rounded lse would be off by ~1e-7
         // (far more where log q of the dominant token is large) and bias every gradient.
         ref_lse_out[i] = (lse_z + value) - sum_pd;
+        if (scored) {  // as linear_logprobs_forward, with the statistics in float64 already
+          const bool valid = target_ids[i] != ignore_index;
+          const double mean_dz = state.ent[i] / s_z;  // Σ p (z − m_z)
+          sum_pz_out[i] = state.max_z[i] + mean_dz;
+          // z_y − lse ≤ 0 exactly; rounding must not make a probability exceed 1 (NaN stays).
+          logp_out[i] =
+              valid ? static_cast<T>(std::min((z_target[i] - state.max_z[i]) - log_s_z, 0.0))
+                    : T(0);
+          entropy_out[i] = valid ? static_cast<T>(log_s_z - mean_dz) : T(0);
+        }
       }
     });
   });
-  return {kl, lse, ref_lse};
+  return outputs();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -584,7 +712,9 @@ std::vector<at::Tensor> linear_kl_backward(
     const at::Tensor& ref_weight, const c10::optional<at::Tensor>& ref_bias, const at::Tensor& kl,
     const at::Tensor& lse, const at::Tensor& ref_lse, double temperature, double softcap,
     bool compute_dhidden, bool compute_dweight, bool compute_dbias, bool compute_dref_hidden,
-    bool compute_dref_weight, bool compute_dref_bias) {
+    bool compute_dref_weight, bool compute_dref_bias, const c10::optional<at::Tensor>& grad_logp,
+    const c10::optional<at::Tensor>& grad_entropy, const c10::optional<at::Tensor>& targets,
+    const c10::optional<at::Tensor>& sum_pz, int64_t ignore_index) {
   constexpr const char* fn = "linear_kl_backward";
   check_inputs(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, softcap);
   const int64_t n = hidden.size(0), vocab = weight.size(0);
@@ -593,6 +723,16 @@ std::vector<at::Tensor> linear_kl_backward(
   check_row_stat(fn, "kl", kl, n, at::kDouble);
   check_row_stat(fn, "lse", lse, n, at::kDouble);
   check_row_stat(fn, "ref_lse", ref_lse, n, at::kDouble);
+  const bool has_targets = has_tensor(targets);
+  const bool has_grad_entropy = has_targets && has_tensor(grad_entropy);
+  if (has_targets) {
+    check_targets(fn, *targets, n, vocab, ignore_index);
+    TORCH_CHECK_VALUE(has_tensor(grad_logp) && has_tensor(sum_pz), fn,
+                      ": targets need grad_logp and sum_pz");
+    check_row_stat(fn, "grad_logp", *grad_logp, n, dtype);
+    check_row_stat(fn, "sum_pz", *sum_pz, n, at::kDouble);
+    if (has_grad_entropy) check_row_stat(fn, "grad_entropy", *grad_entropy, n, dtype);
+  }
   TORCH_CHECK_VALUE(!compute_dbias || has_tensor(bias), fn, ": compute_dbias needs a bias");
   TORCH_CHECK_VALUE(!compute_dref_bias || has_tensor(ref_bias), fn,
                     ": compute_dref_bias needs a ref_bias");
@@ -600,11 +740,21 @@ std::vector<at::Tensor> linear_kl_backward(
 
   const bool need_policy = compute_dhidden || compute_dweight || compute_dbias;
   const bool need_ref = compute_dref_hidden || compute_dref_weight || compute_dref_bias;
-  // Rows whose upstream gradient is not 0 (NaN counts as not 0, so that it propagates).
+  // Rows with an upstream gradient that is not 0 (NaN counts as not 0, so that it propagates).
+  // The logp and entropy terms reach the policy head only.
+  const bool scored = has_targets && need_policy;
   RowSelection sel;
   AT_DISPATCH_FLOATING_TYPES(dtype, fn, [&] {
     const scalar_t* g = grad_kl.data_ptr<scalar_t>();
-    sel = select_rows(n, grad_kl.options(), [&](int64_t i) { return g[i] != scalar_t(0); });
+    const scalar_t* g_y = scored ? grad_logp->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* g_e = scored && has_grad_entropy ? grad_entropy->data_ptr<scalar_t>()
+                                                     : nullptr;
+    const int64_t* y = scored ? targets->data_ptr<int64_t>() : nullptr;
+    sel = select_rows(n, grad_kl.options(), [&](int64_t i) {
+      const bool scored_row = y != nullptr && y[i] != ignore_index;
+      return g[i] != scalar_t(0) ||
+             (scored_row && (g_y[i] != scalar_t(0) || (g_e != nullptr && g_e[i] != scalar_t(0))));
+    });
   });
   if (sel.count == 0 || !(need_policy || need_ref)) {
     return {zeros_if(compute_dhidden, hidden),         zeros_if(compute_dweight, weight),
@@ -623,6 +773,15 @@ std::vector<at::Tensor> linear_kl_backward(
   // C = lse_z − lse_r + KL = Σ p (z − r): 0 exactly for identical heads.
   const auto [c_hi, c_lo] = split_hi_lo((lse_kept - ref_lse_kept) + kl_kept, dtype);
   const at::Tensor kl_t = kl_kept.to(dtype).contiguous();
+  at::Tensor kept_targets, g_y, g_e, sum_pz_hi, sum_pz_lo;
+  if (scored) {
+    kept_targets = kept_rows(*targets, sel, at::kLong);
+    // logp and entropy are 0 on rows whose target is ignored: no gradient flows from them.
+    const at::Tensor ignored = kept_targets == ignore_index;
+    g_y = kept_rows(*grad_logp, sel, dtype).masked_fill(ignored, 0);
+    if (has_grad_entropy) g_e = kept_rows(*grad_entropy, sel, dtype).masked_fill(ignored, 0);
+    std::tie(sum_pz_hi, sum_pz_lo) = split_hi_lo(kept_rows(*sum_pz, sel, at::kDouble), dtype);
+  }
 
   const auto opts = h.options();
   Gradients<2> grads;
@@ -643,14 +802,21 @@ std::vector<at::Tensor> linear_kl_backward(
 
   AT_DISPATCH_FLOATING_TYPES(dtype, fn, [&] {
     using T = scalar_t;
+    const auto data_or_null = [](const at::Tensor& t) -> const T* {
+      return t.defined() ? t.data_ptr<T>() : nullptr;
+    };
     const KlRows<T> in{g.data_ptr<T>(),          lse_hi.data_ptr<T>(),
                        lse_lo.data_ptr<T>(),     ref_lse_hi.data_ptr<T>(),
                        ref_lse_lo.data_ptr<T>(), c_hi.data_ptr<T>(),
-                       c_lo.data_ptr<T>(),       kl_t.data_ptr<T>()};
+                       c_lo.data_ptr<T>(),       kl_t.data_ptr<T>(),
+                       data_or_null(g_y),        data_or_null(g_e),
+                       data_or_null(sum_pz_hi),  data_or_null(sum_pz_lo)};
     const Problem<T, 2> problem(heads, temperature, softcap);
+    const int64_t* target_ids = scored ? kept_targets.data_ptr<int64_t>() : nullptr;
     stream_backward(problem, grads, [&](const TileSet<T, 2>& tiles, int64_t r0, int64_t r1) {
-      const KlTile<T> tile = row_tile(problem, tiles);
-      const Switches<4> on{tile.bias != nullptr, problem.has_softcap, need_policy, need_ref};
+      const KlTile<T> tile = row_tile(problem, tiles, target_ids);
+      const Switches<5> on{tile.bias != nullptr, problem.has_softcap, need_policy, need_ref,
+                           scored};
       run_rows<BackwardKernel, T>(problem.isa, on, tile, shifted(in, tiles.n0), r0, r1);
     });
   });

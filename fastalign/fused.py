@@ -49,7 +49,11 @@ from fastalign.losses.ppo import check_clip, ppo_policy_loss, ppo_value_loss
 from fastalign.ops._backends import IMPLEMENTATIONS
 from fastalign.ops._checks import check_head, check_per_token, check_positive
 from fastalign.ops.linear_kl import linear_kl
-from fastalign.ops.sequence import SequenceLogprobs, sequence_logprobs_from_labels
+from fastalign.ops.sequence import (
+    SequenceLogprobs,
+    next_token_targets,
+    sequence_logprobs_from_labels,
+)
 
 Metrics = dict[str, torch.Tensor]
 
@@ -314,7 +318,9 @@ class FusedPPOLoss(_FusedSequenceLoss):
     The KL to the reference is either a sampled estimate at the taken tokens (``kl_estimator``
     "k1", "k2", "k3" or "abs", from ``ref_logps``) or, with ``kl_estimator="exact"``, the exact
     KL(π‖π_ref) over the whole vocabulary at every response position, streamed from
-    ``ref_hidden`` and ``ref_weight`` by ``fastalign.linear_kl`` (no logits of either head).
+    ``ref_hidden`` and ``ref_weight`` by ``fastalign.linear_kl`` (no logits of either head). That
+    one pass over the two heads gives the policy's log-probs and entropies too: the policy head
+    is streamed once, not once for the log-probs and again for the KL.
 
     Inputs: ``hidden`` [B, T, H], ``labels`` [B, T] (response token ids, ``ignore_index``
     elsewhere), ``old_logps`` [B, T − 1] (rollout log-probs), ``advantages`` [B, T − 1] or [B];
@@ -347,10 +353,16 @@ class FusedPPOLoss(_FusedSequenceLoss):
                 returns=None) -> tuple[torch.Tensor, Metrics]:
         options = self.options
         variant = options.variant
-        policy = self.sequence_logprobs(
-            hidden, weight, labels, bias,
-            return_entropy=options.ent_coef > 0 or variant.top_entropy_quantile < 1)
-        logps, mask = policy.token_logps, policy.token_mask
+        return_entropy = options.ent_coef > 0 or variant.top_entropy_quantile < 1
+        exact_kl = None
+        if options.kl_estimator == "exact" and ref_hidden is not None and ref_weight is not None:
+            logps, mask, token_entropy, exact_kl = self._logprobs_and_exact_kl(
+                hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, return_entropy)
+        else:
+            policy = self.sequence_logprobs(hidden, weight, labels, bias,
+                                            return_entropy=return_entropy)
+            logps, mask, token_entropy = (policy.token_logps, policy.token_mask,
+                                          policy.token_entropy)
         if isinstance(advantages, torch.Tensor) and advantages.dim() == 1:
             if advantages.shape[0] != logps.shape[0]:
                 raise ValueError(f"advantages must be [B, T - 1] = {tuple(logps.shape)} or one "
@@ -373,7 +385,7 @@ class FusedPPOLoss(_FusedSequenceLoss):
                 zero_outside(logps.to(dtype), mask),
                 zero_outside(old_logps.detach().to(dtype), mask),
                 zero_outside(advantages.detach().to(dtype), mask), mask, clip_low=low,
-                clip_high=high, variant=variant, entropies=policy.token_entropy)
+                clip_high=high, variant=variant, entropies=token_entropy)
             loss = aggregate_policy_loss(terms.per_token, mask, options.aggregation)
             metrics, entropy_mask, ratio = dict(terms.metrics), terms.entropy_mask, terms.ratio
             # The names PPO's surrogate logs, so that a trainer's metrics do not depend on it.
@@ -381,8 +393,7 @@ class FusedPPOLoss(_FusedSequenceLoss):
             metrics["policy/approx_kl"] = 0.5 * masked_mean(log_ratio ** 2, mask)
             metrics["policy/ratio_mean"] = metrics.pop("ratio_mean")
         metrics["loss/policy"] = loss.detach()
-        kl = self._kl(hidden, weight, bias, logps, mask, ref_logps, ref_hidden, ref_weight,
-                      ref_bias)
+        kl = exact_kl if exact_kl is not None else self._kl(logps, ref_logps)
         if kl is not None:
             metrics["kl"] = masked_mean(kl.detach(), mask)
             if options.kl_coef > 0:
@@ -400,31 +411,41 @@ class FusedPPOLoss(_FusedSequenceLoss):
             metrics.update(value_metrics)
             metrics["loss/value"] = value_loss.detach()
             loss = loss + options.vf_coef * value_loss
-        if policy.token_entropy is not None:
-            metrics["entropy"] = masked_mean(policy.token_entropy.detach(), mask)
+        if token_entropy is not None:
+            metrics["entropy"] = masked_mean(token_entropy.detach(), mask)
             if options.ent_coef > 0:  # over the tokens the policy loss uses, as TRL
-                loss = loss - options.ent_coef * masked_mean(policy.token_entropy, entropy_mask)
+                loss = loss - options.ent_coef * masked_mean(token_entropy, entropy_mask)
         metrics["loss/total"] = loss.detach()
         return loss, metrics
 
-    def _kl(self, hidden, weight, bias, logps, mask, ref_logps, ref_hidden, ref_weight,
-            ref_bias) -> torch.Tensor | None:
-        """Per-token KL to the reference, [B, T − 1], or None when no reference was given."""
+    def _logprobs_and_exact_kl(self, hidden, weight, bias, labels, ref_hidden, ref_weight,
+                               ref_bias, return_entropy):
+        """Per-token (logps, mask, entropy or None, exact KL), [B, T − 1] each, from one
+        ``linear_kl`` pass over the policy and reference heads (the same values as
+        ``sequence_logprobs_from_labels`` followed by ``linear_kl``)."""
+        # Position t of the hidden states predicts token t + 1: the last one predicts nothing.
+        targets = next_token_targets(labels, ignore_index=self.ignore_index)
+        check_head("", hidden, weight, bias)
+        if hidden.dim() != 3 or labels.dim() != 2:
+            raise ValueError(f"FusedPPOLoss: hidden must be [B, T, H] and labels [B, T], got "
+                             f"{tuple(hidden.shape)} and {tuple(labels.shape)}")
+        positions = targets != self.ignore_index
+        kl, logps, *entropy = linear_kl(
+            hidden, weight, ref_hidden.detach(), ref_weight.detach(), mask=positions, bias=bias,
+            ref_bias=None if ref_bias is None else ref_bias.detach(),
+            temperature=self.temperature, softcap=self.softcap, impl=self.impl,
+            targets=targets, ignore_index=self.ignore_index, return_entropy=return_entropy)
+        entropy = entropy[0][:, :-1] if entropy else None
+        return logps[:, :-1], positions[:, :-1], entropy, kl[:, :-1]
+
+    def _kl(self, logps, ref_logps) -> torch.Tensor | None:
+        """Per-token sampled KL estimate, [B, T − 1], or None when no reference was given."""
         options = self.options
-        if options.kl_estimator == "exact":
-            if ref_hidden is None or ref_weight is None:
-                if options.kl_coef > 0:
-                    raise ValueError("FusedPPOLoss: kl_estimator='exact' needs ref_hidden "
-                                     "[B, T, H_ref] and ref_weight [V, H_ref]")
-                return None
-            # Position t of the hidden states predicts token t + 1: the last one predicts nothing.
-            positions = torch.zeros(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
-            positions[:, :-1] = mask
-            kl = linear_kl(hidden, weight, ref_hidden.detach(), ref_weight.detach(),
-                           mask=positions, bias=bias,
-                           ref_bias=None if ref_bias is None else ref_bias.detach(),
-                           temperature=self.temperature, softcap=self.softcap, impl=self.impl)
-            return kl[:, :-1]
+        if options.kl_estimator == "exact":  # without a reference head (else the one pass)
+            if options.kl_coef > 0:
+                raise ValueError("FusedPPOLoss: kl_estimator='exact' needs ref_hidden "
+                                 "[B, T, H_ref] and ref_weight [V, H_ref]")
+            return None
         if ref_logps is None:
             if options.kl_coef > 0:
                 raise ValueError("FusedPPOLoss: kl_coef > 0 needs ref_logps [B, T − 1] (or "

@@ -2,9 +2,10 @@
 
 Each op's kernels live in their own module; what both ops compute the same way lives here, once:
 the logit tile of one LM head (``raw_logits``, ``scaled_logits``), the running softmax statistics
-(``tile_stats``, ``merge_stats``, ``log1p``), the float64 → float32-pair split of saved
-statistics (``split_f64``), the head gradients (``accumulate_head_grads``) and the order of the
-tiles in the grids (``split_tile`` forward, ``grouped_tile`` backward). The derivations behind the
+(``tile_stats``, ``merge_stats``, ``log1p``) and the log-prob and entropy made from them
+(``logp_and_entropy``), the float64 → float32-pair split of saved statistics (``split_f64``),
+the head gradients (``accumulate_head_grads``) and the order of the tiles in the grids
+(``split_tile`` forward, ``grouped_tile`` backward). The derivations behind the
 statistics are in the docstring of ``linear_logprobs`` and ``docs/ALGORITHMS.md`` §1.
 
 Pure ``@triton.jit`` functions: no launch logic, no configs (those are in ``_launch``).
@@ -164,6 +165,22 @@ def tile_stats(z):
     # r = Σ e^{z−m} − 1 without the cancellation: the maxima contribute exactly 1 each.
     r = tl.sum(tl.where(is_max, 0.0, e), axis=1) + (tl.sum(is_max.to(tl.float32), axis=1) - 1.0)
     return m, z_rel, e, r
+
+
+@triton.jit
+def logp_and_entropy(m, r, t, z_target, valid):
+    """Per row, from the merged statistics (m, r, t) (see merge_stats) and the target logit:
+    (logp, entropy), 0 where not ``valid``, and log s and Σ p·(z − m), from which the caller
+    builds lse = m + log s and Σ p·z in float64."""
+    log_s = log1p(r)
+    mean_rel = t / (1.0 + r)                          # Σ p·(z − m)
+    # z_y − lse = (z_y − m) − log s: exact near 0. It can still round a hair above 0 when one
+    # logit dominates; a log-probability cannot.
+    # propagate_nan: a NaN input must give NaN, not log-prob 0 (minimum would drop the NaN).
+    logp = tl.where(valid, tl.minimum((z_target - m) - log_s, 0.0,
+                                      propagate_nan=tl.PropagateNan.ALL), 0.0)
+    entropy = tl.where(valid, log_s - mean_rel, 0.0)
+    return logp, entropy, log_s, mean_rel
 
 
 @triton.jit

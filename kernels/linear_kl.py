@@ -41,6 +41,13 @@ pairs hi + lo as in ``linear_logprobs``: z − lse nearly cancels for a dominant
 matrix products make dh and dW; with ``FASTALIGN_TRITON_BACKWARD=atomic`` the kernel adds them
 with float32 atomics. The work of a head whose gradients are not requested is compiled out (the
 reference head normally has none); its logits are still needed for p or q.
+
+With the policy's targets (HAS_TARGETS; PPO with the exact KL), the same pass also gives the
+policy's log-prob of each target and its entropy, as ``linear_logprobs`` would: the forward adds
+the target logit (gathered in its tile) and t_z = Σ e^{z−m}·(z − m) to the policy's statistics,
+the merge writes logp = (z_y − m) − log s, entropy = log s − t_z/s and Σ p·z = m + t_z/s
+(float64), and the backward adds the log-prob's and the entropy's terms to ∂L/∂z (derivation
+next to the code): one stream over each head instead of two over the policy's.
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ from fastalign.kernels._tile import (
     empty_stats,
     grouped_tile,
     log1p,
+    logp_and_entropy,
+    merge_stats,
     scaled_logits,
     split_f64,
     split_range,
@@ -85,10 +94,18 @@ def _two_diff(a, b):
 
 
 @triton.jit
-def _tile_kl_stats(z, z_ref, v_mask, EVEN_V: tl.constexpr):
+def _tile_kl_stats(z, z_ref, v_mask, EVEN_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     """The statistics (m, r, y, t) of one tile (see _merge_kl_stats): z [BLOCK_N, BLOCK_V] is −inf
-    on padding columns, z_ref finite everywhere."""
+    on padding columns, z_ref finite everywhere; and, WITH_ENTROPY, the policy's own
+    t_z = Σ e^{z−m}·(z − m) (``_tile.merge_stats``'s t; else 0)."""
     m, z_rel, e, r = tile_stats(z)
+    if WITH_ENTROPY:
+        if EVEN_V:
+            t_z = tl.sum(e * z_rel, axis=1)
+        else:
+            t_z = tl.sum(e * tl.where(v_mask[None, :], z_rel, 0.0), axis=1)  # not 0·(−inf)
+    else:
+        t_z = tl.zeros_like(m)
     # The anchor y: z' at the maximum of z (the largest such z' if several columns tie).
     y = tl.max(tl.where(z == m[:, None], z_ref, float("-inf")), axis=1)
     # (z − m) − (z' − y): both differences are exact near the anchor, and 0 at it (up to a
@@ -96,7 +113,7 @@ def _tile_kl_stats(z, z_ref, v_mask, EVEN_V: tl.constexpr):
     u = z_rel - (z_ref - y[:, None])
     if not EVEN_V:
         u = tl.where(v_mask[None, :], u, 0.0)       # −inf on padding: 0·(−inf) would be nan
-    return m, r, y, tl.sum(e * u, axis=1)
+    return m, r, y, tl.sum(e * u, axis=1), t_z
 
 
 @triton.jit
@@ -135,6 +152,7 @@ def _merge_kl_stats(m1, r1, y1, t1, m2, r2, y2, t2):
 
 @triton.heuristics(_launch.head_heuristics(
     HAS_REF_BIAS=lambda args: args["ref_b_ptr"] is not None,
+    HAS_TARGETS=lambda args: args["targets_ptr"] is not None,
     EVEN_H_REF=lambda args: args["H_REF"] % args["BLOCK_H"] == 0,
 ))
 @triton.jit
@@ -142,16 +160,19 @@ def _forward_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr,               # policy: hidden [N, H], weight [V, H], bias [V] or None
     ref_h_ptr, ref_w_ptr, ref_b_ptr,   # reference: [N, H_REF], [V, H_REF], [V] or None
-    part_ptr,                          # float32 [6, NUM_SPLITS, N]: m, r, y, t, m', r' a split
+    targets_ptr,                       # the policy's targets, int64 [N], or None
+    part_ptr,                          # float32 [6 (8), NUM_SPLITS, N]: m, r, y, t, m', r'
+                                       # (and with targets z_target, t_z) a split
     # shapes
     N, V, H, H_REF, V_PER_SPLIT, N_BUCKET,  # N_BUCKET (N rounded to a power of 2) keys autotuning
     # strides (the last dimension of every hidden and weight is contiguous)
     stride_hn, stride_wv, stride_ref_hn, stride_ref_wv,
     # scalars
-    inv_temperature, softcap,
+    inv_temperature, softcap, ignore_index,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
     EVEN_H: tl.constexpr, EVEN_H_REF: tl.constexpr, EVEN_V: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
@@ -159,6 +180,10 @@ def _forward_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    if HAS_TARGETS:
+        targets = tl.load(targets_ptr + offs_n, mask=n_mask, other=ignore_index)
+    z_target = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t_z = tl.zeros([BLOCK_N], dtype=tl.float32)
     # Running statistics, "nothing yet" = (−inf, −1, 0, 0); see _merge_kl_stats. The reference
     # side goes through the same merge (so that identical heads give identical bits), without
     # y and t.
@@ -179,15 +204,20 @@ def _forward_kernel(
                                  H_REF, stride_ref_hn, stride_ref_wv, inv_temperature, softcap,
                                  BLOCK_N, BLOCK_V, BLOCK_H, HAS_REF_BIAS, HAS_SOFTCAP,
                                  EVEN_H_REF, DOT_IN_FP32)
+        if HAS_TARGETS:  # no padding column matches a target
+            z_target += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
         # Every tile has a real column, so the tile maxima are finite.
         if EVEN_V:
-            m_tile, r_tile, y_tile, t_tile = _tile_kl_stats(z, z_ref, v_mask, EVEN_V)
+            m_tile, r_tile, y_tile, t_tile, t_z_tile = _tile_kl_stats(z, z_ref, v_mask, EVEN_V,
+                                                                      HAS_TARGETS)
             m_ref_tile, _, _, r_ref_tile = tile_stats(z_ref)
         else:  # padding columns are −inf (e^{z−m} = 0), never 0
-            m_tile, r_tile, y_tile, t_tile = _tile_kl_stats(
-                tl.where(v_mask[None, :], z, float("-inf")), z_ref, v_mask, EVEN_V)
+            m_tile, r_tile, y_tile, t_tile, t_z_tile = _tile_kl_stats(
+                tl.where(v_mask[None, :], z, float("-inf")), z_ref, v_mask, EVEN_V, HAS_TARGETS)
             m_ref_tile, _, _, r_ref_tile = tile_stats(
                 tl.where(v_mask[None, :], z_ref, float("-inf")))
+        if HAS_TARGETS:  # before (m, r) move on: the same rescaling as the KL's statistics
+            _, _, t_z = merge_stats(m, r, t_z, m_tile, r_tile, t_z_tile)
         m, r, y, t = _merge_kl_stats(m, r, y, t, m_tile, r_tile, y_tile, t_tile)
         m_ref, r_ref, _, _ = _merge_kl_stats(m_ref, r_ref, zero, zero, m_ref_tile, r_ref_tile,
                                              zero, zero)
@@ -200,17 +230,24 @@ def _forward_kernel(
     tl.store(out + 3 * split_stride, t, mask=n_mask)
     tl.store(out + 4 * split_stride, m_ref, mask=n_mask)
     tl.store(out + 5 * split_stride, r_ref, mask=n_mask)
+    if HAS_TARGETS:
+        tl.store(out + 6 * split_stride, z_target, mask=n_mask)
+        tl.store(out + 7 * split_stride, t_z, mask=n_mask)
 
 
 @triton.jit
 def _forward_merge_kernel(
     # pointers
-    part_ptr,                          # float32 [6, NUM_SPLITS, N] from _forward_kernel
+    part_ptr,                          # float32 [6 (8), NUM_SPLITS, N] from _forward_kernel
     kl_ptr, lse_ptr, ref_lse_ptr,      # outputs, float64 [N]
+    targets_ptr,                       # int64 [N] (HAS_TARGETS) or None, and outputs then:
+    logp_ptr, entropy_ptr, sum_pz_ptr,  # float32, float32, float64 [N]
     # shapes
     N, NUM_SPLITS,
+    # scalars
+    ignore_index,
     # meta-parameters
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_TARGETS: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -218,6 +255,8 @@ def _forward_merge_kernel(
     y = tl.zeros([BLOCK], dtype=tl.float32)
     m_ref, r_ref, _ = empty_stats(BLOCK)
     zero = tl.zeros([BLOCK], dtype=tl.float32)
+    z_target = tl.zeros([BLOCK], dtype=tl.float32)
+    t_z = tl.zeros([BLOCK], dtype=tl.float32)
     split_stride = NUM_SPLITS * N
     for i in range(0, NUM_SPLITS):  # every split holds a real column: its statistics are finite
         ptr = part_ptr + i * N + offs
@@ -227,6 +266,10 @@ def _forward_merge_kernel(
         t_i = tl.load(ptr + 3 * split_stride, mask=mask, other=0.0)
         m_ref_i = tl.load(ptr + 4 * split_stride, mask=mask, other=0.0)
         r_ref_i = tl.load(ptr + 5 * split_stride, mask=mask, other=0.0)
+        if HAS_TARGETS:
+            z_target += tl.load(ptr + 6 * split_stride, mask=mask, other=0.0)  # one split has y
+            t_z_i = tl.load(ptr + 7 * split_stride, mask=mask, other=0.0)
+            _, _, t_z = merge_stats(m, r, t_z, m_i, r_i, t_z_i)
         m, r, y, t = _merge_kl_stats(m, r, y, t, m_i, r_i, y_i, t_i)
         m_ref, r_ref, _, _ = _merge_kl_stats(m_ref, r_ref, zero, zero, m_ref_i, r_ref_i,
                                              zero, zero)
@@ -243,6 +286,13 @@ def _forward_merge_kernel(
     tl.store(kl_ptr + offs, tl.where(kl < 0.0, 0.0, kl), mask=mask)
     tl.store(lse_ptr + offs, m64 + log_s, mask=mask)
     tl.store(ref_lse_ptr + offs, m_ref64 + log_s_ref, mask=mask)
+    if HAS_TARGETS:  # as linear_logprobs' merge; Σ p·z in float64, where backward subtracts it
+        targets = tl.load(targets_ptr + offs, mask=mask, other=ignore_index)
+        logp, entropy, _, mean_rel = logp_and_entropy(m, r, t_z, z_target,
+                                                      targets != ignore_index)
+        tl.store(logp_ptr + offs, logp, mask=mask)
+        tl.store(entropy_ptr + offs, entropy, mask=mask)
+        tl.store(sum_pz_ptr + offs, m64 + mean_rel.to(tl.float64), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,6 +314,8 @@ def _forward_merge_kernel(
                                   for name in (*_GRAD_BUFFERS, "dlogits_ptr")),
     COMPUTE_REF_GRAD=lambda args: any(args[name] is not None
                                       for name in (*_REF_GRAD_BUFFERS, "ref_dlogits_ptr")),
+    HAS_TARGETS=lambda args: args["targets_ptr"] is not None,
+    HAS_GRAD_ENTROPY=lambda args: args["grad_entropy_ptr"] is not None,
     EVEN_H_REF=lambda args: args["H_REF"] % args["BLOCK_H"] == 0,
 ))
 @triton.jit
@@ -273,6 +325,9 @@ def _backward_kernel(
     ref_h_ptr, ref_w_ptr, ref_b_ptr,   # reference: [N, H_REF], [V, H_REF], [V] or None
     kl_ptr, lse_ptr, ref_lse_ptr,      # saved by forward, float64 [N]
     grad_ptr,                          # upstream gradient of KL, float32 [N]
+    # with the policy's targets (int64 [N]; else all None): Σ p·z (float64 [N], from forward)
+    # and the upstream gradients of logp and entropy (float32 [N]; entropy's may be None)
+    targets_ptr, sum_pz_ptr, grad_logp_ptr, grad_entropy_ptr,
     # pointers: outputs, float32 accumulators zeroed by the launcher (None when not requested)
     dh_ptr, dw_ptr, db_ptr,            # policy: [N, H], [V, H], [V]
     ref_dh_ptr, ref_dw_ptr, ref_db_ptr,  # reference: [N, H_REF], [V, H_REF], [V]
@@ -284,10 +339,11 @@ def _backward_kernel(
     # strides (the last dimension of every [*, H] tensor is contiguous; gradients are compact)
     stride_hn, stride_wv, stride_ref_hn, stride_ref_wv, stride_dln,
     # scalars
-    inv_temperature, softcap,
+    inv_temperature, softcap, ignore_index,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_V: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     COMPUTE_REF_DH: tl.constexpr, COMPUTE_REF_DW: tl.constexpr, COMPUTE_REF_DB: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, COMPUTE_REF_GRAD: tl.constexpr, STORE_DLOGITS: tl.constexpr,
@@ -339,6 +395,22 @@ def _backward_kernel(
         c_lo = (c - c_hi.to(tl.float64)).to(tl.float32)
         x_hi, x_lo = _two_diff(z, z_ref)
         dz = g[:, None] * p * ((x_hi - c_hi[:, None]) + (x_lo - c_lo[:, None]))
+        if HAS_TARGETS:
+            # logp = z_y − lse and entropy = lse − Σ_v p_v z_v add, for their upstream
+            # gradients g_y and g_e, the terms of linear_logprobs' backward (ALGORITHMS.md §1):
+            #   ∂logp/∂z_u = 1[u = y] − p_u,
+            #   ∂ent/∂z_u = p_u − (p_u + Σ_v z_v·p_v·(1[u = v] − p_u)) = −p_u·(z_u − Σ_v p_v z_v),
+            # so that one tile gives ∂L/∂z = g·p·(x − c) + g_y·(1[u = y] − p) − g_e·p·(z − Σ p z).
+            # Rows whose target is ignored have g_y = g_e = 0 (logp and entropy are 0 there).
+            targets = tl.load(targets_ptr + offs_n, mask=n_mask, other=ignore_index)
+            scored = n_mask & (targets != ignore_index)
+            g_y = tl.load(grad_logp_ptr + offs_n, mask=scored, other=0.0)
+            dz += g_y[:, None] * (tl.where(offs_v[None, :] == targets[:, None], 1.0, 0.0) - p)
+            if HAS_GRAD_ENTROPY:
+                g_e = tl.load(grad_entropy_ptr + offs_n, mask=scored, other=0.0)
+                # z − Σ p·z cancels for a dominant token: Σ p·z as a float32 pair, as lse.
+                spz_hi, spz_lo = split_f64(sum_pz_ptr + offs_n, scored, 0.0)
+                dz -= g_e[:, None] * p * ((z - spz_hi[:, None]) - spz_lo[:, None])
         da = tl.where(tile_mask, dz * dz_da, 0.0)   # ∂z/∂a = (1/T)·(1 − tanh²(a/c)) or 1/T
     if COMPUTE_REF_GRAD:
         # ∂KL/∂z'_u = −p_u + ∂lse'/∂z'_u = q_u − p_u.
@@ -421,44 +493,58 @@ def linear_kl_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     ref_hidden: torch.Tensor, ref_weight: torch.Tensor, ref_bias: torch.Tensor | None,
     temperature: float, softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    targets: torch.Tensor | None = None, ignore_index: int = -100,
+) -> tuple[torch.Tensor, ...]:
     """(kl, lse, ref_lse), each float64 [N]: KL(p‖q) per token and both log-sum-exps.
 
     hidden [N, H] and weight [V, H] (with bias [V] or None) are the policy head, ref_hidden
     [N, H_ref] and ref_weight [V, H_ref] (with ref_bias) the reference head; one dtype among
     float32 / bfloat16 / float16 for all, contiguous, one device. ``softcap`` 0.0 means none.
     lse and ref_lse are what ``linear_kl_backward`` needs besides kl (module docstring).
+
+    With the policy's ``targets`` (int64 [N]; ``ignore_index`` where not scored), also logp and
+    entropy (float32 [N], 0 where ignored) and Σ p·z (float64 [N], for backward), from the same
+    pass: (kl, lse, ref_lse, logp, entropy, sum_pz).
     """
     _check_layout(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    if targets is not None:
+        _launch.check_layout("targets", targets, torch.int64, (hidden.shape[0],))
+        _launch.check_one_device(hidden, targets)
     hidden, weight, bias = _launch.kernel_head(hidden, weight, bias)
     ref_hidden, ref_weight, ref_bias = _launch.kernel_head(ref_hidden, ref_weight, ref_bias)
+    targets = _launch.aligned(targets)
     n_tokens, hidden_size = hidden.shape
     vocab_size, ref_hidden_size = ref_weight.shape
     device = hidden.device
-    kl, lse, ref_lse = (torch.empty(n_tokens, dtype=torch.float64, device=device)
-                        for _ in range(3))
+    outputs = [torch.empty(n_tokens, dtype=torch.float64, device=device) for _ in range(3)]
+    if targets is not None:  # logp, entropy, sum_pz
+        outputs += [torch.empty(n_tokens, dtype=dtype, device=device)
+                    for dtype in (torch.float32, torch.float32, torch.float64)]
     if n_tokens == 0:
-        return kl, lse, ref_lse
+        return tuple(outputs)
 
     nominal_n_tiles = triton.cdiv(n_tokens, _default_config("forward", hidden.dtype,
                                                             n_tokens).kwargs["BLOCK_N"])
     v_per_split, num_splits = _launch.vocab_splits(vocab_size, nominal_n_tiles, device)
-    partials = torch.empty((6, num_splits, n_tokens), dtype=torch.float32, device=device)
+    partials = torch.empty((6 if targets is None else 8, num_splits, n_tokens),
+                           dtype=torch.float32, device=device)
 
-    args = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, partials,
+    args = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, partials,
             n_tokens, vocab_size, hidden_size, ref_hidden_size, v_per_split,
             _launch.n_bucket(n_tokens),
             hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
-            1.0 / float(temperature), float(softcap))
+            1.0 / float(temperature), float(softcap), int(ignore_index))
     with _launch.device_guard(device):
         _launch.run_kernel("forward", _forward_kernel, _forward_kernel_tuned,
                            lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * num_splits,),
                            args, hidden.dtype, n_tokens, _default_config)
         merge_block = 1024
+        scored = outputs[3:] if targets is not None else (None, None, None)
         _forward_merge_kernel[(triton.cdiv(n_tokens, merge_block),)](
-            partials, kl, lse, ref_lse, n_tokens, num_splits, BLOCK=merge_block, num_warps=4,
+            partials, *outputs[:3], targets, *scored, n_tokens, num_splits, int(ignore_index),
+            BLOCK=merge_block, HAS_TARGETS=targets is not None, num_warps=4,
         )
-    return kl, lse, ref_lse
+    return tuple(outputs)
 
 
 def linear_kl_backward(
@@ -469,39 +555,53 @@ def linear_kl_backward(
     temperature: float, softcap: float,
     compute_dhidden: bool, compute_dweight: bool, compute_dbias: bool,
     compute_dref_hidden: bool, compute_dref_weight: bool, compute_dref_bias: bool,
+    grad_logp: torch.Tensor | None = None, grad_entropy: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None, sum_pz: torch.Tensor | None = None,
+    ignore_index: int = -100,
 ) -> tuple[torch.Tensor | None, ...]:
     """(dhidden, dweight, dbias, dref_hidden, dref_weight, dref_bias) for grad_kl (float32 [N]).
 
     kl, lse and ref_lse are float64 [N] as ``linear_kl_forward`` returns them. Each requested
     gradient comes back in its input's dtype, accumulated in float32; the others (and the bias
     gradients of absent biases) are None, and a head with none requested costs no gradient work.
+
+    With ``targets`` (as given to forward), ``sum_pz`` (forward's) and ``grad_logp`` (float32
+    [N]), and optionally ``grad_entropy``: the gradients of the KL, logp and entropy together.
     """
     _check_layout(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     device = hidden.device
-    for name, x, dtype in (("grad_kl", grad_kl, torch.float32), ("kl", kl, torch.float64),
-                           ("lse", lse, torch.float64), ("ref_lse", ref_lse, torch.float64)):
-        _launch.check_layout(name, x, dtype, (n_tokens,))
-    _launch.check_one_device(hidden, grad_kl, kl, lse, ref_lse)
+    scored = targets is not None
+    for name, x, dtype, wanted in (
+            ("grad_kl", grad_kl, torch.float32, True), ("kl", kl, torch.float64, True),
+            ("lse", lse, torch.float64, True), ("ref_lse", ref_lse, torch.float64, True),
+            ("targets", targets, torch.int64, scored), ("sum_pz", sum_pz, torch.float64, scored),
+            ("grad_logp", grad_logp, torch.float32, scored),
+            ("grad_entropy", grad_entropy, torch.float32, scored and grad_entropy is not None)):
+        if wanted:
+            _launch.check_layout(name, x, dtype, (n_tokens,))
+    _launch.check_one_device(hidden, grad_kl, kl, lse, ref_lse, targets, sum_pz, grad_logp,
+                             grad_entropy)
     compute_dbias = compute_dbias and bias is not None
     compute_dref_bias = compute_dref_bias and ref_bias is not None
     like = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     k_hidden, k_weight, k_bias = _launch.kernel_head(hidden, weight, bias)
     k_ref_hidden, k_ref_weight, k_ref_bias = _launch.kernel_head(ref_hidden, ref_weight, ref_bias)
-    grad_kl, kl, lse, ref_lse = map(_launch.aligned, (grad_kl, kl, lse, ref_lse))
+    row_inputs = (kl, lse, ref_lse, grad_kl, targets, sum_pz, grad_logp,
+                  grad_entropy if scored else None)
     hidden_size, ref_hidden_size = k_hidden.shape[1], k_ref_hidden.shape[1]
 
     def launch(rows: slice, grads, dlogits, ref_dlogits) -> None:
         n = rows.stop - rows.start
         workspace = dlogits if dlogits is not None else ref_dlogits
         args = (k_hidden[rows], k_weight, k_bias, k_ref_hidden[rows], k_ref_weight, k_ref_bias,
-                *(_launch.aligned(x[rows]) for x in (kl, lse, ref_lse, grad_kl)),
+                *(None if x is None else _launch.aligned(x[rows]) for x in row_inputs),
                 *grads, dlogits, ref_dlogits,
                 n, vocab_size, hidden_size, ref_hidden_size, _launch.n_bucket(n),
                 k_hidden.stride(0), k_weight.stride(0), k_ref_hidden.stride(0),
                 k_ref_weight.stride(0),
                 vocab_size if workspace is None else workspace.stride(0),  # both alike
-                1.0 / float(temperature), float(softcap))
+                1.0 / float(temperature), float(softcap), int(ignore_index))
         with _launch.device_guard(device):
             _launch.run_kernel("backward", _backward_kernel, _backward_kernel_tuned,
                                lambda meta: (triton.cdiv(n, meta["BLOCK_N"])

@@ -49,7 +49,7 @@ from fastalign.kernels._tile import (
     accumulate_head_grads,
     empty_stats,
     grouped_tile,
-    log1p,
+    logp_and_entropy,
     merge_stats,
     scaled_logits,
     split_f64,
@@ -156,16 +156,9 @@ def _forward_merge_kernel(
         z_target += tl.load(ptr + 3 * split_stride, mask=mask, other=0.0)  # one split holds y
         m, r, t = merge_stats(m, r, t, m_i, r_i, t_i)
 
-    log_s = log1p(r)
-    mean_rel = t / (1.0 + r)                          # Σ p·(z − m)
     targets = tl.load(targets_ptr + offs, mask=mask, other=ignore_index)
-    valid = targets != ignore_index
-    # z_y − lse = (z_y − m) − log s: exact near 0. It can still round a hair above 0 when one
-    # logit dominates; a log-probability cannot.
-    # propagate_nan: a NaN input must give NaN, not log-prob 0 (minimum would drop the NaN).
-    logp = tl.where(valid, tl.minimum((z_target - m) - log_s, 0.0,
-                                      propagate_nan=tl.PropagateNan.ALL), 0.0)
-    entropy = tl.where(valid, log_s - mean_rel, 0.0)
+    logp, entropy, log_s, mean_rel = logp_and_entropy(m, r, t, z_target,
+                                                      targets != ignore_index)
     tl.store(logp_ptr + offs, logp, mask=mask)
     tl.store(entropy_ptr + offs, entropy, mask=mask)
     # m + log s and m + Σ p·(z − m) in float64: m is exact, the other terms are small, so the

@@ -181,29 +181,49 @@ def linear_kl_scenarios(dname: str) -> Iterator[Scenario]:
     from fastalign.kernels import linear_kl as op
 
     dtype = DTYPES[dname]
-    forward = [("", False, 0.0), (" bias", True, 0.0), (" softcap", False, 30.0)]
-    # (tag, bias, softcap, policy gradients (dh, dw, db), reference gradients, strategy)
-    backward = [("", False, 0.0, (True, True, False), (False, False, False), "chunked"),
-                (" softcap", False, 30.0, (True, True, False), (False, False, False), "chunked"),
-                (" bias", True, 0.0, (True, True, True), (False, False, False), "chunked"),
-                (" both-heads", False, 0.0, (True, True, False), (True, True, False), "chunked"),
-                (" atomic", False, 0.0, (True, True, False), (False, False, False), "atomic"),
+    # (tag, bias, softcap, scored: with the policy's targets, logp and entropy of the same pass)
+    forward = [("", False, 0.0, False), (" bias", True, 0.0, False),
+               (" softcap", False, 30.0, False), (" scored", False, 0.0, True),
+               (" scored bias+softcap", True, 30.0, True)]
+    # (tag, bias, softcap, policy gradients (dh, dw, db), reference gradients, strategy, scored:
+    # None, or with the targets' gradients "logp" or "logp+ent")
+    backward = [("", False, 0.0, (True, True, False), (False, False, False), "chunked", None),
+                (" softcap", False, 30.0, (True, True, False), (False, False, False), "chunked",
+                 None),
+                (" bias", True, 0.0, (True, True, True), (False, False, False), "chunked", None),
+                (" both-heads", False, 0.0, (True, True, False), (True, True, False), "chunked",
+                 None),
+                (" atomic", False, 0.0, (True, True, False), (False, False, False), "atomic",
+                 None),
                 (" both-heads+bias atomic", True, 0.0, (True, True, True), (True, True, True),
-                 "atomic")]
+                 "atomic", None),
+                (" scored+ent", False, 0.0, (True, True, False), (False, False, False),
+                 "chunked", "logp+ent"),
+                (" scored bias+softcap", True, 30.0, (True, True, True), (False, False, False),
+                 "chunked", "logp"),
+                (" scored+ent atomic", False, 0.0, (True, True, False), (False, False, False),
+                 "atomic", "logp+ent")]
 
     def heads(n, h, v, bias, offset):
         return [_meta(n, h, dtype=dtype, offset=offset), _meta(v, h, dtype=dtype, offset=offset),
                 _meta(v, dtype=dtype, offset=offset) if bias else None] * 2
 
-    def run_forward(n, h, v, bias, softcap, offset):
-        op.linear_kl_forward(*heads(n, h, v, bias, offset), 0.7, softcap)
+    def run_forward(n, h, v, bias, softcap, scored, offset):
+        targets = _meta(n, dtype=torch.int64, offset=offset) if scored else None
+        op.linear_kl_forward(*heads(n, h, v, bias, offset), 0.7, softcap, targets=targets)
 
-    def run_backward(n, h, v, bias, softcap, grads, ref_grads, strategy, offset):
-        f64 = torch.float64
+    def run_backward(n, h, v, bias, softcap, grads, ref_grads, strategy, scored, offset):
+        f32, f64 = torch.float32, torch.float64
+        extra = {}
+        if scored:
+            extra = dict(targets=_meta(n, dtype=torch.int64, offset=offset),
+                         sum_pz=_meta(n, dtype=f64), grad_logp=_meta(n, dtype=f32),
+                         grad_entropy=_meta(n, dtype=f32) if "ent" in scored else None)
         with _backward_strategy(strategy):
             op.linear_kl_backward(_meta(n, offset=offset), *heads(n, h, v, bias, offset),
                                   _meta(n, dtype=f64, offset=offset), _meta(n, dtype=f64),
-                                  _meta(n, dtype=f64), 0.7, softcap, *grads, *ref_grads)
+                                  _meta(n, dtype=f64), 0.7, softcap, *grads, *ref_grads,
+                                  **extra)
 
     yield from _head_scenarios("linear_kl", dname, op._default_config,
                                (("forward", forward, run_forward),

@@ -21,6 +21,18 @@ outside ``mask`` are dropped before the kernels see them::
 
 KL and both log-sum-exps are kept in float64 for backward, which forms
 ``z − lse − r + ref_lse − KL`` for every logit: a difference of numbers much larger than itself.
+
+With the first head's ``targets`` [N] (int64, ``ignore_index`` where not scored), the same one
+pass over both heads also gives that head's per-token log-prob and entropy, as
+``linear_logprobs`` would (PPO with the exact KL needs all three; ALGORITHMS.md §2)::
+
+    forward(..., softcap, targets=targets, ignore_index=ignore_index)
+        -> (kl, lse, ref_lse, logp[N], entropy[N], sum_pz[N])  # logp, entropy float32; Σ p·z f64
+
+    backward(grad_kl, ..., compute_dref_bias, grad_logp=grad_logp[N], grad_entropy=None | [N],
+             targets=targets, sum_pz=sum_pz, ignore_index=ignore_index)
+
+and backward forms one ∂L/∂z for the three upstream gradients.
 """
 
 from __future__ import annotations
@@ -30,16 +42,23 @@ from collections.abc import Callable
 import torch
 
 from fastalign.ops import vocab_parallel
-from fastalign.ops._backends import HeadParams, resolve_impl
+from fastalign.ops._backends import resolve_impl
 from fastalign.ops._checks import (
     check_bool,
     check_finite_tensors,
     check_head,
+    check_int,
     check_mask,
     check_positive,
     check_same_device,
+    check_token_ids,
+    check_token_range,
 )
-from fastalign.ops.linear_logprobs import reference_logits
+from fastalign.ops.linear_logprobs import (
+    LogprobParams,
+    linear_logprobs_reference,
+    reference_logits,
+)
 
 
 def _kernels(impl: str) -> tuple[Callable, Callable]:
@@ -61,46 +80,67 @@ class LinearKLFunction(torch.autograd.Function):
     log-sum-exps are combined in forward (``vocab_parallel.combine_kl_stats``); given the whole
     vocabulary's KL, lse and ref_lse, each shard's backward kernel gives the exact gradient of
     its columns, and the hidden states' gradients are summed over the group.
+
+    With ``targets`` (of the first head; ``params.ignore_index`` where not scored) it returns
+    (kl, logp, entropy) of the same pass and keeps Σ p·z besides; backward takes any of the three
+    upstream gradients.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, params: HeadParams,
-                impl: str, group=None):
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                params: LogprobParams, impl: str, group=None, targets=None):
         forward_kernel, _ = _kernels(impl)
-        kl, lse, ref_lse = forward_kernel(
+        scored = {} if targets is None else dict(targets=targets,
+                                                 ignore_index=params.ignore_index)
+        kl, lse, ref_lse, *policy_stats = forward_kernel(
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-            params.temperature, params.softcap_or_zero,
+            params.temperature, params.softcap_or_zero, **scored,
         )
         if group is not None:
             kl, lse, ref_lse = vocab_parallel.combine_kl_stats(kl, lse, ref_lse, group)
+        logp, entropy, sum_pz = policy_stats or (None, None, None)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-                              kl, lse, ref_lse)
+                              kl, lse, ref_lse, targets, sum_pz)
         ctx.params, ctx.impl, ctx.group = params, impl, group
         ctx.output_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         ctx.set_materialize_grads(False)
-        return kl.to(ctx.output_dtype)
+        if targets is None:
+            return kl.to(ctx.output_dtype)
+        return kl.to(ctx.output_dtype), logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_kl):
-        if grad_kl is None:
-            return (None,) * 9
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl, lse, ref_lse = (
-            ctx.saved_tensors
-        )
+    def backward(ctx, grad_kl, grad_logp=None, grad_entropy=None):
+        if grad_kl is None and grad_logp is None and grad_entropy is None:
+            return (None,) * 10
+        (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl, lse, ref_lse, targets,
+         sum_pz) = ctx.saved_tensors
         needs = ctx.needs_input_grad[:6]
-        params: HeadParams = ctx.params
+        params: LogprobParams = ctx.params
+        dtype = ctx.output_dtype
+
+        def upstream(grad):
+            if grad is None:
+                return torch.zeros(kl.shape, dtype=dtype, device=kl.device)
+            return grad.to(dtype).contiguous()
+
+        scored = {}
+        if targets is not None:
+            scored = dict(grad_logp=upstream(grad_logp),
+                          grad_entropy=None if grad_entropy is None else upstream(grad_entropy),
+                          targets=targets, sum_pz=sum_pz, ignore_index=params.ignore_index)
         _, backward_kernel = _kernels(ctx.impl)
         grads = list(backward_kernel(
-            grad_kl.to(ctx.output_dtype).contiguous(),
+            upstream(grad_kl),
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl, lse, ref_lse,
             params.temperature, params.softcap_or_zero,
             needs[0], needs[1], needs[2] and bias is not None,
             needs[3], needs[4], needs[5] and ref_bias is not None,
+            **scored,
         ))
         if ctx.group is not None:
             grads[0] = vocab_parallel.all_reduce_hidden_grad(grads[0], ctx.group)
             grads[3] = vocab_parallel.all_reduce_hidden_grad(grads[3], ctx.group)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def _check_inputs(hidden, weight, ref_hidden, ref_weight, mask, bias, ref_bias, temperature,
@@ -136,6 +176,29 @@ def _check_inputs(hidden, weight, ref_hidden, ref_weight, mask, bias, ref_bias, 
     check_bool("reverse", reverse)
 
 
+def _check_targets(hidden, weight, targets, ignore_index, return_entropy, reverse,
+                   process_group) -> None:
+    check_int("ignore_index", ignore_index)
+    check_bool("return_entropy", return_entropy)
+    if targets is None:
+        if return_entropy:
+            raise ValueError("return_entropy=True needs targets (the entropy is the policy's, "
+                             "at the scored tokens)")
+        return
+    check_token_ids("targets", targets)
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets must have the leading shape of hidden "
+                         f"{tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
+    check_same_device(hidden=hidden, targets=targets)
+    if reverse:
+        raise ValueError("targets (and return_entropy) score the policy head with KL(π‖π_ref); "
+                         "they cannot be combined with reverse=True")
+    if process_group is not None:
+        raise ValueError("targets (and return_entropy) are not supported with process_group "
+                         "yet; call linear_logprobs for the log-probs")
+    check_token_range("targets", targets, weight.shape[0], ignore_index)
+
+
 def linear_kl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -152,7 +215,10 @@ def linear_kl(
     process_group: torch.distributed.ProcessGroup | None = None,
     vocab_start_index: int = 0,
     check_finite: bool = False,
-) -> torch.Tensor:
+    targets: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Exact KL(π‖π_ref) over the whole vocabulary for each token, without materialising logits.
 
     With ``z = softcap·tanh((h·Wᵀ + b)/softcap)/T`` for the policy and ``r`` likewise from the
@@ -179,13 +245,23 @@ def linear_kl(
             same loss. Needs a fused impl.
         vocab_start_index: the first vocabulary row this rank's heads hold.
         check_finite: raise if any input head tensor holds NaN or inf (a device sync each).
+        targets: optional integer [...] token ids of the policy: then the same pass over both
+            heads also gives the policy's log-prob of each target, as ``linear_logprobs``
+            (0 where the target is ``ignore_index`` or ``mask`` is false). Not with ``reverse``
+            or ``process_group``.
+        ignore_index: the target value of tokens that are not scored.
+        return_entropy: also return the policy's entropy per token (needs ``targets``; 0 where
+            logp is).
 
     Returns:
-        float32 [...] (float64 for float64 inputs). Gradients flow to the policy side, and to the
-        reference side too for whichever of its tensors require grad.
+        ``kl`` float32 [...] (float64 for float64 inputs); with ``targets`` ``(kl, logp)``, and
+        with ``return_entropy`` ``(kl, logp, entropy)``, all of that shape and dtype. Gradients
+        flow to the policy side from every output, and from the KL to the reference side too
+        for whichever of its tensors require grad.
     """
     _check_inputs(hidden, weight, ref_hidden, ref_weight, mask, bias, ref_bias, temperature,
                   softcap, reverse)
+    _check_targets(hidden, weight, targets, ignore_index, return_entropy, reverse, process_group)
     check_bool("check_finite", check_finite)
     if check_finite:
         check_finite_tensors(hidden=hidden, weight=weight, bias=bias, ref_hidden=ref_hidden,
@@ -197,18 +273,23 @@ def linear_kl(
     lead_shape = hidden.shape[:-1]
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     ref_hidden_2d = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+    targets_1d = None if targets is None else targets.reshape(-1).to(torch.int64)
     n_tokens = hidden_2d.shape[0]
     kept = None
     if mask is not None:
         kept = mask.reshape(-1).nonzero().squeeze(1)
         hidden_2d = hidden_2d.index_select(0, kept)
         ref_hidden_2d = ref_hidden_2d.index_select(0, kept)
+        if targets_1d is not None:
+            targets_1d = targets_1d.index_select(0, kept)
 
     # Nothing to compute (or asked for the reference): the reference handles empty inputs exactly
     # and keeps the result attached to the graph, so an all-masked batch still back-propagates.
     if process_group is None and (chosen == "reference" or hidden_2d.shape[0] == 0):
-        kl_kept = linear_kl_reference(hidden_2d, weight, ref_hidden_2d, ref_weight, bias=bias,
-                                      ref_bias=ref_bias, reverse=reverse, **options)
+        outputs = linear_kl_reference(hidden_2d, weight, ref_hidden_2d, ref_weight, bias=bias,
+                                      ref_bias=ref_bias, reverse=reverse, targets=targets_1d,
+                                      ignore_index=ignore_index, return_entropy=True,
+                                      **options)
     else:
         first = (hidden_2d.contiguous(), weight.contiguous(),
                  None if bias is None else bias.contiguous())
@@ -216,13 +297,21 @@ def linear_kl(
                   None if ref_bias is None else ref_bias.contiguous())
         if reverse:  # KL(q‖p) is the same kernel with the two heads' roles exchanged
             first, second = second, first
-        kl_kept = LinearKLFunction.apply(*first, *second, HeadParams(**options), chosen,
-                                         process_group)
+        outputs = LinearKLFunction.apply(
+            *first, *second, LogprobParams(**options, ignore_index=ignore_index), chosen,
+            process_group, None if targets_1d is None else targets_1d.contiguous())
+    if targets is None:
+        outputs = (outputs,)
+    elif not return_entropy:
+        outputs = outputs[:2]
 
-    if kept is None:
-        return kl_kept.view(lead_shape)
-    kl = kl_kept.new_zeros(n_tokens).index_copy(0, kept, kl_kept)
-    return kl.view(lead_shape)
+    def unmasked(values: torch.Tensor) -> torch.Tensor:
+        if kept is not None:
+            values = values.new_zeros(n_tokens).index_copy(0, kept, values)
+        return values.view(lead_shape)
+
+    outputs = tuple(unmasked(values) for values in outputs)
+    return outputs[0] if targets is None else outputs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +332,10 @@ def linear_kl_reference(
     softcap: float | None = None,
     reverse: bool = False,
     compute_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    targets: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Per-token exact KL between the policy head and the reference head, materialised.
 
     ``p = softmax(z)`` from (hidden, weight, bias) and ``q = softmax(r)`` from (ref_hidden,
@@ -256,6 +348,8 @@ def linear_kl_reference(
         ref_hidden: [..., H_ref] reference hidden states (same leading shape); ref_weight:
             [V, H_ref].
         mask: optional bool [...]; tokens where it is false give 0 and no gradient.
+        targets, ignore_index, return_entropy: as in ``linear_kl``: also ``logp`` (and
+            ``entropy``) of the policy head, from ``linear_logprobs_reference``.
     """
     if compute_dtype is None:
         compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -274,4 +368,12 @@ def linear_kl_reference(
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     if mask is not None:
         kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
-    return kl
+    if targets is None:
+        return kl
+    if mask is not None:
+        targets = torch.where(mask.bool(), targets, ignore_index)
+    scored = linear_logprobs_reference(hidden, weight, targets, bias=bias,
+                                       temperature=temperature, softcap=softcap,
+                                       ignore_index=ignore_index, return_entropy=return_entropy,
+                                       compute_dtype=compute_dtype)
+    return (kl, *scored) if return_entropy else (kl, scored)
