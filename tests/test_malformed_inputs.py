@@ -516,7 +516,7 @@ BAD_INPUTS = [
     case("config-dpo-exo-pair-without-smoothing", lambda tmp: DPOConfig(loss_type="exo_pair"),
          ValueError, r"label_smoothing"),
     case("config-ppo-mode-unknown", lambda tmp: PPOConfig(mode="a2c"), ValueError,
-         r"mode must be one of 'ppo', 'grpo', 'rloo', got 'a2c'"),
+         r"mode must be one of 'ppo', 'grpo', 'rloo', 'trpo', got 'a2c'"),
     case("config-ppo-gamma-2", lambda tmp: PPOConfig(gamma=2.0), ValueError,
          r"gamma must be a finite number in \[0\.0, 1\.0\], got 2\.0"),
     case("config-ppo-clip-1", lambda tmp: PPOConfig(clip=1.0), ValueError,
