@@ -3,10 +3,15 @@
 ``FusedDPOLoss`` (every DPO-family loss type), ``FusedSimPOLoss``, ``FusedCPOLoss``,
 ``FusedORPOLoss`` (reference-free), ``FusedKTOLoss`` and ``FusedPPOLoss`` (PPO and GRPO).
 
-Each module runs the fused per-token op (``fastalign.linear_logprobs``, never materialising the
-[tokens × vocab] logits), reduces per sequence with the causal shift and masking done once
-(``fastalign.ops.sequence``), and hands the result to the plain-PyTorch loss of
-``fastalign.losses``.
+Each module computes per-token log-probs from the hidden states and the head without
+materialising the [tokens × vocab] logits, reduces per sequence with the causal shift and
+masking done once (``fastalign.ops.sequence``), and hands the result to the plain-PyTorch loss of
+``fastalign.losses``. When gradients are wanted and the loss separates over groups of whole
+sequences (DPO's pairs, KTO's examples, PPO's completions: every loss here but the sorting
+``aot`` types and GRPO's batch entropy quantile), the head's gradients are formed in forward,
+chunk of whole groups by chunk (``fastalign.ops.sequence_loss``: 6·N·H·V FLOPs, prompts and
+padding skipped); otherwise ``fastalign.linear_logprobs`` streams the head and its backward
+recomputes the logits (8·N·H·V). ``gradients_in_forward=False`` forces the latter.
 Their values and gradients equal those of the materialised-logits computation (tests say so).
 
 Layout conventions, shared by all three modules:
@@ -38,6 +43,7 @@ from fastalign.losses.kl import kl_penalty
 from fastalign.losses.kto import kto_loss
 from fastalign.losses.masked import masked_mean, zero_outside
 from fastalign.losses.options import (
+    SORTING_LOSS_TYPES,
     CPOOptions,
     DPOOptions,
     KTOOptions,
@@ -46,13 +52,19 @@ from fastalign.losses.options import (
     SimPOOptions,
 )
 from fastalign.losses.ppo import check_clip, ppo_policy_loss, ppo_value_loss
-from fastalign.ops._backends import IMPLEMENTATIONS
-from fastalign.ops._checks import check_head, check_per_token, check_positive
+from fastalign.ops._backends import IMPLEMENTATIONS, resolve_impl
+from fastalign.ops._checks import check_bool, check_head, check_per_token, check_positive
 from fastalign.ops.linear_kl import linear_kl
 from fastalign.ops.sequence import (
     SequenceLogprobs,
     next_token_targets,
     sequence_logprobs_from_labels,
+)
+from fastalign.ops.sequence_loss import (
+    pair_groups,
+    sequence_logprobs_in_chunks,
+    sequence_loss_with_head_grads,
+    single_groups,
 )
 
 Metrics = dict[str, torch.Tensor]
@@ -62,9 +74,11 @@ class _FusedSequenceLoss(nn.Module):
     """The fused op's options, and (hidden, head, labels) → sequence log-probs."""
 
     def __init__(self, *, temperature: float = 1.0, softcap: float | None = None,
-                 ignore_index: int = -100, impl: str = "auto") -> None:
+                 ignore_index: int = -100, impl: str = "auto",
+                 gradients_in_forward: bool = True) -> None:
         super().__init__()
         # Bad options fail here, at construction, not at the first batch of a training run.
+        check_bool("gradients_in_forward", gradients_in_forward)
         check_positive("temperature", temperature)
         check_positive("softcap", softcap, optional=True)
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
@@ -75,6 +89,42 @@ class _FusedSequenceLoss(nn.Module):
         self.softcap = softcap
         self.ignore_index = ignore_index
         self.impl = impl
+        self.gradients_in_forward = gradients_in_forward
+
+    def sequence_loss(self, hidden, weight, labels, bias, loss_of, *, groups_of,
+                      in_forward: bool, return_entropy: bool = False,
+                      return_log_sum_sq_probs: bool = False):
+        """``loss_of(self.sequence_logprobs(...))``: ``(loss, metrics)``, with the head's
+        gradients formed in forward when ``in_forward`` (``forms_gradients_in_forward``'s
+        answer); ``groups_of(S, device)`` gives the groups of sequences the loss separates
+        over."""
+        if in_forward:
+            loss, metrics, _ = sequence_loss_with_head_grads(
+                hidden, weight, labels, loss_of, groups=groups_of(hidden.shape[0], hidden.device),
+                bias=bias, temperature=self.temperature, softcap=self.softcap,
+                ignore_index=self.ignore_index, return_entropy=return_entropy,
+                return_log_sum_sq_probs=return_log_sum_sq_probs, impl=self.impl)
+            return loss, metrics
+        return loss_of(self.sequence_logprobs(hidden, weight, labels, bias,
+                                              return_entropy=return_entropy,
+                                              return_log_sum_sq_probs=return_log_sum_sq_probs))
+
+    def forms_gradients_in_forward(self, hidden, weight, bias, *, separable: bool = True,
+                                   constants=()) -> bool:
+        """Whether the head's gradients are formed in forward: wanted, exact (the loss
+        separates over groups of sequences: ``separable``) and possible (an implementation with
+        row passes; ``constants``, the other tensors the loss reads, need no gradient)."""
+        if not (self.gradients_in_forward and separable and torch.is_grad_enabled()):
+            return False
+        head = (hidden, weight, bias)
+        if not all(x is None or isinstance(x, torch.Tensor) for x in head) \
+                or not isinstance(hidden, torch.Tensor):
+            return False  # the checks of the streamed path name what is wrong
+        if not any(x is not None and x.requires_grad for x in head):
+            return False  # evaluation: the forward pass alone is a third of the work
+        if any(isinstance(x, torch.Tensor) and x.requires_grad for x in constants):
+            return False  # their gradients come from autograd through the streamed path
+        return resolve_impl(self.impl, hidden.device, hidden.dtype) != "reference"
 
     def sequence_logprobs(self, hidden, weight, labels, bias=None, *, return_entropy=False,
                           return_log_sum_sq_probs=False) -> SequenceLogprobs:
@@ -85,12 +135,15 @@ class _FusedSequenceLoss(nn.Module):
         )
 
     def reference_logprobs(self, ref_hidden, ref_weight, labels, ref_bias=None, *,
-                           weight=None, hidden_name: str = "ref_hidden") -> SequenceLogprobs:
+                           weight=None, hidden_name: str = "ref_hidden",
+                           groups_of=None) -> SequenceLogprobs:
         """The reference model's log-probs: a frozen model, so no graph is recorded.
 
         The reference head is checked under its own names (``ref_hidden``, ``ref_weight``,
         ``ref_bias``) and must cover the vocabulary of the policy's ``weight``: a reference head
-        of another vocabulary scores other tokens, silently."""
+        of another vocabulary scores other tokens, silently. With ``groups_of`` (when the
+        policy's gradients are formed in forward), it is scored by the same chunked arithmetic
+        as the policy (``sequence_logprobs_in_chunks``)."""
         check_head("ref_", ref_hidden, ref_weight, ref_bias)
         if isinstance(weight, torch.Tensor) and weight.dim() == 2 \
                 and ref_weight.shape[0] != weight.shape[0]:
@@ -99,9 +152,16 @@ class _FusedSequenceLoss(nn.Module):
         if isinstance(labels, torch.Tensor) and tuple(ref_hidden.shape[:-1]) != tuple(labels.shape):
             raise ValueError(f"{hidden_name}'s leading shape {tuple(ref_hidden.shape[:-1])} "
                              f"must equal the labels' shape {tuple(labels.shape)}")
+        ref_bias = None if ref_bias is None else ref_bias.detach()
         with torch.no_grad():
+            if groups_of is not None:
+                return sequence_logprobs_in_chunks(
+                    ref_hidden.detach(), ref_weight.detach(), labels,
+                    groups=groups_of(ref_hidden.shape[0], ref_hidden.device), bias=ref_bias,
+                    temperature=self.temperature, softcap=self.softcap,
+                    ignore_index=self.ignore_index, impl=self.impl)
             return self.sequence_logprobs(ref_hidden.detach(), ref_weight.detach(), labels,
-                                          None if ref_bias is None else ref_bias.detach())
+                                          ref_bias)
 
 
 def _check_reference(ref_hidden, ref_weight, precomputed: dict, module: str) -> bool:
@@ -152,10 +212,10 @@ class FusedDPOLoss(_FusedSequenceLoss):
 
     def __init__(self, *, beta: float = 0.1, loss_type="sigmoid", label_smoothing: float = 0.0,
                  loss_weights=None, temperature: float = 1.0, softcap: float | None = None,
-                 ignore_index: int = -100, impl: str = "auto", options: DPOOptions | None = None,
-                 **loss_options) -> None:
+                 ignore_index: int = -100, impl: str = "auto", gradients_in_forward: bool = True,
+                 options: DPOOptions | None = None, **loss_options) -> None:
         super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-                         impl=impl)
+                         impl=impl, gradients_in_forward=gradients_in_forward)
         # Bad options fail here, at construction, not at the first batch of a training run.
         self.options = DPOOptions.from_arguments(
             options, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
@@ -169,24 +229,36 @@ class FusedDPOLoss(_FusedSequenceLoss):
             {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps},
             "FusedDPOLoss",
         )
-        policy = self.sequence_logprobs(hidden, weight, labels, bias,
-                                        return_log_sum_sq_probs=self.options.use_weighting)
-        _split_pairs("hidden", policy.sum_logps)
-        chosen_logps, rejected_logps = pair_sequence_logps(policy, self.options.ld_alpha)
-        # A sequence without response tokens has log-prob 0 and averages to 0, not 0/0.
-        chosen_lengths, rejected_lengths = policy.lengths.clamp(min=1).chunk(2)
+        options = self.options
+        if isinstance(hidden, torch.Tensor) and hidden.dim() > 0:
+            _split_pairs("hidden", hidden)
+        # The sorting loss types compare quantiles across the batch: not separable over pairs.
+        sorting = any(name in SORTING_LOSS_TYPES for name in options.loss_type)
+        in_forward = self.forms_gradients_in_forward(
+            hidden, weight, bias, separable=not sorting,
+            constants=(ref_chosen_logps, ref_rejected_logps))
         if from_head:
             reference = self.reference_logprobs(ref_hidden, ref_weight, labels, ref_bias,
-                                                weight=weight)
+                                                weight=weight,
+                                                groups_of=pair_groups if in_forward else None)
             ref_chosen_logps, ref_rejected_logps = pair_sequence_logps(reference,
-                                                                       self.options.ld_alpha)
-        pair_weights = wpo_pair_weights(policy) if self.options.use_weighting else None
-        return dpo_loss(
-            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-            chosen_nll=_chosen_token_nll(policy), pair_weights=pair_weights,
-            options=self.options,
-        )
+                                                                       options.ld_alpha)
+
+        def loss_of(policy: SequenceLogprobs):
+            _split_pairs("hidden", policy.sum_logps)
+            chosen_logps, rejected_logps = pair_sequence_logps(policy, options.ld_alpha)
+            # A sequence without response tokens has log-prob 0 and averages to 0, not 0/0.
+            chosen_lengths, rejected_lengths = policy.lengths.clamp(min=1).chunk(2)
+            pair_weights = wpo_pair_weights(policy) if options.use_weighting else None
+            return dpo_loss(
+                chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                chosen_nll=_chosen_token_nll(policy), pair_weights=pair_weights, options=options,
+            )
+
+        return self.sequence_loss(hidden, weight, labels, bias, loss_of, groups_of=pair_groups,
+                                  in_forward=in_forward,
+                                  return_log_sum_sq_probs=options.use_weighting)
 
 
 def _chosen_token_nll(policy: SequenceLogprobs) -> torch.Tensor:
@@ -209,18 +281,25 @@ class _FusedReferenceFreeLoss(_FusedSequenceLoss):
     options_class = None
 
     def __init__(self, *, temperature: float = 1.0, softcap: float | None = None,
-                 ignore_index: int = -100, impl: str = "auto", options=None,
-                 **loss_options) -> None:
+                 ignore_index: int = -100, impl: str = "auto", gradients_in_forward: bool = True,
+                 options=None, **loss_options) -> None:
         super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-                         impl=impl)
+                         impl=impl, gradients_in_forward=gradients_in_forward)
         self.options = type(self).options_class.from_arguments(options, **loss_options)
 
     def forward(self, hidden, weight, labels, *, bias=None) -> tuple[torch.Tensor, Metrics]:
-        policy = self.sequence_logprobs(hidden, weight, labels, bias)
-        per_sequence = policy.mean_logps if self.options.length_averaged else policy.sum_logps
-        chosen_logps, rejected_logps = _split_pairs("hidden", per_sequence)
-        return type(self).loss_fn(chosen_logps, rejected_logps,
-                                  chosen_nll=_chosen_token_nll(policy), options=self.options)
+        if isinstance(hidden, torch.Tensor) and hidden.dim() > 0:
+            _split_pairs("hidden", hidden)
+
+        def loss_of(policy: SequenceLogprobs):
+            per_sequence = policy.mean_logps if self.options.length_averaged else policy.sum_logps
+            chosen_logps, rejected_logps = _split_pairs("hidden", per_sequence)
+            return type(self).loss_fn(chosen_logps, rejected_logps,
+                                      chosen_nll=_chosen_token_nll(policy), options=self.options)
+
+        return self.sequence_loss(
+            hidden, weight, labels, bias, loss_of, groups_of=pair_groups,
+            in_forward=self.forms_gradients_in_forward(hidden, weight, bias))
 
 
 class FusedSimPOLoss(_FusedReferenceFreeLoss):
@@ -263,10 +342,10 @@ class FusedKTOLoss(_FusedSequenceLoss):
     def __init__(self, *, beta: float = 0.1, desirable_weight: float = 1.0,
                  undesirable_weight: float = 1.0, loss_type: str = "kto",
                  temperature: float = 1.0, softcap: float | None = None,
-                 ignore_index: int = -100, impl: str = "auto",
+                 ignore_index: int = -100, impl: str = "auto", gradients_in_forward: bool = True,
                  options: KTOOptions | None = None) -> None:
         super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-                         impl=impl)
+                         impl=impl, gradients_in_forward=gradients_in_forward)
         self.options = KTOOptions.from_arguments(options, beta=beta,
                                                  desirable_weight=desirable_weight,
                                                  undesirable_weight=undesirable_weight,
@@ -289,21 +368,28 @@ class FusedKTOLoss(_FusedSequenceLoss):
             raise ValueError("FusedKTOLoss: with kl_hidden and a reference head, pass "
                              "ref_kl_hidden (the mismatched batch through the reference model)")
 
-        policy_logps = self.sequence_logprobs(hidden, weight, labels, bias).sum_logps
         policy_kl_logps = None
         if with_kl:  # the reference point is detached: its log-probs need no graph
             with torch.no_grad():
                 policy_kl_logps = self.sequence_logprobs(kl_hidden, weight, kl_labels,
                                                          bias).sum_logps
+        in_forward = self.forms_gradients_in_forward(hidden, weight, bias,
+                                                     constants=(ref_logps, ref_kl_logps))
         if from_head:
-            ref_logps = self.reference_logprobs(ref_hidden, ref_weight, labels, ref_bias,
-                                                weight=weight).sum_logps
+            ref_logps = self.reference_logprobs(
+                ref_hidden, ref_weight, labels, ref_bias, weight=weight,
+                groups_of=single_groups if in_forward else None).sum_logps
             if with_kl:
                 ref_kl_logps = self.reference_logprobs(ref_kl_hidden, ref_weight, kl_labels,
                                                        ref_bias, weight=weight,
                                                        hidden_name="ref_kl_hidden").sum_logps
-        return kto_loss(policy_logps, ref_logps, policy_kl_logps,
-                        ref_kl_logps if with_kl else None, desirable, options=self.options)
+
+        def loss_of(policy: SequenceLogprobs):
+            return kto_loss(policy.sum_logps, ref_logps, policy_kl_logps,
+                            ref_kl_logps if with_kl else None, desirable, options=self.options)
+
+        return self.sequence_loss(hidden, weight, labels, bias, loss_of, groups_of=single_groups,
+                                  in_forward=in_forward)
 
 
 class FusedPPOLoss(_FusedSequenceLoss):
@@ -339,10 +425,10 @@ class FusedPPOLoss(_FusedSequenceLoss):
                  vf_coef: float = 0.1, vf_clip: float | None = 0.2, ent_coef: float = 0.0,
                  loss_agg: str = "token_mean", temperature: float = 1.0,
                  softcap: float | None = None, ignore_index: int = -100,
-                 impl: str = "auto", options: PPOOptions | None = None,
-                 **variant_options) -> None:
+                 impl: str = "auto", gradients_in_forward: bool = True,
+                 options: PPOOptions | None = None, **variant_options) -> None:
         super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-                         impl=impl)
+                         impl=impl, gradients_in_forward=gradients_in_forward)
         self.options = PPOOptions.from_arguments(
             options, clip=clip, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
             kl_estimator=kl_estimator, vf_coef=vf_coef, vf_clip=vf_clip, ent_coef=ent_coef,
@@ -354,15 +440,43 @@ class FusedPPOLoss(_FusedSequenceLoss):
         options = self.options
         variant = options.variant
         return_entropy = options.ent_coef > 0 or variant.top_entropy_quantile < 1
-        exact_kl = None
         if options.kl_estimator == "exact" and ref_hidden is not None and ref_weight is not None:
             logps, mask, token_entropy, exact_kl = self._logprobs_and_exact_kl(
                 hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, return_entropy)
+            loss, metrics = self._policy_loss(logps, mask, token_entropy, exact_kl, old_logps,
+                                              advantages, ref_logps)
         else:
-            policy = self.sequence_logprobs(hidden, weight, labels, bias,
-                                            return_entropy=return_entropy)
-            logps, mask, token_entropy = (policy.token_logps, policy.token_mask,
-                                          policy.token_entropy)
+            def loss_of(policy: SequenceLogprobs):
+                return self._policy_loss(policy.token_logps, policy.token_mask,
+                                         policy.token_entropy, None, old_logps, advantages,
+                                         ref_logps)
+
+            # The top-entropy mask thresholds at a quantile of the whole batch's entropies.
+            in_forward = self.forms_gradients_in_forward(
+                hidden, weight, bias, separable=variant.top_entropy_quantile == 1,
+                constants=(old_logps, advantages, ref_logps))
+            loss, metrics = self.sequence_loss(
+                hidden, weight, labels, bias, loss_of, groups_of=single_groups,
+                in_forward=in_forward, return_entropy=return_entropy)
+            mask = next_token_targets(labels, ignore_index=self.ignore_index)[:, :-1] \
+                != self.ignore_index if values is not None else None
+        if values is not None:
+            if old_values is None or returns is None:
+                raise ValueError("FusedPPOLoss: values need old_values and returns as well")
+            value_loss, value_metrics = ppo_value_loss(
+                values, old_values, returns, mask, clip=options.vf_clip, loss_agg=options.loss_agg)
+            metrics.update(value_metrics)
+            metrics["loss/value"] = value_loss.detach()
+            loss = loss + options.vf_coef * value_loss
+        metrics["loss/total"] = loss.detach()
+        return loss, metrics
+
+    def _policy_loss(self, logps, mask, token_entropy, exact_kl, old_logps, advantages,
+                     ref_logps) -> tuple[torch.Tensor, Metrics]:
+        """Everything of the loss that reads the policy's log-probs and entropies ([B, T − 1]):
+        the clipped surrogate (or a GRPO variant), the KL term and the entropy bonus."""
+        options = self.options
+        variant = options.variant
         if isinstance(advantages, torch.Tensor) and advantages.dim() == 1:
             if advantages.shape[0] != logps.shape[0]:
                 raise ValueError(f"advantages must be [B, T - 1] = {tuple(logps.shape)} or one "
@@ -403,19 +517,10 @@ class FusedPPOLoss(_FusedSequenceLoss):
                     kl = kl * ratio
                 kl_term = aggregate_policy_loss(kl, mask, options.aggregation)
                 loss = loss + options.kl_coef * kl_term
-        if values is not None:
-            if old_values is None or returns is None:
-                raise ValueError("FusedPPOLoss: values need old_values and returns as well")
-            value_loss, value_metrics = ppo_value_loss(
-                values, old_values, returns, mask, clip=options.vf_clip, loss_agg=options.loss_agg)
-            metrics.update(value_metrics)
-            metrics["loss/value"] = value_loss.detach()
-            loss = loss + options.vf_coef * value_loss
         if token_entropy is not None:
             metrics["entropy"] = masked_mean(token_entropy.detach(), mask)
             if options.ent_coef > 0:  # over the tokens the policy loss uses, as TRL
                 loss = loss - options.ent_coef * masked_mean(token_entropy, entropy_mask)
-        metrics["loss/total"] = loss.detach()
         return loss, metrics
 
     def _logprobs_and_exact_kl(self, hidden, weight, bias, labels, ref_hidden, ref_weight,

@@ -25,10 +25,10 @@ WORKSPACE_FRACTION = 0.05
 MIN_CHUNK_ROWS = 64
 
 
-def float32_accumulator(wanted: bool, shape: tuple[int, ...],
-                        device: torch.device) -> torch.Tensor | None:
+def float32_accumulator(wanted: bool, shape: tuple[int, ...], device: torch.device,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """A zeroed float32 gradient accumulator (the kernels add into it atomically), or None."""
-    return torch.zeros(shape, dtype=torch.float32, device=device) if wanted else None
+    return torch.zeros(shape, dtype=dtype, device=device) if wanted else None
 
 
 def chunk_rows(n_tokens: int, vocab_size: int, row_bytes: int) -> int:
@@ -76,7 +76,9 @@ class HeadGrads:
 
 def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., None],
                          rows_with_grad: torch.Tensor | None = None,
-                         fill_bytes_per_logit: int = 0) -> None:
+                         fill_bytes_per_logit: int = 0,
+                         bounds: Sequence[tuple[int, int]] | None = None,
+                         aligned_rows: bool = True) -> None:
     """Fill each head's dh, dW, db, chunk of tokens by chunk of tokens.
 
     ``fill(start, end, *workspaces)`` launches the kernel that writes ∂L/∂a of tokens
@@ -85,7 +87,10 @@ def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., None],
     dW += (∂L/∂a)ᵀ · h[start:end] (float32), db += Σ_rows ∂L/∂a. ``rows_with_grad`` (bool [N]):
     rows outside it have ∂L/∂a = 0, and their hidden state is left out of dW (a NaN in a padding
     row must not enter as 0·NaN). ``fill_bytes_per_logit``: the temporaries ``fill`` itself holds
-    per logit of a chunk, counted in the workspace budget.
+    per logit of a chunk, counted in the workspace budget. ``bounds``: the chunks as (start, end)
+    pairs covering [0, N) in order, for a caller whose chunks must hold whole sequences (the
+    workspace is then as large as the largest); by default equal chunks within the budget.
+    ``aligned_rows=False``: contiguous workspace rows, for a ``fill`` that needs them so.
     """
     active = [head for head in heads if head.wanted]
     if not active:
@@ -93,10 +98,13 @@ def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., None],
     n_tokens, vocab_size = heads[0].hidden.shape[0], heads[0].weight.shape[0]
     device, dtype = heads[0].hidden.device, heads[0].hidden.dtype
     row_bytes = vocab_size * (dtype.itemsize * len(active) + fill_bytes_per_logit)
-    chunk = chunk_rows(n_tokens, vocab_size, row_bytes)
+    if bounds is None:
+        chunk = chunk_rows(n_tokens, vocab_size, row_bytes)
+        bounds = [(start, min(start + chunk, n_tokens)) for start in range(0, n_tokens, chunk)]
+    chunk = max((end - start for start, end in bounds), default=0)
     # Rows padded to a multiple of ALIGNMENT entries, so that every row of the workspace starts
     # on a 16-byte boundary (vectorised stores in the kernel; cuBLAS takes the leading dimension).
-    padded_vocab = -(-vocab_size // ALIGNMENT) * ALIGNMENT
+    padded_vocab = -(-vocab_size // ALIGNMENT) * ALIGNMENT if aligned_rows else vocab_size
     workspaces = {id(head): torch.empty((chunk, padded_vocab), dtype=dtype,
                                         device=device)[:, :vocab_size]
                   for head in active}
@@ -104,11 +112,13 @@ def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., None],
     for head in active:
         if head.want_dh:
             head.dh = torch.empty_like(head.hidden)
-        dw32[id(head)] = float32_accumulator(head.want_dw, tuple(head.weight.shape), device)
+        # float32, or float64 for float64 inputs (the float64 checks of every op run through here)
+        accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+        dw32[id(head)] = float32_accumulator(head.want_dw, tuple(head.weight.shape), device,
+                                             accumulate)
         db32[id(head)] = float32_accumulator(head.want_db and head.bias is not None,
-                                             (vocab_size,), device)
-    for start in range(0, n_tokens, chunk):
-        end = min(start + chunk, n_tokens)
+                                             (vocab_size,), device, accumulate)
+    for start, end in bounds:
         chunk_ws = [workspaces[id(h)][:end - start] if h.wanted else None for h in heads]
         fill(start, end, *chunk_ws)
         for head, grad in zip(heads, chunk_ws):
@@ -122,7 +132,7 @@ def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., None],
                     rows = rows.masked_fill(~rows_with_grad[start:end, None], 0.0)
                 addmm_float32(dw32[id(head)], grad.T, rows)
             if db32[id(head)] is not None:
-                db32[id(head)] += grad.sum(dim=0, dtype=torch.float32)
+                db32[id(head)] += grad.sum(dim=0, dtype=db32[id(head)].dtype)
     for head in active:
         if dw32[id(head)] is not None:
             head.dw = dw32[id(head)].to(head.weight.dtype)
@@ -133,7 +143,7 @@ def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., None],
 def addmm_float32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b into a float32 ``acc``, the product never rounded to a 16-bit dtype (each
     chunk's share of dW rounded to bfloat16 before the sum would lose the small ones)."""
-    if a.dtype == torch.float32:
+    if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif acc.device.type == "cuda":  # cuBLAS: 16-bit operands, float32 accumulator and output
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)

@@ -18,6 +18,8 @@ differentiable with respect to ``hidden`` and ``weight``. Providers:
 * ``liger``, ``cce``, ``cce-exact``: Liger-Kernel's fused linear cross entropy and Cut
   Cross-Entropy (its default, which skips small gradients, and ``filter_eps=None``, which skips
   none), whenever they are installed (CUDA only).
+* ``cce-compile``: Cut Cross-Entropy's ``impl="torch_compile"``, its chunk-free implementation
+  through ``torch.compile``, on any device (the one CCE offers on CPU).
 
 Modes:
 
@@ -62,7 +64,7 @@ from fastalign.bench.measure import ModeFn
 from fastalign.ops.linear_logprobs import linear_logprobs_reference
 
 FASTALIGN_IMPLS = ("triton", "cpp")
-PEER_PROVIDERS = ("eager", "compile", "torch-lce", "liger", "cce", "cce-exact")
+PEER_PROVIDERS = ("eager", "compile", "torch-lce", "liger", "cce", "cce-exact", "cce-compile")
 
 # Heads of the models fastalign targets (see ../shared/GPU.md): (label, H, V, softcap).
 GPU_HEADS = (
@@ -221,15 +223,24 @@ def liger_provider(device: torch.device, reduction: str = "none") -> Provider:
     return Provider("liger", fn, note)
 
 
-def cce_provider(device: torch.device, exact: bool, reduction: str = "none") -> Provider:
+def cce_provider(device: torch.device, exact: bool, reduction: str = "none",
+                 compiled: bool = False) -> Provider:
     """Cut Cross-Entropy: by default it skips the gradient of vocabulary blocks whose softmax is
-    negligible (``filter_eps="high"``); exact is ``filter_eps=None``, which filters nothing."""
-    name = "cce-exact" if exact else "cce"
+    negligible (``filter_eps="high"``); exact is ``filter_eps=None``, which filters nothing.
+    ``compiled``: its ``impl="torch_compile"`` instead of its Triton kernels, on any device."""
+    name = "cce-compile" if compiled else "cce-exact" if exact else "cce"
     try:
         from cut_cross_entropy import linear_cross_entropy
     except ImportError as exc:
         raise ProviderUnavailable(f"Cut Cross-Entropy is not installed ({exc}; pip install "
                                   "cut-cross-entropy, or benchmarks/wheels on the GPU)") from None
+    if compiled:
+        def fn(hidden, weight, targets, softcap):
+            return as_output(linear_cross_entropy(hidden, weight, targets, softcap=softcap,
+                                                  reduction=reduction, impl="torch_compile"),
+                             reduction)
+
+        return Provider(name, fn, "impl='torch_compile'")
     if device.type != "cuda":
         raise ProviderUnavailable("Cut Cross-Entropy's kernels run on CUDA only")
     kwargs = {"filter_eps": None} if exact else {}
@@ -319,8 +330,8 @@ class LinearLogprobsBenchmark(Benchmark):
             return torch_lce_provider(device, dtype, softcap)
         if name == "liger":
             return liger_provider(device)
-        if name in ("cce", "cce-exact"):
-            return cce_provider(device, exact=name == "cce-exact")
+        if name in ("cce", "cce-exact", "cce-compile"):
+            return cce_provider(device, exact=name == "cce-exact", compiled=name == "cce-compile")
         raise ValueError(f"unknown provider {name!r}; known: {', '.join(self.providers)}")
 
     def reference(self, inputs: LogprobInputs,

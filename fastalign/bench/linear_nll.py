@@ -11,8 +11,9 @@ Inputs are ``linear_logprobs``' (all targets valid). Providers:
 * ``fastalign-<impl>`` / ``fastalign-triton-atomic``: −mean of ``fastalign.linear_logprobs``
   (per-token log-probs, backward recomputes the logits);
 * ``eager``: ``torch.nn.functional.cross_entropy`` of the float32 logits; ``compile`` of it;
-* ``torch-lce``, ``liger``, ``cce``, ``cce-exact``: the peers of ``linear_logprobs`` with
-  ``reduction="mean"``, their natural use (Liger computes its gradients inside forward).
+* ``torch-lce``, ``liger``, ``cce``, ``cce-exact``, ``cce-compile``: the peers of
+  ``linear_logprobs`` with ``reduction="mean"``, their natural use (Liger computes its
+  gradients inside forward).
 
 One mode, ``full`` (loss + gradients): with gradients computed in forward there is no separate
 backward worth timing. Credited 6·N·H·V, the least matrix work of an exact gradient (logits,
@@ -107,9 +108,9 @@ class LinearNllBenchmark(linear_logprobs.LinearLogprobsBenchmark):
             return linear_logprobs.torch_lce_provider(device, dtype, softcap, reduction="mean")
         if name == "liger":
             return linear_logprobs.liger_provider(device, reduction="mean")
-        if name in ("cce", "cce-exact"):
+        if name in ("cce", "cce-exact", "cce-compile"):
             return linear_logprobs.cce_provider(device, exact=name == "cce-exact",
-                                                reduction="mean")
+                                                reduction="mean", compiled=name == "cce-compile")
         raise ValueError(f"unknown provider {name!r}; known: {', '.join(self.providers)}")
 
     def reference(self, inputs: LogprobInputs,

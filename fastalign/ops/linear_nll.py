@@ -1,10 +1,10 @@
 """``linear_nll``: the NLL loss of the targets from (hidden, LM head), its gradients formed in the
 forward pass.
 
-Layer 2 of fastalign: the argument checks, one thin autograd Function, the dispatch to the
-kernels, a chunked plain-PyTorch implementation and the materialising reference. The kernels are
-``fastalign.kernels.linear_nll`` (Triton) and ``fastalign._C.linear_nll_forward`` (C++,
-``csrc/linear_nll_cpu.cpp``).
+Layer 2 of fastalign: the argument checks, the dispatch to the kernels (the autograd end is
+``_formed_grads``), a chunked plain-PyTorch implementation and the materialising reference. The
+kernels are ``fastalign.kernels.linear_nll`` (Triton) and ``fastalign._C.linear_nll_forward``
+(C++, ``csrc/linear_nll_cpu.cpp``).
 
 Why: ``linear_logprobs`` cannot know its upstream gradient in forward, so its backward recomputes
 the logits: 2·N·H·V FLOPs forward + 6·N·H·V backward. A scalar loss whose upstream gradient is a
@@ -35,13 +35,13 @@ holds anyway).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from fastalign.kernels import _chunked
-from fastalign.ops._backends import IMPLEMENTATIONS, HeadParams, resolve_impl
+from fastalign.ops._backends import IMPLEMENTATIONS, resolve_impl
 from fastalign.ops._checks import check_bool, check_choice, check_positive, check_token_range
+from fastalign.ops._formed_grads import GradientsFormedInForward
 from fastalign.ops.linear_argmax import linear_argmax
 from fastalign.ops.linear_logprobs import (
     check_linear_logprobs_args,
@@ -54,13 +54,6 @@ __all__ = ["linear_nll", "linear_nll_reference"]
 REDUCTIONS = ("mean", "sum", "none")
 # "torch": the chunked algorithm in plain PyTorch, what "auto" runs where no kernel can.
 NLL_IMPLEMENTATIONS = (*IMPLEMENTATIONS, "torch")
-
-
-@dataclass(frozen=True)
-class NLLParams(HeadParams):
-    """The non-tensor options of the op, passed to the kernels as one object."""
-
-    ignore_index: int = -100
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,36 +125,6 @@ def torch_linear_nll_forward(hidden, weight, bias, targets, scale, temperature, 
     _chunked.head_grads_in_chunks([head], fill, rows_with_grad=valid,
                                   fill_bytes_per_logit=3 * torch.finfo(compute).bits // 8)
     return nll, entropy, argmax, head.dh, head.dw, head.db
-
-
-# ----------------------------------------------------------------------------------------------
-# Autograd
-# ----------------------------------------------------------------------------------------------
-
-
-class LinearNLLFunction(torch.autograd.Function):
-    """Thin autograd wrapper: forward computes the loss and the gradients its inputs need;
-    backward scales them by the upstream gradient."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale, params: NLLParams, impl: str):
-        wants_dh, wants_dw, wants_db = ctx.needs_input_grad[:3]
-        nll, entropy, argmax, dh, dw, db = _kernel(impl)(
-            hidden, weight, bias, targets, scale, params.temperature, params.softcap_or_zero,
-            params.ignore_index, wants_dh, wants_dw, wants_db and bias is not None)
-        ctx.save_for_backward(dh, dw, db)
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(entropy, argmax)
-        # A fresh 0-d tensor, not a view: callers scale the loss in place (transformers.Trainer).
-        return nll.sum() * scale.reshape(()), entropy, argmax
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_entropy, grad_argmax):
-        if grad_loss is None:
-            return (None,) * 7
-        grads = tuple(None if g is None else g * grad_loss.to(g.dtype)
-                      for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,11 +237,16 @@ def linear_nll(
 
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     scale = _normalisation(targets, reduction, num_items_in_batch, ignore_index, compute)
-    loss, entropy, argmax = LinearNLLFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
-        None if bias is None else bias.contiguous(),
-        targets.reshape(-1).to(torch.int64).contiguous(), scale.reshape(1).contiguous(),
-        NLLParams(temperature, softcap, ignore_index), chosen)
+    with torch.no_grad():
+        nll, entropy, argmax, dh, dw, db = _kernel(chosen)(
+            hidden.detach().reshape(-1, hidden.shape[-1]).contiguous(),
+            weight.detach().contiguous(), None if bias is None else bias.detach().contiguous(),
+            targets.reshape(-1).to(torch.int64).contiguous(), scale.reshape(1).contiguous(),
+            temperature, 0.0 if softcap is None else softcap, ignore_index,
+            hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        loss = nll.sum() * scale.reshape(())
+    loss = GradientsFormedInForward.apply(hidden, weight, bias, loss,
+                                          None if dh is None else dh.view_as(hidden), dw, db)
     if not return_metrics:
         return loss
     return loss, entropy.view(targets.shape), argmax.view(targets.shape)

@@ -123,6 +123,50 @@ def next_token_targets(
     return targets
 
 
+def checked_next_token_targets(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every check of :func:`sequence_logprobs_from_labels`'s arguments, then ``(hidden, labels,
+    targets)``: a packed batch's [1, total, ...] views flattened, and the next-token targets."""
+    check_token_ids("labels", labels)
+    if cu_seqlens is not None:
+        if hidden.dim() == 3 and hidden.shape[0] == 1:
+            hidden = hidden[0]
+        if labels.dim() == 2 and labels.shape[0] == 1:
+            labels = labels[0]
+        if hidden.dim() != 2 or labels.dim() != 1:
+            raise ValueError(
+                "with cu_seqlens, hidden must be [total, H] (or [1, total, H]) and labels [total] "
+                f"(or [1, total]); got {tuple(hidden.shape)} and {tuple(labels.shape)}"
+            )
+        _check_cu_seqlens(cu_seqlens, labels.shape[0])
+    elif hidden.dim() != 3 or labels.dim() != 2:
+        raise ValueError(
+            f"hidden must be [B, T, H] and labels (or input_ids) [B, T], got {tuple(hidden.shape)} "
+            f"and {tuple(labels.shape)}; pass cu_seqlens for packed sequences"
+        )
+    if tuple(hidden.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(
+            f"hidden's leading shape {tuple(hidden.shape[:-1])} must equal the labels' (or "
+            f"input_ids') shape {tuple(labels.shape)}"
+        )
+
+    targets = next_token_targets(labels, cu_seqlens=cu_seqlens, ignore_index=ignore_index)
+    check_linear_logprobs_args(hidden, weight, targets, bias, temperature, softcap, ignore_index)
+    # The one label check (and device sync) of the call, named as the user passed the ids: the
+    # shifted targets hold the same ids.
+    check_token_range("labels (or input_ids)", labels, weight.shape[0], ignore_index)
+    return hidden, labels, targets
+
+
 def sequence_logprobs_from_labels(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -152,40 +196,14 @@ def sequence_logprobs_from_labels(
         return_log_sum_sq_probs: also fill ``token_log_sum_sq_probs`` (``linear_logit_stats``,
             no gradient), e.g. for WPO's weights.
     """
-    check_token_ids("labels", labels)
-    packed = cu_seqlens is not None
-    if packed:
-        if hidden.dim() == 3 and hidden.shape[0] == 1:
-            hidden = hidden[0]
-        if labels.dim() == 2 and labels.shape[0] == 1:
-            labels = labels[0]
-        if hidden.dim() != 2 or labels.dim() != 1:
-            raise ValueError(
-                "with cu_seqlens, hidden must be [total, H] (or [1, total, H]) and labels [total] "
-                f"(or [1, total]); got {tuple(hidden.shape)} and {tuple(labels.shape)}"
-            )
-        _check_cu_seqlens(cu_seqlens, labels.shape[0])
-    elif hidden.dim() != 3 or labels.dim() != 2:
-        raise ValueError(
-            f"hidden must be [B, T, H] and labels (or input_ids) [B, T], got {tuple(hidden.shape)} "
-            f"and {tuple(labels.shape)}; pass cu_seqlens for packed sequences"
-        )
-    if tuple(hidden.shape[:-1]) != tuple(labels.shape):
-        raise ValueError(
-            f"hidden's leading shape {tuple(hidden.shape[:-1])} must equal the labels' (or "
-            f"input_ids') shape {tuple(labels.shape)}"
-        )
-
-    targets = next_token_targets(labels, cu_seqlens=cu_seqlens, ignore_index=ignore_index)
-    check_linear_logprobs_args(hidden, weight, targets, bias, temperature, softcap, ignore_index)
+    hidden, labels, targets = checked_next_token_targets(
+        hidden, weight, labels, cu_seqlens=cu_seqlens, bias=bias, temperature=temperature,
+        softcap=softcap, ignore_index=ignore_index)
     check_bool("return_entropy", return_entropy)
     check_bool("return_predictions", return_predictions)
     check_bool("return_mean_logits", return_mean_logits)
     check_bool("return_log_sum_sq_probs", return_log_sum_sq_probs)
     chosen = resolve_impl(impl, hidden.device, hidden.dtype)
-    # The one label check (and device sync) of the call, named as the user passed the ids: the
-    # shifted targets hold the same ids.
-    check_token_range("labels (or input_ids)", labels, weight.shape[0], ignore_index)
     result = compute_linear_logprobs(
         hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
         ignore_index=ignore_index, return_entropy=return_entropy, impl=chosen,
@@ -210,7 +228,7 @@ def sequence_logprobs_from_labels(
             token_log_sum_sq_probs = torch.zeros_like(token_logps)
             token_log_sum_sq_probs[token_mask] = stats.log_sum_sq_probs.to(token_logps.dtype)
 
-    if packed:
+    if cu_seqlens is not None:
         lengths_of_sequences = (cu_seqlens[1:] - cu_seqlens[:-1]).to(labels.device)
         segment = torch.repeat_interleave(
             torch.arange(lengths_of_sequences.numel(), device=labels.device), lengths_of_sequences
@@ -221,22 +239,27 @@ def sequence_logprobs_from_labels(
             0, segment, token_mask.long()
         )
     else:
-        # Position T − 1 predicts nothing: drop it so that entry t scores token t + 1.
-        token_logps, token_mask = token_logps[:, :-1], token_mask[:, :-1]
-        if token_entropy is not None:
-            token_entropy = token_entropy[:, :-1]
-        if token_predictions is not None:
-            token_predictions = token_predictions[:, :-1]
-        if token_mean_logits is not None:
-            token_mean_logits = token_mean_logits[:, :-1]
-        if token_log_sum_sq_probs is not None:
-            token_log_sum_sq_probs = token_log_sum_sq_probs[:, :-1]
-        sum_logps = token_logps.sum(-1)
-        lengths = token_mask.sum(-1)
+        return padded_sequence_logprobs(token_logps, token_mask, token_entropy,
+                                        token_predictions, token_mean_logits,
+                                        token_log_sum_sq_probs)
     mean_logps = sum_logps / lengths.clamp(min=1).to(sum_logps.dtype)
     return SequenceLogprobs(token_logps, token_mask, sum_logps, mean_logps, lengths,
                             token_entropy, token_predictions, token_mean_logits,
                             token_log_sum_sq_probs)
+
+
+def padded_sequence_logprobs(token_logps: torch.Tensor, token_mask: torch.Tensor,
+                             *per_token: torch.Tensor | None) -> SequenceLogprobs:
+    """A padded batch's :class:`SequenceLogprobs` from per-position results [B, T] (position t
+    scored on token t + 1; 0 where not scored): the last position, which predicts nothing, is
+    dropped, and the sequences' sums, lengths and means formed. ``per_token``: the optional
+    fields after ``lengths`` in order (entropy, predictions, mean logits, log Σp²), or None."""
+    token_logps, token_mask = token_logps[:, :-1], token_mask[:, :-1]
+    extra = [None if x is None else x[:, :-1] for x in per_token]
+    sum_logps = token_logps.sum(-1)
+    lengths = token_mask.sum(-1)
+    mean_logps = sum_logps / lengths.clamp(min=1).to(sum_logps.dtype)
+    return SequenceLogprobs(token_logps, token_mask, sum_logps, mean_logps, lengths, *extra)
 
 
 def sequence_logprobs(
