@@ -8,8 +8,11 @@ dtype, so a 16-bit one is judged against the float32 truth relative to that dtyp
 
 import pytest
 import torch
+from helpers import impl_device
 
 from fastalign.kernels.sequence_rows import sequence_rows_grad, sequence_rows_stats
+
+DEVICE = impl_device("triton")  # CUDA if present, else the CPU interpreter
 
 # (id, n, V, bias, softcap, temperature, entropy gradient, dtype, row stride > V)
 CASES = [
@@ -55,11 +58,11 @@ def reference(tile, bias, targets, temperature, softcap, grad_logp=None, grad_en
 def make_tile(n, vocab, dtype, strided, scale=3.0):
     """Raw logits [n, V]; strided: a column slice of a wider buffer (as the engine's padded
     workspace), whose columns past V hold a sentinel the kernels must not touch."""
-    logits = torch.randn(n, vocab) * scale
+    logits = (torch.randn(n, vocab) * scale).to(DEVICE)
     if not strided:
         return logits.to(dtype)
     width = -(-vocab // 16) * 16 + 16
-    buffer = torch.full((n, width), 1234.0, dtype=dtype)
+    buffer = torch.full((n, width), 1234.0, dtype=dtype, device=DEVICE)
     buffer[:, :vocab] = logits.to(dtype)
     return buffer[:, :vocab]
 
@@ -75,10 +78,10 @@ def _assert_close(actual, expected, name, rtol=1e-5):
 def test_stats_and_gradient_match_float64(case):
     _, n, vocab, with_bias, softcap, temperature, with_entropy_grad, dtype, strided = case
     tile = make_tile(n, vocab, dtype, strided)
-    bias = torch.randn(vocab).to(dtype) if with_bias else None
-    targets = torch.randint(0, vocab, (n,))
-    grad_logp = torch.randn(n)
-    grad_entropy = torch.randn(n) if with_entropy_grad else None
+    bias = torch.randn(vocab).to(DEVICE, dtype) if with_bias else None
+    targets = torch.randint(0, vocab, (n,)).to(DEVICE)
+    grad_logp = torch.randn(n).to(DEVICE)
+    grad_entropy = torch.randn(n).to(DEVICE) if with_entropy_grad else None
     truth, truth_grad = reference(tile, bias, targets, temperature, softcap, grad_logp,
                                   grad_entropy)
     original = tile.clone()
@@ -106,15 +109,16 @@ def test_entropy_gradient_is_the_entropy_term():
     """grad_entropy None is e = 0; a nonzero e adds its own term (the two runs differ by it)."""
     n, vocab = 4, 500
     tile = make_tile(n, vocab, torch.float32, False)
-    targets = torch.randint(0, vocab, (n,))
-    grad_logp, grad_entropy = torch.randn(n), torch.randn(n)
+    targets = torch.randint(0, vocab, (n,)).to(DEVICE)
+    grad_logp, grad_entropy = torch.randn(n).to(DEVICE), torch.randn(n).to(DEVICE)
     _, entropy, lse, _ = sequence_rows_stats(tile, None, targets, 1.0, 0.0)
     grads = {}
-    for name, e in (("none", None), ("zero", torch.zeros(n)), ("e", grad_entropy)):
+    for name, e in (("none", None), ("zero", torch.zeros(n, device=DEVICE)), ("e", grad_entropy)):
         grads[name] = tile.clone()
         sequence_rows_grad(grads[name], None, targets, lse, entropy, grad_logp, e, 1.0, 0.0)
     assert torch.equal(grads["none"], grads["zero"])
-    _, entropy_only = reference(tile, None, targets, 1.0, 0.0, torch.zeros(n), grad_entropy)
+    _, entropy_only = reference(tile, None, targets, 1.0, 0.0, torch.zeros_like(grad_logp),
+                                grad_entropy)
     _assert_close(grads["e"] - grads["none"], entropy_only, "entropy term")
 
 
@@ -122,8 +126,8 @@ def test_peaked_rows_keep_their_tiny_log_prob_and_entropy():
     """A row whose target dominates (p_y = 1 − 2e-6): logp, entropy and log Σ p² are tiny and
     must keep their leading digits, which log(Σ e^{z−m}) rounded in float32 would lose."""
     vocab = 1000
-    targets = torch.tensor([3, 999])
-    tile = torch.zeros(2, vocab)
+    targets = torch.tensor([3, 999], device=DEVICE)
+    tile = torch.zeros(2, vocab, device=DEVICE)
     tile[0, 3] = tile[1, 999] = 20.0
     truth, _ = reference(tile, None, targets, 1.0, 0.0)
     stats = sequence_rows_stats(tile, None, targets, 1.0, 0.0)
@@ -134,12 +138,12 @@ def test_peaked_rows_keep_their_tiny_log_prob_and_entropy():
 def test_columns_masked_by_a_minus_inf_bias_take_no_probability_and_no_gradient():
     n, vocab = 3, 300
     tile = make_tile(n, vocab, torch.float32, False)
-    bias = torch.randn(vocab)
-    masked = torch.zeros(vocab, dtype=torch.bool)
+    bias = torch.randn(vocab).to(DEVICE)
+    masked = torch.zeros(vocab, dtype=torch.bool, device=DEVICE)
     masked[::7] = True
     bias[masked] = float("-inf")
-    targets = torch.tensor([1, 2, 299])
-    grad_logp, grad_entropy = torch.randn(n), torch.randn(n)
+    targets = torch.tensor([1, 2, 299], device=DEVICE)
+    grad_logp, grad_entropy = torch.randn(n).to(DEVICE), torch.randn(n).to(DEVICE)
     # The truth: the same rows without the masked columns.
     kept_targets = torch.cumsum(~masked, 0)[targets] - 1
     truth, truth_grad = reference(tile[:, ~masked], bias[~masked], kept_targets, 0.8, 0.0,
@@ -153,11 +157,11 @@ def test_columns_masked_by_a_minus_inf_bias_take_no_probability_and_no_gradient(
 
 
 def test_no_rows():
-    tile = torch.empty(0, 33, dtype=torch.bfloat16)
-    targets = torch.empty(0, dtype=torch.int64)
+    tile = torch.empty(0, 33, dtype=torch.bfloat16, device=DEVICE)
+    targets = torch.empty(0, dtype=torch.int64, device=DEVICE)
     stats = sequence_rows_stats(tile, None, targets, 1.0, 0.0)
     assert [(s.shape, s.dtype) for s in stats] == [((0,), torch.float32)] * 4
-    empty = torch.empty(0)
+    empty = torch.empty(0, device=DEVICE)
     sequence_rows_grad(tile, None, targets, empty, empty, empty, None, 1.0, 0.0)
     sequence_rows_grad(tile, None, targets, empty, empty, empty, empty, 1.0, 0.0)
 
