@@ -69,6 +69,18 @@ def head_heuristics(**more: Callable[[dict], object]) -> dict:
     }
 
 
+def row_heuristics(**more: Callable[[dict], object]) -> dict:
+    """The variant flags of a row kernel (one program a row of a logit tile: ``linear_nll``,
+    ``sequence_rows``), derived from its arguments ``b_ptr``, ``softcap``, ``V`` and its BLOCK_V;
+    ``more`` adds the kernel's own."""
+    return {
+        "HAS_BIAS": lambda args: args["b_ptr"] is not None,
+        "HAS_SOFTCAP": lambda args: args["softcap"] > 0.0,
+        "EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0,
+        **more,
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # Configurations
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""Triton device functions shared by the logit-tile kernels (``linear_logprobs``, ``linear_kl``).
+"""Triton device functions shared by the logit-tile kernels (``linear_logprobs``, ``linear_kl``)
+and the row kernels (``linear_nll``, ``sequence_rows``).
 
 Each op's kernels live in their own module; what both ops compute the same way lives here, once:
-the logit tile of one LM head (``raw_logits``, ``scaled_logits``), the running softmax statistics
+the logit tile of one LM head (``raw_logits``, ``scaled_logits``), a row kernel's row of logits
+already in memory (``program_row``, ``scaled_row``), the running softmax statistics
 (``tile_stats``, ``merge_stats``, ``log1p``) and the log-prob and entropy made from them
 (``logp_and_entropy``), the float64 → float32-pair split of saved statistics (``split_f64``),
 the head gradients (``accumulate_head_grads``) and the order of the tiles in the grids
@@ -78,6 +80,31 @@ def scaled_logits(
                    H, stride_hn, stride_wv, BLOCK_N, BLOCK_V, BLOCK_H,
                    HAS_BIAS, EVEN_H, DOT_IN_FP32)
     return logit_transform(a, inv_temperature, softcap, HAS_SOFTCAP)
+
+
+@triton.jit
+def program_row(logits_ptr, stride_ln, targets_ptr):
+    """The row of a row kernel's program (one program a row of a logit tile): its index, the
+    pointer to its logits (an int64 offset: n·stride passes 2^31 on large tiles) and its target."""
+    row = tl.program_id(0)
+    return row, logits_ptr + row.to(tl.int64) * stride_ln, tl.load(targets_ptr + row)
+
+
+@triton.jit
+def scaled_row(row_ptr, b_ptr, v0, offs, V, inv_temperature, softcap,
+               HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_V: tl.constexpr):
+    """z = c·tanh((a + b)/c)/T (or (a + b)/T) of one column tile [v0, v0 + len(offs)) of a row
+    of raw logits a (the row kernels of ``linear_nll`` and ``sequence_rows``), and ∂z/∂a; −inf
+    past V."""
+    cols = v0 + offs
+    mask = cols < V
+    a = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        a += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    z, dz_da = logit_transform(a, inv_temperature, softcap, HAS_SOFTCAP)
+    if not EVEN_V:
+        z = tl.where(mask, z, float("-inf"))
+    return z, dz_da
 
 
 @triton.jit

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from fastalign.kernels import _launch
-from fastalign.kernels._tile import logit_transform
+from fastalign.kernels._tile import program_row, scaled_row
 
 __all__ = ["linear_nll_forward"]
 
@@ -34,11 +34,7 @@ BLOCK_V = 1024
 NUM_WARPS = 4
 
 
-@triton.heuristics({
-    "HAS_BIAS": lambda args: args["b_ptr"] is not None,
-    "HAS_SOFTCAP": lambda args: args["softcap"] > 0.0,
-    "EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0,
-})
+@triton.heuristics(_launch.row_heuristics())
 @triton.jit
 def _nll_rows_kernel(
     # pointers
@@ -55,9 +51,7 @@ def _nll_rows_kernel(
     BLOCK_V: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     EVEN_V: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row.to(tl.int64) * stride_ln
-    target = tl.load(targets_ptr + row)
+    row, row_ptr, target = program_row(logits_ptr, stride_ln, targets_ptr)
     offs = tl.arange(0, BLOCK_V)
     if target == ignore_index:
         # No loss and no gradient; the logits of a padding row may be NaN, so they are
@@ -76,8 +70,8 @@ def _nll_rows_kernel(
         best = tl.zeros([BLOCK_V], dtype=tl.int64)
         z_target = 0.0
         for v0 in range(0, V, BLOCK_V):
-            z, _ = _scaled(row_ptr, b_ptr, v0, offs, V, inv_temperature, softcap,
-                           HAS_BIAS, HAS_SOFTCAP, EVEN_V)
+            z, _ = scaled_row(row_ptr, b_ptr, v0, offs, V, inv_temperature, softcap,
+                               HAS_BIAS, HAS_SOFTCAP, EVEN_V)
             z_target += tl.sum(tl.where(v0 + offs == target, z, 0.0), axis=0)
             best = tl.where(z > m, (v0 + offs).to(tl.int64), best)
             m_new = tl.maximum(m, z)
@@ -98,29 +92,14 @@ def _nll_rows_kernel(
         scale = tl.load(scale_ptr)
         entropy = tl.zeros([BLOCK_V], dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
-            z, dz_da = _scaled(row_ptr, b_ptr, v0, offs, V, inv_temperature, softcap,
-                               HAS_BIAS, HAS_SOFTCAP, EVEN_V)
+            z, dz_da = scaled_row(row_ptr, b_ptr, v0, offs, V, inv_temperature, softcap,
+                                   HAS_BIAS, HAS_SOFTCAP, EVEN_V)
             p = tl.exp(z - lse)
             entropy += p * tl.where(v0 + offs < V, lse - z, 0.0)  # not 0·inf past V
             grad = (p - tl.where(v0 + offs == target, 1.0, 0.0)) * (dz_da * scale)
             tl.store(row_ptr + v0 + offs, grad.to(logits_ptr.dtype.element_ty),
                      mask=(v0 + offs) < V)
         tl.store(entropy_ptr + row, tl.sum(entropy, axis=0))
-
-
-@triton.jit
-def _scaled(row_ptr, b_ptr, v0, offs, V, inv_temperature, softcap,
-            HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_V: tl.constexpr):
-    """z = c·tanh(a/c)/T (or a/T) of one column tile of a row, and ∂z/∂a; −inf past V."""
-    cols = v0 + offs
-    mask = cols < V
-    a = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        a += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    z, dz_da = logit_transform(a, inv_temperature, softcap, HAS_SOFTCAP)
-    if not EVEN_V:
-        z = tl.where(mask, z, float("-inf"))
-    return z, dz_da
 
 
 # ----------------------------------------------------------------------------------------------

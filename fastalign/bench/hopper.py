@@ -2,8 +2,9 @@
 GPU, exactly as its launcher would launch it, with its registers, spills and shared memory.
 
 How it works. Each ``Scenario`` calls a real launcher of ``fastalign.kernels`` (forward and
-backward of ``linear_logprobs`` and ``linear_kl``, ``gae_forward``) on ``meta`` tensors, which
-carry shapes, dtypes and data pointers (hence alignment) but no memory. ``record_launches``
+backward of ``linear_logprobs`` and ``linear_kl``, ``linear_nll_forward``, the row kernels of
+``sequence_rows``, ``gae_forward``) on ``meta`` tensors, which carry shapes, dtypes and data
+pointers (hence alignment) but no memory. ``record_launches``
 intercepts every ``kernel[grid](...)`` the launcher issues, after its ``triton.heuristics``, with
 the config the launcher pinned (``_default_config`` per dtype and token count, vocabulary splits
 for an H100/H200's 132 SMs, the padding and alignment of ``_launch.kernel_head``). Each launch is
@@ -55,7 +56,8 @@ import torch
 
 # Kernel modules whose every @triton.jit kernel (a name ending in "_kernel") must be launched.
 KERNEL_MODULES = ("fastalign.kernels.linear_logprobs", "fastalign.kernels.linear_kl",
-                  "fastalign.kernels.linear_nll", "fastalign.kernels.gae")
+                  "fastalign.kernels.linear_nll", "fastalign.kernels.sequence_rows",
+                  "fastalign.kernels.gae")
 # Shared memory a block may use (opt-in maximum): 227 KiB on H100/H200, 163 KiB on A100.
 SMEM_LIMITS = {90: 227 * 1024, 80: 163 * 1024}
 SM_COUNT = 132  # H100 SXM / H200: the forward's vocabulary splits follow it
@@ -237,9 +239,16 @@ def _backward_strategy(strategy: str) -> Iterator[None]:
         yield
 
 
-def linear_nll_scenarios(dname: str) -> Iterator[Scenario]:
+def _row_config(op) -> Callable[[str, torch.dtype, int], object]:
+    """The ``default_config`` of a module of row kernels: its one BLOCK_V and NUM_WARPS, whatever
+    the kind, dtype and N."""
     import triton
 
+    return lambda kind, dtype, n_tokens: triton.Config({"BLOCK_V": op.BLOCK_V},
+                                                       num_warps=op.NUM_WARPS)
+
+
+def linear_nll_scenarios(dname: str) -> Iterator[Scenario]:
     from fastalign.kernels import linear_nll as op
 
     dtype = DTYPES[dname]
@@ -254,11 +263,46 @@ def linear_nll_scenarios(dname: str) -> Iterator[Scenario]:
             _meta(v, dtype=dtype, offset=offset) if bias else None,
             _meta(n, dtype=torch.int64, offset=offset), _meta(1), 0.7, softcap, -100, dh, dw, db)
 
-    def one_config(kind, dtype, n_tokens):
-        return triton.Config({"BLOCK_V": op.BLOCK_V}, num_warps=op.NUM_WARPS)
-
-    yield from _head_scenarios("linear_nll", dname, one_config,
+    yield from _head_scenarios("linear_nll", dname, _row_config(op),
                                (("forward", forward, run_forward),))
+
+
+def sequence_rows_scenarios(dname: str) -> Iterator[Scenario]:
+    import triton
+
+    from fastalign.kernels import _chunked
+    from fastalign.kernels import sequence_rows as op
+
+    dtype = DTYPES[dname]
+    # The row kernels at their one config, on an [N, V] tile of the engine's workspace (rows
+    # padded to a multiple of 16 entries, as _chunked.head_grads_in_chunks pads them; H plays no
+    # part). Misaligned: the per-row vectors and the bias, which the launchers align; the tile is
+    # written in place, so it is the engine's aligned workspace.
+    # (tag, bias, softcap) of the statistics; (tag, bias, softcap, entropy gradient) of the
+    # gradient
+    stats = [("", False, 0.0), (" bias+softcap", True, 30.0)]
+    grad = [(" ent", False, 0.0, True), ("", False, 0.0, False),
+            (" bias+softcap+ent", True, 30.0, True)]
+
+    def tile(n, v):
+        padded = triton.cdiv(v, _chunked.ALIGNMENT) * _chunked.ALIGNMENT
+        return _meta(n, padded, dtype=dtype)[:, :v]
+
+    def run_stats(n, h, v, bias, softcap, offset):
+        op.sequence_rows_stats(tile(n, v), _meta(v, dtype=dtype, offset=offset) if bias else None,
+                               _meta(n, dtype=torch.int64, offset=offset), 0.7, softcap)
+
+    def run_grad(n, h, v, bias, softcap, entropy, offset):
+        f32 = torch.float32
+        op.sequence_rows_grad(tile(n, v), _meta(v, dtype=dtype, offset=offset) if bias else None,
+                              _meta(n, dtype=torch.int64, offset=offset),
+                              _meta(n, dtype=f32, offset=offset), _meta(n, dtype=f32),
+                              _meta(n, dtype=f32, offset=offset),
+                              _meta(n, dtype=f32, offset=offset) if entropy else None,
+                              0.7, softcap)
+
+    yield from _head_scenarios("sequence_rows", dname, _row_config(op),
+                               (("stats", stats, run_stats), ("grad", grad, run_grad)))
 
 
 def gae_scenarios(dname: str) -> Iterator[Scenario]:
@@ -275,7 +319,8 @@ def gae_scenarios(dname: str) -> Iterator[Scenario]:
 
 # One function per op module: (dtype name) -> its scenarios. A new launcher adds one here.
 SCENARIO_SOURCES: tuple[Callable[[str], Iterator[Scenario]], ...] = (
-    linear_logprobs_scenarios, linear_kl_scenarios, linear_nll_scenarios, gae_scenarios)
+    linear_logprobs_scenarios, linear_kl_scenarios, linear_nll_scenarios,
+    sequence_rows_scenarios, gae_scenarios)
 
 
 def scenarios() -> list[Scenario]:
