@@ -7,7 +7,10 @@ sequence, and on a few padding positions at the end). One step's loss work is si
 β = 0.1 on summed sequence log-probs, then backward to hidden and weight. Providers:
 
 * ``fastalign``: ``FusedDPOLoss(beta=0.1)(hidden, weight, labels, ref_hidden=..., ref_weight=...)``
-  (``linear_logprobs`` with impl "triton" on CUDA, "cpp" on CPU).
+  (impl "triton" on CUDA, "cpp" on CPU): the head's gradients formed in forward, one chunk of
+  whole pairs at a time (``fastalign.ops.sequence_loss``).
+* ``fastalign-streamed``: the same with ``gradients_in_forward=False``: ``linear_logprobs``
+  streams the head, its backward recomputes the logits.
 * ``eager``: what TRL's DPOTrainer does with the logits: full [2B, T, V] logits for the policy and,
   under ``no_grad``, for the reference; float32 ``log_softmax``, gather of the next-token labels,
   masked sums, ``fastalign.losses.dpo.dpo_loss``.
@@ -130,14 +133,15 @@ class DPOBenchmark(Benchmark):
                "reference, log_softmax, gather, masked sums, dpo_loss) and torch.compile")
     modes = ("forward", "full")
     modes_note = "(loss, then gradients of hidden and weight)"
-    providers = ("fastalign", "eager", "compile")
+    providers = ("fastalign", "fastalign-streamed", "eager", "compile")
     shape_syntax = "B,T,H,V[,SOFTCAP]"
     shape_meaning = "B pairs (2B sequences) of T tokens each"
     default_shapes_help = "CPU 2,512,1024,32000 float32; CUDA 4,1024,4096,128256 (Llama-3), bf16"
     example_shapes = "2,64,128,4000"
-    # Forward: policy and reference logits, 2·N·H·V each. Full: the policy's fused forward +
+    # Forward: policy and reference logits, 2·N·H·V each. Full: the policy's streamed forward +
     # backward with recompute, 8·N·H·V (as linear_logprobs' "full"), plus the reference
-    # forward, 2·N·H·V.
+    # forward, 2·N·H·V; with the gradients formed in forward (and by eager) the policy does
+    # 6·N·H·V, but every provider is credited the same work.
     flops_per_nhv = {"forward": 4, "full": 10}
     flops_remark = "(policy 8, reference 2), N = 2*B*T"
     flops_note = ("N = 2·B·T. FLOPs credited: forward 4·N·H·V (policy 2 + reference 2), full "
@@ -182,17 +186,21 @@ class DPOBenchmark(Benchmark):
     def make_provider(self, name: str, device: torch.device | str, dtype: torch.dtype,
                       softcap: float | None = None) -> Provider:
         device = torch.device(device)
-        if name == "fastalign":
+        if name in ("fastalign", "fastalign-streamed"):
             from fastalign.fused import FusedDPOLoss
 
             impl = fused_impl(device)
+            in_forward = name == "fastalign"
 
             def fn(hidden, weight, labels, ref_hidden, ref_weight, softcap, _impl=impl):
-                loss_fn = FusedDPOLoss(beta=DPO_BETA, softcap=softcap, impl=_impl)
+                loss_fn = FusedDPOLoss(beta=DPO_BETA, softcap=softcap, impl=_impl,
+                                       gradients_in_forward=in_forward)
                 return loss_fn(hidden, weight, labels, ref_hidden=ref_hidden,
                                ref_weight=ref_weight)
 
-            return Provider("fastalign", fn, f"FusedDPOLoss(beta={DPO_BETA}), impl={impl!r}")
+            note = f"FusedDPOLoss(beta={DPO_BETA}), impl={impl!r}" + (
+                "" if in_forward else ", gradients_in_forward=False")
+            return Provider(name, fn, note)
         peer = eager_provider(name, self.name, eager_dpo, "TRL-style: [2B, T, V] logits, "
                               "float32 log_softmax, gather, masked sums, dpo_loss")
         if peer is not None:

@@ -81,7 +81,9 @@ def test_linear_kl_forward_backward_at_128k_vocab_stays_far_below_the_logits():
 @pytest.mark.skipif(not cpu_peak_supported(), reason="needs /proc/self/clear_refs (Linux)")
 @pytest.mark.skipif(not impl_is_available("cpp"), reason="C++ extension not built")
 def test_fused_dpo_step_at_128k_vocab_stays_far_below_the_logits():
-    """A DPO step (policy and reference head) at 2048 tokens: one head's logits are 1 GiB."""
+    """A DPO step (policy and reference head) at 2048 tokens: one head's logits are 1 GiB.
+    The streamed path (gradients_in_forward=False); with the gradients formed in forward the
+    step holds one pair's logits instead (test_gradients_in_forward.py measures that bound)."""
     from fastalign import FusedDPOLoss
 
     pairs, length = 2, 512
@@ -92,7 +94,7 @@ def test_fused_dpo_step_at_128k_vocab_stays_far_below_the_logits():
     ref_weight = weight.detach() + 0.01 * torch.randn(V, H, generator=gen)
     labels = torch.randint(0, V, (2 * pairs, length), generator=gen)
     labels[:, :128] = -100
-    loss_fn = FusedDPOLoss(beta=0.1)
+    loss_fn = FusedDPOLoss(beta=0.1, gradients_in_forward=False)
 
     def step():
         loss, _ = loss_fn(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight)
