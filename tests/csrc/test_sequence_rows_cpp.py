@@ -14,8 +14,8 @@ from helpers import assert_close_fp32
 
 from fastalign.ops._extension import EXTENSION
 
-pytestmark = pytest.mark.skipif(not hasattr(EXTENSION, "sequence_rows_stats"),
-                                reason="the C++ extension is not built here")
+# Skipped only where the extension is not built at all: a built one must have the row passes.
+pytestmark = pytest.mark.skipif(EXTENSION is None, reason="the C++ extension is not built here")
 
 STAT_NAMES = ("logp", "entropy", "lse", "sum_pz", "log_sum_sq")
 
