@@ -5,11 +5,13 @@
 #include "linear_kl_cpu.h"
 #include "linear_logprobs_cpu.h"
 #include "linear_nll_cpu.h"
+#include "sequence_rows_cpu.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =
       "fastalign C++ kernels (CPU). Called through fastalign.linear_logprobs, fastalign.linear_nll, "
-      "fastalign.linear_kl and fastalign.gae (impl='cpp').";
+      "fastalign.linear_kl and fastalign.gae (impl='cpp'), and by the sequence-loss "
+      "engine (sequence_rows_*).";
 
   m.def("linear_logprobs_forward", &fastalign::linear_logprobs_forward,
         R"doc(Per-token log-probabilities and entropies from (hidden, LM head), streamed over
@@ -128,6 +130,46 @@ Returns:
         py::arg("compute_dref_bias"), py::arg("grad_logp") = py::none(),
         py::arg("grad_entropy") = py::none(), py::arg("targets") = py::none(),
         py::arg("sum_pz") = py::none(), py::arg("ignore_index") = -100);
+
+  m.def("sequence_rows_stats", &fastalign::sequence_rows_stats,
+        R"doc(Per-row log-softmax statistics of a tile of LM-head logits holding whole vocabulary
+rows (the sequence-loss engine's first row pass). The tile is left unchanged.
+
+z = softcap * tanh((a + bias) / softcap) / temperature, or (a + bias) / temperature without a
+softcap.
+
+Args:
+    tile: [N, V] contiguous CPU tensor of raw logits a, float32 or float64.
+    bias: [V] contiguous, tile's dtype, or None.
+    targets: [N] int64, each in [0, V).
+    temperature: > 0.
+    softcap: 0 for none.
+    float64_stats: return lse and sum_pz in float64 (the others stay in tile's dtype): with
+        them sequence_rows_grad's p of a row sum to 1, which lse rounded to float32 (up to
+        |lse| * 6e-8 relative error in every p) breaks, and the gradient 1 - p_y of a target the
+        model is sure of takes that error whole.
+
+Returns:
+    [logp, entropy, lse, sum_pz, log_sum_sq], each [N] in tile's dtype: log p_y, -sum p log p,
+    logsumexp z, sum p z and log sum p^2.)doc",
+        py::arg("tile"), py::arg("bias"), py::arg("targets"), py::arg("temperature"),
+        py::arg("softcap"), py::arg("float64_stats") = false);
+
+  m.def("sequence_rows_grad", &fastalign::sequence_rows_grad,
+        R"doc(Overwrites a tile of raw logits a (as sequence_rows_stats took them) with dL/da,
+L = sum_n grad_logp_n * logp_n + grad_entropy_n * entropy_n, in one pass per row:
+dL/dz_v = g (1[v = y] - p_v) - e p_v (z_v - sum_pz), times
+dz/da = (1 - tanh^2((a + b) / softcap)) / T (1 / T without a softcap).
+
+Args:
+    tile: [N, V] contiguous, float32 or float64: raw logits on entry, dL/da on return.
+    bias, targets, temperature, softcap: as in sequence_rows_stats.
+    lse, sum_pz: [N] tile's dtype or float64, as sequence_rows_stats returned them.
+    grad_logp: [N] tile's dtype.
+    grad_entropy: [N] tile's dtype, or None (zero).)doc",
+        py::arg("tile"), py::arg("bias"), py::arg("targets"), py::arg("lse"), py::arg("sum_pz"),
+        py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("temperature"),
+        py::arg("softcap"));
 
   m.def("gae_forward", &fastalign::gae_forward,
         R"doc(Generalised advantage estimation: one reverse scan per row over the masked positions.

@@ -53,6 +53,16 @@ inline void check_logit_options(const char* fn, double temperature, double softc
                     ": softcap must be finite and >= 0 (0 = no softcap), got ", softcap);
 }
 
+// bias [V] contiguous CPU, in the dtype of the tensor it goes with (`owner`, for the message).
+inline void check_bias(const char* fn, const at::Tensor& bias, const char* owner,
+                       at::ScalarType dtype, int64_t vocab) {
+  check_cpu_contiguous(fn, "bias [V]", bias, 1);
+  TORCH_CHECK_TYPE(bias.scalar_type() == dtype, fn, ": bias must have ", owner, "'s dtype ",
+                   dtype, ", got ", bias.scalar_type());
+  TORCH_CHECK_VALUE(bias.size(0) == vocab, fn, ": bias must have shape [V] = [", vocab,
+                    "], got ", bias.sizes());
+}
+
 // One LM head and its targets: hidden [N, H], weight [V, H] (V >= 1) and bias [V] contiguous CPU
 // tensors of one dtype the head ops take, targets [N] int64.
 inline void check_head_and_targets(const char* fn, const at::Tensor& hidden,
@@ -75,11 +85,29 @@ inline void check_head_and_targets(const char* fn, const at::Tensor& hidden,
   TORCH_CHECK_VALUE(targets.size(0) == hidden.size(0), fn, ": targets must have shape [N] = [",
                     hidden.size(0), "], got ", targets.sizes());
   if (has_tensor(bias)) {
-    check_cpu_contiguous(fn, "bias [V]", *bias, 1);
-    TORCH_CHECK_TYPE(bias->scalar_type() == dtype, fn, ": bias must have weight's dtype ", dtype,
-                     ", got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->size(0) == weight.size(0), fn, ": bias must have shape [V] = [",
-                      weight.size(0), "], got ", bias->sizes());
+    check_bias(fn, *bias, "weight", dtype, weight.size(0));
+  }
+}
+
+// targets [N] int64, each in [0, V) or, when ignore_index is given, equal to it.
+inline void check_targets(const char* fn, const at::Tensor& targets, int64_t n,
+                          int64_t vocab, c10::optional<int64_t> ignore_index) {
+  check_cpu_contiguous(fn, "targets [N]", targets, 1);
+  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, fn, ": targets must be int64, got ",
+                   targets.scalar_type());
+  TORCH_CHECK_VALUE(targets.size(0) == n, fn, ": targets must have shape [N] = [", n, "], got ",
+                    targets.sizes());
+  const int64_t* y = targets.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    if (ignore_index.has_value()) {
+      TORCH_CHECK_VALUE(y[i] == *ignore_index || (y[i] >= 0 && y[i] < vocab), fn,
+                        ": targets must lie in [0, V) = [0, ", vocab,
+                        ") or equal ignore_index (", *ignore_index, "); found ", y[i],
+                        " at position ", i);
+    } else {
+      TORCH_CHECK_VALUE(y[i] >= 0 && y[i] < vocab, fn, ": targets must lie in [0, V) = [0, ",
+                        vocab, "); found ", y[i], " at position ", i);
+    }
   }
 }
 

@@ -538,22 +538,6 @@ void check_inputs(const char* fn, const at::Tensor& hidden, const at::Tensor& we
   check_logit_options(fn, temperature, softcap);
 }
 
-// The policy's targets: [N] int64, each in [0, V) or ignore_index.
-void check_targets(const char* fn, const at::Tensor& targets, int64_t n, int64_t vocab,
-                   int64_t ignore_index) {
-  check_cpu_contiguous(fn, "targets [N]", targets, 1);
-  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, fn, ": targets must be int64, got ",
-                   targets.scalar_type());
-  TORCH_CHECK_VALUE(targets.size(0) == n, fn, ": targets must have shape [N] = [", n, "], got ",
-                    targets.sizes());
-  const int64_t* y = targets.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(y[i] == ignore_index || (y[i] >= 0 && y[i] < vocab), fn,
-                      ": targets must lie in [0, V) = [0, ", vocab, ") or equal ignore_index (",
-                      ignore_index, "); found ", y[i], " at position ", i);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
