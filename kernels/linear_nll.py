@@ -156,5 +156,7 @@ def linear_nll_forward(
 
     head = _launch.HeadGrads(hidden, weight, bias, compute_dhidden, compute_dweight,
                              compute_dbias)
-    _launch.head_grads_in_chunks([head], fill, rows_with_grad=targets != ignore_index)
+    # 5% of eager's logits and their gradient (two copies), as the other implementations.
+    _launch.head_grads_in_chunks([head], fill, rows_with_grad=targets != ignore_index,
+                                 eager_logit_copies=2)
     return (*per_row, head.dh, head.dw, head.db)

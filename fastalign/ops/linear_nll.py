@@ -52,6 +52,9 @@ from fastalign.ops.linear_logprobs import (
 __all__ = ["linear_nll", "linear_nll_reference"]
 
 REDUCTIONS = ("mean", "sum", "none")
+# Eager cross-entropy holds the float32 logits and their gradient at once: the default chunk
+# workspace is 5% of those two copies (``_chunked.chunk_rows``).
+GRADS_IN_FORWARD_EAGER_COPIES = 2
 # "torch": the chunked algorithm in plain PyTorch, what "auto" runs where no kernel can.
 NLL_IMPLEMENTATIONS = (*IMPLEMENTATIONS, "torch")
 
@@ -79,7 +82,8 @@ def _cpp_forward(hidden, weight, bias, targets, scale, temperature, softcap, ign
 
     # One token block of float32 (float64) logits at a time, within the workspace budget.
     itemsize = 8 if hidden.dtype == torch.float64 else 4
-    block_rows = _chunked.chunk_rows(hidden.shape[0], weight.shape[0], weight.shape[0] * itemsize)
+    block_rows = _chunked.chunk_rows(hidden.shape[0], weight.shape[0], weight.shape[0] * itemsize,
+                                     GRADS_IN_FORWARD_EAGER_COPIES)
     return tuple(EXTENSION.linear_nll_forward(
         hidden, weight, bias, targets, float(scale), temperature, softcap, ignore_index,
         compute_dhidden, compute_dweight, compute_dbias, block_rows))
@@ -123,7 +127,8 @@ def torch_linear_nll_forward(hidden, weight, bias, targets, scale, temperature, 
                               compute_dbias)
     # fill's own temporaries: the float32 logits, ∂z/∂a with a softcap, and logsumexp's.
     _chunked.head_grads_in_chunks([head], fill, rows_with_grad=valid,
-                                  fill_bytes_per_logit=3 * torch.finfo(compute).bits // 8)
+                                  fill_bytes_per_logit=3 * torch.finfo(compute).bits // 8,
+                                  eager_logit_copies=GRADS_IN_FORWARD_EAGER_COPIES)
     return nll, entropy, argmax, head.dh, head.dw, head.db
 
 

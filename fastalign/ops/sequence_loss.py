@@ -128,8 +128,10 @@ class CppRows:
     def stats(self, tile, bias, targets, temperature, softcap) -> RowStats:
         from fastalign.ops._extension import EXTENSION
 
+        # lse and Σ p z kept in float64: the gradient pass splits them into hi + lo, so that
+        # p = e^{z − lse} of a confident target keeps its digits (as linear_logprobs' backward).
         logp, entropy, lse, sum_pz, log_sum_sq = EXTENSION.sequence_rows_stats(
-            tile, bias, targets, temperature, softcap)
+            tile, bias, targets, temperature, softcap, float64_stats=True)
         return RowStats(logp, entropy, log_sum_sq, (lse, sum_pz))
 
     def grad(self, tile, bias, targets, stats, grad_logp, grad_entropy, temperature,
@@ -236,7 +238,9 @@ def _chunks(hidden, weight, labels, groups, bias, temperature, softcap, ignore_i
     group_tokens = mask[order].sum(1).view(groups.shape).sum(1).tolist()  # one sync
     head_dtype = hidden.dtype if chosen == "triton" else compute
     row_bytes = weight.shape[0] * (torch.finfo(head_dtype).bits // 8 + rows_pass.bytes_per_logit)
-    budget_rows = _chunked.chunk_rows(n_sequences * length, weight.shape[0], row_bytes)
+    # 5% of eager's logits and their gradient, as linear_nll (``_chunked.chunk_rows``).
+    budget_rows = _chunked.chunk_rows(n_sequences * length, weight.shape[0], row_bytes,
+                                      eager_logit_copies=2)
     return _Chunks(
         hidden.reshape(-1, hidden.shape[-1]).detach().index_select(0, rows).to(head_dtype),
         weight.detach().to(head_dtype).contiguous(),
