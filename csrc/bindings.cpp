@@ -4,7 +4,6 @@
 #include "gae_cpu.h"
 #include "linear_kl_cpu.h"
 #include "linear_logprobs_cpu.h"
-#include "linear_nll_cpu.h"
 #include "sequence_rows_cpu.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -56,24 +55,6 @@ Returns:
         py::arg("compute_dhidden"), py::arg("compute_dweight"), py::arg("compute_dbias"),
         py::arg("off_shard_targets") = false);
 
-  m.def("linear_nll_forward", &fastalign::linear_nll_forward,
-        R"doc(The NLL of the targets under an LM head and its gradients in one pass per token
-block: the block's logits, then per row the log-sum-exp, the NLL and scale * dnll/dlogits in
-place, then the head's gradients from matrix products (6 N H V FLOPs in all).
-Args:
-    hidden, weight, bias, targets, temperature, softcap, ignore_index: as in
-        linear_logprobs_forward.
-    scale: the gradients are those of scale * sum(nll).
-    compute_dhidden, compute_dweight, compute_dbias: which gradients to compute.
-    block_rows: tokens per block (the [block_rows, V] logits are the workspace).
-Returns:
-    [nll, entropy, argmax, dhidden, dweight, dbias]: nll and entropy [N] float32 (float64 for
-    float64 inputs), argmax [N] int64 (all three 0 on ignored rows), each gradient in the dtype
-    of its input, or None where not asked for.)doc",
-        py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"),
-        py::arg("scale"), py::arg("temperature"), py::arg("softcap"), py::arg("ignore_index"),
-        py::arg("compute_dhidden"), py::arg("compute_dweight"), py::arg("compute_dbias"),
-        py::arg("block_rows"));
   m.def("linear_kl_forward", &fastalign::linear_kl_forward,
         R"doc(Exact per-token KL(p || q) between the softmax of two LM heads, streamed over
 vocabulary blocks without materialising either [N, V] logit tensor.

@@ -3,8 +3,8 @@ forward pass.
 
 Layer 2 of fastalign: the argument checks, the dispatch to the kernels (the autograd end is
 ``_formed_grads``), a chunked plain-PyTorch implementation and the materialising reference. The
-kernels are ``fastalign.kernels.linear_nll`` (Triton) and ``fastalign._C.linear_nll_forward``
-(C++, ``csrc/linear_nll_cpu.cpp``).
+kernels are ``fastalign.kernels.linear_nll`` (Triton) and the C++ row passes of the sequence-loss
+engine (``csrc/sequence_rows_cpu.cpp``) between MKL's products.
 
 Why: ``linear_logprobs`` cannot know its upstream gradient in forward, so its backward recomputes
 the logits: 2·N·H·V FLOPs forward + 6·N·H·V backward. A scalar loss whose upstream gradient is a
@@ -78,15 +78,45 @@ def _kernel(impl: str) -> Callable:
 
 def _cpp_forward(hidden, weight, bias, targets, scale, temperature, softcap, ignore_index,
                  compute_dhidden, compute_dweight, compute_dbias):
+    """The C++ row passes of the sequence-loss engine (``csrc/sequence_rows_cpu.cpp``:
+    vectorised, rows spread over threads) between MKL's products, chunk by chunk, over the
+    scored rows only; the logits and the softmax in float32 (float64 for float64 inputs)."""
     from fastalign.ops._extension import EXTENSION
 
-    # One token block of float32 (float64) logits at a time, within the workspace budget.
-    itemsize = 8 if hidden.dtype == torch.float64 else 4
-    block_rows = _chunked.chunk_rows(hidden.shape[0], weight.shape[0], weight.shape[0] * itemsize,
-                                     GRADS_IN_FORWARD_EAGER_COPIES)
-    return tuple(EXTENSION.linear_nll_forward(
-        hidden, weight, bias, targets, float(scale), temperature, softcap, ignore_index,
-        compute_dhidden, compute_dweight, compute_dbias, block_rows))
+    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    n_tokens = hidden.shape[0]
+    nll, entropy = (torch.zeros(n_tokens, dtype=compute) for _ in range(2))
+    argmax = torch.zeros(n_tokens, dtype=torch.int64)
+    rows = (targets != ignore_index).nonzero().squeeze(1)
+    scored = targets.index_select(0, rows)
+    head = _chunked.HeadGrads(
+        hidden.index_select(0, rows).to(compute), weight.to(compute).contiguous(),
+        None if bias is None else bias.to(compute).contiguous(),
+        compute_dhidden, compute_dweight, compute_dbias)
+    grad_logp = -scale.to(compute)  # ∂(scale · Σ nll)/∂logp, the same for every row
+
+    def fill(start: int, end: int, tile: torch.Tensor) -> None:
+        torch.mm(head.hidden[start:end], head.weight.T, out=tile)
+        chunk_targets = scored[start:end]
+        logp, row_entropy, lse, sum_pz, _ = EXTENSION.sequence_rows_stats(
+            tile, head.bias, chunk_targets, temperature, softcap, float64_stats=True)
+        chunk_rows = rows[start:end]
+        nll[chunk_rows] = -logp
+        entropy[chunk_rows] = row_entropy
+        # The softcap and temperature are increasing: the raw logits' arg-max is z's (where a
+        # softcap saturates, the largest raw logit among columns of equal z).
+        argmax[chunk_rows] = (tile if head.bias is None else tile + head.bias).argmax(1)
+        EXTENSION.sequence_rows_grad(tile, head.bias, chunk_targets, lse, sum_pz,
+                                     grad_logp.expand(end - start).contiguous(), None,
+                                     temperature, softcap)
+
+    _chunked.head_grads_in_chunks([head], fill, aligned_rows=False,
+                                  eager_logit_copies=GRADS_IN_FORWARD_EAGER_COPIES)
+    dh = None
+    if head.dh is not None:
+        dh = torch.zeros_like(hidden).index_copy_(0, rows, head.dh.to(hidden.dtype))
+    return (nll, entropy, argmax, dh, None if head.dw is None else head.dw.to(weight.dtype),
+            None if head.db is None else head.db.to(bias.dtype))
 
 
 def torch_linear_nll_forward(hidden, weight, bias, targets, scale, temperature, softcap,
