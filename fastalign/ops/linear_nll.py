@@ -88,9 +88,11 @@ def _cpp_forward(hidden, weight, bias, targets, scale, temperature, softcap, ign
     nll, entropy = (torch.zeros(n_tokens, dtype=compute) for _ in range(2))
     argmax = torch.zeros(n_tokens, dtype=torch.int64)
     rows = (targets != ignore_index).nonzero().squeeze(1)
-    scored = targets.index_select(0, rows)
+    every_row = rows.numel() == n_tokens  # then no copy of hidden in, nor of dh out
+    scored = targets if every_row else targets.index_select(0, rows)
     head = _chunked.HeadGrads(
-        hidden.index_select(0, rows).to(compute), weight.to(compute).contiguous(),
+        (hidden if every_row else hidden.index_select(0, rows)).to(compute),
+        weight.to(compute).contiguous(),
         None if bias is None else bias.to(compute).contiguous(),
         compute_dhidden, compute_dweight, compute_dbias)
     grad_logp = -scale.to(compute)  # ∂(scale · Σ nll)/∂logp, the same for every row
@@ -112,9 +114,10 @@ def _cpp_forward(hidden, weight, bias, targets, scale, temperature, softcap, ign
 
     _chunked.head_grads_in_chunks([head], fill, aligned_rows=False,
                                   eager_logit_copies=GRADS_IN_FORWARD_EAGER_COPIES)
-    dh = None
-    if head.dh is not None:
-        dh = torch.zeros_like(hidden).index_copy_(0, rows, head.dh.to(hidden.dtype))
+    dh = head.dh
+    if dh is not None:
+        dh = dh.to(hidden.dtype) if every_row else torch.zeros_like(hidden).index_copy_(
+            0, rows, dh.to(hidden.dtype))
     return (nll, entropy, argmax, dh, None if head.dw is None else head.dw.to(weight.dtype),
             None if head.db is None else head.db.to(bias.dtype))
 
