@@ -79,6 +79,8 @@ TEST_RUNS = (
     ("tests (chunked backward)", "chunked", 100,
      ("tests/ops/test_linear_logprobs.py", "tests/ops/test_linear_kl.py",
       "tests/ops/test_numerics.py", "tests/ops/test_backward_strategies.py",
+      "tests/ops/test_linear_nll.py", "tests/kernels/test_sequence_rows.py",
+      "tests/losses/test_gradients_in_forward.py",
       "tests/ops/test_linear_argmax.py", "tests/ops/test_gae.py")),
     ("tests (atomic backward)", "atomic", 60,
      ("tests/ops/test_linear_logprobs.py", "tests/ops/test_linear_kl.py",
