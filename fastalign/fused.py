@@ -94,20 +94,21 @@ class _FusedSequenceLoss(nn.Module):
     def sequence_loss(self, hidden, weight, labels, bias, loss_of, *, groups_of,
                       in_forward: bool, return_entropy: bool = False,
                       return_log_sum_sq_probs: bool = False):
-        """``loss_of(self.sequence_logprobs(...))``: ``(loss, metrics)``, with the head's
-        gradients formed in forward when ``in_forward`` (``forms_gradients_in_forward``'s
-        answer); ``groups_of(S, device)`` gives the groups of sequences the loss separates
+        """``(loss, metrics, sequences)``: ``loss_of(sequences)`` of the policy's
+        ``sequences = self.sequence_logprobs(...)``, with the head's gradients formed in forward
+        when ``in_forward`` (``forms_gradients_in_forward``'s answer; ``sequences`` are then
+        detached); ``groups_of(S, device)`` gives the groups of sequences the loss separates
         over."""
         if in_forward:
-            loss, metrics, _ = sequence_loss_with_head_grads(
+            return sequence_loss_with_head_grads(
                 hidden, weight, labels, loss_of, groups=groups_of(hidden.shape[0], hidden.device),
                 bias=bias, temperature=self.temperature, softcap=self.softcap,
                 ignore_index=self.ignore_index, return_entropy=return_entropy,
                 return_log_sum_sq_probs=return_log_sum_sq_probs, impl=self.impl)
-            return loss, metrics
-        return loss_of(self.sequence_logprobs(hidden, weight, labels, bias,
-                                              return_entropy=return_entropy,
-                                              return_log_sum_sq_probs=return_log_sum_sq_probs))
+        sequences = self.sequence_logprobs(hidden, weight, labels, bias,
+                                           return_entropy=return_entropy,
+                                           return_log_sum_sq_probs=return_log_sum_sq_probs)
+        return (*loss_of(sequences), sequences)
 
     def forms_gradients_in_forward(self, hidden, weight, bias, *, separable: bool = True,
                                    constants=()) -> bool:
@@ -256,9 +257,10 @@ class FusedDPOLoss(_FusedSequenceLoss):
                 chosen_nll=_chosen_token_nll(policy), pair_weights=pair_weights, options=options,
             )
 
-        return self.sequence_loss(hidden, weight, labels, bias, loss_of, groups_of=pair_groups,
-                                  in_forward=in_forward,
-                                  return_log_sum_sq_probs=options.use_weighting)
+        loss, metrics, _ = self.sequence_loss(hidden, weight, labels, bias, loss_of,
+                                              groups_of=pair_groups, in_forward=in_forward,
+                                              return_log_sum_sq_probs=options.use_weighting)
+        return loss, metrics
 
 
 def _chosen_token_nll(policy: SequenceLogprobs) -> torch.Tensor:
@@ -297,9 +299,10 @@ class _FusedReferenceFreeLoss(_FusedSequenceLoss):
             return type(self).loss_fn(chosen_logps, rejected_logps,
                                       chosen_nll=_chosen_token_nll(policy), options=self.options)
 
-        return self.sequence_loss(
+        loss, metrics, _ = self.sequence_loss(
             hidden, weight, labels, bias, loss_of, groups_of=pair_groups,
             in_forward=self.forms_gradients_in_forward(hidden, weight, bias))
+        return loss, metrics
 
 
 class FusedSimPOLoss(_FusedReferenceFreeLoss):
@@ -388,8 +391,9 @@ class FusedKTOLoss(_FusedSequenceLoss):
             return kto_loss(policy.sum_logps, ref_logps, policy_kl_logps,
                             ref_kl_logps if with_kl else None, desirable, options=self.options)
 
-        return self.sequence_loss(hidden, weight, labels, bias, loss_of, groups_of=single_groups,
-                                  in_forward=in_forward)
+        loss, metrics, _ = self.sequence_loss(hidden, weight, labels, bias, loss_of,
+                                              groups_of=single_groups, in_forward=in_forward)
+        return loss, metrics
 
 
 class FusedPPOLoss(_FusedSequenceLoss):
@@ -455,11 +459,10 @@ class FusedPPOLoss(_FusedSequenceLoss):
             in_forward = self.forms_gradients_in_forward(
                 hidden, weight, bias, separable=variant.top_entropy_quantile == 1,
                 constants=(old_logps, advantages, ref_logps))
-            loss, metrics = self.sequence_loss(
+            loss, metrics, policy = self.sequence_loss(
                 hidden, weight, labels, bias, loss_of, groups_of=single_groups,
                 in_forward=in_forward, return_entropy=return_entropy)
-            mask = next_token_targets(labels, ignore_index=self.ignore_index)[:, :-1] \
-                != self.ignore_index if values is not None else None
+            mask = policy.token_mask
         if values is not None:
             if old_values is None or returns is None:
                 raise ValueError("FusedPPOLoss: values need old_values and returns as well")

@@ -42,6 +42,7 @@ from fastalign.kernels import _chunked
 from fastalign.ops._backends import IMPLEMENTATIONS, resolve_impl
 from fastalign.ops._checks import check_bool, check_choice, check_positive, check_token_range
 from fastalign.ops._formed_grads import GradientsFormedInForward
+from fastalign.ops._row_passes import ROW_PASSES
 from fastalign.ops.linear_argmax import linear_argmax
 from fastalign.ops.linear_logprobs import (
     check_linear_logprobs_args,
@@ -81,8 +82,7 @@ def _cpp_forward(hidden, weight, bias, targets, scale, temperature, softcap, ign
     """The C++ row passes of the sequence-loss engine (``csrc/sequence_rows_cpu.cpp``:
     vectorised, rows spread over threads) between MKL's products, chunk by chunk, over the
     scored rows only; the logits and the softmax in float32 (float64 for float64 inputs)."""
-    from fastalign.ops._extension import EXTENSION
-
+    rows_pass = ROW_PASSES["cpp"]
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     n_tokens = hidden.shape[0]
     nll, entropy = (torch.zeros(n_tokens, dtype=compute) for _ in range(2))
@@ -100,17 +100,15 @@ def _cpp_forward(hidden, weight, bias, targets, scale, temperature, softcap, ign
     def fill(start: int, end: int, tile: torch.Tensor) -> None:
         torch.mm(head.hidden[start:end], head.weight.T, out=tile)
         chunk_targets = scored[start:end]
-        logp, row_entropy, lse, sum_pz, _ = EXTENSION.sequence_rows_stats(
-            tile, head.bias, chunk_targets, temperature, softcap, float64_stats=True)
+        stats = rows_pass.stats(tile, head.bias, chunk_targets, temperature, softcap)
         chunk_rows = rows[start:end]
-        nll[chunk_rows] = -logp
-        entropy[chunk_rows] = row_entropy
+        nll[chunk_rows] = -stats.logp
+        entropy[chunk_rows] = stats.entropy
         # The softcap and temperature are increasing: the raw logits' arg-max is z's (where a
         # softcap saturates, the largest raw logit among columns of equal z).
         argmax[chunk_rows] = (tile if head.bias is None else tile + head.bias).argmax(1)
-        EXTENSION.sequence_rows_grad(tile, head.bias, chunk_targets, lse, sum_pz,
-                                     grad_logp.expand(end - start).contiguous(), None,
-                                     temperature, softcap)
+        rows_pass.grad(tile, head.bias, chunk_targets, stats,
+                       grad_logp.expand(end - start).contiguous(), None, temperature, softcap)
 
     _chunked.head_grads_in_chunks([head], fill, aligned_rows=False,
                                   eager_logit_copies=GRADS_IN_FORWARD_EAGER_COPIES)
