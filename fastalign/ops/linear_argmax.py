@@ -135,13 +135,19 @@ def linear_logit_stats(
         logit_sum /= float(temperature)
     if not (argmax or log_sum_sq_probs or (mean_logits and not linear_mean)):
         n_rows = 0  # nothing left to stream
+    # One score tile, reused: allocating a fresh 16 MiB tile per step lets the heap grow
+    # (freed tiles stay resident where the allocator does not reuse them in place).
+    tile = torch.empty(min(n_rows, block_rows) * min(weight.shape[0], block_vocab), dtype=dtype,
+                       device=device)
     for row in range(0, n_rows, block_rows):
         block = rows[row:row + block_rows].to(dtype)
         best = torch.full((block.shape[0],), -torch.inf, dtype=dtype, device=device)
         index = best_index[row:row + block_rows]  # views: filled in place
         m, s1, s2 = (t[row:row + block_rows] for t in (running_max, sum_exp, sum_exp2))
         for start in range(0, weight.shape[0], block_vocab):
-            scores = block @ weight[start:start + block_vocab].to(dtype).T
+            head = weight[start:start + block_vocab].to(dtype)
+            scores = tile[:block.shape[0] * head.shape[0]].view(block.shape[0], head.shape[0])
+            torch.mm(block, head.T, out=scores)
             if bias is not None:
                 scores += bias[start:start + block_vocab].to(dtype)
             if argmax:
