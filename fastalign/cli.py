@@ -114,6 +114,11 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
         "--warmup", type=int, default=1,
         help="CPU: untimed calls before timing (default: %(default)s)")
     parser.add_argument(
+        "--sequential", action="store_true",
+        help="CPU: time one provider's calls after another's instead of in interleaved rounds "
+             "(each round one call of every provider and mode: a CPU's drift over minutes then "
+             "falls on all of them alike)")
+    parser.add_argument(
         "--rep-ms", type=int, default=100,
         help="CUDA: time budget in ms for triton.testing.do_bench's repetitions "
              "(default: %(default)s)")
@@ -164,7 +169,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     config = harness.BenchConfig(
         device=device, dtype=dtype, shapes=shapes, providers=args.providers, modes=modes,
         timing=measure.TimingOptions(warmup=args.warmup, reps=args.reps,
-                                     cuda_rep_ms=args.rep_ms),
+                                     cuda_rep_ms=args.rep_ms, interleave=not args.sequential),
         on_mismatch=args.on_mismatch, seed=args.seed, progress=not args.no_progress,
     )
     result = harness.run_benchmark(benchmark, config)

@@ -46,6 +46,9 @@ from fastalign.bench.measure import (
     is_oom,
     matmul_tflops,
     measure_mode_fn,
+    measure_mode_memory,
+    time_interleaved,
+    timing_metrics,
     versions,
 )
 
@@ -342,6 +345,21 @@ class Benchmark:
             return measure_mode_fn(self.make_mode_fn(provider, inputs, mode), inputs.device,
                                    self.flops(mode, inputs.shape), timing, matmul_rate)
 
+    def mode_fn_in_env(self, provider: Provider, inputs, mode: str) -> ModeFn:
+        """``make_mode_fn`` whose setup and run each set ``provider.env`` while they run (for
+        calls made outside ``provider_env``: the rounds of interleaved timing)."""
+        fn = self.make_mode_fn(provider, inputs, mode)
+
+        def setup():
+            with provider_env(provider):
+                return fn.setup()
+
+        def run(state):
+            with provider_env(provider):
+                return fn.run(state)
+
+        return ModeFn(run, setup)
+
     def describe_flops(self) -> str:
         """``"forward 2*N*H*V, full 8*N*H*V"`` and the remark, for --help."""
         text = ", ".join(f"{mode} {self.flops_per_nhv[mode]}*N*H*V" for mode in self.modes)
@@ -412,6 +430,32 @@ def _resolved_config(benchmark: Benchmark, config: BenchConfig,
 
 
 @dataclass
+class PendingTiming:
+    """A row measured for memory whose timing comes later, in the shape's interleaved rounds."""
+
+    row: dict
+    fn: ModeFn
+    n_flops: int
+
+
+def interleaves(config: BenchConfig, device: torch.device) -> bool:
+    """Whether the providers of a shape are timed in rounds (``TimingOptions.interleave``; CPU
+    only: on CUDA, do_bench's short, flushed repetitions are not exposed to minutes of drift)."""
+    return config.timing.interleave and device.type == "cpu"
+
+
+def time_pending(pending: list[PendingTiming], timing: TimingOptions,
+                 matmul_rate: float) -> None:
+    """Time every pending row in interleaved rounds (``time_interleaved``) and fill in its
+    timing fields; the list is emptied."""
+    if pending:
+        times = time_interleaved([item.fn for item in pending], timing)
+        for item, measured in zip(pending, times):
+            item.row.update(timing_metrics(measured, item.n_flops, matmul_rate))
+    pending.clear()
+
+
+@dataclass
 class ShapeRun:
     """One shape's inputs, ground truth and eager's own error, shared by all its providers."""
 
@@ -434,12 +478,14 @@ def prepare_shape(benchmark: Benchmark, shape, config: BenchConfig, device: torc
 def run_provider(benchmark: Benchmark, run: ShapeRun, provider: Provider, config: BenchConfig,
                  matmul_rate: float, row_fields: dict,
                  on_step: Callable[[str], None] = lambda step: None,
+                 pending: list[PendingTiming] | None = None,
                  ) -> tuple[list[dict], list[Skip], bool]:
     """Check ``provider`` on ``run``, then measure each of ``config.modes``: (rows, skips, checked).
 
     Providers that run out of memory or (peers only) fail are skipped; a fastalign provider that
     fails or disagrees raises, unless ``config.on_mismatch`` is "skip". ``row_fields`` (device,
-    versions, date) go into every row.
+    versions, date) go into every row. With ``pending`` (a list) and interleaved timing, rows
+    are measured for memory here and appended to ``pending`` for ``time_pending`` to time.
     """
     device, shape = run.inputs.device, run.shape
     ours = provider.name.startswith("fastalign")
@@ -467,8 +513,14 @@ def run_provider(benchmark: Benchmark, run: ShapeRun, provider: Provider, config
     rows, skipped = [], []
     for mode in config.modes:
         on_step(f"{shape} {provider.name} {mode}")
+        defer = pending is not None and interleaves(config, device)
         try:
-            metrics = benchmark.measure(provider, run.inputs, mode, config.timing, matmul_rate)
+            if defer:
+                fn = benchmark.mode_fn_in_env(provider, run.inputs, mode)
+                metrics = {"peak_mem_mb": measure_mode_memory(fn, device) / 2**20}
+            else:
+                metrics = benchmark.measure(provider, run.inputs, mode, config.timing,
+                                            matmul_rate)
         except Exception as exc:  # noqa: BLE001
             free_memory(device)
             if not (is_oom(exc) or config.on_mismatch == "skip" or not ours):
@@ -481,6 +533,8 @@ def run_provider(benchmark: Benchmark, run: ShapeRun, provider: Provider, config
             **benchmark.shape_columns(shape), "dtype": dtype_name(config.dtype),
             **metrics, **row_fields, "shape": shape,
         })
+        if defer:
+            pending.append(PendingTiming(rows[-1], fn, benchmark.flops(mode, shape)))
     free_memory(device)
     return rows, skipped, True
 
@@ -521,12 +575,16 @@ def run_benchmark(benchmark: Benchmark, config: BenchConfig) -> BenchResult:
         providers.sort(key=lambda p: p.name != "eager")
         bar.set_postfix_str(f"{shape} ground truth")
         run = prepare_shape(benchmark, shape, config, device, "eager" in config.providers)
+        pending: list[PendingTiming] = []
         for provider in providers:
             new_rows, new_skips, checked = run_provider(benchmark, run, provider, config, rate,
-                                                        row_fields, bar.set_postfix_str)
+                                                        row_fields, bar.set_postfix_str, pending)
             if checked:
                 notes[provider.name] = provider.note
             record(new_rows, new_skips)
+        if pending:
+            bar.set_postfix_str(f"{shape} timing {len(pending)} runs in interleaved rounds")
+            time_pending(pending, config.timing, rate)
         del run
         free_memory(device)
     bar.close()

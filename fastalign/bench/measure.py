@@ -51,12 +51,19 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass(frozen=True)
 class TimingOptions:
-    """CPU: ``warmup`` + ``reps`` timed calls. CUDA: ``triton.testing.do_bench`` budgets in ms."""
+    """CPU: ``warmup`` + ``reps`` timed calls. CUDA: ``triton.testing.do_bench`` budgets in ms.
+
+    ``interleave`` (CPU): time the providers of a shape in rounds, each round one call of every
+    (provider, mode) in turn, instead of one provider's calls after another's. A CPU's speed
+    drifts over minutes (shared hosts, clocks, other load); interleaved, the drift falls on every
+    provider alike instead of on whichever ran during a slow minute.
+    """
 
     warmup: int = 1
     reps: int = 5
     cuda_warmup_ms: int = 25
     cuda_rep_ms: int = 100
+    interleave: bool = True
 
 
 def time_fn(fn: Callable[[], object] | ModeFn, device: torch.device | str,
@@ -85,6 +92,27 @@ def time_fn(fn: Callable[[], object] | ModeFn, device: torch.device | str,
             times.append((time.perf_counter() - start) * 1e3)
             del state
     return _quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8)
+
+
+def time_interleaved(fns: Sequence[Callable[[], object] | ModeFn],
+                     options: TimingOptions = TimingOptions()) -> list[tuple[float, float, float]]:
+    """CPU: (median, 20th, 80th percentile) milliseconds of each of ``fns``, timed in rounds:
+    ``options.warmup`` untimed rounds, then ``options.reps`` rounds that call every fn once in
+    turn (a ModeFn's setup untimed, as in ``time_fn``)."""
+    calls = [(fn.setup, fn.run) if isinstance(fn, ModeFn) else (_no_setup, lambda _, f=fn: f())
+             for fn in fns]
+    for _ in range(options.warmup):
+        for setup, run in calls:
+            run(setup())
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(max(1, options.reps)):
+        for index, (setup, run) in enumerate(calls):
+            state = setup()
+            start = time.perf_counter()
+            run(state)
+            times[index].append((time.perf_counter() - start) * 1e3)
+            del state
+    return [(_quantile(t, 0.5), _quantile(t, 0.2), _quantile(t, 0.8)) for t in times]
 
 
 def _cuda_times_with_setup(run: Callable[[object], object], setup: Callable[[], object],
@@ -162,17 +190,21 @@ def measure_mode_memory(fn: ModeFn, device: torch.device | str) -> int:
     return max(0, peak_bytes - _tensor_bytes(result))
 
 
+def timing_metrics(times: tuple[float, float, float], n_flops: int,
+                   matmul_rate: float | None = None) -> dict:
+    """The row fields of a (median, p20, p80) ms timing of ``n_flops`` of work."""
+    ms_median, ms_p20, ms_p80 = times
+    tflops = n_flops / (ms_median * 1e-3) / 1e12
+    return {"ms_median": ms_median, "ms_p20": ms_p20, "ms_p80": ms_p80, "tflops": tflops,
+            "frac_of_matmul": tflops / matmul_rate if matmul_rate else math.nan}
+
+
 def measure_mode_fn(fn: ModeFn, device: torch.device, n_flops: int, timing: TimingOptions,
                     matmul_rate: float | None = None) -> dict:
     """Peak memory (one separate, un-timed call) then time of ``fn``; returns the metrics."""
     peak_bytes = measure_mode_memory(fn, device)
-    ms_median, ms_p20, ms_p80 = time_fn(fn, device, timing)
-    tflops = n_flops / (ms_median * 1e-3) / 1e12
-    return {
-        "ms_median": ms_median, "ms_p20": ms_p20, "ms_p80": ms_p80, "tflops": tflops,
-        "frac_of_matmul": tflops / matmul_rate if matmul_rate else math.nan,
-        "peak_mem_mb": peak_bytes / _MiB,
-    }
+    return {**timing_metrics(time_fn(fn, device, timing), n_flops, matmul_rate),
+            "peak_mem_mb": peak_bytes / _MiB}
 
 
 def is_oom(exc: BaseException) -> bool:

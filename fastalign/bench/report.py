@@ -50,6 +50,11 @@ def format_table(result: BenchResult) -> str:
         f"{result.flops_note} "
         "Ratios are provider ÷ eager (lower is better).",
     ]
+    if cfg.device == "cpu" or str(cfg.device).startswith("cpu"):
+        how = ("in interleaved rounds (each round one call of every provider and mode in turn)"
+               if cfg.timing.interleave else "one provider after another")
+        lines[-1] += (f" Timed on CPU {how}: {cfg.timing.warmup} warm-up and "
+                      f"{cfg.timing.reps} timed calls each.")
     for shape in _shapes_in_order(result):
         rows = [row for row in result.rows if row["shape"] == shape]
         eager = {row["mode"]: row for row in rows if row["provider"] == "eager"}

@@ -7,6 +7,7 @@ import csv
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -89,6 +90,46 @@ def test_tiny_bench_run_writes_csv_table_and_plot(op, tmp_path, capsys):
     assert ",".join(rows[0]) == CSV_COLUMNS[op]
     expected = {(provider, mode) for provider in providers for mode in BENCHMARKS[op].modes}
     assert {(row["provider"], row["mode"]) for row in rows} == expected
+
+
+@pytest.mark.skipif(not impl_is_available("cpp"), reason="C++ extension not built")
+@pytest.mark.parametrize("sequential", [False, True])
+def test_cpu_timing_is_interleaved_unless_asked_otherwise(sequential, tmp_path, capsys):
+    shape, providers = TINY_RUNS["linear_nll"]
+    status = cli_main(["bench", "--op", "linear_nll", "--device", "cpu", "--shapes", shape,
+                       "--providers", *providers, "--reps", "2", "--warmup", "1",
+                       "--no-progress", "--output", str(tmp_path),
+                       *(["--sequential"] if sequential else [])])
+    assert status == 0
+    printed = capsys.readouterr().out
+    how = "one provider after another" if sequential else "in interleaved rounds"
+    assert f"Timed on CPU {how}" in printed and "1 warm-up and 2 timed calls each." in printed
+    (csv_path,) = tmp_path.glob("linear_nll_cpu-*.csv")
+    with open(csv_path) as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["provider"] for row in rows} == set(providers)
+    for row in rows:
+        assert 0 < float(row["ms_p20"]) <= float(row["ms_median"]) <= float(row["ms_p80"])
+        assert float(row["tflops"]) > 0 and float(row["peak_mem_mb"]) >= 0
+
+
+def test_interleaved_rounds_call_every_fn_in_turn_with_setups_untimed():
+    from fastalign.bench.measure import ModeFn, TimingOptions, time_interleaved
+
+    calls = []
+
+    def slow_setup():
+        calls.append("setup")
+        time.sleep(0.05)  # must not be timed
+        return "state"
+
+    fns = [ModeFn(lambda state: calls.append(("a", state)), slow_setup),
+           lambda: calls.append("b")]
+    times = time_interleaved(fns, TimingOptions(warmup=1, reps=3))
+    assert calls == ["setup", ("a", "state"), "b"] * 4
+    assert len(times) == 2
+    for median, p20, p80 in times:
+        assert 0 <= p20 <= median <= p80 < 40  # ms: the 50 ms setup is outside
 
 
 @pytest.mark.parametrize("argv, message", [
