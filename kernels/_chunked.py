@@ -25,6 +25,61 @@ WORKSPACE_FRACTION = 0.05
 MIN_CHUNK_ROWS = 64
 
 
+# ----------------------------------------------------------------------------------------------
+# The products on CPU
+# ----------------------------------------------------------------------------------------------
+
+# torch sends float32 torch.mm to MKL. On AMD CPUs MKL takes its AVX2 path, and its product with
+# the head's [V, H] weight transposed (the logits) ran at 0.10 TFLOP/s on a 2-core AMD EPYC VM
+# (2026-12-03) where oneDNN, which torch ships for its own fused CPU linear layers and which
+# picks its kernels by the CPU's features, ran the same product at 0.18 (dh: 0.13 against 0.17;
+# same float32 arithmetic, another order of summation). Its entry point writes a new tensor (no
+# ``out=``): the chunked loops below let ``fill`` allocate the tile instead of filling ours.
+CPU_MATMUL_ENV = "FASTALIGN_CPU_MATMUL"
+CPU_MATMULS = ("auto", "onednn", "torch")
+
+
+def _onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                            "_linear_pointwise")
+
+
+def cpu_matmul() -> str:
+    """Which library multiplies the chunked products of float32 tensors on CPU: "onednn"
+    (``torch.ops.mkldnn._linear_pointwise``) where torch has it, else "torch" (``torch.mm``,
+    MKL); ``FASTALIGN_CPU_MATMUL`` = auto | onednn | torch chooses."""
+    choice = os.environ.get(CPU_MATMUL_ENV, "auto")
+    if choice not in CPU_MATMULS:
+        raise ValueError(f"{CPU_MATMUL_ENV} must be one of {', '.join(CPU_MATMULS)}, got "
+                         f"{choice!r}")
+    available = _onednn_linear_available()
+    if choice == "onednn" and not available:
+        raise ValueError(f"{CPU_MATMUL_ENV}=onednn, but this torch has no oneDNN linear "
+                         "(torch.backends.mkldnn.is_available() is False)")
+    return "onednn" if choice != "torch" and available else "torch"
+
+
+def _uses_onednn(a: torch.Tensor) -> bool:
+    return a.device.type == "cpu" and a.dtype == torch.float32 and cpu_matmul() == "onednn"
+
+
+def product_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ bᵀ as a new tensor, for 2-D a [n, k] and b [m, k] (any strides): the logits
+    hidden @ Wᵀ of a chunk, or with b = Wᵀ the chunk's dh. oneDNN on CPU for float32
+    (``cpu_matmul``), torch.mm elsewhere."""
+    if _uses_onednn(a) and a.shape[0] > 0:
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return torch.mm(a, b.T)
+
+
+def fill_allocates_tiles(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether a chunk's tile of logits should come from ``product_nt`` (a new tensor each chunk:
+    ``head_grads_in_chunks(fill_allocates=True)``) rather than ``torch.mm(out=)`` into one
+    workspace: on CPU for float32, where oneDNN multiplies."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and \
+        cpu_matmul() == "onednn"
+
+
 def float32_accumulator(wanted: bool, shape: tuple[int, ...], device: torch.device,
                         dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """A zeroed float32 gradient accumulator (the kernels add into it atomically), or None."""
@@ -79,11 +134,12 @@ class HeadGrads:
         return self.want_dh or self.want_dw or (self.want_db and self.bias is not None)
 
 
-def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., None],
+def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., object],
                          rows_with_grad: torch.Tensor | None = None,
                          fill_bytes_per_logit: int = 0,
                          bounds: Sequence[tuple[int, int]] | None = None,
-                         aligned_rows: bool = True, eager_logit_copies: int = 1) -> None:
+                         aligned_rows: bool = True, eager_logit_copies: int = 1,
+                         fill_allocates: bool = False) -> None:
     """Fill each head's dh, dW, db, chunk of tokens by chunk of tokens.
 
     ``fill(start, end, *workspaces)`` launches the kernel that writes ∂L/∂a of tokens
@@ -96,7 +152,9 @@ def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., None],
     pairs covering [0, N) in order, for a caller whose chunks must hold whole sequences (the
     workspace is then as large as the largest); by default equal chunks within the budget.
     ``aligned_rows=False``: contiguous workspace rows, for a ``fill`` that needs them so.
-    ``eager_logit_copies``: as in ``chunk_rows``.
+    ``eager_logit_copies``: as in ``chunk_rows``. ``fill_allocates``: no workspace is allocated
+    here; ``fill(start, end)`` returns each head's ∂L/∂a tile (a tensor it allocated, or None),
+    dropped before the next chunk's (``fill_allocates_tiles``: oneDNN's products on CPU).
     """
     active = [head for head in heads if head.wanted]
     if not active:
@@ -111,9 +169,9 @@ def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., None],
     # Rows padded to a multiple of ALIGNMENT entries, so that every row of the workspace starts
     # on a 16-byte boundary (vectorised stores in the kernel; cuBLAS takes the leading dimension).
     padded_vocab = -(-vocab_size // ALIGNMENT) * ALIGNMENT if aligned_rows else vocab_size
-    workspaces = {id(head): torch.empty((chunk, padded_vocab), dtype=dtype,
-                                        device=device)[:, :vocab_size]
-                  for head in active}
+    workspaces = {} if fill_allocates else {
+        id(head): torch.empty((chunk, padded_vocab), dtype=dtype, device=device)[:, :vocab_size]
+        for head in active}
     dw32, db32 = {}, {}
     for head in active:
         if head.want_dh:
@@ -125,13 +183,19 @@ def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., None],
         db32[id(head)] = float32_accumulator(head.want_db and head.bias is not None,
                                              (vocab_size,), device, accumulate)
     for start, end in bounds:
-        chunk_ws = [workspaces[id(h)][:end - start] if h.wanted else None for h in heads]
-        fill(start, end, *chunk_ws)
+        if fill_allocates:
+            chunk_ws = list(fill(start, end))
+        else:
+            chunk_ws = [workspaces[id(h)][:end - start] if h.wanted else None for h in heads]
+            fill(start, end, *chunk_ws)
         for head, grad in zip(heads, chunk_ws):
             if grad is None:
                 continue
             if head.want_dh:  # one product over the whole vocabulary: one rounding per entry
-                torch.mm(grad, head.weight, out=head.dh[start:end])
+                if _uses_onednn(grad):
+                    head.dh[start:end] = product_nt(grad, head.weight.T)
+                else:
+                    torch.mm(grad, head.weight, out=head.dh[start:end])
             if dw32[id(head)] is not None:
                 rows = head.hidden[start:end]
                 if rows_with_grad is not None:
@@ -139,6 +203,7 @@ def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., None],
                 addmm_float32(dw32[id(head)], grad.T, rows)
             if db32[id(head)] is not None:
                 db32[id(head)] += grad.sum(dim=0, dtype=db32[id(head)].dtype)
+        chunk_ws = grad = None  # a tile fill allocated: freed before the next one is made
     for head in active:
         if dw32[id(head)] is not None:
             head.dw = dw32[id(head)].to(head.weight.dtype)

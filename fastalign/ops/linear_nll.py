@@ -96,9 +96,13 @@ def _cpp_forward(hidden, weight, bias, targets, scale, temperature, softcap, ign
         None if bias is None else bias.to(compute).contiguous(),
         compute_dhidden, compute_dweight, compute_dbias)
     grad_logp = -scale.to(compute)  # ∂(scale · Σ nll)/∂logp, the same for every row
+    allocate = _chunked.fill_allocates_tiles(hidden.device, compute)
 
-    def fill(start: int, end: int, tile: torch.Tensor) -> None:
-        torch.mm(head.hidden[start:end], head.weight.T, out=tile)
+    def fill(start: int, end: int, tile: torch.Tensor | None = None) -> list[torch.Tensor]:
+        if allocate:  # oneDNN's product, a new tile (``_chunked.product_nt``)
+            tile = _chunked.product_nt(head.hidden[start:end], head.weight)
+        else:
+            torch.mm(head.hidden[start:end], head.weight.T, out=tile)
         chunk_targets = scored[start:end]
         stats = rows_pass.stats(tile, head.bias, chunk_targets, temperature, softcap)
         chunk_rows = rows[start:end]
@@ -109,9 +113,11 @@ def _cpp_forward(hidden, weight, bias, targets, scale, temperature, softcap, ign
         argmax[chunk_rows] = (tile if head.bias is None else tile + head.bias).argmax(1)
         rows_pass.grad(tile, head.bias, chunk_targets, stats,
                        grad_logp.expand(end - start).contiguous(), None, temperature, softcap)
+        return [tile]
 
     _chunked.head_grads_in_chunks([head], fill, aligned_rows=False,
-                                  eager_logit_copies=GRADS_IN_FORWARD_EAGER_COPIES)
+                                  eager_logit_copies=GRADS_IN_FORWARD_EAGER_COPIES,
+                                  fill_allocates=allocate)
     dh = head.dh
     if dh is not None:
         dh = dh.to(hidden.dtype) if every_row else torch.zeros_like(hidden).index_copy_(
@@ -134,7 +140,7 @@ def torch_linear_nll_forward(hidden, weight, bias, targets, scale, temperature, 
     def fill(start: int, end: int, dlogits: torch.Tensor) -> None:
         rows_valid = valid[start:end, None]
         safe = torch.where(rows_valid, targets[start:end, None], 0)
-        a = torch.mm(hidden[start:end], weight.T).to(compute)
+        a = _chunked.product_nt(hidden[start:end], weight).to(compute)
         if bias is not None:
             a += bias
         if softcap:

@@ -94,11 +94,24 @@ class _Chunks:
     temperature: float
     softcap: float         # 0: none
 
-    def tile_stats(self, start: int, end: int, tile: torch.Tensor) -> RowStats:
-        """The chunk's logits into ``tile``, and their per-row statistics."""
-        torch.mm(self.hidden[start:end], self.weight.T, out=tile)
-        return self.rows_pass.stats(tile, self.bias, self.targets[start:end], self.temperature,
-                                    self.softcap)
+    @property
+    def allocates_tiles(self) -> bool:
+        """Whether each chunk's tile is a new tensor from oneDNN's product (float32 on CPU,
+        ``_chunked.fill_allocates_tiles``) instead of ``torch.mm(out=)`` into one workspace.
+        Not under Triton, whose row kernels want the workspace's aligned rows."""
+        return self.impl != "triton" and _chunked.fill_allocates_tiles(self.hidden.device,
+                                                                        self.hidden.dtype)
+
+    def tile_stats(self, start: int, end: int,
+                   tile: torch.Tensor | None) -> tuple[torch.Tensor, RowStats]:
+        """The chunk's logits, into ``tile`` or (None) a new tensor, and their per-row
+        statistics."""
+        if tile is None:
+            tile = _chunked.product_nt(self.hidden[start:end], self.weight)
+        else:
+            torch.mm(self.hidden[start:end], self.weight.T, out=tile)
+        return tile, self.rows_pass.stats(tile, self.bias, self.targets[start:end],
+                                          self.temperature, self.softcap)
 
     def zeros(self) -> torch.Tensor:
         return torch.zeros(self.mask.numel(), dtype=self.compute, device=self.mask.device)
@@ -171,11 +184,13 @@ def sequence_logprobs_in_chunks(
     logp = chunks.zeros()
     largest = max((end - start for start, end in chunks.bounds), default=0)
     with torch.no_grad():
-        workspace = torch.empty((largest, weight.shape[0]), dtype=chunks.hidden.dtype,
-                                device=chunks.hidden.device)
+        workspace = None if chunks.allocates_tiles else torch.empty(
+            (largest, weight.shape[0]), dtype=chunks.hidden.dtype, device=chunks.hidden.device)
         for start, end in chunks.bounds:
-            stats = chunks.tile_stats(start, end, workspace[:end - start])
+            tile, stats = chunks.tile_stats(
+                start, end, None if workspace is None else workspace[:end - start])
             logp[chunks.rows[start:end]] = stats.logp.to(chunks.compute)
+            del tile  # a new tile per chunk: freed before the next one is made
     return chunks.sequences({"logp": logp}, False, False)
 
 
@@ -247,19 +262,21 @@ def sequence_loss_with_head_grads(
         return grad_logp.to(stats.logp.dtype), (
             None if grad_entropy is None else grad_entropy.to(stats.logp.dtype))
 
-    def fill(start: int, end: int, tile: torch.Tensor) -> None:
-        stats = chunks.tile_stats(start, end, tile)
+    def fill(start: int, end: int, tile: torch.Tensor | None = None) -> list[torch.Tensor]:
+        tile, stats = chunks.tile_stats(start, end, tile)
         chunk_rows = chunks.rows[start:end]
         for name in per_token:
             per_token[name][chunk_rows] = getattr(stats, name).to(compute)
         grad_logp, grad_entropy = upstream(chunk_rows, stats)
         chunks.rows_pass.grad(tile, chunks.bias, chunks.targets[start:end], stats, grad_logp,
                               grad_entropy, chunks.temperature, chunks.softcap)
+        return [tile]
 
     with torch.no_grad():
         _chunked.head_grads_in_chunks(
             [head], fill, fill_bytes_per_logit=chunks.rows_pass.bytes_per_logit,
-            bounds=chunks.bounds, aligned_rows=chunks.impl == "triton")
+            bounds=chunks.bounds, aligned_rows=chunks.impl == "triton",
+            fill_allocates=chunks.allocates_tiles)
         result = sequences(per_token)
         loss, metrics = loss_of(result)
     dh = None
