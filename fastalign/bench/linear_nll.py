@@ -7,7 +7,8 @@ fixed upstream gradient ``UPSTREAM`` (not 1, so that a provider that ignores it 
 Inputs are ``linear_logprobs``' (all targets valid). Providers:
 
 * ``fastalign-nll``: ``fastalign.linear_nll(hidden, weight, targets)`` (gradients in forward),
-  whenever fastalign has it;
+  whenever fastalign has it; ``fastalign-nll-mkl`` (CPU): the same with its float32 products
+  through ``torch.mm`` (MKL) instead of oneDNN (``FASTALIGN_CPU_MATMUL=torch``);
 * ``fastalign-<impl>`` / ``fastalign-triton-atomic``: −mean of ``fastalign.linear_logprobs``
   (per-token log-probs, backward recomputes the logits);
 * ``eager``: ``torch.nn.functional.cross_entropy`` of the float32 logits; ``compile`` of it;
@@ -47,7 +48,7 @@ def eager_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     return torch.nn.functional.cross_entropy(heads.float_logits(hidden, weight, softcap), targets)
 
 
-def _linear_nll_provider() -> Provider:
+def _linear_nll_provider(name: str, device: torch.device) -> Provider:
     linear_nll = getattr(fastalign, "linear_nll", None)
     if linear_nll is None:
         raise ProviderUnavailable(f"fastalign {fastalign.__version__} has no linear_nll")
@@ -57,7 +58,13 @@ def _linear_nll_provider() -> Provider:
         loss = linear_nll(hidden, weight, targets, **kwargs)
         return (loss if loss.dim() == 0 else loss.mean()).float()
 
-    return Provider("fastalign-nll", fn, "fastalign.linear_nll: gradients computed in forward")
+    if name == "fastalign-nll-mkl":
+        if device.type != "cpu":
+            raise ProviderUnavailable("FASTALIGN_CPU_MATMUL chooses the products on CPU only")
+        return Provider(name, fn, "fastalign.linear_nll with FASTALIGN_CPU_MATMUL=torch: "
+                        "torch.mm (MKL) instead of oneDNN",
+                        env=(("FASTALIGN_CPU_MATMUL", "torch"),))
+    return Provider(name, fn, "fastalign.linear_nll: gradients computed in forward")
 
 
 def _mean_of_logprobs(provider: Provider) -> Provider:
@@ -78,7 +85,7 @@ class LinearNllBenchmark(linear_logprobs.LinearLogprobsBenchmark):
                "installed) Liger-Kernel and Cut Cross-Entropy, all with reduction='mean'")
     modes = ("full",)
     modes_note = "(loss and gradients: some providers compute the gradients inside forward)"
-    providers = ("fastalign-nll", *(f"fastalign-{impl}" for impl in
+    providers = ("fastalign-nll", "fastalign-nll-mkl", *(f"fastalign-{impl}" for impl in
                                     linear_logprobs.FASTALIGN_IMPLS),
                  "fastalign-triton-atomic", *linear_logprobs.PEER_PROVIDERS)
     flops_per_nhv = {"full": 6}
@@ -95,8 +102,8 @@ class LinearNllBenchmark(linear_logprobs.LinearLogprobsBenchmark):
     def make_provider(self, name: str, device: torch.device | str, dtype: torch.dtype,
                       softcap: float | None = None) -> Provider:
         device = torch.device(device)
-        if name == "fastalign-nll":
-            return _linear_nll_provider()
+        if name in ("fastalign-nll", "fastalign-nll-mkl"):
+            return _linear_nll_provider(name, device)
         ours = linear_logprobs.fastalign_provider(name, device)
         if ours is not None:
             return _mean_of_logprobs(ours)
