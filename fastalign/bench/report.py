@@ -134,7 +134,8 @@ def plot(result: BenchResult, path: str | Path) -> None:
             ax.set_title(f"{shape} {dtype_name(result.config.dtype)}", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
             ax.set_ylim(bottom=0)
-    axes[0, 1].legend(fontsize=8, loc="upper left")
+    # Outside the axes, right of the memory plot: inside, it would cover eager's tall bar.
+    axes[0, 1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"{result.op} on {result.device} — torch {torch.__version__}, "
                  f"triton {versions()['triton']}, {result.date}", fontsize=10)
     fig.tight_layout()
