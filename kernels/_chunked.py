@@ -1,5 +1,6 @@
 """The chunked head gradients: ∂L/∂logits of a chunk of tokens in a bounded workspace, turned
-into dh, dW and db by matrix products (cuBLAS on CUDA, MKL on CPU).
+into dh, dW and db by matrix products (cuBLAS on CUDA; on CPU oneDNN for float32, see
+``product_nt``, MKL otherwise).
 
 Shared by the Triton launchers (the chunked backward of ``linear_logprobs`` and ``linear_kl``,
 the forward of ``linear_nll``) and by ``linear_nll``'s plain-PyTorch implementation, which must

@@ -4,7 +4,8 @@ forward pass.
 Layer 2 of fastalign: the argument checks, the dispatch to the kernels (the autograd end is
 ``_formed_grads``), a chunked plain-PyTorch implementation and the materialising reference. The
 kernels are ``fastalign.kernels.linear_nll`` (Triton) and the C++ row passes of the sequence-loss
-engine (``csrc/sequence_rows_cpu.cpp``) between MKL's products.
+engine (``csrc/sequence_rows_cpu.cpp``) between oneDNN's products (``_chunked.product_nt``;
+MKL's with ``FASTALIGN_CPU_MATMUL=torch``).
 
 Why: ``linear_logprobs`` cannot know its upstream gradient in forward, so its backward recomputes
 the logits: 2·N·H·V FLOPs forward + 6·N·H·V backward. A scalar loss whose upstream gradient is a
@@ -80,8 +81,9 @@ def _kernel(impl: str) -> Callable:
 def _cpp_forward(hidden, weight, bias, targets, scale, temperature, softcap, ignore_index,
                  compute_dhidden, compute_dweight, compute_dbias):
     """The C++ row passes of the sequence-loss engine (``csrc/sequence_rows_cpu.cpp``:
-    vectorised, rows spread over threads) between MKL's products, chunk by chunk, over the
-    scored rows only; the logits and the softmax in float32 (float64 for float64 inputs)."""
+    vectorised, rows spread over threads) between oneDNN's (or MKL's) products, chunk by chunk,
+    over the scored rows only; the logits and the softmax in float32 (float64 for float64
+    inputs)."""
     rows_pass = ROW_PASSES["cpp"]
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     n_tokens = hidden.shape[0]
