@@ -60,25 +60,31 @@ def cpu_matmul() -> str:
     return "onednn" if choice != "torch" and available else "torch"
 
 
-def _uses_onednn(a: torch.Tensor) -> bool:
-    return a.device.type == "cpu" and a.dtype == torch.float32 and cpu_matmul() == "onednn"
+def fill_allocates_tiles(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether oneDNN multiplies tensors of this device and dtype (float32 on CPU, per
+    ``cpu_matmul``), so that a chunk's tile of logits comes from ``product_nt`` (a new tensor
+    each chunk: ``head_grads_in_chunks(fill_allocates=True)``) rather than ``torch.mm(out=)``
+    into one workspace."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and \
+        cpu_matmul() == "onednn"
 
 
 def product_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ bᵀ as a new tensor, for 2-D a [n, k] and b [m, k] (any strides): the logits
     hidden @ Wᵀ of a chunk, or with b = Wᵀ the chunk's dh. oneDNN on CPU for float32
     (``cpu_matmul``), torch.mm elsewhere."""
-    if _uses_onednn(a) and a.shape[0] > 0:
+    if fill_allocates_tiles(a.device, a.dtype) and a.shape[0] > 0:
         return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     return torch.mm(a, b.T)
 
 
-def fill_allocates_tiles(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether a chunk's tile of logits should come from ``product_nt`` (a new tensor each chunk:
-    ``head_grads_in_chunks(fill_allocates=True)``) rather than ``torch.mm(out=)`` into one
-    workspace: on CPU for float32, where oneDNN multiplies."""
-    return torch.device(device).type == "cpu" and dtype == torch.float32 and \
-        cpu_matmul() == "onednn"
+def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor,
+                 tile: torch.Tensor | None) -> torch.Tensor:
+    """A chunk's raw logits hidden @ Wᵀ: into ``tile`` (``torch.mm(out=)``), or with None a new
+    tensor from ``product_nt`` (a ``fill`` under ``fill_allocates``); returns the tile."""
+    if tile is None:
+        return product_nt(hidden, weight)
+    return torch.mm(hidden, weight.T, out=tile)
 
 
 def float32_accumulator(wanted: bool, shape: tuple[int, ...], device: torch.device,
@@ -193,7 +199,7 @@ def head_grads_in_chunks(heads: Sequence[HeadGrads], fill: Callable[..., object]
             if grad is None:
                 continue
             if head.want_dh:  # one product over the whole vocabulary: one rounding per entry
-                if _uses_onednn(grad):
+                if fill_allocates_tiles(grad.device, grad.dtype):
                     head.dh[start:end] = product_nt(grad, head.weight.T)
                 else:
                     torch.mm(grad, head.weight, out=head.dh[start:end])

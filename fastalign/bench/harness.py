@@ -511,9 +511,9 @@ def run_provider(benchmark: Benchmark, run: ShapeRun, provider: Provider, config
         print(f"\n!!! MISMATCH: {message}; skipped", file=sys.stderr)
         return [], [Skip(shape, provider.name, "*", f"MISMATCH: {check.describe()}")], False
     rows, skipped = [], []
+    defer = pending is not None and interleaves(config, device)
     for mode in config.modes:
         on_step(f"{shape} {provider.name} {mode}")
-        defer = pending is not None and interleaves(config, device)
         try:
             if defer:
                 fn = benchmark.mode_fn_in_env(provider, run.inputs, mode)

@@ -50,7 +50,7 @@ def format_table(result: BenchResult) -> str:
         f"{result.flops_note} "
         "Ratios are provider ÷ eager (lower is better).",
     ]
-    if cfg.device == "cpu" or str(cfg.device).startswith("cpu"):
+    if torch.device(cfg.device).type == "cpu":
         how = ("in interleaved rounds (each round one call of every provider and mode in turn)"
                if cfg.timing.interleave else "one provider after another")
         lines[-1] += (f" Timed on CPU {how}: {cfg.timing.warmup} warm-up and "

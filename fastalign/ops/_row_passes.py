@@ -16,8 +16,6 @@ import torch
 __all__ = ["ROW_PASSES", "RowStats", "TorchRows", "CppRows", "TritonRows"]
 
 
-
-
 @dataclass
 class RowStats:
     """One chunk's per-row results: float32 (float64) [n] each; ``state`` is what the

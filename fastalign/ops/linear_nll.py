@@ -101,10 +101,7 @@ def _cpp_forward(hidden, weight, bias, targets, scale, temperature, softcap, ign
     allocate = _chunked.fill_allocates_tiles(hidden.device, compute)
 
     def fill(start: int, end: int, tile: torch.Tensor | None = None) -> list[torch.Tensor]:
-        if allocate:  # oneDNN's product, a new tile (``_chunked.product_nt``)
-            tile = _chunked.product_nt(head.hidden[start:end], head.weight)
-        else:
-            torch.mm(head.hidden[start:end], head.weight.T, out=tile)
+        tile = _chunked.chunk_logits(head.hidden[start:end], head.weight, tile)
         chunk_targets = scored[start:end]
         stats = rows_pass.stats(tile, head.bias, chunk_targets, temperature, softcap)
         chunk_rows = rows[start:end]

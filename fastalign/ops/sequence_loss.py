@@ -106,10 +106,7 @@ class _Chunks:
                    tile: torch.Tensor | None) -> tuple[torch.Tensor, RowStats]:
         """The chunk's logits, into ``tile`` or (None) a new tensor, and their per-row
         statistics."""
-        if tile is None:
-            tile = _chunked.product_nt(self.hidden[start:end], self.weight)
-        else:
-            torch.mm(self.hidden[start:end], self.weight.T, out=tile)
+        tile = _chunked.chunk_logits(self.hidden[start:end], self.weight, tile)
         return tile, self.rows_pass.stats(tile, self.bias, self.targets[start:end],
                                           self.temperature, self.softcap)
 
