@@ -11,6 +11,7 @@ kind that is out of range; both name the argument as the caller spelled it.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -141,11 +142,11 @@ def check_tensor(name: str, value, *, floating: bool) -> None:
 
 
 def _is_dtensor(value: torch.Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(value, DTensor)
+    # A DTensor exists only once torch.distributed.tensor has been imported; importing it here
+    # just to ask would pull in sympy and DTensor's op tables (~50 MiB resident, seconds) on the
+    # first call of every op.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
 
 
 def check_float_tensor(name: str, value) -> None:

@@ -9,6 +9,8 @@ targets on every shard and ignored tokens.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -140,6 +142,20 @@ def _check_fsdp_sharded_head_is_refused(world: int) -> None:
     fully_shard(head, mesh=init_device_mesh("cpu", (world,)))
     with pytest.raises(TypeError, match="weight is a DTensor"):
         fastalign.linear_logprobs(torch.randn(2, 3), head.weight, torch.tensor([0, 7]))
+
+
+def test_asking_whether_an_input_is_a_dtensor_imports_nothing():
+    """A DTensor exists only once torch.distributed.tensor is imported, so the check must not
+    import it: that pulls in sympy and DTensor's op tables, ~50 MiB resident on an op's first
+    call (which a DPO step's memory test once measured as a second tile of logits)."""
+    script = (
+        "import sys, torch, fastalign\n"
+        "h = torch.randn(5, 8, requires_grad=True)\n"
+        "fastalign.linear_nll(h, torch.randn(11, 8), torch.randint(0, 11, (5,))).backward()\n"
+        "print(sorted(m for m in ('torch.distributed.tensor', 'sympy') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def _worker(rank: int, world: int, init_file: str) -> None:
