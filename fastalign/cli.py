@@ -144,7 +144,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from fastalign.bench import harness, measure, registry, report
+    from fastalign.ops._backends import check_environment
 
+    try:
+        check_environment()
+    except ValueError as exc:
+        return _bench_error(str(exc))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         return _bench_error("--device cuda, but torch.cuda.is_available() is False")

@@ -87,7 +87,12 @@ def row_heuristics(**more: Callable[[dict], object]) -> dict:
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get("FASTALIGN_AUTOTUNE", "0") == "1"
+    """``FASTALIGN_AUTOTUNE``: 1 autotunes the block sizes per shape, 0 (the default) takes the
+    pinned configs."""
+    value = os.environ.get("FASTALIGN_AUTOTUNE") or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"FASTALIGN_AUTOTUNE must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def pinned_config(kind: str, dtype: torch.dtype, n_tokens: int,

@@ -1,5 +1,7 @@
 """Bad input gets a clear ValueError / TypeError naming the argument, for every implementation."""
 
+import re
+
 import pytest
 import torch
 from helpers import impl_device, impl_is_available
@@ -142,3 +144,41 @@ KL_BAD_INPUTS = [
 def test_linear_kl_bad_input_is_named(overrides, error, match):
     with pytest.raises(error, match=match):
         _kl_call(**overrides)
+
+
+ENVIRONMENT_ERRORS = [
+    ("FASTALIGN_CPU_MATMUL", "blas", "FASTALIGN_CPU_MATMUL must be one of auto, onednn, torch"),
+    ("FASTALIGN_BACKWARD_WORKSPACE_MIB", "-3", "WORKSPACE_MIB must be a positive number of MiB"),
+    ("FASTALIGN_TRITON_BACKWARD", "fast", "FASTALIGN_TRITON_BACKWARD must be one of"),
+    ("FASTALIGN_AUTOTUNE", "yes", "FASTALIGN_AUTOTUNE must be 0 or 1, got 'yes'"),
+    ("FASTALIGN_CPU_SCHEDULE", "mine", "FASTALIGN_CPU_SCHEDULE must be owned or shared"),
+    ("FASTALIGN_CPU_BLOCK_N", "0", "FASTALIGN_CPU_BLOCK_N must be a positive integer"),
+    ("FASTALIGN_CPU_BLOCK_V", "12x", "FASTALIGN_CPU_BLOCK_V must be a positive integer"),
+    ("FASTALIGN_CPU_ISA", "sse9", "FASTALIGN_CPU_ISA must be avx512, avx2 or baseline"),
+]
+
+
+@pytest.mark.parametrize("variable, value, message", ENVIRONMENT_ERRORS,
+                         ids=[case[0] for case in ENVIRONMENT_ERRORS])
+def test_check_environment_names_the_bad_variable(variable, value, message, monkeypatch):
+    from fastalign.ops._backends import CPP_ENVIRONMENT, check_environment
+
+    if variable in CPP_ENVIRONMENT and not impl_is_available("cpp"):
+        pytest.skip("the C++ extension reads this variable")
+    check_environment()
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_environment()
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("FASTALIGN_CPU_MATMUL", "torch"), ("FASTALIGN_BACKWARD_WORKSPACE_MIB", "0.5"),
+    ("FASTALIGN_TRITON_BACKWARD", "atomic"), ("FASTALIGN_AUTOTUNE", "0"),
+    ("FASTALIGN_CPU_SCHEDULE", "shared"), ("FASTALIGN_CPU_BLOCK_N", "64"),
+    ("FASTALIGN_CPU_ISA", "baseline"),
+])
+def test_check_environment_takes_every_good_value(variable, value, monkeypatch):
+    from fastalign.ops._backends import check_environment
+
+    monkeypatch.setenv(variable, value)
+    check_environment()

@@ -93,3 +93,30 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
         if reason is not None:
             raise ValueError(f"impl='cpp' cannot run here: {reason}")
     return impl
+
+
+# The FASTALIGN_* variables read while the ops run (the README's table of knobs), by the reader
+# that takes each up; FASTALIGN_BUILD_EXT and FASTALIGN_NATIVE act at install time only.
+TRITON_ENVIRONMENT = ("FASTALIGN_TRITON_BACKWARD", "FASTALIGN_AUTOTUNE")
+CPP_ENVIRONMENT = ("FASTALIGN_CPU_SCHEDULE", "FASTALIGN_CPU_BLOCK_N", "FASTALIGN_CPU_BLOCK_V",
+                   "FASTALIGN_CPU_ISA")
+
+
+def check_environment() -> None:
+    """Raise ValueError, naming the variable and what it takes, for the first FASTALIGN_* value
+    the ops would refuse when they read it, so that a command refuses it before it starts
+    rather than minutes into a run. Each variable is put to the code that reads it (the C++ ones
+    to a one-token call of the extension), so the two cannot disagree."""
+    from fastalign.kernels import _chunked
+
+    _chunked.cpu_matmul()
+    _chunked.chunk_rows(1, 1, 4)
+    if any(os.environ.get(name) for name in TRITON_ENVIRONMENT):
+        from fastalign.kernels import _launch  # imports triton: only when one of its knobs is set
+
+        _launch.backward_strategy()
+        _launch.autotune_enabled()
+    if EXTENSION is not None and any(os.environ.get(name) for name in CPP_ENVIRONMENT):
+        one = torch.zeros(1, 1)
+        EXTENSION.linear_logprobs_forward(one, one, None, torch.zeros(1, dtype=torch.long),
+                                          1.0, 0.0, -100)

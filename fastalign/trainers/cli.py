@@ -234,10 +234,12 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from fastalign.data import DataError
+    from fastalign.ops._backends import check_environment
     from fastalign.trainers.checkpoint import CheckpointError
     from fastalign.trainers.run import run_job
 
     try:
+        check_environment()
         config = config_from_args(args.job.config_class, args, args.output)
     except (ValueError, TypeError) as error:
         print(f"fastalign train {args.kind}: error: {error}", file=sys.stderr)

@@ -143,6 +143,23 @@ def test_bench_rejects_what_the_op_does_not_have(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("variable, value, message", [
+    ("FASTALIGN_CPU_MATMUL", "blas", "FASTALIGN_CPU_MATMUL must be one of auto, onednn, torch"),
+    ("FASTALIGN_BACKWARD_WORKSPACE_MIB", "abc",
+     "FASTALIGN_BACKWARD_WORKSPACE_MIB must be a positive number of MiB, got 'abc'"),
+])
+def test_bench_refuses_a_bad_environment_variable_before_it_starts(variable, value, message,
+                                                                   tmp_path, monkeypatch,
+                                                                   capsys):
+    monkeypatch.setenv(variable, value)
+    assert cli_main(["bench", "--op", "linear_nll", "--device", "cpu", "--shapes", "8,4,16",
+                     "--output", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastalign bench: error: ") and len(err.splitlines()) == 1
+    assert message in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_dpo_memory_report_does_not_import_the_trainers():
     code = ("import sys, fastalign.bench.dpo_memory; "
             "print(sorted(m for m in sys.modules if m.startswith('fastalign.trainers')))")

@@ -414,6 +414,16 @@ def test_cli_rejects_a_malformed_file_before_training(tmp_path, capsys):
     assert not (out / "model.safetensors").exists() and not (out / "metrics.jsonl").exists()
 
 
+def test_cli_refuses_a_bad_environment_variable_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTALIGN_CPU_MATMUL", "blas")
+    out = tmp_path / "run"
+    assert cli_main(["train", "dpo", "--output", str(out), "--max-steps", "1",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastalign train dpo: error: FASTALIGN_CPU_MATMUL must be one of")
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
 def test_cli_rejects_bad_option_values(tmp_path, capsys):
     assert cli_main(["train", "dpo", "--beta", "-1", "--output", str(tmp_path)]) == 2
     assert "beta" in capsys.readouterr().err
