@@ -471,14 +471,29 @@ _SCORED_IDS = {"sft": ("completion_ids",), "preference": ("chosen_ids", "rejecte
                "kto": ("completion_ids",), "prompt": ("prompt_ids",)}
 
 
+def _tokens_to_train_on(example: dict, fields: tuple[str, ...]) -> int:
+    """The tokens of an encoded example that a step learns from: its scored ids (under
+    ``assistant_mask``, the assistant turns' alone), less the first token of a sequence without
+    a prompt, which has nothing before it to be predicted from."""
+    lead = 0 if example.get("prompt_ids") else 1
+    if "assistant_mask" in example:
+        return sum(example["assistant_mask"][lead:])
+    return sum(max(0, len(example.get(name) or ()) - lead) for name in fields)
+
+
 def check_tokens_to_train_on(examples: Sequence[dict], kind: str, path) -> None:
-    """Refuse encoded examples that hold no token to train on (an empty tokenizer, or every
-    completion truncated away): training would report a loss and learn nothing."""
+    """Refuse encoded examples that hold no token to train on (an empty tokenizer, every
+    completion or every assistant turn truncated away): training would report a loss and learn
+    nothing."""
     fields = _SCORED_IDS[_data_kind(kind)]
-    if not any(example.get(name) for example in examples for name in fields):
-        raise DataError(f"{path}: no token to train on in {len(examples)} examples after "
-                        f"tokenisation ({' and '.join(fields)} are all empty): is the tokenizer "
-                        f"empty, or max-length too short?")
+    if any(_tokens_to_train_on(example, fields) for example in examples):
+        return
+    if any("assistant_mask" in example for example in examples):
+        what = "max-length cuts every assistant turn away (assistant_only_loss)"
+    else:
+        what = f"{' and '.join(fields)} are all empty, or a lone first token"
+    raise DataError(f"{path}: no token to train on in {len(examples)} examples after "
+                    f"tokenisation ({what}): is the tokenizer empty, or max-length too short?")
 
 
 def encode_sft(records, tokenizer, *, max_length: int | None = None,

@@ -354,7 +354,15 @@ def test_examples_without_a_token_to_train_on_are_refused():
     examples = [{"prompt_ids": [], "completion_ids": []} for _ in records]
     with pytest.raises(data.DataError, match=r"sft\.jsonl: no token to train on in 3 examples"):
         data.check_tokens_to_train_on(examples, "sft", "sft.jsonl")
-    data.check_tokens_to_train_on([{"prompt_ids": [], "completion_ids": [5]}], "sft", "x")
+    data.check_tokens_to_train_on([{"prompt_ids": [], "completion_ids": [5, 6]}], "sft", "x")
+    data.check_tokens_to_train_on([{"prompt_ids": [1], "completion_ids": [5]}], "sft", "x")
+    with pytest.raises(data.DataError, match="lone first token"):  # nothing to predict it from
+        data.check_tokens_to_train_on([{"prompt_ids": [], "completion_ids": [5]}], "sft", "x")
+    masked = {"prompt_ids": [], "completion_ids": [1, 2, 3, 4], "assistant_mask": [0, 0, 0, 0]}
+    with pytest.raises(data.DataError, match="cuts every assistant turn away"):
+        data.check_tokens_to_train_on([masked, masked], "sft", "chat.jsonl")
+    data.check_tokens_to_train_on([masked, {**masked, "assistant_mask": [0, 0, 1, 1]}], "sft",
+                                  "chat.jsonl")
     with pytest.raises(data.DataError, match="chosen_ids and rejected_ids are all empty"):
         data.check_tokens_to_train_on([{"prompt_ids": [1], "chosen_ids": [],
                                         "rejected_ids": []}], "dpo", "prefs.jsonl")

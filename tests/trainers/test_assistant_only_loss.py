@@ -155,3 +155,22 @@ def test_cli_assistant_only_loss(tmp_path, capsys):
     assert error.count("\n") == 0 and "Traceback" not in error
     assert error.startswith("fastalign train sft: error: ") and "sft.jsonl: example 0" in error
     assert "assistant_only_loss needs conversational records" in error
+
+
+def test_cli_refuses_a_max_length_that_cuts_every_assistant_turn(tmp_path, tok, capsys):
+    """The conversations still have tokens, but none the loss would score: a run would log a
+    loss of 0 and learn nothing."""
+    first_turn = min(_runs(e["assistant_mask"])[0][0]
+                     for e in encode_sft(RECORDS, tok, assistant_only_loss=True))
+    conversations = tmp_path / "chat.jsonl"
+    conversations.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    out = tmp_path / "run"
+    assert cli_main(["train", "sft", "--data", str(conversations), "--output", str(out),
+                     "--assistant-only-loss", "--max-length", str(first_turn),
+                     "--max-prompt-length", str(first_turn - 1), "--no-progress",
+                     "--max-steps", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("fastalign train sft: error: ") and error.count("\n") == 0
+    assert "no token to train on in 4 examples" in error
+    assert "cuts every assistant turn away" in error
+    assert not (out / "metrics.jsonl").exists()
