@@ -233,10 +233,13 @@ class FusedDPOLoss(_FusedSequenceLoss):
         options = self.options
         if isinstance(hidden, torch.Tensor) and hidden.dim() > 0:
             _split_pairs("hidden", hidden)
-        # The sorting loss types compare quantiles across the batch: not separable over pairs.
-        sorting = any(name in SORTING_LOSS_TYPES for name in options.loss_type)
+        # Not separable over pairs: the sorting loss types compare quantiles across the batch;
+        # WPO weighs each pair's sft term, the NLL of every chosen answer of the batch, by the
+        # pair's weight, so a pair's gradient would read the other pairs' weights.
+        coupled = any(name in SORTING_LOSS_TYPES for name in options.loss_type) or (
+            options.use_weighting and "sft" in options.loss_type)
         in_forward = self.forms_gradients_in_forward(
-            hidden, weight, bias, separable=not sorting,
+            hidden, weight, bias, separable=not coupled,
             constants=(ref_chosen_logps, ref_rejected_logps))
         if from_head:
             reference = self.reference_logprobs(ref_hidden, ref_weight, labels, ref_bias,

@@ -202,8 +202,9 @@ def test_the_value_loss_still_reaches_the_value_head():
 
 @pytest.mark.parametrize("make,args_of", [
     (lambda: FusedDPOLoss(loss_type="aot"), "dpo"),
+    (lambda: FusedDPOLoss(loss_type=["sigmoid", "sft"], use_weighting=True), "dpo"),
     (lambda: FusedPPOLoss(loss_type="bnpo", top_entropy_quantile=0.4, ent_coef=0.05), "ppo"),
-], ids=["aot-sorts-the-batch", "entropy-quantile-of-the-batch"])
+], ids=["aot-sorts-the-batch", "wpo-weighs-the-batch-nll", "entropy-quantile-of-the-batch"])
 def test_losses_coupling_the_batch_take_the_streamed_path(make, args_of, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a loss coupling the batch must not form gradients in forward")
