@@ -18,6 +18,7 @@ from torch import nn
 
 from fastalign import hf
 from fastalign.data import PreferenceCollator
+from fastalign.fused import FusedDPOLoss
 from fastalign.losses.dpo import dpo_loss, pair_sequence_logps, wpo_pair_weights
 from fastalign.losses.options import DPO_LOSS_TYPES, F_DIVERGENCES, DPOOptions
 from fastalign.ops._checks import (
@@ -33,7 +34,7 @@ from fastalign.trainers.config import (
     option,
     pad_token_id,
 )
-from fastalign.trainers.metrics import mean_logits_by_side
+from fastalign.trainers.metrics import mean_logits_by_side, scored_mean_logits
 from fastalign.trainers.reference import ReferenceTrainer
 
 __all__ = ["DPOConfig", "DPOTrainer"]
@@ -61,6 +62,10 @@ class DPOConfig(TrainingConfig):
                                  "gradient; not with loss-type aot, aot_unpaired)")
     reference: str = option("auto", REFERENCE_HELP)
     padding_free: bool = option(False, PADDING_FREE_HELP)
+    gradients_in_forward: bool = option(
+        True, "form the LM head's gradients in the forward pass, a chunk of whole pairs at a time "
+        "(FusedDPOLoss: 6*N*H*V FLOPs, holds one chunk's logits); false streams the head "
+        "(8*N*H*V, no logits held). Padding-free batches always stream")
     memory_report: bool = option(False, "after training, measure the DPO loss's peak memory on one "
                                  "batch, fused against eager logits, on the model's head and on "
                                  "a random 128256-token head (one process only; the eager side "
@@ -131,6 +136,8 @@ class DPOTrainer(ReferenceTrainer):
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         config = self.config
+        if config.gradients_in_forward and batch.get("cu_seqlens") is None:
+            return self._loss_with_gradients_in_forward(batch)
         policy = hf.sequence_logprobs(
             self.model, batch["input_ids"], labels=batch["labels"],
             attention_mask=batch.get("attention_mask"),
@@ -151,4 +158,24 @@ class DPOTrainer(ReferenceTrainer):
         )
         chosen_rows = torch.arange(len(policy.lengths), device=self.device) < len(chosen_logps)
         return loss, metrics | mean_logits_by_side(policy, chosen_rows, batch.get("cu_seqlens"),
+                                                     across_ranks=self.all_ranks_mean)
+
+    def _loss_with_gradients_in_forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The step through ``FusedDPOLoss``: the same loss as the streamed step, the head's
+        gradients formed chunk of whole pairs by chunk while the loss is computed."""
+        config = self.config
+        labels = batch["labels"]
+        hidden = hf.final_hidden_states(self.model, batch["input_ids"],
+                                        attention_mask=batch.get("attention_mask"))
+        head = hf.lm_head(self.model)
+        hidden, weight, bias = hf.head_inputs(hidden, head)
+        ref = self.batch_reference_logps(batch)
+        options = head.options(config.temperature)
+        loss_fn = FusedDPOLoss(options=config.loss_options, impl=config.impl, **options)
+        with hf.no_autocast(hidden.device.type):
+            loss, metrics = loss_fn(hidden, weight, labels, bias=bias,
+                                    ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1])
+            logits = scored_mean_logits(hidden, weight, labels, bias=bias, **options)
+        chosen_rows = torch.arange(len(labels), device=self.device) < len(labels) // 2
+        return loss, metrics | mean_logits_by_side(logits, chosen_rows,
                                                      across_ranks=self.all_ranks_mean)

@@ -13,13 +13,17 @@ import importlib.util
 import json
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastalign.ops.linear_argmax import linear_logit_stats
+
 __all__ = ["LOGGED_METRICS", "LOOP_METRICS", "REPORT_TO", "Metrics", "MetricsLog", "as_floats",
-           "mean_logits_by_side", "mean_metrics", "metric_panels", "report_targets"]
+           "ScoredMeanLogits", "mean_logits_by_side", "mean_metrics", "metric_panels",
+           "report_targets", "scored_mean_logits"]
 
 Metrics = dict[str, float]
 REPORT_TO = ("none", "tensorboard")
@@ -213,15 +217,43 @@ def as_floats(metrics: dict[str, Any]) -> Metrics:
     return {key: float(value) for key, value in metrics.items()}
 
 
+@dataclass(frozen=True)
+class ScoredMeanLogits:
+    """The mean over the vocabulary of the next-token logits at each scored position ([S, T − 1],
+    0 elsewhere), the positions, and each sequence's count: what ``mean_logits_by_side`` reads
+    (a ``SequenceLogprobs`` with ``token_mean_logits`` has the same three)."""
+
+    token_mean_logits: torch.Tensor
+    token_mask: torch.Tensor
+    lengths: torch.Tensor
+
+
+@torch.no_grad()
+def scored_mean_logits(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                       bias: torch.Tensor | None = None, temperature: float = 1.0,
+                       softcap: float | None = None,
+                       ignore_index: int = -100) -> ScoredMeanLogits:
+    """TRL's logits metrics for a step whose loss gave no ``SequenceLogprobs`` (a fused loss
+    module): from padded ``hidden`` [S, T, H] and HF-aligned ``labels`` [S, T]. Without a softcap
+    the mean logit is linear in h (no pass over the vocabulary); with one, one streaming pass
+    without gradient over the scored positions."""
+    mask = labels[:, 1:] != ignore_index
+    stats = linear_logit_stats(hidden[:, :-1][mask], weight, bias=bias, temperature=temperature,
+                               softcap=softcap, mean_logits=True)
+    values = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    values[mask] = stats.mean_logits.float()
+    return ScoredMeanLogits(values, mask, mask.sum(-1))
+
+
 @torch.no_grad()
 def mean_logits_by_side(result, chosen_rows: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                         *, across_ranks=None) -> dict[str, torch.Tensor]:
     """TRL's ``logits/chosen`` and ``logits/rejected``: the mean over the vocabulary of the
     next-token logits, averaged over the scored tokens of the chosen (``chosen_rows`` [S] bool)
-    and of the other sequences of a ``SequenceLogprobs`` with ``token_mean_logits``
-    (``cu_seqlens`` for a padding-free row). ``across_ranks`` (a trainer's ``all_ranks_mean``)
-    makes them the means over every rank's tokens, as one process with the global batch would
-    log them. A side without tokens is left out, as TRL does."""
+    and of the other sequences of a ``SequenceLogprobs`` with ``token_mean_logits`` or a
+    ``ScoredMeanLogits`` (``cu_seqlens`` for a padding-free row). ``across_ranks`` (a
+    trainer's ``all_ranks_mean``) makes them the means over every rank's tokens, as one process
+    with the global batch would log them. A side without tokens is left out, as TRL does."""
     values = torch.where(result.token_mask, result.token_mean_logits, 0.0)
     if cu_seqlens is None:
         sums = values.sum(-1)

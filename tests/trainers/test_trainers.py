@@ -64,10 +64,15 @@ def _grads(model):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("reference", ["copy", "precomputed"])
-def test_dpo_loss_and_gradients_equal_eager(tmp_path, tokenizer, pairs, reference):
+@pytest.mark.parametrize("reference, gradients_in_forward",
+                         [("copy", True), ("precomputed", True), ("copy", False)])
+def test_dpo_loss_and_gradients_equal_eager(tmp_path, tokenizer, pairs, reference,
+                                            gradients_in_forward):
+    """Both steps: the head's gradients formed in forward (FusedDPOLoss) and streamed."""
     model = assets.build_default_model(seed=1)
-    trainer = DPOTrainer(model, tokenizer, pairs[:16], _config(tmp_path, reference=reference))
+    trainer = DPOTrainer(model, tokenizer, pairs[:16],
+                         _config(tmp_path, reference=reference,
+                                 gradients_in_forward=gradients_in_forward))
     # Move the policy away from the reference so that every term is non-trivial.
     with torch.no_grad():
         for p in model.parameters():
@@ -132,13 +137,16 @@ def _eager_ld_sums(token, mask, alpha):
     return (token * weights).sum(-1)
 
 
-@pytest.mark.parametrize("ld_alpha, use_weighting", [(0.3, False), (None, True), (0.6, True)])
-def test_dpo_ld_alpha_and_wpo_equal_eager(tmp_path, tokenizer, pairs, ld_alpha, use_weighting):
+@pytest.mark.parametrize("ld_alpha, use_weighting, gradients_in_forward",
+                         [(0.3, False, True), (None, True, True), (0.6, True, True),
+                          (0.6, True, False)])
+def test_dpo_ld_alpha_and_wpo_equal_eager(tmp_path, tokenizer, pairs, ld_alpha, use_weighting,
+                                          gradients_in_forward):
     """TRL's ld_alpha (LD-DPO) and use_weighting (WPO), from the model's own logits."""
     model = assets.build_default_model(seed=1)
     config = _config(tmp_path, reference="precomputed", ld_alpha=ld_alpha,
                      use_weighting=use_weighting, loss_type=("sigmoid", "sft"),
-                     loss_weights=(1.0, 0.5))
+                     loss_weights=(1.0, 0.5), gradients_in_forward=gradients_in_forward)
     trainer = DPOTrainer(model, tokenizer, pairs[:16], config)
     reference_model = assets.build_default_model(seed=1)
     trainer.before_training()
@@ -635,3 +643,27 @@ def test_no_progress_silences_transformers_bars_too(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "Writing model shards" not in captured.err and "it/s" not in captured.err
     assert transformers_logging.is_progress_bar_enabled()  # restored for the rest of the process
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_scored_mean_logits_equal_the_materialised_logits(softcap):
+    """TRL's logits metrics of the gradients-in-forward step: the vocabulary mean of each
+    scored position's next-token logits (bias, temperature and softcap applied)."""
+    from fastalign.trainers.metrics import scored_mean_logits
+
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, 7, 6, generator=gen, dtype=torch.float64)
+    weight = torch.randn(19, 6, generator=gen, dtype=torch.float64)
+    bias = torch.randn(19, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 19, (4, 7), generator=gen)
+    labels[:, :3] = -100
+    labels[1, 5:] = -100
+    result = scored_mean_logits(hidden, weight, labels, bias=bias, temperature=0.7,
+                                softcap=softcap)
+    logits = hidden[:, :-1] @ weight.T + bias
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    mask = labels[:, 1:] != -100
+    want = torch.where(mask, (logits / 0.7).mean(-1), 0.0)
+    torch.testing.assert_close(result.token_mean_logits.double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(result.token_mask, mask) and result.lengths.tolist() == [4, 2, 4, 4]
