@@ -40,6 +40,11 @@ RESUMABLE_CHANGES = frozenset({
     "save_steps", "save_total_limit", "progress", "plots", "device", "impl", "distributed",
     "memory_report", "report_to",
 })
+# The --gradients-in-forward help of the preference trainers whose step is a fused loss module.
+GRADIENTS_IN_FORWARD_HELP = (
+    "form the LM head's gradients in the forward pass, a chunk of whole pairs at a time (the "
+    "fused loss module: 6*N*H*V FLOPs, holds one chunk's logits); false streams the head "
+    "(8*N*H*V, no logits held)")
 # The --padding-free help of the trainers that can pack their micro-batches (SFT, DPO).
 PADDING_FREE_HELP = ("put each micro-batch's sequences back to back in one row, without "
                      "padding, positions restarting at each sequence (fewer tokens through the "

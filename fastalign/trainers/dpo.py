@@ -27,6 +27,7 @@ from fastalign.ops._checks import (
     check_field_number,
 )
 from fastalign.trainers.config import (
+    GRADIENTS_IN_FORWARD_HELP,
     PADDING_FREE_HELP,
     REFERENCE_HELP,
     REFERENCE_MODES,
@@ -63,9 +64,7 @@ class DPOConfig(TrainingConfig):
     reference: str = option("auto", REFERENCE_HELP)
     padding_free: bool = option(False, PADDING_FREE_HELP)
     gradients_in_forward: bool = option(
-        True, "form the LM head's gradients in the forward pass, a chunk of whole pairs at a time "
-        "(FusedDPOLoss: 6*N*H*V FLOPs, holds one chunk's logits); false streams the head "
-        "(8*N*H*V, no logits held). Padding-free batches always stream")
+        True, GRADIENTS_IN_FORWARD_HELP + ". Padding-free batches always stream")
     memory_report: bool = option(False, "after training, measure the DPO loss's peak memory on one "
                                  "batch, fused against eager logits, on the model's head and on "
                                  "a random 128256-token head (one process only; the eager side "

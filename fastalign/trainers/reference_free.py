@@ -27,12 +27,18 @@ from torch import nn
 
 from fastalign import hf
 from fastalign.data import PreferenceCollator
+from fastalign.fused import FusedCPOLoss, FusedORPOLoss, FusedSimPOLoss
 from fastalign.losses.dpo import cpo_loss, orpo_loss, simpo_loss
 from fastalign.losses.options import CPO_LOSS_TYPES, CPOOptions, ORPOOptions, SimPOOptions
 from fastalign.ops._checks import check_field_choice, check_field_float, check_field_number
-from fastalign.trainers.config import TrainingConfig, option, pad_token_id
+from fastalign.trainers.config import (
+    GRADIENTS_IN_FORWARD_HELP,
+    TrainingConfig,
+    option,
+    pad_token_id,
+)
 from fastalign.trainers.loop import Trainer
-from fastalign.trainers.metrics import mean_logits_by_side
+from fastalign.trainers.metrics import mean_logits_by_side, scored_mean_logits
 
 __all__ = ["CPOConfig", "CPOTrainer", "ORPOConfig", "ORPOTrainer", "SimPOConfig", "SimPOTrainer"]
 
@@ -52,7 +58,14 @@ def _check_cpo_family(config) -> None:
 
 
 @dataclass
-class SimPOConfig(TrainingConfig):
+class _ReferenceFreeConfig(TrainingConfig):
+    """What SimPO, CPO and ORPO share on top of :class:`TrainingConfig`."""
+
+    gradients_in_forward: bool = option(True, GRADIENTS_IN_FORWARD_HELP)
+
+
+@dataclass
+class SimPOConfig(_ReferenceFreeConfig):
     """SimPO options on top of :class:`TrainingConfig` (TRL's ``CPOConfig`` names)."""
 
     beta: float = option(2.0, "the reward scale of the mean answer log-prob")
@@ -75,7 +88,7 @@ class SimPOConfig(TrainingConfig):
 
 
 @dataclass
-class CPOConfig(TrainingConfig):
+class CPOConfig(_ReferenceFreeConfig):
     """CPO options on top of :class:`TrainingConfig` (TRL's names)."""
 
     beta: float = option(0.1, "the scale of the summed answer log-prob difference")
@@ -95,7 +108,7 @@ class CPOConfig(TrainingConfig):
 
 
 @dataclass
-class ORPOConfig(TrainingConfig):
+class ORPOConfig(_ReferenceFreeConfig):
     """ORPO options on top of :class:`TrainingConfig` (TRL's names)."""
 
     beta: float = option(0.1, "weight of the odds-ratio term (lambda in the paper)")
@@ -109,7 +122,8 @@ class ORPOConfig(TrainingConfig):
 class _ReferenceFreeTrainer(Trainer):
     """The shared step: policy log-probs of both answers through the fused head, then the loss."""
 
-    loss_fn: Callable
+    loss_fn: Callable  # the loss of the streamed step's log-probs
+    fused_loss: type  # the fused loss module of the step with gradients in forward
 
     def __init__(self, model: nn.Module, tokenizer, train_examples: Sequence[dict],
                  config: TrainingConfig, *, eval_examples: Sequence[dict] | None = None) -> None:
@@ -122,6 +136,8 @@ class _ReferenceFreeTrainer(Trainer):
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         config = self.config
+        if config.gradients_in_forward:
+            return self._loss_with_gradients_in_forward(batch)
         policy = hf.sequence_logprobs(
             self.model, batch["input_ids"], labels=batch["labels"],
             attention_mask=batch["attention_mask"],
@@ -139,6 +155,24 @@ class _ReferenceFreeTrainer(Trainer):
         return loss, metrics | mean_logits_by_side(policy, chosen_rows,
                                                      across_ranks=self.all_ranks_mean)
 
+    def _loss_with_gradients_in_forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The step through the fused loss module (``fused_loss``): the same loss as the
+        streamed step, the head's gradients formed chunk of whole pairs by chunk."""
+        config = self.config
+        labels = batch["labels"]
+        hidden = hf.final_hidden_states(self.model, batch["input_ids"],
+                                        attention_mask=batch["attention_mask"])
+        head = hf.lm_head(self.model)
+        hidden, weight, bias = hf.head_inputs(hidden, head)
+        options = head.options(config.temperature)
+        loss_fn = type(self).fused_loss(options=config.loss_options, impl=config.impl, **options)
+        with hf.no_autocast(hidden.device.type):
+            loss, metrics = loss_fn(hidden, weight, labels, bias=bias)
+            logits = scored_mean_logits(hidden, weight, labels, bias=bias, **options)
+        chosen_rows = torch.arange(len(labels), device=self.device) < len(labels) // 2
+        return loss, metrics | mean_logits_by_side(logits, chosen_rows,
+                                                     across_ranks=self.all_ranks_mean)
+
 
 class SimPOTrainer(_ReferenceFreeTrainer):
     """SimPO (Meng, Xia & Chen, 2024): the length-normalised reward with a target margin.
@@ -152,6 +186,7 @@ class SimPOTrainer(_ReferenceFreeTrainer):
 
     name = "simpo"
     loss_fn = staticmethod(simpo_loss)
+    fused_loss = FusedSimPOLoss
 
 
 class CPOTrainer(_ReferenceFreeTrainer):
@@ -159,6 +194,7 @@ class CPOTrainer(_ReferenceFreeTrainer):
 
     name = "cpo"
     loss_fn = staticmethod(cpo_loss)
+    fused_loss = FusedCPOLoss
 
 
 class ORPOTrainer(_ReferenceFreeTrainer):
@@ -166,3 +202,4 @@ class ORPOTrainer(_ReferenceFreeTrainer):
 
     name = "orpo"
     loss_fn = staticmethod(orpo_loss)
+    fused_loss = FusedORPOLoss

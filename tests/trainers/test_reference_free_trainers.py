@@ -93,13 +93,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("gradients_in_forward", [True, False], ids=["in-forward", "streamed"])
 @pytest.mark.parametrize("trainer_class, config_class, options, eager_loss", CASES,
                          ids=["simpo", "cpo", "orpo", "alphapo", "cpo-hinge", "cpo-ipo-alphapo"])
 def test_loss_and_gradients_equal_eager(tmp_path, tokenizer, pairs, trainer_class, config_class,
-                                        options, eager_loss):
+                                        options, eager_loss, gradients_in_forward):
     model = assets.build_default_model(seed=1)
     config = config_class(output_dir=str(tmp_path), max_steps=1, batch_size=4, progress=False,
-                          plots=False, **options)
+                          plots=False, gradients_in_forward=gradients_in_forward, **options)
     trainer = trainer_class(model, tokenizer, pairs[:16], config)
     batch = trainer.batch([3, 0, 7, 12])
     loss, metrics = trainer.compute_loss(batch)
