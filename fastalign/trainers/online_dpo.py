@@ -189,6 +189,7 @@ class OnlineDPOTrainer(ReferenceTrainer):
     _evaluate_greedy = PPOTrainer._evaluate_greedy
     # DPO's loss on chosen-on-rejected pairs, and its reference log-probs.
     pair_loss = DPOTrainer.compute_loss
+    _loss_with_gradients_in_forward = DPOTrainer._loss_with_gradients_in_forward
     reference_logps = DPOTrainer.reference_logps
 
     def __init__(self, model: nn.Module, tokenizer, train_examples: Sequence[dict],
