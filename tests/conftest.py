@@ -15,6 +15,12 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from fastalign.bench.memory import map_large_blocks_directly  # noqa: E402
+
+# The CPU memory tests bound resident memory: blocks of 1 MiB and more are mapped and unmapped
+# with their tensors, so that a bound does not depend on the heaps the earlier tests left.
+map_large_blocks_directly()
+
 # `make test` runs the "ci" profile: 2000 examples for each property test of
 # tests/ops/test_ops_properties.py and tests/losses/test_losses_properties.py (a tenth for the
 # Triton-interpreter ones, which scale their count from max_examples), derandomized so that CI

@@ -43,12 +43,13 @@ def test_the_measurement_sees_a_materialised_tensor():
 
 @pytest.mark.skipif(not cpu_peak_supported(), reason="needs /proc/self/clear_refs (Linux)")
 def test_the_measurement_sees_reused_heap_memory():
-    """Blocks below glibc's mmap threshold stay resident after free; a function that reuses
-    them must still be measured as holding them (a tiled kernel's workspace is such blocks)."""
+    """Blocks below glibc's mmap threshold (pinned at 1 MiB by conftest) stay resident after
+    free; a function that reuses them must still be measured as holding them (a tiled kernel's
+    workspace is such blocks)."""
     for _ in range(3):
-        chunks = [torch.randn(2 * 2**20) for _ in range(8)]  # 8 MiB each
+        chunks = [torch.randn(2**17) for _ in range(128)]  # 512 KiB each
         del chunks
-    _, peak = measure_peak_memory(lambda: [torch.ones(2 * 2**20) for _ in range(8)], "cpu")
+    _, peak = measure_peak_memory(lambda: [torch.ones(2**17) for _ in range(128)], "cpu")
     assert peak > 60 * 2**20
 
 
