@@ -418,7 +418,8 @@ def format_summary(job: Job, trainer: Trainer, result: TrainResult) -> str:
             batch.update({key: value.to(trainer.device) for key, value in padded.items()})
         lines.append(loss_memory_report(
             trainer.model, batch, trainer.batch_reference_logps(batch),
-            options=config.loss_options, impl=config.impl))
+            options=config.loss_options, impl=config.impl,
+            gradients_in_forward=config.gradients_in_forward and not config.padding_free))
     for name, path in result.files.items():
         if not name.startswith("plot:"):
             lines.append(f"  {name}: {path}")

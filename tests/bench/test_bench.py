@@ -186,10 +186,17 @@ def test_dpo_memory_report_on_one_batch():
     assert lines[0] == (f"  DPO loss memory, forward + backward from the hidden states of 4 "
                         f"pairs ({tokens} tokens), measured:")
     number = r"\d+\.\d\d MiB"
-    assert re.fullmatch(rf"    this model's head \(V=\d+\): fused {number}, eager logits "
-                        rf"{number} \((\d+|inf)x less\)", lines[1]), lines[1]
+    assert re.fullmatch(rf"    this model's head \(V=\d+\): fused {number} \(gradients in "
+                        rf"forward; streamed {number}\), eager logits {number} "
+                        rf"\((\d+|inf)x less\)", lines[1]), lines[1]
     assert lines[2].startswith("    a random 1000-token head (V=1000): fused ")
     assert len(lines) == 3
+    streamed_first = loss_memory_report(model, batch, torch.zeros(4, 2),
+                                        options=DPOOptions(beta=0.1), large_vocab=None,
+                                        gradients_in_forward=False).splitlines()
+    assert re.fullmatch(rf"    this model's head \(V=\d+\): fused {number} \(streamed; "
+                        rf"gradients in forward {number}\), eager logits {number} "
+                        rf"\((\d+|inf)x less\)", streamed_first[1]), streamed_first[1]
 
 
 @pytest.mark.skipif(not impl_is_available("cpp"), reason="C++ extension not built")

@@ -144,17 +144,27 @@ def _check_fsdp_sharded_head_is_refused(world: int) -> None:
         fastalign.linear_logprobs(torch.randn(2, 3), head.weight, torch.tensor([0, 7]))
 
 
-def test_asking_whether_an_input_is_a_dtensor_imports_nothing():
-    """A DTensor exists only once torch.distributed.tensor is imported, so the check must not
-    import it: that pulls in sympy and DTensor's op tables, ~50 MiB resident on an op's first
-    call (which a DPO step's memory test once measured as a second tile of logits)."""
+def test_a_cpu_step_imports_neither_triton_nor_dtensor():
+    """On CPU (no Triton interpreter) the ops' first calls must not import what they do not
+    run: choosing an implementation imported triton (~150 MiB resident, a second), and asking
+    whether an input is a DTensor imported torch.distributed.tensor and sympy (~50 MiB); a DPO
+    step's memory test measured them as tiles of logits."""
     script = (
         "import sys, torch, fastalign\n"
-        "h = torch.randn(5, 8, requires_grad=True)\n"
-        "fastalign.linear_nll(h, torch.randn(11, 8), torch.randint(0, 11, (5,))).backward()\n"
-        "print(sorted(m for m in ('torch.distributed.tensor', 'sympy') if m in sys.modules))\n")
+        "h = torch.randn(2, 6, 8, requires_grad=True)\n"
+        "w = torch.randn(11, 8, requires_grad=True)\n"
+        "labels = torch.randint(0, 11, (2, 6))\n"
+        "fastalign.linear_nll(h.reshape(-1, 8), w, labels.reshape(-1)).backward()\n"
+        "fastalign.linear_logprobs(h.reshape(-1, 8), w, labels.reshape(-1)).sum().backward()\n"
+        "zero = torch.zeros(1)\n"
+        "loss, _ = fastalign.FusedDPOLoss()(h, w, labels, ref_chosen_logps=zero,\n"
+        "                                   ref_rejected_logps=zero)\n"
+        "loss.backward()\n"
+        "print(sorted(m for m in ('triton', 'torch.distributed.tensor', 'sympy')\n"
+        "             if m in sys.modules))\n")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          check=True)
+                          check=True, env=env)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
