@@ -2,10 +2,14 @@
 
 One micro-batch is B preference pairs, collated as ``[2B, T]`` with the chosen sequences stacked
 on the rejected ones (``fastalign.data.PreferenceCollator``; with ``padding_free``, the 2B
-sequences back to back in one row with ``cu_seqlens``). The policy's summed response
-log-probs come from the fused head (``fastalign.hf.sequence_logprobs``: backbone, then the LM-head
-weight streamed by ``linear_logprobs``, no [tokens × vocab] logits); the reference's from a frozen
-copy, the PEFT policy with adapters disabled, or log-probs precomputed before training.
+sequences back to back in one row with ``cu_seqlens``). A step runs the backbone, then
+``fastalign.FusedDPOLoss`` on its final hidden states and the LM-head weight: the head's
+gradients are formed in the forward pass, a chunk of whole pairs at a time (no [tokens × vocab]
+logits beyond one chunk's). With ``gradients_in_forward=False`` or padding-free batches the
+policy's summed response log-probs come from the streamed head instead
+(``fastalign.hf.sequence_logprobs``: the weight streamed by ``linear_logprobs``). The reference's
+log-probs come from a frozen copy, the PEFT policy with adapters disabled, or are precomputed
+before training.
 """
 
 from __future__ import annotations

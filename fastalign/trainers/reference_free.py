@@ -1,10 +1,12 @@
 """The reference-free preference trainers: SimPO, CPO and ORPO on a causal LM.
 
 They take DPO's data (prompt / chosen / rejected, collated as ``[2B, T]``: the chosen sequences
-stacked on the rejected ones) and its fused head (``fastalign.hf.sequence_logprobs``, no
-[tokens × vocab] logits), but no reference model: the loss is a function of the policy's own
-log-probs, ``fastalign.losses``' :func:`~fastalign.losses.simpo_loss`,
-:func:`~fastalign.losses.cpo_loss` or :func:`~fastalign.losses.orpo_loss`. The options and metric
+stacked on the rejected ones) and its fused head (``FusedSimPOLoss`` / ``FusedCPOLoss`` /
+``FusedORPOLoss`` forming the head's gradients in forward, or with ``gradients_in_forward=False``
+``fastalign.hf.sequence_logprobs``; no [tokens × vocab] logits), but no reference model: the
+loss is a function of the policy's own log-probs, ``fastalign.losses``'
+:func:`~fastalign.losses.simpo_loss`, :func:`~fastalign.losses.cpo_loss` or
+:func:`~fastalign.losses.orpo_loss`. The options and metric
 names are TRL's (``CPOConfig``'s ``simpo_gamma`` and ``cpo_alpha``; TRL runs SimPO as
 ``CPOTrainer(loss_type="simpo")``).
 
