@@ -39,7 +39,7 @@ from fastalign.trainers.config import (
     option,
     pad_token_id,
 )
-from fastalign.trainers.metrics import mean_logits_by_side, scored_mean_logits
+from fastalign.trainers.metrics import mean_logits_by_side
 from fastalign.trainers.reference import ReferenceTrainer
 
 __all__ = ["DPOConfig", "DPOTrainer"]
@@ -166,19 +166,6 @@ class DPOTrainer(ReferenceTrainer):
     def _loss_with_gradients_in_forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """The step through ``FusedDPOLoss``: the same loss as the streamed step, the head's
         gradients formed chunk of whole pairs by chunk while the loss is computed."""
-        config = self.config
-        labels = batch["labels"]
-        hidden = hf.final_hidden_states(self.model, batch["input_ids"],
-                                        attention_mask=batch.get("attention_mask"))
-        head = hf.lm_head(self.model)
-        hidden, weight, bias = hf.head_inputs(hidden, head)
         ref = self.batch_reference_logps(batch)
-        options = head.options(config.temperature)
-        loss_fn = FusedDPOLoss(options=config.loss_options, impl=config.impl, **options)
-        with hf.no_autocast(hidden.device.type):
-            loss, metrics = loss_fn(hidden, weight, labels, bias=bias,
+        return self.fused_pair_step(batch, FusedDPOLoss, self.config.loss_options,
                                     ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1])
-            logits = scored_mean_logits(hidden, weight, labels, bias=bias, **options)
-        chosen_rows = torch.arange(len(labels), device=self.device) < len(labels) // 2
-        return loss, metrics | mean_logits_by_side(logits, chosen_rows,
-                                                     across_ranks=self.all_ranks_mean)

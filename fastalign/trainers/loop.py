@@ -43,8 +43,10 @@ from fastalign.trainers.metrics import (
     Metrics,
     MetricsLog,
     as_floats,
+    mean_logits_by_side,
     mean_metrics,
     report_targets,
+    scored_mean_logits,
 )
 
 __all__ = ["TrainResult", "Trainer"]
@@ -217,6 +219,26 @@ class Trainer:
         total = value.detach().clone()
         torch.distributed.all_reduce(total)
         return total / self.dist.world_size
+
+    def fused_pair_step(self, batch: dict, loss_module: type, loss_options,
+                        **loss_kwargs) -> tuple[torch.Tensor, Metrics]:
+        """A preference step through a fused loss module, which forms the head's gradients in
+        forward: the backbone on a padded chosen-on-rejected ``batch``, then
+        ``loss_module(options=loss_options, ...)(hidden, weight, labels, bias=..., **loss_kwargs)``,
+        and TRL's ``logits/chosen`` and ``logits/rejected``."""
+        labels = batch["labels"]
+        hidden = hf.final_hidden_states(self.model, batch["input_ids"],
+                                        attention_mask=batch.get("attention_mask"))
+        head = hf.lm_head(self.model)
+        hidden, weight, bias = hf.head_inputs(hidden, head)
+        options = head.options(self.config.temperature)
+        loss_fn = loss_module(options=loss_options, impl=self.config.impl, **options)
+        with hf.no_autocast(hidden.device.type):
+            loss, metrics = loss_fn(hidden, weight, labels, bias=bias, **loss_kwargs)
+            logits = scored_mean_logits(hidden, weight, labels, bias=bias, **options)
+        chosen_rows = torch.arange(len(labels), device=self.device) < len(labels) // 2
+        return loss, metrics | mean_logits_by_side(logits, chosen_rows,
+                                                     across_ranks=self.all_ranks_mean)
 
     def gathered(self, parts: list) -> list:
         """Every rank's list items (metrics parts), concatenated in rank order."""

@@ -40,7 +40,7 @@ from fastalign.trainers.config import (
     pad_token_id,
 )
 from fastalign.trainers.loop import Trainer
-from fastalign.trainers.metrics import mean_logits_by_side, scored_mean_logits
+from fastalign.trainers.metrics import mean_logits_by_side
 
 __all__ = ["CPOConfig", "CPOTrainer", "ORPOConfig", "ORPOTrainer", "SimPOConfig", "SimPOTrainer"]
 
@@ -160,20 +160,7 @@ class _ReferenceFreeTrainer(Trainer):
     def _loss_with_gradients_in_forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """The step through the fused loss module (``fused_loss``): the same loss as the
         streamed step, the head's gradients formed chunk of whole pairs by chunk."""
-        config = self.config
-        labels = batch["labels"]
-        hidden = hf.final_hidden_states(self.model, batch["input_ids"],
-                                        attention_mask=batch["attention_mask"])
-        head = hf.lm_head(self.model)
-        hidden, weight, bias = hf.head_inputs(hidden, head)
-        options = head.options(config.temperature)
-        loss_fn = type(self).fused_loss(options=config.loss_options, impl=config.impl, **options)
-        with hf.no_autocast(hidden.device.type):
-            loss, metrics = loss_fn(hidden, weight, labels, bias=bias)
-            logits = scored_mean_logits(hidden, weight, labels, bias=bias, **options)
-        chosen_rows = torch.arange(len(labels), device=self.device) < len(labels) // 2
-        return loss, metrics | mean_logits_by_side(logits, chosen_rows,
-                                                     across_ranks=self.all_ranks_mean)
+        return self.fused_pair_step(batch, type(self).fused_loss, self.config.loss_options)
 
 
 class SimPOTrainer(_ReferenceFreeTrainer):
